@@ -1,0 +1,188 @@
+"""The configuration schema: msgspec Structs that mirror SPEC.md §3 key for key.
+
+Only the keys that the gateway implements are modelled; anything else is an unknown field and
+therefore an error, so a config never silently asks for a feature that does nothing. Durations
+(`250ms`, `5s`, `2m`) decode to `Duration` (seconds, a float) and sizes (`512`, `64KiB`) to `Size`
+(bytes, an int) through `dec_hook`.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Literal, Union
+
+import msgspec
+
+
+class Duration(float):
+    """Seconds. Written as a number of seconds or `<n>ms|s|m|h`."""
+
+
+class Size(int):
+    """Bytes. Written as a number of bytes or `<n>B|KiB|MiB|GiB|KB|MB|GB`."""
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB)?\s*$")
+_SIZE_UNITS = {None: 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3,
+               "KB": 1000, "MB": 1000**2, "GB": 1000**3}
+
+
+def parse_duration(value: Any) -> Duration:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+        return Duration(value)
+    if isinstance(value, str):
+        m = _DURATION.match(value)
+        if m:
+            return Duration(float(m.group(1)) * _DURATION_UNITS[m.group(2)])
+    raise ValueError(f"invalid duration {value!r}: write it like 250ms, 5s, 2m or 1h")
+
+
+def parse_size(value: Any) -> Size:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return Size(value)
+    if isinstance(value, str):
+        m = _SIZE.match(value)
+        if m:
+            return Size(int(m.group(1)) * _SIZE_UNITS[m.group(2)])
+    raise ValueError(f"invalid size {value!r}: write it like 512, 64KiB or 10MiB")
+
+
+def dec_hook(type_: type, value: Any) -> Any:
+    if type_ is Duration:
+        return parse_duration(value)
+    if type_ is Size:
+        return parse_size(value)
+    raise NotImplementedError(f"no decoder for {type_!r}")
+
+
+def schema_hook(type_: type) -> dict:
+    if type_ is Duration:
+        return {"anyOf": [{"type": "number", "minimum": 0},
+                          {"type": "string", "pattern": _DURATION.pattern}],
+                "description": "seconds, or a string like 250ms, 5s, 2m, 1h"}
+    if type_ is Size:
+        return {"anyOf": [{"type": "integer", "minimum": 0},
+                          {"type": "string", "pattern": _SIZE.pattern}],
+                "description": "bytes, or a string like 512, 64KiB, 10MiB"}
+    raise NotImplementedError(f"no schema for {type_!r}")
+
+
+class _Base(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, kw_only=True):
+    pass
+
+
+# --- listeners -----------------------------------------------------------------------------------
+
+class Limits(_Base):
+    max_header_bytes: Size = 32 * 1024       # whole request head -> 431
+    max_headers: int = 100                         # -> 431
+    max_url_bytes: Size = 8 * 1024           # -> 414
+    max_body_bytes: Size = 10 * 1024 * 1024  # -> 413 (a route may override)
+    header_timeout: Duration = 10.0        # slow head -> 408 and close
+    idle_timeout: Duration = 60.0          # keep-alive idle
+    max_connections: int = 10000                   # beyond: accept and close immediately
+
+
+class Listener(_Base):
+    name: str
+    bind: str                                      # host:port, [v6]:port
+    protocol: Literal["http"] = "http"
+    limits: Limits = msgspec.field(default_factory=Limits)
+
+
+class Admin(_Base):
+    bind: str = "127.0.0.1:9901"
+    token: Union[str, None] = None
+
+
+# --- services ------------------------------------------------------------------------------------
+
+class Target(_Base):
+    address: str                                   # host:port
+    weight: int = 1
+
+
+class Timeouts(_Base):
+    connect: Duration = 5.0
+    read: Duration = 60.0                  # inactivity while waiting for upstream bytes
+    write: Duration = 60.0                 # inactivity while the upstream does not drain
+
+
+class Pool(_Base):
+    max_idle_per_target: int = 128
+    idle_timeout: Duration = 60.0
+    max_connections_per_target: int = 0            # 0 = unlimited
+
+
+class Service(_Base):
+    kind: Literal["proxy", "echo"] = "proxy"       # echo: built-in, answers with the request as JSON
+    scheme: Literal["http"] = "http"
+    targets: list[Target] = []
+    timeouts: Timeouts = msgspec.field(default_factory=Timeouts)
+    pool: Pool = msgspec.field(default_factory=Pool)
+
+
+# --- routes --------------------------------------------------------------------------------------
+
+class Match(_Base):
+    hosts: list[str] = []                          # exact, or "*.example.com"
+    paths: list[str] = []                          # "/exact", "/users/{id}", "/files/{rest...}", "/static/**"
+    methods: list[str] = []                        # empty = any
+
+
+class Rewrite(_Base):
+    path: Union[str, None] = None                  # template using captured params
+    strip_prefix: Union[str, None] = None
+    host: Union[str, None] = None
+    query: Union[str, None] = None                 # replaces the query string when set
+
+
+class HeaderEdits(_Base):
+    set: dict[str, str] = {}
+    add: dict[str, str] = {}
+    remove: list[str] = []
+    rename: dict[str, str] = {}
+
+
+class Respond(_Base):
+    status: int = 200
+    headers: dict[str, str] = {}
+    json: Any = msgspec.UNSET                      # JSON body
+    body: Union[str, None] = None                  # text body
+
+
+class Route(_Base):
+    name: str
+    match: Match = msgspec.field(default_factory=Match)
+    priority: int = 0
+    service: Union[str, None] = None
+    rewrite: Union[Rewrite, None] = None
+    request_headers: Union[HeaderEdits, None] = None
+    response_headers: Union[HeaderEdits, None] = None
+    timeout: Union[Duration, None] = None          # time until the upstream response head arrives
+    max_body_bytes: Union[Size, None] = None
+    respond: Union[Respond, None] = None
+
+
+# --- logging and the whole file ------------------------------------------------------------------
+
+class AccessLog(_Base):
+    format: Literal["json", "combined"] = "json"
+    path: Union[str, None] = "-"                   # "-" = stdout, null = off
+    sample: float = 1.0
+
+
+class Log(_Base):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    access: AccessLog = msgspec.field(default_factory=AccessLog)
+
+
+class Config(_Base):
+    version: Literal[1] = 1
+    workers: Union[int, Literal["auto"]] = 1
+    listeners: list[Listener] = []
+    admin: Union[Admin, None] = None
+    log: Log = msgspec.field(default_factory=Log)
+    services: dict[str, Service] = {}
+    routes: list[Route] = []
