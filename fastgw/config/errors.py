@@ -1,0 +1,36 @@
+"""Configuration problems, each pinned to a file, a line and a key path."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ConfigProblem:
+    path: str                 # key path, e.g. "routes[2].match.paths[0]" ("" = the whole file)
+    message: str
+    file: str = "<config>"
+    line: int | None = None
+    severity: str = "error"   # error | warning
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        key = f" {self.path}:" if self.path else ""
+        prefix = "warning: " if self.severity == "warning" else ""
+        return f"{where}:{key} {prefix}{self.message}"
+
+
+class ConfigError(Exception):
+    """The config cannot be used; `problems` says where and why."""
+
+    def __init__(self, problems: list[ConfigProblem]):
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+class CompileError(Exception):
+    """Raised by compile_config: problems found while building runtime tables, with key paths but
+    no file positions yet (the loader adds those)."""
+
+    def __init__(self, problems: list[tuple[str, str]]):
+        self.problems = problems
+        super().__init__("; ".join(f"{p}: {m}" for p, m in problems))
