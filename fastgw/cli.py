@@ -1,0 +1,174 @@
+"""The `fastgw` command line: run, check, routes, schema, version.
+
+Heavy or not-yet-built modules (the server, the compiler, the Cython core) are imported inside the
+command that needs them, so `check`, `schema` and `version` work on a source checkout.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.metadata
+import json
+import platform
+import sys
+from importlib.machinery import EXTENSION_SUFFIXES
+
+import msgspec
+
+from fastgw.config.errors import ConfigError, ConfigProblem
+from fastgw.config.load import LoadedConfig, load_config
+from fastgw.config.model import Config, schema_hook
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    return args.command(args)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastgw", description="API gateway and load balancer")
+    sub = parser.add_subparsers(metavar="COMMAND", required=True)
+
+    run = sub.add_parser("run", help="start the gateway (the embedded default config without -c)")
+    run.add_argument("-c", "--config", help="config file (default: $FASTGW_CONFIG, else built-in)")
+    run.add_argument("--workers", type=_workers, help="worker processes: a number or 'auto'")
+    run.set_defaults(command=_run)
+
+    check = sub.add_parser("check", help="validate a config file")
+    check.add_argument("-c", "--config", required=True)
+    check.add_argument("--json", action="store_true", help="machine-readable result")
+    check.set_defaults(command=_check)
+
+    routes = sub.add_parser("routes", help="print the compiled route table")
+    routes.add_argument("-c", "--config", required=True)
+    routes.add_argument("--match", metavar="'METHOD URL'", help="show which route a request hits")
+    routes.set_defaults(command=_routes)
+
+    sub.add_parser("schema", help="print the config JSON Schema").set_defaults(command=_schema)
+    sub.add_parser("version", help="print versions").set_defaults(command=_version)
+    return parser
+
+
+def _workers(value: str) -> int | str:
+    if value == "auto":
+        return value
+    if value.isdigit() and int(value) >= 1:
+        return int(value)
+    raise argparse.ArgumentTypeError(f"expected a number >= 1 or 'auto', got {value!r}")
+
+
+def _load_or_report(path: str | None) -> LoadedConfig | None:
+    """Load the config; on problems print them to stderr and return None. Warnings go to stderr."""
+    try:
+        loaded = load_config(path)
+    except ConfigError as e:
+        for problem in e.problems:
+            print(problem, file=sys.stderr)
+        return None
+    for warning in loaded.warnings:
+        print(warning, file=sys.stderr)
+    return loaded
+
+
+def _run(args: argparse.Namespace) -> int:
+    loaded = _load_or_report(args.config)
+    if loaded is None:
+        return 1
+    from fastgw.server.worker import serve
+
+    return serve(loaded, workers=args.workers)
+
+
+def _check(args: argparse.Namespace) -> int:
+    try:
+        problems = load_config(args.config).warnings
+    except ConfigError as e:
+        problems = e.problems
+    errors = [p for p in problems if p.severity == "error"]
+    warnings = [p for p in problems if p.severity != "error"]
+    if args.json:
+        print(json.dumps({"valid": not errors, "errors": [_problem_json(p) for p in errors],
+                          "warnings": [_problem_json(p) for p in warnings]}, indent=2))
+    else:
+        for problem in problems:
+            print(problem)
+        if not errors:
+            print(f"{args.config}: ok")
+    return 1 if errors else 0
+
+
+def _problem_json(problem: ConfigProblem) -> dict:
+    return {"file": problem.file, "line": problem.line, "path": problem.path, "message": problem.message}
+
+
+def _routes(args: argparse.Namespace) -> int:
+    loaded = _load_or_report(args.config)
+    if loaded is None:
+        return 1
+    from fastgw.config.compile import compile_config
+
+    runtime = compile_config(loaded.config)
+    if args.match is None:
+        _print_table(runtime.route_table())
+        return 0
+    method, _, url = args.match.strip().partition(" ")
+    if not url:  # a bare URL means GET
+        method, url = "GET", method
+    hit = runtime.explain(method, url.strip())
+    if hit is None:
+        print("no route")
+        return 1
+    for key in ("route", "service", "upstream_path", "params"):
+        value = hit[key]
+        print(f"{key}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
+    return 0
+
+
+def _print_table(rows: list[dict]) -> None:
+    columns = ("name", "priority", "hosts", "paths", "methods", "target")
+
+    def cell(value: object) -> str:
+        if isinstance(value, (list, tuple)):
+            return ",".join(map(str, value)) or "*"  # an empty match list means "any"
+        return "-" if value is None else str(value)
+
+    table = [list(columns)] + [[cell(row[c]) for c in columns] for row in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
+    for line in table:
+        print("  ".join(text.ljust(width) for text, width in zip(line, widths)).rstrip())
+
+
+def _schema(_: argparse.Namespace) -> int:
+    print(json.dumps(msgspec.json.schema(Config, schema_hook=schema_hook), indent=2))
+    return 0
+
+
+def _version(_: argparse.Namespace) -> int:
+    parts = [f"fastgw {_dist_version('fastgw')} (core: {_core_state()})"]
+    parts += [f"{name} {_dist_version(name)}" for name in ("uvloop", "httptools", "msgspec")]
+    parts.append(f"python {platform.python_version()}")
+    print(" ".join(parts))
+    return 0
+
+
+def _dist_version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        if name == "fastgw":  # a source checkout that was never installed
+            from fastgw import __version__
+
+            return __version__
+        return "missing"
+
+
+def _core_state() -> str:
+    """"compiled" only if every listed data-plane module loads as a native extension: a pure
+    Python fallback (or a stale .py next to a missing .so) must not pass for the real thing."""
+    try:
+        names = getattr(importlib.import_module("fastgw._core"), "MODULES", ())
+        modules = [importlib.import_module(f"fastgw._core.{name}") for name in names]
+    except ImportError:
+        return "missing"
+    native = all((m.__file__ or "").endswith(tuple(EXTENSION_SUFFIXES)) for m in modules)
+    return "compiled" if modules and native else "missing"

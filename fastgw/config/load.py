@@ -1,0 +1,391 @@
+"""Load a config file: parse it (YAML, TOML or JSON), substitute `${ENV}`, decode it with msgspec,
+run the semantic checks and the compiler, and pin every problem to `file:line: key.path`.
+"""
+from __future__ import annotations
+
+import difflib
+import functools
+import json
+import os
+import re
+import tomllib
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, Callable, Iterator
+
+import msgspec
+import yaml
+
+from fastgw.config.errors import CompileError, ConfigError, ConfigProblem
+from fastgw.config.model import Config, dec_hook
+from fastgw.config.validate import semantic_problems
+
+DEFAULT_NAME = "<embedded default.yaml>"
+
+
+@dataclass(frozen=True)
+class LoadedConfig:
+    config: Config
+    path: str | None            # None for the embedded default
+    source: str                 # the file's text, as read (secrets unsubstituted)
+    warnings: list[ConfigProblem]
+
+
+def load_config(path: str | None = None) -> LoadedConfig:
+    """Load and validate a config; raise ConfigError listing every problem found."""
+    if path is None:
+        path = os.environ.get("FASTGW_CONFIG") or None
+    if path is None:
+        text = resources.files("fastgw").joinpath("default.yaml").read_text("utf-8")
+        src = _Source(DEFAULT_NAME, text, "yaml")
+    else:
+        src = _Source(path, _read(path), _format_of(path))
+    config = _decode(_substitute_env(src.parse(), src), src)
+    problems = semantic_problems(config)
+    # The compiler assumes references resolve, so it only sees configs that passed the checks.
+    if not any(p.severity == "error" for p in problems):
+        problems += [ConfigProblem(p, m) for p, m in _compile_problems(config)]
+    problems = [src.pin(p) for p in problems]
+    errors = [p for p in problems if p.severity == "error"]
+    warnings = [p for p in problems if p.severity != "error"]
+    if errors:
+        raise ConfigError(errors + warnings)
+    return LoadedConfig(config, path, src.text, warnings)
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: tolerate a BOM from Windows editors
+            return f.read()
+    except OSError as e:
+        raise ConfigError([ConfigProblem("", f"cannot read the file: {e.strerror or e}", file=path)]) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError([ConfigProblem("", f"not UTF-8 text: {e.reason}", file=path)]) from None
+
+
+def _format_of(path: str) -> str:
+    ext = os.path.splitext(path)[1].lower()
+    return {".toml": "toml", ".json": "json"}.get(ext, "yaml")  # .yaml, .yml and anything else
+
+
+def _compile_problems(config: Config) -> list[tuple[str, str]]:
+    try:
+        from fastgw.config.compile import compile_config
+    except ModuleNotFoundError as e:
+        # The compiler is optional only while it is not written yet; a missing dependency of an
+        # existing compiler is a real failure and must not pass as "config ok".
+        if e.name == "fastgw.config.compile":
+            return []
+        raise
+    try:
+        compile_config(config)
+    except CompileError as e:
+        return list(e.problems)
+    return []
+
+
+# --- key paths -----------------------------------------------------------------------------------
+
+# A key path is a list of segments: str for mapping keys, int for list indices. msgspec writes a
+# dict key it failed on as `[...]`, parsed to Ellipsis until _resolve_dict_keys finds the real key.
+_PLAIN_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+_PATH_TOKEN = re.compile(r'\.?([^.\[\]"]+)|\[(\d+)\]|\[("(?:[^"\\]|\\.)*")\]|\[(\.\.\.)\]')
+
+
+def format_path(segments: list) -> str:
+    """`routes[2].match.paths[0]`; keys that are not plain words are quoted: `headers["x.y"]`."""
+    out = ""
+    for seg in segments:
+        if isinstance(seg, int):
+            out += f"[{seg}]"
+        elif _PLAIN_KEY.match(seg):
+            out += f".{seg}" if out else seg
+        else:
+            out += f"[{json.dumps(seg)}]"
+    return out
+
+
+def parse_path(path: str) -> list:
+    """Inverse of format_path; also reads msgspec's `$.a[...].b` (`[...]` becomes Ellipsis)."""
+    segments: list = []
+    for key, index, quoted, dots in _PATH_TOKEN.findall(path.removeprefix("$")):
+        if index:
+            segments.append(int(index))
+        elif quoted:
+            segments.append(json.loads(quoted))
+        elif dots:
+            segments.append(...)
+        else:
+            segments.append(key)
+    return segments
+
+
+# --- parsing and line positions ------------------------------------------------------------------
+
+class _Source:
+    """The text of one config file, its parsed data, and where each key path sits in it."""
+
+    def __init__(self, name: str, text: str, fmt: str):
+        self.name, self.text, self.fmt = name, text, fmt
+
+    def parse(self) -> dict:
+        if not self.text.strip():
+            raise self._error("the file is empty")
+        try:
+            if self.fmt == "toml":
+                data = tomllib.loads(self.text)
+            elif self.fmt == "json":
+                data = json.loads(self.text)
+            else:
+                data = yaml.safe_load(self.text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+            problem = getattr(e, "problem", None) or str(e)
+            raise self._error(f"YAML syntax error: {problem}", mark.line + 1 if mark else None) from None
+        except tomllib.TOMLDecodeError as e:
+            m = re.search(r"\(at line (\d+), column \d+\)", str(e))
+            message = re.sub(r"\s*\(at line.*\)$", "", str(e))
+            raise self._error(f"TOML syntax error: {message}", int(m[1]) if m else None) from None
+        except json.JSONDecodeError as e:
+            raise self._error(f"JSON syntax error: {e.msg}", e.lineno) from None
+        if data is None:  # only comments
+            raise self._error("the file is empty")
+        if not isinstance(data, dict):
+            raise self._error("the top level must be a mapping (listeners:, services:, routes:, ...)", 1)
+        return data
+
+    def _error(self, message: str, line: int | None = None) -> ConfigError:
+        return ConfigError([ConfigProblem("", message, file=self.name, line=line)])
+
+    def pin(self, problem: ConfigProblem) -> ConfigProblem:
+        """The problem with this file's name and the line of its key path."""
+        line = self.line_of(parse_path(problem.path)) if problem.path else None
+        return ConfigProblem(problem.path, problem.message, self.name, line, problem.severity)
+
+    def line_of(self, segments: list) -> int | None:
+        """1-based line of the deepest node along `segments` that exists in the file."""
+        if self._tree is None:
+            return _search_line(self.text, segments)
+        return _node_line(self._tree, segments)
+
+    @functools.cached_property
+    def _tree(self) -> yaml.Node | None:
+        """The YAML node tree (with line marks), composed only when a problem needs a line."""
+        if self.fmt == "toml":
+            return None
+        # JSON is flow-style YAML, so the composer gives exact lines for it too; tabs are
+        # insignificant whitespace in JSON (never inside strings) but illegal in YAML.
+        text = self.text.replace("\t", " ") if self.fmt == "json" else self.text
+        try:
+            return yaml.compose(text, Loader=yaml.SafeLoader)
+        except yaml.YAMLError:
+            return None
+
+
+def _node_line(node: yaml.Node, segments: list) -> int | None:
+    line = None
+    for seg in segments:
+        if isinstance(node, yaml.MappingNode) and isinstance(seg, str):
+            found = next(((k, v) for k, v in node.value if k.value == seg), None)
+            if found is None:
+                break
+            line, node = found[0].start_mark.line + 1, found[1]  # the key's line: `limits:` not its block
+        elif isinstance(node, yaml.SequenceNode) and isinstance(seg, int) and seg < len(node.value):
+            node = node.value[seg]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def _search_line(text: str, segments: list) -> int | None:
+    """Best effort for TOML (and JSON that YAML cannot read): find each key name in order, each
+    after the previous one; list index n skips n further `[[...key]]` array-table headers."""
+    pos, line, key = 0, None, ""
+    for seg in segments:
+        if isinstance(seg, int):
+            header = re.compile(rf"^[ \t]*\[\[[^\]]*\b{re.escape(key)}\s*\]\]", re.M)
+            for _ in range(seg):
+                m = header.search(text, pos)
+                if m is None:
+                    return line  # an inline array: the key's line is the best we know
+                pos, line = m.end(), text.count("\n", 0, m.start()) + 1
+            continue
+        key = seg
+        m = re.compile(rf'(?:^|[\s{{,.\[])(?P<key>"?{re.escape(key)}"?)\s*[=:\].]', re.M).search(text, pos)
+        if m is None:
+            return line
+        pos, line = m.end(), text.count("\n", 0, m.start("key")) + 1
+    return line
+
+
+# --- ${ENV} substitution -------------------------------------------------------------------------
+
+_ENV = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _substitute_env(data: Any, src: _Source) -> Any:
+    """Replace `${VAR}` / `${VAR:-default}` in string values (not keys), after parsing, so a
+    secret's text can never change the document's structure. `$${` is a literal `${`."""
+    missing: list[ConfigProblem] = []
+
+    def substitute(text: str, segments: list) -> str:
+        def one(m: re.Match) -> str:
+            if m[0] == "$${":
+                return "${"
+            name, default = m[1], m[2]
+            value = os.environ.get(name)
+            if not value and default is not None:  # like the shell: a default also replaces ""
+                value = default
+            if value is None:
+                missing.append(ConfigProblem(format_path(segments),
+                                             f"environment variable {name} is not set "
+                                             f"(write ${{{name}:-default}} to give a default)"))
+                return ""
+            return value
+        return _ENV.sub(one, text)
+
+    def walk(value: Any, segments: list) -> Any:
+        if isinstance(value, str):
+            return substitute(value, segments)
+        if isinstance(value, dict):
+            return {k: walk(v, [*segments, k]) for k, v in value.items()}
+        if isinstance(value, list):
+            return [walk(v, [*segments, i]) for i, v in enumerate(value)]
+        return value
+
+    result = walk(data, [])
+    if missing:
+        raise ConfigError([src.pin(p) for p in missing])
+    return result
+
+
+# --- schema decoding -----------------------------------------------------------------------------
+
+_AT = re.compile(r"^(?P<message>.*?) - at (?:`key` in )?`(?P<path>[^`]*)`$", re.S)
+
+
+def _convert(data: Any) -> Config:
+    return msgspec.convert(data, Config, dec_hook=dec_hook)
+
+
+def _decode(data: dict, src: _Source) -> Config:
+    try:
+        return _convert(data)
+    except msgspec.ValidationError:
+        pass
+    # msgspec stops at its first error. Decoding each listener, service and route on its own
+    # reports one error per item, so a file with several typos is fixed in one round.
+    problems = []
+    for piece, segments_fix in _pieces(data):
+        try:
+            _convert(piece)
+        except msgspec.ValidationError as e:
+            path, message = _explain(piece, str(e))
+            problems.append(src.pin(ConfigProblem(format_path(segments_fix(path)), message)))
+    raise ConfigError(problems)
+
+
+def _pieces(data: dict) -> Iterator[tuple[dict, Callable[[list], list]]]:
+    """(document fragment, function mapping the fragment's key path back to the whole file's)."""
+    fields = {f.encode_name: f.type for f in msgspec.inspect.type_info(Config).fields}
+    for key, value in data.items():
+        if isinstance(fields.get(key), msgspec.inspect.ListType) and isinstance(value, list):
+            for i, item in enumerate(value):
+                yield {key: [item]}, lambda p, i=i: [p[0], i, *p[2:]]
+        elif isinstance(fields.get(key), msgspec.inspect.DictType) and isinstance(value, dict):
+            for name, item in value.items():
+                yield {key: {name: item}}, lambda p: p
+        else:
+            yield {key: value}, lambda p: p
+
+
+def _explain(piece: dict, error: str) -> tuple[list, str]:
+    """msgspec's `Expected `int`, got `str` - at `$.a[0].b`` -> (key path, readable message)."""
+    m = _AT.match(error)
+    # msgspec leaves out " - at `$`" for errors at the top level, like an unknown top-level key.
+    message, path = (m["message"], m["path"]) if m else (error, "$")
+    segments = _resolve_dict_keys(piece, parse_path(path), error)
+    if unknown := re.match(r"Object contains unknown field `(.*)`$", message):
+        field = unknown[1]
+        message = f"unknown key {field!r}{_suggest(field, _type_at(segments))}"
+        segments = [*segments, field]
+    elif missing := re.match(r"Object missing required field `(.*)`$", message):
+        message = f"missing required key {missing[1]!r}"
+    elif enum := re.match(r"Invalid enum value (.*)$", message):
+        choices = _literal_values(_type_at(segments))
+        message = f"invalid value {enum[1]}" + (f"; expected one of: {choices}" if choices else "")
+    elif "`key` in" in error:
+        message = "keys here must be strings: " + message.replace("`", "")
+    else:
+        message = message.replace("`", "")
+        message = message[:1].lower() + message[1:]
+    return segments, message
+
+
+def _resolve_dict_keys(piece: dict, segments: list, error: str) -> list:
+    """msgspec names a failing dict entry `[...]`. Find it by decoding the fragment with that dict
+    cut down to one entry at a time: the entry that reproduces the same error is the culprit."""
+    segments = list(segments)
+    for i, seg in enumerate(segments):
+        if seg is not ...:
+            continue
+        container = _get(piece, segments[:i])
+        for key in container if isinstance(container, dict) else ():
+            trial = _replace(piece, segments[:i], {key: container[key]})
+            try:
+                _convert(trial)
+            except msgspec.ValidationError as e:
+                if str(e) == error:
+                    segments[i], piece = key, trial
+                    break
+        else:
+            return segments[:i]  # not found: point at the dict itself
+    return segments
+
+
+def _get(data: Any, segments: list) -> Any:
+    for seg in segments:
+        data = data[seg]
+    return data
+
+
+def _replace(data: Any, segments: list, new: Any) -> Any:
+    """A copy of `data` with the value at `segments` replaced (only the path is copied)."""
+    if not segments:
+        return new
+    head, rest = segments[0], segments[1:]
+    copy = list(data) if isinstance(data, list) else dict(data)
+    copy[head] = _replace(data[head], rest, new)
+    return copy
+
+
+def _type_at(segments: list) -> Any:
+    """The msgspec.inspect type at a key path of Config (None if the path leaves the schema)."""
+    t: Any = msgspec.inspect.type_info(Config)
+    for seg in segments:
+        if isinstance(t, msgspec.inspect.UnionType):  # Optional[Struct]: follow the struct
+            t = next((x for x in t.types if isinstance(x, msgspec.inspect.StructType)), None)
+        if isinstance(t, msgspec.inspect.StructType):
+            t = next((f.type for f in t.fields if f.encode_name == seg), None)
+        elif isinstance(t, (msgspec.inspect.ListType, msgspec.inspect.DictType)):
+            t = t.item_type if isinstance(t, msgspec.inspect.ListType) else t.value_type
+        else:
+            return None
+    if isinstance(t, msgspec.inspect.UnionType):
+        t = next((x for x in t.types if isinstance(x, msgspec.inspect.StructType)), t)
+    return t
+
+
+def _suggest(field: str, struct: Any) -> str:
+    if not isinstance(struct, msgspec.inspect.StructType):
+        return ""
+    names = [f.encode_name for f in struct.fields]
+    close = difflib.get_close_matches(field, names, n=1)
+    return f"; did you mean {close[0]!r}?" if close else f"; allowed keys: {', '.join(names)}"
+
+
+def _literal_values(t: Any) -> str:
+    types = t.types if isinstance(t, msgspec.inspect.UnionType) else (t,)
+    values = [v for x in types if isinstance(x, msgspec.inspect.LiteralType) for v in x.values]
+    return ", ".join(map(str, values))

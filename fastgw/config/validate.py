@@ -1,0 +1,213 @@
+"""Semantic checks: what the schema cannot say (references, uniqueness, ranges, address syntax).
+
+Each check yields ConfigProblems with a key path only; the loader adds file and line. Checks never
+stop at the first problem so that one `fastgw check` run lists everything that is wrong.
+"""
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Iterable, Iterator
+
+import msgspec
+
+from fastgw.config.errors import ConfigProblem
+from fastgw.config.model import Config, Limits, Route, Service
+
+# RFC 9110 §5.6.2: token = 1*tchar
+_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+# A DNS label; "_" is tolerated because container and service-discovery names use it.
+_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_HOSTNAME = re.compile(rf"^{_LABEL}(?:\.{_LABEL})*\.?$")
+_HOST_PATTERN = re.compile(rf"^(?:\*\.)?{_LABEL}(?:\.{_LABEL})*(?::\d{{1,5}})?$")
+_BIND = re.compile(r"^(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:\[\]]+)):(?P<port>\d{1,5})$")
+_WILDCARDS = {"0.0.0.0", "::"}
+
+
+def parse_bind(value: str) -> tuple[str, int]:
+    """Split `host:port` or `[v6addr]:port` into (host, port); host loses its brackets."""
+    m = _BIND.match(value)
+    if not m:
+        hint = " (put an IPv6 address in brackets: [::1]:8080)" if value.count(":") > 1 else ""
+        raise ValueError(f"{value!r} is not host:port{hint}")
+    port = int(m["port"])
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port {port} in {value!r} is outside 1..65535")
+    if m["v6"] is not None:
+        try:
+            ipaddress.IPv6Address(m["v6"])
+        except ValueError:
+            raise ValueError(f"{m['v6']!r} in {value!r} is not an IPv6 address") from None
+        return m["v6"], port
+    host = m["host"]
+    # All-numeric dotted names would be taken for IPv4 by the resolver, so they must be valid IPv4.
+    if re.fullmatch(r"[\d.]+", host):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} in {value!r} is not an IPv4 address") from None
+    elif not _HOSTNAME.match(host):
+        raise ValueError(f"{host!r} in {value!r} is not a host name or IP address")
+    return host, port
+
+
+def semantic_problems(config: Config) -> list[ConfigProblem]:
+    return [
+        *_listener_problems(config),
+        *_service_problems(config),
+        *_route_problems(config),
+        *_failing([
+            ("log.access.sample", 0.0 <= config.log.access.sample <= 1.0, "must be between 0 and 1"),
+            ("workers", config.workers == "auto" or config.workers >= 1, "must be at least 1 or \"auto\""),
+        ]),
+    ]
+
+
+def _failing(checks: Iterable[tuple[str, bool, str]], severity: str = "error") -> Iterator[ConfigProblem]:
+    """Table-driven checks: one (key path, condition that must hold, message) row per rule."""
+    for path, ok, message in checks:
+        if not ok:
+            yield ConfigProblem(path, message, severity=severity)
+
+
+def _bind_problem(path: str, value: str) -> ConfigProblem | None:
+    try:
+        parse_bind(value)
+    except ValueError as e:
+        return ConfigProblem(path, str(e))
+    return None
+
+
+def _duplicates(items: Iterable[tuple[str, object]], what: str) -> Iterator[ConfigProblem]:
+    """A problem for every (path, key) whose key was already seen, naming the first occurrence."""
+    first: dict[object, str] = {}
+    for path, key in items:
+        if key in first:
+            yield ConfigProblem(path, f"duplicate {what} {key!r} (first used at {first[key]})")
+        else:
+            first[key] = path
+
+
+def _listener_problems(config: Config) -> Iterator[ConfigProblem]:
+    if not config.listeners:
+        yield ConfigProblem("listeners", "at least one listener is required")
+    yield from _duplicates(((f"listeners[{i}].name", l.name) for i, l in enumerate(config.listeners)),
+                           "listener name")
+    binds = [(f"listeners[{i}].bind", l.bind) for i, l in enumerate(config.listeners)]
+    if config.admin is not None:
+        binds.append(("admin.bind", config.admin.bind))
+    yield from _bind_conflicts(binds)
+    for i, listener in enumerate(config.listeners):
+        yield from _limit_problems(f"listeners[{i}].limits", listener.limits)
+    if config.admin is not None:
+        yield from _admin_problems(config.admin.bind, config.admin.token)
+
+
+def _bind_conflicts(binds: list[tuple[str, str]]) -> Iterator[ConfigProblem]:
+    """Two sockets on one port clash when the hosts are equal or one is a wildcard; with
+    SO_REUSEPORT the kernel would not refuse them, it would split connections between them."""
+    seen: list[tuple[str, str, int]] = []
+    for path, bind in binds:
+        problem = _bind_problem(path, bind)
+        if problem:
+            yield problem
+            continue
+        host, port = parse_bind(bind)
+        host = host.lower()
+        for other_path, other_host, other_port in seen:
+            if port == other_port and (host == other_host or {host, other_host} & _WILDCARDS):
+                yield ConfigProblem(path, f"{bind!r} conflicts with {other_path}")
+                break
+        seen.append((path, host, port))
+
+
+def _admin_problems(bind: str, token: str | None) -> Iterator[ConfigProblem]:
+    # The admin API can change routing, so it is only reachable from outside with a token.
+    try:
+        host, _ = parse_bind(bind)
+    except ValueError:
+        return  # already reported as a bind problem
+    if token:
+        return
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host.lower() == "localhost"
+    if not loopback:
+        yield ConfigProblem("admin.token", f"admin.bind {bind!r} is not a loopback address: set a token")
+
+
+def _limit_problems(path: str, limits: Limits) -> Iterator[ConfigProblem]:
+    return _failing([
+        (f"{path}.max_headers", limits.max_headers >= 1, "must be at least 1"),
+        (f"{path}.max_url_bytes", limits.max_url_bytes >= 16, "must be at least 16 bytes"),
+        (f"{path}.max_header_bytes", limits.max_header_bytes >= 1024, "must be at least 1KiB"),
+        (f"{path}.header_timeout", limits.header_timeout > 0, "must be greater than 0"),
+        (f"{path}.idle_timeout", limits.idle_timeout > 0, "must be greater than 0"),
+        (f"{path}.max_connections", limits.max_connections >= 1, "must be at least 1"),
+    ])
+
+
+def _service_problems(config: Config) -> Iterator[ConfigProblem]:
+    used = {route.service for route in config.routes}
+    for name, service in config.services.items():
+        path = f"services.{name}"
+        yield from _one_service(path, service)
+        # An unused pool is legal (it may be kept for a quick switch) but is often a typo.
+        if name not in used:
+            yield ConfigProblem(path, f"service {name!r} is not used by any route", severity="warning")
+
+
+def _one_service(path: str, service: Service) -> Iterator[ConfigProblem]:
+    yield from _failing([
+        (f"{path}.targets", service.kind != "proxy" or bool(service.targets),
+         "a proxy service needs at least one target"),
+        (f"{path}.targets", service.kind != "echo" or not service.targets,
+         "an echo service answers itself and takes no targets"),
+        (f"{path}.timeouts.connect", service.timeouts.connect > 0, "must be greater than 0"),
+        (f"{path}.timeouts.read", service.timeouts.read > 0, "must be greater than 0"),
+        (f"{path}.timeouts.write", service.timeouts.write > 0, "must be greater than 0"),
+        (f"{path}.pool.max_idle_per_target", service.pool.max_idle_per_target >= 0, "must not be negative"),
+        (f"{path}.pool.max_connections_per_target", service.pool.max_connections_per_target >= 0,
+         "must not be negative (0 = unlimited)"),
+    ])
+    for i, target in enumerate(service.targets):
+        tpath = f"{path}.targets[{i}]"
+        problem = _bind_problem(f"{tpath}.address", target.address)
+        if problem:
+            yield problem
+        yield from _failing([(f"{tpath}.weight", target.weight >= 0, "must not be negative")])
+    weights = [t.weight for t in service.targets]
+    yield from _failing([(f"{path}.targets", not weights or any(w > 0 for w in weights),
+                          "every target has weight 0: this service receives no traffic")],
+                        severity="warning")
+
+
+def _route_problems(config: Config) -> Iterator[ConfigProblem]:
+    yield from _duplicates(((f"routes[{i}].name", r.name) for i, r in enumerate(config.routes)),
+                           "route name")
+    for i, route in enumerate(config.routes):
+        yield from _one_route(f"routes[{i}]", route, config)
+
+
+def _one_route(path: str, route: Route, config: Config) -> Iterator[ConfigProblem]:
+    has_service, has_respond = route.service is not None, route.respond is not None
+    yield from _failing([
+        (path, has_service != has_respond, "set exactly one of `service` or `respond`"),
+        (f"{path}.service", not has_service or route.service in config.services,
+         f"unknown service {route.service!r} (defined: {', '.join(sorted(config.services)) or 'none'})"),
+        (f"{path}.timeout", route.timeout is None or route.timeout > 0, "must be greater than 0"),
+    ])
+    for j, method in enumerate(route.match.methods):
+        yield from _failing([(f"{path}.match.methods[{j}]", bool(_TOKEN.match(method)),
+                              f"{method!r} is not a valid HTTP method token")])
+    for j, host in enumerate(route.match.hosts):
+        yield from _failing([(f"{path}.match.hosts[{j}]", bool(_HOST_PATTERN.match(host)),
+                              f"{host!r} is not a host name, *.wildcard, or either with :port")])
+    if route.respond is not None:
+        respond = route.respond
+        yield from _failing([
+            (f"{path}.respond.status", 200 <= respond.status <= 599, "must be between 200 and 599"),
+            (f"{path}.respond", respond.json is msgspec.UNSET or respond.body is None,
+             "set `json` or `body`, not both"),
+        ])
