@@ -1,0 +1,131 @@
+from fastgw._core.buffer cimport WriteBuffer
+from fastgw._core.router cimport Captures, PathRule, Router
+from fastgw._core.upstream cimport Downstream, Target, UpstreamConnection
+
+cdef enum PauseReason:
+    PAUSE_PIPELINE = 1        # a complete request waits behind the active one
+    PAUSE_UPSTREAM = 2        # the upstream's write buffer is full (request body backpressure)
+    PAUSE_FATAL = 4           # a later request was invalid: read nothing more
+
+
+cdef class ListenerState:
+    """Per listener and worker: limits, the current routing table, counters."""
+    cdef readonly str name
+    cdef public Router router
+    cdef public object access_log          # callable(tuple) or None
+    cdef public bint draining
+    cdef readonly long long max_header_bytes
+    cdef readonly int max_headers
+    cdef readonly long long max_url_bytes
+    cdef readonly long long max_body_bytes
+    cdef readonly double header_timeout
+    cdef readonly double idle_timeout
+    cdef readonly int max_connections
+    cdef readonly int open_connections
+    cdef readonly long long rejected_connections
+    cdef readonly long long requests
+    cdef readonly set connections
+
+
+cdef class Request:
+    cdef bytes method
+    cdef bytes url
+    cdef list headers                     # [name, value, ...] that are forwarded as they came
+    cdef bytes host
+    cdef bytes forwarded_for
+    cdef bytes request_id
+    cdef bytes traceparent                # as received, when valid
+    cdef unsigned long long trace_hi      # a trace started here (no valid traceparent came)
+    cdef unsigned long long trace_lo
+    cdef bytes user_agent
+    cdef list connection_tokens
+    cdef long long content_length         # -1: none
+    cdef bint chunked
+    cdef bint expect_continue
+    cdef bint keep_alive
+    cdef bint http11
+    cdef int header_count
+    cdef long long head_bytes
+    cdef long long max_body
+    # body
+    cdef long long body_bytes
+    cdef bint body_done
+    cdef list body_buffer                 # body bytes not yet sent anywhere
+    cdef list replay                      # everything sent upstream, while small enough to resend
+    # routing
+    cdef bytes path                       # normalised path, no query
+    cdef bytes query                      # including the '?', or b""
+    cdef PathRule rule
+    cdef Captures caps
+    # upstream
+    cdef Target target
+    cdef UpstreamConnection upstream
+    cdef bint upstream_reused
+    cdef int attempts
+    cdef double started
+    cdef double upstream_started
+    cdef double upstream_elapsed
+    # response
+    cdef int status
+    cdef int upstream_status
+    cdef bint response_started
+    cdef bint response_done
+    cdef bint chunked_out
+    cdef long long bytes_out
+    cdef str flags
+
+
+cdef class ClientConnection(Downstream):
+    cdef object loop
+    cdef object transport
+    cdef ListenerState listener
+    cdef object parser
+    cdef bytes client_ip
+    cdef Request parsing                  # the request whose bytes are being parsed
+    cdef Request active                   # the request being answered
+    cdef list queued                      # complete heads waiting behind `active` (pipelining)
+    cdef WriteBuffer out                  # response bytes batched into one write
+    cdef WriteBuffer head                 # scratch buffer for upstream request heads
+    cdef int paused
+    cdef bint closing
+    cdef bint closed
+    cdef bint lingering
+    cdef bint in_head
+    cdef long long head_fed
+    cdef int fatal_status
+    cdef str fatal_code
+    cdef str fatal_message
+    cdef bint in_finish_loop
+    cdef double deadline
+    cdef double timer_at
+    cdef object timer
+
+    cdef void _feed(self, data)
+    cdef void _on_message_done(self)
+    cdef int _reject(self, int status, str code, str message) except -1
+    cdef void _reject_now(self, int status, str code, str message)
+    cdef void _reject_pending(self)
+    cdef void _dispatch(self, Request req)
+    cdef void _forward(self, Request req)
+    cdef void _build_upstream_head(self, Request req)
+    cdef bytes _request_id(self, Request req)
+    cdef void _write_traceparent(self, WriteBuffer h, Request req)
+    cdef void _send_body(self, Request req, bytes data)
+    cdef void _keep_for_replay(self, Request req, bytes data)
+    cdef void _write_respond(self, Request req)
+    cdef void _write_connection_header(self, Request req)
+    cdef void _answer_echo(self, Request req)
+    cdef void _fail_request(self, Request req, int status, str code, str message)
+    cdef void _send_error(self, Request req, int status, str code, str message)
+    cdef void _retry_fresh(self, Request req)
+    cdef void _response_finished(self, Request req)
+    cdef void _linger_close(self)
+    cdef void _finish(self, Request req)
+    cdef void _log(self, Request req)
+    cdef void _flush(self)
+    cdef void _pause(self, int reason)
+    cdef void _resume(self, int reason)
+    cdef void _close(self)
+    cdef void _abort_client(self)
+    cdef void _arm(self, double deadline)
+    cdef void _write_simple(self, Request req, int status, bytes content_type, bytes body, bint retry_after=*)

@@ -1,0 +1,969 @@
+# cython: language_level=3
+"""Client side of the proxy: one ClientConnection per accepted socket.
+
+Bytes go to an httptools parser; its callbacks fill a Request. A request whose head is complete
+is dispatched at once if nothing else is being answered, otherwise it waits in `queued`
+(pipelining: answers go out in order) and reading pauses. The upstream request head is built
+from the parsed fields, never from the client's raw bytes, so one client request is exactly one
+upstream request (SPEC §4).
+"""
+cimport cython
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from libc.string cimport memchr
+
+from fastgw._core.buffer cimport WriteBuffer, ascii_ieq, ascii_lower, monotonic, random64
+from fastgw._core.router cimport ROUTE_ECHO, ROUTE_PROXY, ROUTE_RESPOND, Captures, HeaderEdits, PathRule, Router
+from fastgw._core.upstream cimport (
+    FRAMING_CHUNKED, FRAMING_CLOSE, FRAMING_LENGTH, FRAMING_NONE, UPSTREAM_CONNECT_FAILED,
+    UPSTREAM_CONNECT_TIMEOUT, UPSTREAM_INVALID, UPSTREAM_RESET, UPSTREAM_TIMEOUT, Downstream,
+    Service, Target, UpstreamConnection, is_hop_by_hop, parse_content_length)
+
+import time
+from http import HTTPStatus
+
+import msgspec
+from httptools import (HttpParserError, HttpParserInvalidMethodError, HttpParserUpgrade,
+                       HttpRequestParser)
+
+from fastgw._core.router import normalize_path
+from fastgw._core.upstream import connection_tokens, drop_named
+
+cdef enum:
+    REPLAY_LIMIT = 65536          # request bytes kept to resend after a stale pooled connection
+    DISCARD_LIMIT = 65536         # unread body bytes we read and drop to keep a connection open
+    LINGER_SECONDS = 2            # after an answer sent before the body ended (RFC 9112 §9.6)
+
+cdef list STATUS_LINES = [None] * 600
+for _status in HTTPStatus:
+    STATUS_LINES[_status.value] = f"HTTP/1.1 {_status.value} {_status.phrase}\r\n".encode()
+for _code in range(100, 600):
+    if STATUS_LINES[_code] is None:
+        STATUS_LINES[_code] = f"HTTP/1.1 {_code} Status {_code}\r\n".encode()
+
+cdef frozenset IDEMPOTENT = frozenset([b"GET", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"TRACE"])
+cdef bytes CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+cdef const char* HEXDIGITS = b"0123456789abcdef"
+
+_json_encode = msgspec.json.Encoder().encode
+
+
+class _Reject(Exception):
+    """Raised inside a parser callback to stop parsing; the status is on the connection."""
+
+
+@cython.final
+@cython.freelist(64)
+cdef class Request:
+    pass
+
+
+cdef class ListenerState:
+    def __init__(self, str name, Router router, *, long long max_header_bytes=32768,
+                 int max_headers=100, long long max_url_bytes=8192,
+                 long long max_body_bytes=10485760, double header_timeout=10.0,
+                 double idle_timeout=60.0, int max_connections=10000, access_log=None):
+        self.name = name
+        self.router = router
+        self.max_header_bytes = max_header_bytes
+        self.max_headers = max_headers
+        self.max_url_bytes = max_url_bytes
+        self.max_body_bytes = max_body_bytes
+        self.header_timeout = header_timeout
+        self.idle_timeout = idle_timeout
+        self.max_connections = max_connections
+        self.access_log = access_log
+        self.draining = False
+        self.open_connections = 0
+        self.rejected_connections = 0
+        self.requests = 0
+        self.connections = set()
+
+    def protocol_factory(self):
+        return ClientConnection(self)
+
+    def close_idle_connections(self):
+        """Drain: close every connection that is not answering a request right now."""
+        for conn in list(self.connections):
+            (<ClientConnection>conn).close_if_idle()
+
+
+cdef bint _valid_request_id(bytes value):
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(value), i
+    cdef const char* s = PyBytes_AS_STRING(value)
+    if n == 0 or n > 200:
+        return False
+    for i in range(n):
+        if s[i] <= 32 or s[i] >= 127:
+            return False
+    return True
+
+
+cdef bint _is_hex(const char* s, Py_ssize_t n):
+    cdef Py_ssize_t i
+    for i in range(n):
+        if not ((48 <= s[i] <= 57) or (97 <= s[i] <= 102)):
+            return False
+    return True
+
+
+cdef class ClientConnection(Downstream):
+    def __init__(self, ListenerState listener):
+        self.listener = listener
+        self.parser = HttpRequestParser(self)
+        self.queued = []
+        self.out = WriteBuffer()
+        self.head = WriteBuffer()
+        self.timer = None
+        self.timer_at = 0
+        self.deadline = 0
+
+    # --- asyncio protocol ------------------------------------------------------------------------
+
+    def connection_made(self, transport):
+        cdef ListenerState listener = self.listener
+        self.transport = transport
+        if listener.open_connections >= listener.max_connections:
+            listener.rejected_connections += 1
+            self.closed = True
+            transport.abort()
+            return
+        listener.open_connections += 1
+        listener.connections.add(self)
+        import asyncio
+        self.loop = asyncio.get_running_loop()
+        peer = transport.get_extra_info("peername")
+        self.client_ip = peer[0].encode() if peer else b""
+        self._arm(monotonic() + listener.header_timeout)
+
+    def connection_lost(self, exc):
+        if not self.closed:
+            self.closed = True
+        self.listener.open_connections -= 1
+        self.listener.connections.discard(self)
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        cdef Request req = self.active
+        if req is not None:
+            if req.upstream is not None:
+                req.flags = "DC"
+                req.upstream.abort()
+                req.upstream = None
+            if not req.response_done:
+                req.flags = "DC"
+                self._log(req)
+        self.active = None
+        self.queued = []
+
+    def data_received(self, data):
+        cdef ListenerState listener = self.listener
+        if self.closed or self.fatal_status or self.lingering:
+            return
+        if self.in_head:
+            # Bytes fed so far while this head was incomplete: all head bytes. httptools buffers a
+            # header line until it ends, so stop a single endless line here.
+            if self.head_fed > listener.max_header_bytes:
+                self._reject_now(431, "header_too_large", "request head too large")
+                return
+            self.head_fed += len(data)
+        elif self.parsing is None and self.active is None:
+            self._arm(monotonic() + listener.header_timeout)
+        self._feed(data)
+
+    cdef void _feed(self, data):
+        cdef int offset
+        try:
+            self.parser.feed_data(data)
+        except HttpParserUpgrade as exc:
+            # CONNECT, or an Upgrade request (forwarded as a plain request for now): llhttp stops
+            # after the head. CONNECT is not proxied.
+            if self.parsing is not None and self.parsing.method == b"CONNECT" or \
+                    (self.active is not None and self.active.method == b"CONNECT"):
+                self._reject_now(501, "not_implemented", "CONNECT is not supported")
+                return
+            offset = exc.args[0]
+            if self.parsing is not None:
+                self._on_message_done()
+            if offset < len(data):
+                self._feed(memoryview(data)[offset:])
+            return
+        except HttpParserInvalidMethodError:
+            if self.closed:
+                return
+            self._reject_now(501, "not_implemented", "unknown method")
+            return
+        except HttpParserError as exc:
+            if self.closed or self.lingering:
+                return
+            if self.fatal_status == 0:
+                self._reject_now(400, "bad_request", "malformed request: " + str(exc))
+            else:
+                self._reject_pending()
+            return
+        self._flush()
+
+    def eof_received(self):
+        # A half-closed client still gets the answers it is waiting for; then we close.
+        self.closing = True
+        if self.active is None or self.lingering:
+            self._close()
+        return True
+
+    def pause_writing(self):
+        if self.active is not None and self.active.upstream is not None:
+            self.active.upstream.set_reading(False)
+
+    def resume_writing(self):
+        if self.active is not None and self.active.upstream is not None:
+            self.active.upstream.set_reading(True)
+
+    # --- parser callbacks ------------------------------------------------------------------------
+
+    def on_url(self, bytes url):
+        cdef Request req = self.parsing
+        if self.closed or self.closing and self.active is None and req is None:
+            raise _Reject("connection closing")
+        if req is None:
+            req = self.parsing = Request()
+            req.headers = []
+            req.content_length = -1
+            req.status = 0
+            req.flags = "-"
+            req.max_body = -1
+            self.in_head = True
+            self.head_fed = 0
+            req.url = url
+        else:
+            req.url += url
+        req.head_bytes += PyBytes_GET_SIZE(url)
+        if PyBytes_GET_SIZE(req.url) > self.listener.max_url_bytes:
+            self._reject(414, "uri_too_long", "request target too long")
+
+    def on_header(self, bytes name, bytes value):
+        cdef Request req = self.parsing
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(name)
+        cdef const char* s = PyBytes_AS_STRING(name)
+        req.header_count += 1
+        req.head_bytes += n + PyBytes_GET_SIZE(value) + 4
+        if req.header_count > self.listener.max_headers:
+            self._reject(431, "too_many_headers", "too many request headers")
+        if req.head_bytes > self.listener.max_header_bytes:
+            self._reject(431, "header_too_large", "request head too large")
+        if n == 4 and ascii_ieq(s, n, b"host", 4):
+            if req.host is not None:
+                self._reject(400, "bad_request", "more than one Host header")
+            req.host = value
+        elif n == 14 and ascii_ieq(s, n, b"content-length", 14):
+            if req.content_length != -1:
+                self._reject(400, "bad_request", "more than one Content-Length")
+            req.content_length = parse_content_length(value)
+            if req.content_length < 0:
+                self._reject(400, "bad_request", "invalid Content-Length")
+        elif n == 17 and ascii_ieq(s, n, b"transfer-encoding", 17):
+            # RFC 9112 §6.1: only "chunked", alone, is accepted; an unknown coding is 501.
+            if req.chunked:
+                self._reject(400, "bad_request", "more than one Transfer-Encoding")
+            if ascii_lower(value) != b"chunked":
+                if b"," in value or ascii_lower(value).strip() in (b"chunked", b""):
+                    self._reject(400, "bad_request", "Transfer-Encoding must be exactly chunked")
+                self._reject(501, "not_implemented", "unsupported transfer coding")
+            req.chunked = True
+        elif n == 10 and ascii_ieq(s, n, b"connection", 10):
+            tokens = connection_tokens(value)
+            if tokens:
+                req.connection_tokens = (req.connection_tokens or []) + tokens
+        elif n == 6 and ascii_ieq(s, n, b"expect", 6):
+            if ascii_lower(value) != b"100-continue":
+                self._reject(417, "expectation_failed", "only 100-continue is supported")
+            req.expect_continue = True
+        elif n == 15 and ascii_ieq(s, n, b"x-forwarded-for", 15):
+            req.forwarded_for = value if req.forwarded_for is None else req.forwarded_for + b", " + value
+        elif n == 12 and ascii_ieq(s, n, b"x-request-id", 12):
+            if _valid_request_id(value):
+                req.request_id = value
+        elif n == 11 and ascii_ieq(s, n, b"traceparent", 11):
+            req.traceparent = value
+        elif (n == 17 and ascii_ieq(s, n, b"x-forwarded-proto", 17)) or \
+                (n == 16 and ascii_ieq(s, n, b"x-forwarded-host", 16)) or is_hop_by_hop(s, n):
+            pass                                  # the proxy writes its own
+        else:
+            if n == 10 and ascii_ieq(s, n, b"user-agent", 10):
+                req.user_agent = value
+            req.headers.append(name)
+            req.headers.append(value)
+
+    def on_headers_complete(self):
+        cdef Request req = self.parsing
+        cdef ListenerState listener = self.listener
+        self.in_head = False
+        req.method = self.parser.get_method()
+        req.keep_alive = self.parser.should_keep_alive()
+        req.http11 = self.parser.get_http_version() == "1.1"
+        req.started = monotonic()
+        listener.requests += 1
+        if req.chunked and req.content_length != -1:
+            self._reject(400, "bad_request", "both Content-Length and Transfer-Encoding")
+        if req.host is None and req.http11:
+            self._reject(400, "bad_request", "missing Host header")
+        if req.host is None:
+            req.host = b""
+        if req.connection_tokens:
+            req.headers = drop_named(req.headers, req.connection_tokens)
+        if self.active is None:
+            self._arm(0)
+            self._dispatch(req)
+        else:
+            self.queued.append(req)
+            self._pause(PAUSE_PIPELINE)
+
+    def on_body(self, bytes data):
+        cdef Request req = self.parsing
+        req.body_bytes += PyBytes_GET_SIZE(data)
+        if req.max_body >= 0 and req.body_bytes > req.max_body:
+            self._reject(413, "payload_too_large", "request body too large")
+        if req is self.active:
+            if req.upstream is not None:
+                self._send_body(req, data)
+                if req.upstream.transport is None:
+                    self._pause(PAUSE_UPSTREAM)       # until the upstream connection is made
+                return
+            if req.response_done or req.rule is None or req.rule.route.kind != ROUTE_ECHO:
+                return                                # answered already: read and drop
+        if req.body_buffer is None:
+            req.body_buffer = []
+        req.body_buffer.append(data)
+
+    def on_message_complete(self):
+        if self.parsing is not None:
+            self._on_message_done()
+
+    cdef void _on_message_done(self):
+        cdef Request req = self.parsing
+        self.parsing = None
+        req.body_done = True
+        if req is not self.active:
+            return
+        if req.upstream is not None:
+            if req.chunked:
+                req.upstream.send(b"0\r\n\r\n")
+                self._keep_for_replay(req, b"0\r\n\r\n")
+        elif req.rule is not None and req.rule.route.kind == ROUTE_ECHO:
+            self._answer_echo(req)
+        if req.response_done:
+            self._finish(req)
+
+    # --- rejecting bad requests ------------------------------------------------------------------
+
+    cdef int _reject(self, int status, str code, str message) except -1:
+        """From a parser callback: remember why, and stop llhttp."""
+        if self.fatal_status == 0:
+            self.fatal_status = status
+            self.fatal_code = code
+            self.fatal_message = message
+        raise _Reject(code)
+
+    cdef void _reject_now(self, int status, str code, str message):
+        if self.fatal_status == 0:
+            self.fatal_status = status
+            self.fatal_code = code
+            self.fatal_message = message
+        self._reject_pending()
+
+    cdef void _reject_pending(self):
+        """Answer the bad request once everything before it has been answered, then close."""
+        cdef Request req
+        self._pause(PAUSE_FATAL)
+        self.closing = True
+        if self.active is not None:
+            if self.active is self.parsing and not self.active.response_started:
+                # The bad bytes belong to the request being answered (e.g. its body).
+                req = self.active
+                if req.upstream is not None:
+                    req.upstream.abort()
+                    req.upstream = None
+                req.status = self.fatal_status
+                self._send_error(req, self.fatal_status, self.fatal_code, self.fatal_message)
+                self._log(req)
+                self._close()
+            elif self.active is self.parsing:
+                self._abort_client()
+            return
+        req = self.parsing if self.parsing is not None else Request()
+        if req.flags is None:
+            req.flags = "-"
+            req.headers = []
+        self.parsing = None
+        self.active = req
+        req.status = self.fatal_status
+        self._send_error(req, self.fatal_status, self.fatal_code, self.fatal_message)
+        if req.method is not None:
+            self._log(req)
+        self.active = None
+        self._close()
+
+    # --- dispatch --------------------------------------------------------------------------------
+
+    cdef void _dispatch(self, Request req):
+        cdef ListenerState listener = self.listener
+        cdef PathRule rule
+        cdef Py_ssize_t q
+        cdef bytes url = req.url
+        cdef const char* u = PyBytes_AS_STRING(url)
+        self.active = req
+        if listener.draining:
+            self.closing = True
+        # Request target (RFC 9112 §3.2): origin-form, or absolute-form whose authority wins.
+        if u[0] != b'/':
+            if url[:7].lower() == b"http://":
+                q = url.find(b"/", 7)
+                if q < 0:
+                    req.host = url[7:]
+                    url = b"/"
+                else:
+                    req.host = url[7:q]
+                    url = url[q:]
+            else:
+                self._fail_request(req, 400, "bad_request", "invalid request target")
+                return
+        q = url.find(b"?")
+        if q >= 0:
+            req.path = url[:q]
+            req.query = url[q:]
+        else:
+            req.path = url
+            req.query = b""
+        if b"#" in req.path or b"#" in req.query:
+            self._fail_request(req, 400, "bad_request", "fragment in request target")
+            return
+        if b"%" in req.path or b"/." in req.path:
+            try:
+                req.path = normalize_path(req.path)
+            except ValueError as exc:
+                self._fail_request(req, 400, "bad_request", str(exc))
+                return
+        rule = listener.router.match(req.method, PyBytes_AS_STRING(req.host),
+                                     PyBytes_GET_SIZE(req.host), PyBytes_AS_STRING(req.path),
+                                     PyBytes_GET_SIZE(req.path), &req.caps)
+        if rule is None:
+            req.flags = "NR"
+            self._fail_request(req, 404, "no_route", "no route matches the request")
+            return
+        req.rule = rule
+        req.max_body = rule.route.max_body if rule.route.max_body >= 0 else listener.max_body_bytes
+        if req.content_length > req.max_body or req.body_bytes > req.max_body:
+            self.closing = True           # the body is not read: the connection cannot be reused
+            self._fail_request(req, 413, "payload_too_large", "request body too large")
+            return
+        if rule.route.kind == ROUTE_RESPOND:
+            req.body_buffer = None
+            req.status = rule.route.respond_status
+            self._write_respond(req)
+            self._response_finished(req)
+        elif rule.route.kind == ROUTE_ECHO:
+            if req.body_done:
+                self._answer_echo(req)
+            elif req.expect_continue:
+                self.transport.write(CONTINUE)
+        else:
+            self._forward(req)
+
+    cdef void _forward(self, Request req):
+        cdef Service service = <Service>req.rule.route.service
+        cdef Target target = service.pick()
+        cdef UpstreamConnection conn
+        cdef bint reused = False
+        cdef double timeout = req.rule.route.timeout
+        if target is None:
+            self._fail_request(req, 503, "no_healthy_upstream", "the service has no targets")
+            return
+        conn = target.acquire(self, &reused)
+        if conn is None:
+            req.flags = "UO"
+            self._fail_request(req, 503, "no_healthy_upstream",
+                               "every target is at max_connections_per_target")
+            return
+        req.target = target
+        req.upstream = conn
+        req.upstream_reused = reused
+        req.attempts += 1
+        req.upstream_started = monotonic()
+        conn.begin(self, req.method == b"HEAD",
+                   req.upstream_started + timeout if timeout > 0 else 0)
+        if req.replay is None:
+            self._build_upstream_head(req)
+        conn.send_many(req.replay)
+        if req.body_buffer is not None:
+            chunks = req.body_buffer
+            req.body_buffer = None
+            for chunk in chunks:
+                self._send_body(req, chunk)
+            if req.body_done and req.chunked:
+                conn.send(b"0\r\n\r\n")
+                self._keep_for_replay(req, b"0\r\n\r\n")
+        if req.expect_continue and not req.body_done and req.attempts == 1:
+            self.transport.write(CONTINUE)
+
+    cdef void _build_upstream_head(self, Request req):
+        cdef WriteBuffer h = self.head
+        cdef PathRule rule = req.rule
+        cdef HeaderEdits edits = rule.route.request_edits
+        cdef list headers = req.headers
+        cdef Py_ssize_t i, n = len(headers)
+        cdef bytes name, lower
+        h.write_bytes(req.method)
+        h.write(b" ", 1)
+        rule.write_path(h, PyBytes_AS_STRING(req.path), PyBytes_GET_SIZE(req.path), &req.caps)
+        if rule.route.query_rewrite is not None:
+            h.write_bytes(rule.route.query_rewrite)
+        else:
+            h.write_bytes(req.query)
+        h.write(b" HTTP/1.1\r\nhost: ", 17)
+        h.write_bytes(rule.route.host_rewrite if rule.route.host_rewrite is not None else req.host)
+        h.write(b"\r\n", 2)
+        for i in range(0, n, 2):
+            name = <bytes>headers[i]
+            if edits is not None:
+                lower = ascii_lower(name)
+                if edits.drops(lower):
+                    edits.write_renamed(h, lower, <bytes>headers[i + 1])
+                    continue
+            h.write_bytes(name)
+            h.write(b": ", 2)
+            h.write_bytes(<bytes>headers[i + 1])
+            h.write(b"\r\n", 2)
+        if edits is not None:
+            edits.write_appended(h)
+        h.write(b"x-forwarded-for: ", 17)
+        if req.forwarded_for is not None:
+            h.write_bytes(req.forwarded_for)
+            h.write(b", ", 2)
+        h.write_bytes(self.client_ip)
+        h.write(b"\r\nx-forwarded-proto: http\r\nx-forwarded-host: ", 45)
+        h.write_bytes(req.host)
+        h.write(b"\r\nvia: 1.1 fastgw\r\nx-request-id: ", 33)
+        h.write_bytes(self._request_id(req))
+        h.write(b"\r\ntraceparent: ", 15)
+        self._write_traceparent(h, req)
+        if req.chunked:
+            h.write(b"\r\ntransfer-encoding: chunked\r\n\r\n", 32)
+        elif req.content_length > 0:
+            h.write(b"\r\ncontent-length: ", 18)
+            h.write_int(req.content_length)
+            h.write(b"\r\n\r\n", 4)
+        elif req.content_length == 0 or req.method in (b"POST", b"PUT", b"PATCH"):
+            h.write(b"\r\ncontent-length: 0\r\n\r\n", 23)
+        else:
+            h.write(b"\r\n\r\n", 4)
+        req.replay = [h.take()]
+
+    cdef bytes _request_id(self, Request req):
+        cdef WriteBuffer b
+        if req.request_id is None:
+            b = WriteBuffer()
+            b.write_hex_fixed(random64(), 16)
+            b.write_hex_fixed(random64(), 16)
+            req.request_id = b.take()
+        return req.request_id
+
+    cdef void _write_traceparent(self, WriteBuffer h, Request req):
+        """W3C Trace Context: keep trace id and flags, new parent id; start a trace if none."""
+        cdef bytes tp = req.traceparent
+        cdef const char* s
+        if tp is not None and PyBytes_GET_SIZE(tp) == 55:
+            s = PyBytes_AS_STRING(tp)
+            if s[0] == b'0' and s[1] == b'0' and s[2] == b'-' and s[35] == b'-' and \
+                    s[52] == b'-' and _is_hex(s + 3, 32) and _is_hex(s + 53, 2):
+                h.write(s, 36)
+                h.write_hex_fixed(random64(), 16)
+                h.write(s + 52, 3)
+                return
+        req.traceparent = None
+        req.trace_hi = random64()
+        req.trace_lo = random64()
+        h.write(b"00-", 3)
+        h.write_hex_fixed(req.trace_hi, 16)
+        h.write_hex_fixed(req.trace_lo, 16)
+        h.write(b"-", 1)
+        h.write_hex_fixed(random64(), 16)
+        h.write(b"-00", 3)
+
+    cdef void _send_body(self, Request req, bytes data):
+        cdef WriteBuffer h
+        if req.chunked:
+            if PyBytes_GET_SIZE(data) == 0:
+                return
+            h = self.head
+            h.write_hex(PyBytes_GET_SIZE(data))
+            h.write(b"\r\n", 2)
+            chunk_head = h.take()
+            req.upstream.send_many([chunk_head, data, b"\r\n"])
+            self._keep_for_replay(req, chunk_head)
+            self._keep_for_replay(req, data)
+            self._keep_for_replay(req, b"\r\n")
+        else:
+            req.upstream.send(data)
+            self._keep_for_replay(req, data)
+
+    cdef inline void _keep_for_replay(self, Request req, bytes data):
+        if req.replay is not None:
+            if req.body_bytes > REPLAY_LIMIT:
+                req.replay = None
+            else:
+                req.replay.append(data)
+
+    # --- answers produced here -------------------------------------------------------------------
+
+    cdef void _write_respond(self, Request req):
+        cdef WriteBuffer o = self.out
+        o.write_bytes(req.rule.route.respond_head)
+        self._write_connection_header(req)
+        o.write(b"\r\n", 2)
+        if req.method != b"HEAD":
+            o.write_bytes(req.rule.route.respond_body)
+        req.response_started = True
+        req.bytes_out += o.length
+        self._flush()
+
+    cdef void _write_connection_header(self, Request req):
+        if not req.body_done and not _can_discard(req):
+            self.closing = True           # its body will not be read to the end
+        if self.closing or not req.keep_alive:
+            self.closing = True
+            self.out.write(b"connection: close\r\n", 19)
+        elif not req.http11:
+            self.out.write(b"connection: keep-alive\r\n", 24)
+
+    cdef void _answer_echo(self, Request req):
+        headers = {"host": req.host.decode("latin-1")}
+        for i in range(0, len(req.headers), 2):
+            headers[req.headers[i].decode("latin-1").lower()] = req.headers[i + 1].decode("latin-1")
+        body = b"".join(req.body_buffer) if req.body_buffer else b""
+        req.body_buffer = None
+        payload = _json_encode({
+            "method": req.method.decode(), "path": req.path.decode("latin-1"),
+            "query": req.query[1:].decode("latin-1"), "http_version": "1.1" if req.http11 else "1.0",
+            "client_ip": self.client_ip.decode(), "request_id": self._request_id(req).decode(),
+            "route": req.rule.route.name, "headers": headers,
+            "body": body.decode("utf-8", "replace"),
+        })
+        req.status = 200
+        self._write_simple(req, 200, b"application/json", payload)
+        self._response_finished(req)
+
+    cdef void _fail_request(self, Request req, int status, str code, str message):
+        """Answer `req` with a JSON error and finish it."""
+        req.status = status
+        self._send_error(req, status, code, message)
+        self._response_finished(req)
+
+    cdef void _send_error(self, Request req, int status, str code, str message):
+        cdef bytes rid = self._request_id(req)
+        body = _json_encode({"error": {"status": status, "code": code, "message": message,
+                                       "request_id": rid.decode("latin-1")}})
+        self._write_simple(req, status, b"application/json", body, status == 503)
+
+    cdef void _write_simple(self, Request req, int status, bytes content_type, bytes body,
+                            bint retry_after=False):
+        cdef WriteBuffer o = self.out
+        o.write_bytes(<bytes>STATUS_LINES[status])
+        o.write(b"content-type: ", 14)
+        o.write_bytes(content_type)
+        o.write(b"\r\ncontent-length: ", 18)
+        o.write_int(PyBytes_GET_SIZE(body))
+        o.write(b"\r\nx-request-id: ", 16)
+        o.write_bytes(self._request_id(req))
+        o.write(b"\r\n", 2)
+        if retry_after:
+            o.write(b"retry-after: 1\r\n", 16)
+        self._write_connection_header(req)
+        o.write(b"\r\n", 2)
+        if req.method != b"HEAD":
+            o.write_bytes(body)
+        req.response_started = True
+        req.bytes_out += o.length
+        self._flush()
+
+    # --- the upstream's answer (Downstream interface) --------------------------------------------
+
+    cdef int upstream_head(self, UpstreamConnection conn, int status, list headers,
+                           int framing, long long length) except -1:
+        cdef Request req = self.active
+        cdef WriteBuffer o = self.out
+        cdef HeaderEdits edits = req.rule.route.response_edits
+        cdef Py_ssize_t i, n = len(headers)
+        cdef bytes name, lower
+        req.status = status
+        req.upstream_status = status
+        req.upstream_elapsed = monotonic() - req.upstream_started
+        req.response_started = True
+        o.write_bytes(<bytes>STATUS_LINES[status])
+        for i in range(0, n, 2):
+            name = <bytes>headers[i]
+            if edits is not None:
+                lower = ascii_lower(name)
+                if edits.drops(lower):
+                    edits.write_renamed(o, lower, <bytes>headers[i + 1])
+                    continue
+            o.write_bytes(name)
+            o.write(b": ", 2)
+            o.write_bytes(<bytes>headers[i + 1])
+            o.write(b"\r\n", 2)
+        if edits is not None:
+            edits.write_appended(o)
+        if framing == FRAMING_LENGTH or (framing == FRAMING_NONE and length >= 0):
+            o.write(b"content-length: ", 16)
+            o.write_int(length)
+            o.write(b"\r\n", 2)
+        elif framing == FRAMING_CHUNKED or framing == FRAMING_CLOSE:
+            if req.http11:
+                o.write(b"transfer-encoding: chunked\r\n", 28)
+                req.chunked_out = True
+            else:
+                self.closing = True       # HTTP/1.0: the body ends when we close
+        elif framing == FRAMING_NONE and conn.chunked:
+            o.write(b"transfer-encoding: chunked\r\n", 28)
+        self._write_connection_header(req)
+        o.write(b"\r\n", 2)
+        return 0
+
+    cdef int upstream_body(self, object data) except -1:
+        cdef Request req = self.active
+        cdef WriteBuffer o = self.out
+        cdef Py_ssize_t n = len(data)
+        req.bytes_out += n
+        if req.chunked_out:
+            if n == 0:
+                return 0
+            o.write_hex(n)
+            o.write(b"\r\n", 2)
+            if n <= 16384:
+                o.write(PyBytes_AS_STRING(data), n)
+                o.write(b"\r\n", 2)
+            else:
+                self.transport.writelines([o.take(), data, b"\r\n"])
+        elif n <= 16384 and o.length + n <= 65536:
+            o.write(PyBytes_AS_STRING(data), n)
+        else:
+            if o.length:
+                self.transport.writelines([o.take(), data])
+            else:
+                self.transport.write(data)
+        return 0
+
+    cdef int upstream_flush(self) except -1:
+        self._flush()
+        return 0
+
+    cdef bint upstream_complete(self, UpstreamConnection conn) except -1:
+        cdef Request req = self.active
+        if req.chunked_out:
+            self.out.write(b"0\r\n\r\n", 5)
+        req.upstream = None
+        self._flush()
+        self._response_finished(req)
+        return req.body_done
+
+    cdef int upstream_failed(self, UpstreamConnection conn, int error) except -1:
+        cdef Request req = self.active
+        if req is None or req.upstream is not conn:
+            return 0
+        req.upstream = None
+        if error == UPSTREAM_RESET and req.upstream_reused and req.attempts == 1 and \
+                req.replay is not None and (req.body_done or not req.body_bytes) and \
+                req.method in IDEMPOTENT:
+            # SPEC §4: a pooled connection the upstream closed as we reused it: once more, fresh.
+            self._retry_fresh(req)
+            return 0
+        if req.response_started:
+            # Part of the answer is out: the client must see it cut short, never "complete".
+            req.flags = "UC"
+            self._log(req)
+            self._abort_client()
+            return 0
+        if error == UPSTREAM_CONNECT_FAILED:
+            req.flags = "UF"
+            self._fail_request(req, 502, "upstream_error", "could not connect to the upstream")
+        elif error == UPSTREAM_CONNECT_TIMEOUT:
+            req.flags = "UF"
+            self._fail_request(req, 504, "upstream_timeout", "timed out connecting to the upstream")
+        elif error == UPSTREAM_TIMEOUT:
+            req.flags = "UT"
+            self._fail_request(req, 504, "upstream_timeout", "the upstream did not answer in time")
+        elif error == UPSTREAM_INVALID:
+            self._fail_request(req, 502, "upstream_error", "invalid response from the upstream")
+        else:
+            req.flags = "UC"
+            self._fail_request(req, 502, "upstream_error", "the upstream closed the connection")
+        return 0
+
+    cdef void _retry_fresh(self, Request req):
+        cdef bint reused = True
+        cdef UpstreamConnection conn
+        while reused:                     # every other pooled connection may be stale too
+            conn = req.target.acquire(self, &reused)
+            if conn is None:
+                self._fail_request(req, 503, "no_healthy_upstream", "no connection available")
+                return
+            if reused:
+                conn.abort()
+        req.upstream = conn
+        req.upstream_reused = False
+        req.attempts += 1
+        conn.begin(self, req.method == b"HEAD", conn.head_deadline)
+        conn.send_many(req.replay)
+
+    cdef int upstream_writable(self, bint writable) except -1:
+        if writable:
+            self._resume(PAUSE_UPSTREAM)
+        else:
+            self._pause(PAUSE_UPSTREAM)
+        return 0
+
+    # --- finishing requests ----------------------------------------------------------------------
+
+    cdef void _response_finished(self, Request req):
+        req.response_done = True
+        self._log(req)
+        if req.body_done:
+            self._finish(req)
+        elif self.closing or not _can_discard(req):
+            self._linger_close()
+        # else: the rest of the body is read and dropped, then _on_message_done finishes it
+
+    cdef void _linger_close(self):
+        """Answer sent, body unread: stop sending, drop what still comes for a moment, close.
+        Closing at once would make the kernel reset the connection and the client could lose
+        the answer (RFC 9112 §9.6)."""
+        self.closing = True
+        self.lingering = True
+        self.active = None
+        self.queued = []
+        self._flush()
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self._resume(self.paused)
+        self._arm(monotonic() + LINGER_SECONDS)
+
+    cdef void _finish(self, Request req):
+        """`req` is answered and fully read: close, or go on with the next request."""
+        cdef Request nxt
+        if req is not self.active:
+            return
+        self.active = None
+        if self.closing or self.closed:
+            self._close()
+            return
+        if self.in_finish_loop:
+            return                        # the loop below picks up the next request
+        self.in_finish_loop = True
+        try:
+            while self.active is None and self.queued and not self.closed:
+                nxt = self.queued.pop(0)
+                self._dispatch(nxt)
+                if self.active is None and (self.closing or self.closed):
+                    self._close()
+                    return
+        finally:
+            self.in_finish_loop = False
+        if self.active is None and not self.queued:
+            self._resume(PAUSE_PIPELINE)
+            if self.fatal_status:
+                self._reject_pending()
+            elif self.parsing is None:
+                self._arm(monotonic() + self.listener.idle_timeout)
+
+    def close_if_idle(self):
+        self.closing = True
+        if self.active is None and self.parsing is None:
+            self._close()
+
+    cdef void _log(self, Request req):
+        cdef object sink = self.listener.access_log
+        if sink is None or req.method is None:
+            return
+        route = req.rule.route if req.rule is not None else None
+        sink((time.time(), self._request_id(req).decode("latin-1"),
+              _trace_id(req),
+              self.client_ip.decode(), req.method.decode(), (req.host or b"").decode("latin-1"),
+              (req.path if req.path is not None else req.url or b"").decode("latin-1"),
+              req.status, req.flags,
+              route.name if route is not None else None,
+              route.service.name if route is not None and route.service is not None else None,
+              req.target.address if req.target is not None else None,
+              req.upstream_status or None, req.attempts,
+              req.head_bytes + req.body_bytes, req.bytes_out,
+              monotonic() - req.started if req.started else 0.0,
+              req.upstream_elapsed if req.upstream_status else None,
+              req.user_agent.decode("latin-1") if req.user_agent is not None else None))
+
+    # --- transport helpers -----------------------------------------------------------------------
+
+    cdef inline void _flush(self):
+        if self.out.length and not self.closed:
+            self.transport.write(self.out.take())
+
+    cdef void _pause(self, int reason):
+        if self.paused == 0 and not self.closed:
+            self.transport.pause_reading()
+        self.paused |= reason
+
+    cdef void _resume(self, int reason):
+        if self.paused & reason:
+            self.paused &= ~reason
+            if self.paused == 0 and not self.closed:
+                self.transport.resume_reading()
+
+    cdef void _close(self):
+        if not self.closed:
+            self.closed = True
+            self._flush()
+            self.transport.close()
+
+    cdef void _abort_client(self):
+        if not self.closed:
+            self.closed = True
+            self.out.take()
+            self.transport.abort()
+
+    # --- header and idle timeouts ----------------------------------------------------------------
+
+    cdef void _arm(self, double deadline):
+        self.deadline = deadline
+        if deadline <= 0 or self.closed:
+            return
+        if self.timer is None or self.timer_at > deadline:
+            if self.timer is not None:
+                self.timer.cancel()
+            self.timer_at = deadline
+            self.timer = self.loop.call_later(max(deadline - monotonic(), 0), self._on_timer)
+
+    def _on_timer(self):
+        self.timer = None
+        if self.closed or self.deadline <= 0:
+            return
+        if monotonic() < self.deadline:
+            self._arm(self.deadline)
+            return
+        if self.lingering:
+            self._close()
+        elif self.active is not None:
+            return
+        elif self.parsing is not None or self.in_head:
+            self._reject_now(408, "request_timeout", "request head not received in time")
+        else:
+            self._close()                 # idle keep-alive connection
+
+
+cdef str _trace_id(Request req):
+    if req.traceparent is not None:
+        return req.traceparent[3:35].decode()
+    if req.trace_hi or req.trace_lo:
+        return f"{req.trace_hi:016x}{req.trace_lo:016x}"
+    return None
+
+
+cdef inline bint _can_discard(Request req):
+    """Is the unread rest of the body small enough to read and drop (keeping the connection)?"""
+    if req.chunked:
+        return False
+    return (req.content_length if req.content_length > 0 else 0) - req.body_bytes <= DISCARD_LIMIT

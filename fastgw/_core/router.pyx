@@ -1,0 +1,528 @@
+# cython: language_level=3
+"""The compiled routing table: hosts -> path trie -> rules, in C.
+
+Lookup walks one trie node per path segment (a dict lookup each), so its cost depends on the path,
+not on the number of routes. At each node the order is exact segment, then `{param}`, then a
+`/**` or `{rest...}` tail: that is the specificity order (exact > param > tail), decided segment by
+segment from the left. Regex patterns are tried only when the trie finds nothing.
+"""
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from libc.string cimport memchr
+
+from fastgw._core.buffer cimport WriteBuffer, ascii_lower
+
+import re
+
+_PARAM = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)(\.\.\.)?\}$")
+
+
+class PatternError(ValueError):
+    pass
+
+
+def parse_pattern(str pattern):
+    """Split a path pattern into segments: ("lit", text) | ("param", name) | ("tail", name|None).
+
+    Raises PatternError with a message fit for `fastgw check`.
+    """
+    if not pattern.startswith("/"):
+        raise PatternError(f"path pattern {pattern!r} must start with '/' (or '~' for a regex)")
+    if pattern == "/":
+        return []
+    out = []
+    names = set()
+    parts = pattern[1:].split("/")
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if part == "**":
+            if not last:
+                raise PatternError(f"'**' must be the last segment of {pattern!r}")
+            out.append(("tail", None))
+            continue
+        m = _PARAM.match(part)
+        if m:
+            name, rest = m.group(1), m.group(2)
+            if name in names:
+                raise PatternError(f"parameter {{{name}}} appears twice in {pattern!r}")
+            names.add(name)
+            if rest:
+                if not last:
+                    raise PatternError(f"{{{name}...}} must be the last segment of {pattern!r}")
+                out.append(("tail", name))
+            else:
+                out.append(("param", name))
+            continue
+        if "{" in part or "}" in part or "*" in part:
+            raise PatternError(
+                f"segment {part!r} of {pattern!r}: a segment is literal text, one {{param}}, "
+                "{rest...} or ** (no mixing)")
+        out.append(("lit", part))
+    return out
+
+
+def parse_template(str template, tuple capture_names):
+    """Compile a rewrite template like "/users/{id}" against one pattern's captures."""
+    if not template.startswith("/"):
+        raise PatternError(f"rewrite path {template!r} must start with '/'")
+    parts = []
+    pos = 0
+    for m in re.finditer(r"\{([A-Za-z_][A-Za-z0-9_]*)\}", template):
+        if m.start() > pos:
+            parts.append(template[pos:m.start()].encode())
+        name = m.group(1)
+        # A name the pattern does not capture rewrites to nothing: a route with paths
+        # ["/v2/users/{id}", "/v2/users"] and rewrite "/users/{id}" sends "/v2/users" to "/users".
+        parts.append(capture_names.index(name) if name in capture_names else -1)
+        pos = m.end()
+    if pos < len(template):
+        parts.append(template[pos:].encode())
+    if re.search(r"[{}]", re.sub(r"\{[A-Za-z_][A-Za-z0-9_]*\}", "", template)):
+        raise PatternError(f"rewrite path {template!r} has an unbalanced or invalid {{...}}")
+    return parts
+
+
+def template_names(str template):
+    return re.findall(r"\{([A-Za-z_][A-Za-z0-9_]*)\}", template)
+
+
+cdef class HeaderEdits:
+    def __init__(self, set=None, add=None, remove=(), rename=None):
+        set = {k.lower().encode(): v.encode() for k, v in (set or {}).items()}
+        rename = {k.lower().encode(): v.encode() for k, v in (rename or {}).items()}
+        self.drop = frozenset(set) | frozenset(n.lower().encode() for n in remove) | frozenset(rename)
+        self.rename = rename
+        self.append = [(k, v) for k, v in set.items()]
+        self.append += [(k.encode(), v.encode()) for k, v in (add or {}).items()]
+
+    cdef bint drops(self, bytes lower_name):
+        return lower_name in self.drop
+
+    cdef int write_renamed(self, WriteBuffer buf, bytes lower_name, bytes value) except -1:
+        cdef object new_name = self.rename.get(lower_name)
+        if new_name is not None:
+            buf.write_bytes(new_name)
+            buf.write(b": ", 2)
+            buf.write_bytes(value)
+            buf.write(b"\r\n", 2)
+        return 0
+
+    cdef int write_appended(self, WriteBuffer buf) except -1:
+        cdef bytes name, value
+        for name, value in self.append:
+            buf.write_bytes(name)
+            buf.write(b": ", 2)
+            buf.write_bytes(value)
+            buf.write(b"\r\n", 2)
+        return 0
+
+
+cdef class RouteEntry:
+    def __init__(self, *, str name, int index, int priority=0, int kind=ROUTE_PROXY, service=None,
+                 methods_mask=0, host_rewrite=None, strip_prefix=None, query_rewrite=None,
+                 request_edits=None, response_edits=None, double timeout=0.0,
+                 long long max_body=-1, int respond_status=0, respond_head=None,
+                 respond_body=None):
+        self.name = name
+        self.index = index
+        self.priority = priority
+        self.kind = kind
+        self.service = service
+        self.methods_mask = methods_mask
+        self.host_rewrite = host_rewrite
+        self.strip_prefix = strip_prefix
+        self.query_rewrite = query_rewrite
+        self.request_edits = request_edits
+        self.response_edits = response_edits
+        self.timeout = timeout
+        self.max_body = max_body
+        self.respond_status = respond_status
+        self.respond_head = respond_head
+        self.respond_body = respond_body
+
+    def __repr__(self):
+        return f"<RouteEntry {self.name!r}>"
+
+
+cdef class PathRule:
+    def __init__(self, RouteEntry route, str pattern, str rewrite_path=None):
+        self.route = route
+        self.pattern = pattern
+        if pattern.startswith("~"):
+            regex = re.compile(pattern[1:])
+            self.capture_names = tuple(
+                sorted(regex.groupindex, key=regex.groupindex.get)) if regex.groupindex else ()
+        else:
+            self.capture_names = tuple(name for kind, name in parse_pattern(pattern)
+                                       if kind != "lit")
+        self.template = (parse_template(rewrite_path, self.capture_names)
+                         if rewrite_path is not None else None)
+
+    cdef int write_path(self, WriteBuffer buf, const char* path, Py_ssize_t n,
+                        Captures* caps) except -1:
+        """Write the upstream path (without query) for a request that matched this rule."""
+        cdef RouteEntry route = self.route
+        cdef Py_ssize_t plen, start, i
+        cdef object part
+        if self.template is not None:
+            start = buf.length
+            for part in self.template:
+                if isinstance(part, bytes):
+                    buf.write_bytes(<bytes>part)
+                else:
+                    i = <Py_ssize_t>part
+                    if 0 <= i < caps.count:
+                        buf.write(path + caps.start[i], caps.end[i] - caps.start[i])
+            # An empty trailing capture leaves "/users/": send "/users" instead.
+            if buf.length - start > 1 and buf.data[buf.length - 1] == b'/' and \
+                    isinstance(self.template[-1], int):
+                buf.length -= 1
+            return 0
+        if route.strip_prefix is not None:
+            plen = PyBytes_GET_SIZE(route.strip_prefix)
+            if n >= plen and path[:plen] == PyBytes_AS_STRING(route.strip_prefix)[:plen] and \
+                    (n == plen or path[plen] == b'/' or route.strip_prefix.endswith(b"/")):
+                if n == plen:
+                    buf.write(b"/", 1)
+                else:
+                    if path[plen] != b'/':
+                        buf.write(b"/", 1)
+                    buf.write(path + plen, n - plen)
+                return 0
+        buf.write(path, n)
+        return 0
+
+    def __repr__(self):
+        return f"<PathRule {self.route.name!r} {self.pattern!r}>"
+
+
+cdef class PathNode:
+    def __init__(self):
+        self.children = {}
+        self.param = None
+        self.rules = []
+        self.tail_rules = []
+
+    cdef PathNode child(self, const char* seg, Py_ssize_t n):
+        if not self.children:
+            return None
+        return self.children.get(PyBytes_FromStringAndSize(seg, n))
+
+
+cdef class HostTable:
+    def __init__(self):
+        self.root = PathNode()
+        self.regex_rules = []
+
+    def add(self, PathRule rule):
+        cdef PathNode node = self.root
+        if rule.pattern.startswith("~"):
+            self.regex_rules.append((re.compile(rule.pattern[1:]), rule))
+            return
+        for kind, value in parse_pattern(rule.pattern):
+            if kind == "lit":
+                key = value.encode()
+                nxt = node.children.get(key)
+                if nxt is None:
+                    nxt = node.children[key] = PathNode()
+                node = nxt
+            elif kind == "param":
+                if node.param is None:
+                    node.param = PathNode()
+                node = node.param
+            else:
+                node.tail_rules.append(rule)
+                return
+        node.rules.append(rule)
+
+    def sort(self):
+        _sort_node(self.root)
+        self.regex_rules.sort(key=lambda item: (-item[1].route.priority, item[1].route.index))
+
+
+def _sort_node(PathNode node):
+    key = lambda PathRule r: (-r.route.priority, r.route.index)
+    node.rules.sort(key=key)
+    node.tail_rules.sort(key=key)
+    for child in node.children.values():
+        _sort_node(child)
+    if node.param is not None:
+        _sort_node(node.param)
+
+
+cdef inline PathRule _pick(list rules, unsigned long long method_bit):
+    cdef PathRule rule
+    for rule in rules:
+        if rule.route.methods_mask == 0 or rule.route.methods_mask & method_bit:
+            return rule
+    return None
+
+
+cdef PathRule _walk(PathNode node, const char* p, Py_ssize_t pos, Py_ssize_t n,
+                    unsigned long long method_bit, Captures* caps):
+    """Depth-first: exact child, then param, then tail. The first hit is the most specific."""
+    cdef PathRule found
+    cdef Py_ssize_t seg_start, seg_end
+    cdef const char* slash
+    cdef PathNode nxt
+    if pos >= n:
+        found = _pick(node.rules, method_bit)
+        if found is not None:
+            return found
+        if node.tail_rules and caps.count < MAX_CAPTURES:
+            found = _pick(node.tail_rules, method_bit)
+            if found is not None:
+                caps.start[caps.count] = n
+                caps.end[caps.count] = n
+                caps.count += 1
+            return found
+        return None
+    seg_start = pos + 1
+    slash = <const char*>memchr(p + seg_start, b'/', n - seg_start)
+    seg_end = (slash - p) if slash is not NULL else n
+    nxt = node.child(p + seg_start, seg_end - seg_start)
+    if nxt is not None:
+        found = _walk(nxt, p, seg_end, n, method_bit, caps)
+        if found is not None:
+            return found
+    if node.param is not None and seg_end > seg_start and caps.count < MAX_CAPTURES:
+        caps.start[caps.count] = seg_start
+        caps.end[caps.count] = seg_end
+        caps.count += 1
+        found = _walk(node.param, p, seg_end, n, method_bit, caps)
+        if found is not None:
+            return found
+        caps.count -= 1
+    if node.tail_rules and caps.count < MAX_CAPTURES:
+        found = _pick(node.tail_rules, method_bit)
+        if found is not None:
+            caps.start[caps.count] = seg_start
+            caps.end[caps.count] = n
+            caps.count += 1
+            return found
+    return None
+
+
+cdef class _Best:
+    """The best candidate so far of a full walk (only for tables with several priorities)."""
+    cdef PathRule rule
+    cdef Captures caps
+
+    cdef inline void consider(self, PathRule rule, Captures* caps):
+        if rule is not None and (self.rule is None or rule.route.priority > self.rule.route.priority):
+            self.rule = rule
+            self.caps = caps[0]
+
+
+cdef void _walk_all(PathNode node, const char* p, Py_ssize_t pos, Py_ssize_t n,
+                    unsigned long long method_bit, Captures* caps, _Best best):
+    """Like _walk, but visits every branch and keeps the highest priority (ties: the first
+    found, i.e. the most specific). Used only when the table has routes of different priorities."""
+    cdef Py_ssize_t seg_start, seg_end
+    cdef const char* slash
+    cdef PathNode nxt
+    if pos >= n:
+        best.consider(_pick(node.rules, method_bit), caps)
+        if node.tail_rules and caps.count < MAX_CAPTURES:
+            caps.start[caps.count] = n
+            caps.end[caps.count] = n
+            caps.count += 1
+            best.consider(_pick(node.tail_rules, method_bit), caps)
+            caps.count -= 1
+        return
+    seg_start = pos + 1
+    slash = <const char*>memchr(p + seg_start, b'/', n - seg_start)
+    seg_end = (slash - p) if slash is not NULL else n
+    nxt = node.child(p + seg_start, seg_end - seg_start)
+    if nxt is not None:
+        _walk_all(nxt, p, seg_end, n, method_bit, caps, best)
+    if node.param is not None and seg_end > seg_start and caps.count < MAX_CAPTURES:
+        caps.start[caps.count] = seg_start
+        caps.end[caps.count] = seg_end
+        caps.count += 1
+        _walk_all(node.param, p, seg_end, n, method_bit, caps, best)
+        caps.count -= 1
+    if node.tail_rules and caps.count < MAX_CAPTURES:
+        caps.start[caps.count] = seg_start
+        caps.end[caps.count] = n
+        caps.count += 1
+        best.consider(_pick(node.tail_rules, method_bit), caps)
+        caps.count -= 1
+
+
+cdef PathRule _match_table(HostTable table, const char* path, Py_ssize_t n,
+                           unsigned long long method_bit, Captures* caps, bint use_priorities):
+    cdef PathRule found
+    cdef _Best best
+    caps.count = 0
+    if n == 1:
+        n = 0                             # "/" is the root itself, not an empty segment under it
+    if use_priorities:
+        best = _Best()
+        _walk_all(table.root, path, 0, n, method_bit, caps, best)
+        found = best.rule
+        if found is not None:
+            caps[0] = best.caps
+    else:
+        found = _walk(table.root, path, 0, n, method_bit, caps)
+    if found is not None or not table.regex_rules:
+        return found
+    text = PyBytes_FromStringAndSize(path, n).decode("latin-1")
+    for regex, rule in table.regex_rules:
+        m = regex.search(text)
+        if m is None:
+            continue
+        if (<PathRule>rule).route.methods_mask and not ((<PathRule>rule).route.methods_mask & method_bit):
+            continue
+        caps.count = 0
+        for i in range(1, min(regex.groups, MAX_CAPTURES) + 1):
+            if m.start(i) >= 0:
+                caps.start[caps.count] = m.start(i)
+                caps.end[caps.count] = m.end(i)
+            else:
+                caps.start[caps.count] = caps.end[caps.count] = 0
+            caps.count += 1
+        return rule
+    return None
+
+
+cdef class Router:
+    def __init__(self):
+        raise TypeError("use Router.build()")
+
+    @staticmethod
+    def build(list entries, dict method_bits):
+        """`entries`: [(PathRule, [host patterns])] in config order."""
+        cdef Router self = Router.__new__(Router)
+        self.exact_hosts = {}
+        self.wildcard_hosts = []
+        self.any_host = HostTable()
+        self.method_bits = method_bits
+        self.routes = []
+        wildcards = {}
+        priorities = set()
+        for rule, hosts in entries:
+            if rule.route not in self.routes:
+                self.routes.append(rule.route)
+            priorities.add(rule.route.priority)
+            if not hosts:
+                self.any_host.add(rule)
+            for host in hosts:
+                host = host.lower()
+                if host.startswith("*."):
+                    table = wildcards.setdefault(host[1:].encode(), HostTable())
+                else:
+                    table = self.exact_hosts.setdefault(host.encode(), HostTable())
+                table.add(rule)
+        self.wildcard_hosts = sorted(wildcards.items(), key=lambda kv: -len(kv[0]))
+        self.has_hosts = bool(self.exact_hosts or self.wildcard_hosts)
+        self.use_priorities = len(priorities) > 1
+        for table in [self.any_host, *self.exact_hosts.values(), *(t for _, t in self.wildcard_hosts)]:
+            table.sort()
+        return self
+
+    cdef PathRule match(self, bytes method, const char* host, Py_ssize_t host_len,
+                        const char* path, Py_ssize_t path_len, Captures* caps):
+        cdef object bit = self.method_bits.get(method)
+        cdef unsigned long long method_bit = (<unsigned long long>bit) if bit is not None else (1ULL << 63)
+        cdef PathRule found
+        cdef HostTable table
+        cdef bytes host_key, suffix
+        cdef Py_ssize_t colon
+        if self.has_hosts and host_len > 0:
+            host_key = ascii_lower(PyBytes_FromStringAndSize(host, host_len))
+            table = self.exact_hosts.get(host_key)
+            if table is None:
+                colon = host_key.rfind(b":")
+                if colon > 0 and host_key.find(b"]", colon) < 0:
+                    host_key = host_key[:colon]
+                    table = self.exact_hosts.get(host_key)
+            if table is not None:
+                found = _match_table(table, path, path_len, method_bit, caps, self.use_priorities)
+                if found is not None:
+                    return found
+            for suffix, table in self.wildcard_hosts:
+                if host_key.endswith(suffix) and len(host_key) > len(suffix):
+                    found = _match_table(table, path, path_len, method_bit, caps, self.use_priorities)
+                    if found is not None:
+                        return found
+        return _match_table(self.any_host, path, path_len, method_bit, caps, self.use_priorities)
+
+    def lookup(self, method, host, path):
+        """Python entry point (CLI, tests, benchmarks): -> (PathRule, {name: value}) or None."""
+        cdef Captures caps
+        cdef bytes bpath = path.encode() if isinstance(path, str) else path
+        cdef bytes bhost = (host.encode() if isinstance(host, str) else host) or b""
+        cdef bytes bmethod = method.encode() if isinstance(method, str) else method
+        rule = self.match(bmethod, bhost, len(bhost), bpath, len(bpath), &caps)
+        if rule is None:
+            return None
+        params = {}
+        for i in range(caps.count):
+            name = (<PathRule>rule).capture_names[i] if i < len((<PathRule>rule).capture_names) else None
+            if name is not None:
+                params[name] = bpath[caps.start[i]:caps.end[i]].decode("latin-1")
+        return rule, params
+
+    def upstream_path(self, method, host, path):
+        """The rewritten path a request would be sent upstream with (without query)."""
+        cdef Captures caps
+        cdef bytes bpath = path.encode()
+        cdef bytes bhost = host.encode() if host else b""
+        cdef WriteBuffer buf = WriteBuffer()
+        rule = self.match(method.encode(), bhost, len(bhost), bpath, len(bpath), &caps)
+        if rule is None:
+            return None
+        (<PathRule>rule).write_path(buf, bpath, len(bpath), &caps)
+        return buf.take().decode("latin-1")
+
+
+_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_HEX = frozenset(b"0123456789abcdefABCDEF")
+
+
+def normalize_path(bytes path):
+    """RFC 3986 §6.2.2: decode escapes of unreserved characters (so "/%61dmin" and "/admin"
+    match the same route), upper-case the other escapes, then remove dot segments (§5.2.4).
+    An encoded "/" (%2F) stays encoded. Raises ValueError on a malformed escape."""
+    cdef bytearray out
+    cdef Py_ssize_t i, n
+    if b"%" in path:
+        out = bytearray()
+        i, n = 0, len(path)
+        while i < n:
+            c = path[i]
+            if c == 37:                                   # '%'
+                if i + 2 >= n:
+                    raise ValueError("invalid percent-encoding in path")
+                h1, h2 = path[i + 1], path[i + 2]
+                if h1 not in _HEX or h2 not in _HEX:
+                    raise ValueError("invalid percent-encoding in path")
+                value = int(path[i + 1:i + 3], 16)
+                if value in _UNRESERVED:
+                    out.append(value)
+                else:
+                    out += path[i:i + 3].upper()
+                i += 3
+            else:
+                out.append(c)
+                i += 1
+        path = bytes(out)
+    if b"/." not in path:
+        return path
+    segments = path.split(b"/")
+    stack = []
+    for seg in segments[1:]:
+        if seg == b"..":
+            if stack:
+                stack.pop()
+        elif seg != b".":
+            stack.append(seg)
+    if segments[-1] in (b".", b".."):
+        stack.append(b"")                                 # "/a/b/.." -> "/a/"
+    return b"/" + b"/".join(stack)
+
+
+# Route kinds for Python callers (compile.py); Cython code uses the enum.
+ROUTE_PROXY_KIND = ROUTE_PROXY
+ROUTE_RESPOND_KIND = ROUTE_RESPOND
+ROUTE_ECHO_KIND = ROUTE_ECHO

@@ -1,0 +1,108 @@
+from fastgw._core.buffer cimport WriteBuffer
+
+cdef enum UpstreamError:
+    UPSTREAM_OK = 0
+    UPSTREAM_CONNECT_FAILED = 1     # nothing accepted the connection -> 502 (UF)
+    UPSTREAM_CONNECT_TIMEOUT = 2    # -> 504 (UF)
+    UPSTREAM_TIMEOUT = 3            # no (complete) response in time -> 504 (UT)
+    UPSTREAM_RESET = 4              # closed before the response head -> 502 (UC)
+    UPSTREAM_INVALID = 5            # not valid HTTP/1.x or ambiguous framing -> 502
+    UPSTREAM_CLOSED_EARLY = 6       # body cut short after the head went out (UC)
+    UPSTREAM_POOL_FULL = 7          # max_connections_per_target reached everywhere -> 503
+
+cdef enum Framing:
+    FRAMING_NONE = 0                # no body (HEAD, 204, 304)
+    FRAMING_LENGTH = 1
+    FRAMING_CHUNKED = 2
+    FRAMING_CLOSE = 3               # body ends when the upstream closes
+
+cdef enum ConnState:
+    CONN_CONNECTING = 0
+    CONN_BUSY = 1
+    CONN_IDLE = 2
+    CONN_CLOSED = 3
+
+
+cdef long long parse_content_length(bytes value) except -2
+cdef bint is_hop_by_hop(const char* name, Py_ssize_t n) noexcept
+
+
+cdef class Downstream:
+    """The side an upstream connection reports to (the client connection of the exchange)."""
+    cdef int upstream_head(self, UpstreamConnection conn, int status, list headers,
+                           int framing, long long length) except -1
+    cdef int upstream_body(self, object data) except -1
+    cdef int upstream_flush(self) except -1
+    cdef bint upstream_complete(self, UpstreamConnection conn) except -1
+    cdef int upstream_failed(self, UpstreamConnection conn, int error) except -1
+    cdef int upstream_writable(self, bint writable) except -1
+
+
+cdef class Target:
+    cdef readonly str address
+    cdef readonly str host
+    cdef readonly int port
+    cdef readonly int weight
+    cdef readonly Service service
+    cdef list idle
+    cdef readonly int open_connections
+    cdef readonly int active
+
+    cdef UpstreamConnection acquire(self, Downstream down, bint* reused)
+    cdef void release(self, UpstreamConnection conn)
+
+
+cdef class Service:
+    cdef readonly str name
+    cdef readonly int kind
+    cdef readonly list targets
+    cdef Py_ssize_t next_index
+    cdef readonly double connect_timeout
+    cdef readonly double read_timeout
+    cdef readonly double write_timeout
+    cdef readonly double idle_timeout
+    cdef readonly int max_idle
+    cdef readonly int max_connections
+
+    cdef Target pick(self)
+
+
+cdef class UpstreamConnection:
+    cdef object loop
+    cdef object transport
+    cdef object parser
+    cdef readonly Target target
+    cdef Downstream downstream
+    cdef readonly int state
+    cdef bint head_request
+    cdef bint interim               # parsing a 1xx response that is not forwarded
+    cdef bint head_done             # the final response head has been parsed
+    cdef int framing
+    cdef bint complete
+    cdef bint keep_alive
+    cdef bint paused_by_client
+    cdef bint write_blocked
+    cdef int error
+    cdef long long received         # response bytes of the current exchange
+    cdef long long content_length
+    cdef bint chunked
+    cdef list headers               # [name, value, name, value, ...] as received
+    cdef list connection_tokens     # extra header names the upstream's Connection header lists
+    cdef list pending               # request bytes written before the connection was made
+    cdef object connect_task
+    cdef double head_deadline       # route timeout: the response head must arrive by then
+    cdef double last_activity
+    cdef double deadline
+    cdef double timer_at
+    cdef object timer
+
+    cdef int begin(self, Downstream down, bint head_request, double head_deadline) except -1
+    cdef int send(self, object data) except -1
+    cdef int send_many(self, list chunks) except -1
+    cdef void set_reading(self, bint reading)
+    cdef void abort(self)
+    cdef void _close_idle(self)
+    cdef void _arm(self, double deadline)
+    cdef double _current_deadline(self)
+    cdef int _fail(self, int error) except -1
+    cdef int _finish(self) except -1

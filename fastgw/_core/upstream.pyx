@@ -1,0 +1,484 @@
+# cython: language_level=3
+"""Upstream side: services, targets, keep-alive pools and one HTTP/1.1 exchange per connection.
+
+An UpstreamConnection parses responses with httptools and reports to its Downstream (the client
+connection) through C-level calls. Responses get the same strictness as requests: anything that
+is not valid HTTP/1.x, or whose framing is ambiguous, fails the exchange and discards the
+connection (SPEC §4).
+"""
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+
+from fastgw._core.buffer cimport ascii_ieq, ascii_lower, monotonic
+
+import asyncio
+
+from httptools import HttpParserError, HttpResponseParser
+
+
+cdef class Downstream:
+    cdef int upstream_head(self, UpstreamConnection conn, int status, list headers,
+                           int framing, long long length) except -1:
+        return 0
+
+    cdef int upstream_body(self, object data) except -1:
+        return 0
+
+    cdef int upstream_flush(self) except -1:
+        return 0
+
+    cdef bint upstream_complete(self, UpstreamConnection conn) except -1:
+        return False
+
+    cdef int upstream_failed(self, UpstreamConnection conn, int error) except -1:
+        return 0
+
+    cdef int upstream_writable(self, bint writable) except -1:
+        return 0
+
+
+class _InvalidResponse(Exception):
+    """Raised inside parser callbacks to stop llhttp on a response we refuse."""
+
+
+cdef long long parse_content_length(bytes value) except -2:
+    """RFC 9110 §8.6: 1*DIGIT. Returns -1 if invalid (lists, signs, spaces, empty, overflow)."""
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(value), i
+    cdef const char* s = PyBytes_AS_STRING(value)
+    cdef long long result = 0
+    if n == 0 or n > 18:
+        return -1
+    for i in range(n):
+        if s[i] < 48 or s[i] > 57:
+            return -1
+        result = result * 10 + (s[i] - 48)
+    return result
+
+
+cdef bint is_hop_by_hop(const char* name, Py_ssize_t n) noexcept:
+    """RFC 9110 §7.6.1 connection-specific fields, plus Proxy-* (never forwarded, SPEC §4).
+    Content-Length and Transfer-Encoding are handled separately: the proxy re-frames bodies."""
+    if n == 2:
+        return ascii_ieq(name, n, b"te", 2)
+    if n == 7:
+        return ascii_ieq(name, n, b"trailer", 7) or ascii_ieq(name, n, b"upgrade", 7)
+    if n == 10:
+        return ascii_ieq(name, n, b"connection", 10) or ascii_ieq(name, n, b"keep-alive", 10)
+    if n > 6 and ascii_ieq(name, 6, b"proxy-", 6):
+        return True
+    return False
+
+
+def connection_tokens(bytes value):
+    """Lower-case tokens of a Connection header, minus close/keep-alive."""
+    return [t for t in (p.strip().lower() for p in value.split(b","))
+            if t and t not in (b"close", b"keep-alive")]
+
+
+cdef class Target:
+    def __init__(self, Service service, str address, int weight=1):
+        host, _, port = address.rpartition(":")
+        self.service = service
+        self.address = address
+        self.host = host.strip("[]")
+        self.port = int(port)
+        self.weight = weight
+        self.idle = []
+        self.open_connections = 0
+        self.active = 0
+
+    cdef UpstreamConnection acquire(self, Downstream down, bint* reused):
+        """An idle pooled connection, or a new one being connected (None if the cap is hit)."""
+        cdef UpstreamConnection conn
+        while self.idle:
+            conn = self.idle.pop()
+            if conn.state == CONN_IDLE and not conn.transport.is_closing():
+                reused[0] = True
+                conn.state = CONN_BUSY
+                return conn
+        reused[0] = False
+        if self.service.max_connections and self.open_connections >= self.service.max_connections:
+            return None
+        conn = UpstreamConnection(self)
+        self.open_connections += 1
+        conn.downstream = down
+        conn._arm(monotonic() + self.service.connect_timeout)
+        conn.connect_task = conn.loop.create_task(
+            conn.loop.create_connection(lambda: conn, self.host, self.port))
+        conn.connect_task.add_done_callback(conn._on_connect_done)
+        return conn
+
+    cdef void release(self, UpstreamConnection conn):
+        if len(self.idle) >= self.service.max_idle or conn.transport is None:
+            conn.abort()
+            return
+        conn.state = CONN_IDLE
+        conn.downstream = None
+        conn.last_activity = monotonic()
+        conn._arm(conn.last_activity + self.service.idle_timeout)
+        self.idle.append(conn)
+
+    def close_idle(self):
+        for conn in self.idle:
+            (<UpstreamConnection>conn).abort()
+        self.idle.clear()
+
+    def __repr__(self):
+        return f"<Target {self.address} open={self.open_connections} idle={len(self.idle)}>"
+
+
+cdef class Service:
+    def __init__(self, str name, int kind=0, *, double connect_timeout=5.0,
+                 double read_timeout=60.0, double write_timeout=60.0, double idle_timeout=60.0,
+                 int max_idle=128, int max_connections=0):
+        self.name = name
+        self.kind = kind
+        self.targets = []
+        self.next_index = 0
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.write_timeout = write_timeout
+        self.idle_timeout = idle_timeout
+        self.max_idle = max_idle
+        self.max_connections = max_connections
+
+    def add_target(self, str address, int weight=1):
+        target = Target(self, address, weight)
+        self.targets.append(target)
+        return target
+
+    cdef Target pick(self):
+        """Round robin (the full balancer set is SPEC §3 `balance`, a later module)."""
+        cdef Py_ssize_t n = len(self.targets)
+        if n == 0:
+            return None
+        if n == 1:
+            return self.targets[0]
+        self.next_index += 1
+        if self.next_index >= n:
+            self.next_index = 0
+        return self.targets[self.next_index]
+
+    def close(self):
+        for target in self.targets:
+            target.close_idle()
+
+    def __repr__(self):
+        return f"<Service {self.name} targets={len(self.targets)}>"
+
+
+cdef class UpstreamConnection:
+    def __init__(self, Target target):
+        self.loop = asyncio.get_running_loop()
+        self.target = target
+        self.transport = None
+        self.parser = HttpResponseParser(self)
+        self.state = CONN_CONNECTING
+        self.pending = []
+        self.headers = []
+        self.connection_tokens = None
+        self.timer = None
+        self.timer_at = 0
+        self.deadline = 0
+        self.head_deadline = 0
+        self.content_length = -1
+
+    # --- the exchange, driven by the client connection -------------------------------------------
+
+    cdef int begin(self, Downstream down, bint head_request, double head_deadline) except -1:
+        self.downstream = down
+        self.head_request = head_request
+        self.head_deadline = head_deadline
+        self.interim = False
+        self.head_done = False
+        self.framing = FRAMING_NONE
+        self.complete = False
+        self.keep_alive = False
+        self.error = UPSTREAM_OK
+        self.received = 0
+        self.content_length = -1
+        self.chunked = False
+        self.headers = []
+        self.connection_tokens = None
+        self.last_activity = monotonic()
+        self.target.active += 1
+        self._arm(self._current_deadline())
+        return 0
+
+    cdef int send(self, object data) except -1:
+        if self.transport is not None:
+            self.transport.write(data)
+        else:
+            self.pending.append(data)
+        return 0
+
+    cdef int send_many(self, list chunks) except -1:
+        if self.transport is not None:
+            self.transport.writelines(chunks)
+        else:
+            self.pending.extend(chunks)
+        return 0
+
+    cdef void set_reading(self, bint reading):
+        self.paused_by_client = not reading
+        if self.transport is None or self.state == CONN_CLOSED:
+            return
+        if reading:
+            self.last_activity = monotonic()
+            self.transport.resume_reading()
+        else:
+            self.transport.pause_reading()
+
+    cdef void abort(self):
+        if self.state == CONN_CLOSED:
+            return
+        if self.state == CONN_BUSY:
+            self.target.active -= 1
+        self.state = CONN_CLOSED
+        self.downstream = None
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.transport is not None:
+            self.transport.abort()
+        elif self.connect_task is not None:
+            self.connect_task.cancel()
+
+    cdef int _fail(self, int error) except -1:
+        cdef Downstream down = self.downstream
+        self.error = error
+        self.abort()
+        if down is not None:
+            down.upstream_failed(self, error)
+        return 0
+
+    cdef int _finish(self) except -1:
+        cdef Downstream down = self.downstream
+        cdef bint reusable = self.keep_alive and self.error == UPSTREAM_OK
+        self.target.active -= 1
+        self.state = CONN_IDLE
+        self.downstream = None
+        if self.head_request:
+            # llhttp does not know the request was HEAD and would wait for the body its
+            # Content-Length announces: start the next response on a fresh parser.
+            self.parser = HttpResponseParser(self)
+        if down is not None and not down.upstream_complete(self):
+            reusable = False          # the request body was not fully sent
+        if reusable:
+            self.target.release(self)
+        else:
+            self.abort()
+        return 0
+
+    # --- timers: one lazily re-armed handle per connection -----------------------------------------
+
+    cdef double _current_deadline(self):
+        cdef double d
+        if self.state == CONN_BUSY:
+            if self.paused_by_client:
+                return 0
+            d = self.last_activity + self.target.service.read_timeout
+            if self.received == 0 and self.head_deadline and self.head_deadline < d:
+                d = self.head_deadline
+            return d
+        return self.deadline
+
+    cdef void _arm(self, double deadline):
+        self.deadline = deadline
+        if deadline <= 0:
+            return
+        if self.timer is None or self.timer_at > deadline:
+            if self.timer is not None:
+                self.timer.cancel()
+            self.timer_at = deadline
+            self.timer = self.loop.call_later(max(deadline - monotonic(), 0), self._on_timer)
+
+    def _on_timer(self):
+        self.timer = None
+        if self.state == CONN_CLOSED:
+            return
+        cdef double deadline = self._current_deadline() if self.state == CONN_BUSY else self.deadline
+        if deadline <= 0:
+            return
+        if monotonic() < deadline:
+            self._arm(deadline)
+            return
+        if self.state == CONN_CONNECTING:
+            self._fail(UPSTREAM_CONNECT_TIMEOUT)
+        elif self.state == CONN_BUSY:
+            self._fail(UPSTREAM_TIMEOUT)
+        else:
+            self._close_idle()
+
+    cdef void _close_idle(self):
+        try:
+            self.target.idle.remove(self)
+        except ValueError:
+            pass
+        self.abort()
+
+    # --- asyncio protocol ------------------------------------------------------------------------
+
+    def _on_connect_done(self, task):
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None and self.state == CONN_CONNECTING:
+            self._fail(UPSTREAM_CONNECT_FAILED)
+
+    def connection_made(self, transport):
+        if self.state == CONN_CLOSED:
+            transport.abort()
+            return
+        self.transport = transport
+        self.state = CONN_BUSY
+        self.connect_task = None
+        if self.pending:
+            transport.writelines(self.pending)
+            self.pending = []
+        if self.paused_by_client:
+            transport.pause_reading()
+        self.last_activity = monotonic()
+        self._arm(self._current_deadline())
+        if self.downstream is not None:
+            self.downstream.upstream_writable(True)
+
+    def data_received(self, data):
+        if self.state != CONN_BUSY:
+            # Bytes on an idle connection are not an answer to anything: drop the connection.
+            self._close_idle()
+            return
+        self.received += len(data)
+        self.last_activity = monotonic()
+        try:
+            self.parser.feed_data(data)
+        except (HttpParserError, _InvalidResponse):
+            self._fail(UPSTREAM_INVALID)
+            return
+        if self.state != CONN_BUSY:
+            return
+        if self.downstream is not None:
+            self.downstream.upstream_flush()
+        if self.complete:
+            self._finish()
+
+    def eof_received(self):
+        if self.state == CONN_BUSY:
+            if not self.head_done:
+                self._fail(UPSTREAM_RESET)
+            elif self.framing != FRAMING_CLOSE:
+                self._fail(UPSTREAM_CLOSED_EARLY)
+            else:
+                # A close-delimited body (RFC 9112 §6.3 rule 8) ends here.
+                self.keep_alive = False
+                self.complete = True
+                if self.downstream is not None:
+                    self.downstream.upstream_flush()
+                self._finish()
+        elif self.state == CONN_IDLE:
+            self._close_idle()
+        return False
+
+    def connection_lost(self, exc):
+        if self.state == CONN_BUSY:
+            self.eof_received()
+        elif self.state == CONN_IDLE:
+            self._close_idle()
+        elif self.state == CONN_CONNECTING:
+            self._fail(UPSTREAM_CONNECT_FAILED)
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.state = CONN_CLOSED
+        self.target.open_connections -= 1
+        self.transport = None
+
+    def pause_writing(self):
+        self.write_blocked = True
+        if self.downstream is not None:
+            self.downstream.upstream_writable(False)
+
+    def resume_writing(self):
+        self.write_blocked = False
+        self.last_activity = monotonic()
+        if self.downstream is not None:
+            self.downstream.upstream_writable(True)
+
+    # --- httptools callbacks ---------------------------------------------------------------------
+
+    def on_header(self, bytes name, bytes value):
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(name)
+        cdef const char* s = PyBytes_AS_STRING(name)
+        if n == 14 and ascii_ieq(s, n, b"content-length", 14):
+            if self.content_length != -1:
+                raise _InvalidResponse("duplicate Content-Length")
+            self.content_length = parse_content_length(value)
+            if self.content_length < 0:
+                raise _InvalidResponse("invalid Content-Length")
+        elif n == 17 and ascii_ieq(s, n, b"transfer-encoding", 17):
+            # Only exactly "chunked" is understood; anything else is ambiguous framing.
+            if self.chunked or ascii_lower(value) != b"chunked":
+                raise _InvalidResponse("unsupported Transfer-Encoding")
+            self.chunked = True
+        elif n == 10 and ascii_ieq(s, n, b"connection", 10):
+            tokens = connection_tokens(value)
+            if tokens:
+                self.connection_tokens = (self.connection_tokens or []) + tokens
+        elif not is_hop_by_hop(s, n):
+            self.headers.append(name)
+            self.headers.append(value)
+
+    def on_headers_complete(self):
+        cdef int status = self.parser.get_status_code()
+        cdef int framing
+        if self.chunked and self.content_length >= 0:
+            raise _InvalidResponse("both Content-Length and Transfer-Encoding")
+        if 100 <= status < 200:
+            if status == 101:
+                raise _InvalidResponse("101 Switching Protocols without an upgrade request")
+            # RFC 9110 §15.2: interim responses are not the answer; wait for the final one.
+            self.interim = True
+            self.headers = []
+            self.content_length = -1
+            self.chunked = False
+            return
+        if self.head_request or status == 204 or status == 304:
+            framing = FRAMING_NONE
+        elif self.chunked:
+            framing = FRAMING_CHUNKED
+        elif self.content_length >= 0:
+            framing = FRAMING_LENGTH
+        else:
+            framing = FRAMING_CLOSE
+        self.framing = framing
+        self.head_done = True
+        self.keep_alive = framing != FRAMING_CLOSE and self.parser.should_keep_alive()
+        if self.connection_tokens:
+            self.headers = drop_named(self.headers, self.connection_tokens)
+        if self.downstream is not None:
+            self.downstream.upstream_head(self, status, self.headers, framing, self.content_length)
+        if framing == FRAMING_NONE:
+            self.complete = True
+
+    def on_body(self, bytes data):
+        if self.complete or self.interim:
+            # Body bytes after a response that has none (HEAD): the connection is out of step.
+            self.keep_alive = False
+            return
+        if self.downstream is not None:
+            self.downstream.upstream_body(data)
+
+    def on_message_complete(self):
+        if self.interim:
+            self.interim = False
+            return
+        self.complete = True
+
+
+def drop_named(list headers, list names):
+    """Headers without the ones a Connection header named (RFC 9110 §7.6.1)."""
+    out = []
+    for i in range(0, len(headers), 2):
+        if ascii_lower(headers[i]) not in names:
+            out.append(headers[i])
+            out.append(headers[i + 1])
+    return out

@@ -1,0 +1,172 @@
+"""Config -> runtime tables: the Router with its RouteEntry objects and the Services.
+
+Everything that can be decided once per config load is decided here (lower-cased header names,
+response bytes of `respond` routes, rewrite templates bound to capture slots, method bits), so
+the data plane does no per-request work that depends only on the config.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from http import HTTPStatus
+from urllib.parse import urlsplit
+
+import msgspec
+
+from fastgw.config.errors import CompileError
+from fastgw.config.model import Config, HeaderEdits as HeaderEditsSpec, Route
+
+
+@dataclass
+class Runtime:
+    """The tables one config compiles to; a reload builds a new one and swaps it in whole."""
+
+    config: Config
+    router: object            # fastgw._core.router.Router
+    services: dict            # name -> fastgw._core.upstream.Service
+
+    def route_table(self) -> list[dict]:
+        rows = []
+        for route in sorted(self.config.routes, key=_route_order_key(self.config.routes)):
+            rows.append({
+                "name": route.name,
+                "priority": route.priority,
+                "hosts": list(route.match.hosts) or ["*"],
+                "paths": list(route.match.paths) or ["/**"],
+                "methods": list(route.match.methods) or ["*"],
+                "target": (f"respond {route.respond.status}" if route.respond is not None
+                           else f"service {route.service}"),
+            })
+        return rows
+
+    def explain(self, method: str, url: str) -> dict | None:
+        parts = urlsplit(url if "://" in url else "http://" + url.lstrip("/"))
+        path = parts.path or "/"
+        found = self.router.lookup(method.upper(), parts.netloc, path)
+        if found is None:
+            return None
+        rule, params = found
+        upstream_path = self.router.upstream_path(method.upper(), parts.netloc, path)
+        query = rule.route.query_rewrite.decode() if rule.route.query_rewrite is not None else (
+            "?" + parts.query if parts.query else "")
+        return {
+            "route": rule.route.name,
+            "service": rule.route.service.name if rule.route.service is not None else None,
+            "upstream_path": upstream_path + query,
+            "params": params,
+        }
+
+    def close(self) -> None:
+        for service in self.services.values():
+            service.close()
+
+
+def _route_order_key(routes: list[Route]):
+    index = {id(r): i for i, r in enumerate(routes)}
+    return lambda r: (-r.priority, index[id(r)])
+
+
+def compile_config(config: Config) -> Runtime:
+    """Build runtime tables; raise CompileError listing every problem with its key path."""
+    from fastgw._core.router import (ROUTE_ECHO_KIND, ROUTE_PROXY_KIND, ROUTE_RESPOND_KIND,
+                                     HeaderEdits, PathRule, PatternError, RouteEntry, Router)
+    from fastgw._core.upstream import Service
+
+    problems: list[tuple[str, str]] = []
+    services = {}
+    for name, spec in config.services.items():
+        service = Service(
+            name, ROUTE_ECHO_KIND if spec.kind == "echo" else ROUTE_PROXY_KIND,
+            connect_timeout=spec.timeouts.connect, read_timeout=spec.timeouts.read,
+            write_timeout=spec.timeouts.write, idle_timeout=spec.pool.idle_timeout,
+            max_idle=spec.pool.max_idle_per_target,
+            max_connections=spec.pool.max_connections_per_target)
+        for target in spec.targets:
+            service.add_target(target.address, target.weight)
+        services[name] = service
+
+    method_bits: dict[bytes, int] = {}
+    for route in config.routes:
+        for method in route.match.methods:
+            method_bits.setdefault(method.upper().encode(), 1 << len(method_bits))
+    if len(method_bits) > 63:
+        problems.append(("routes", "more than 63 distinct methods across routes"))
+
+    entries = []
+    for i, route in enumerate(config.routes):
+        where = f"routes[{i}]"
+        service = services.get(route.service) if route.service else None
+        if route.respond is not None:
+            kind = ROUTE_RESPOND_KIND
+        elif service is not None and service.kind == ROUTE_ECHO_KIND:
+            kind = ROUTE_ECHO_KIND
+        else:
+            kind = ROUTE_PROXY_KIND
+        rewrite = route.rewrite
+        entry_args = dict(
+            name=route.name, index=i, priority=route.priority, kind=kind, service=service,
+            methods_mask=sum(method_bits.get(m.upper().encode(), 0) for m in set(route.match.methods)),
+            host_rewrite=rewrite.host.encode() if rewrite and rewrite.host else None,
+            strip_prefix=_strip_prefix(rewrite),
+            query_rewrite=_query(rewrite),
+            request_edits=_edits(route.request_headers, HeaderEdits),
+            response_edits=_edits(route.response_headers, HeaderEdits),
+            timeout=route.timeout or 0.0,
+            max_body=route.max_body_bytes if route.max_body_bytes is not None else -1,
+        )
+        if route.respond is not None:
+            status, head, body = respond_bytes(route.respond)
+            entry_args.update(respond_status=status, respond_head=head, respond_body=body)
+        entry = RouteEntry(**entry_args)
+        paths = route.match.paths or ["/**"]
+        for j, pattern in enumerate(paths):
+            try:
+                rule = PathRule(entry, pattern, rewrite.path if rewrite else None)
+            except (PatternError, ValueError) as exc:
+                problems.append((f"{where}.match.paths[{j}]", str(exc)))
+                continue
+            except Exception as exc:          # re.error from a bad ~regex
+                problems.append((f"{where}.match.paths[{j}]", f"invalid regex: {exc}"))
+                continue
+            entries.append((rule, list(route.match.hosts)))
+    if problems:
+        raise CompileError(problems)
+    return Runtime(config=config, router=Router.build(entries, method_bits), services=services)
+
+
+def _strip_prefix(rewrite) -> bytes | None:
+    if rewrite is None or not rewrite.strip_prefix:
+        return None
+    return rewrite.strip_prefix.rstrip("/").encode() or None
+
+
+def _query(rewrite) -> bytes | None:
+    if rewrite is None or rewrite.query is None:
+        return None
+    q = rewrite.query.lstrip("?")
+    return ("?" + q).encode() if q else b""
+
+
+def _edits(spec: HeaderEditsSpec | None, cls):
+    if spec is None or not (spec.set or spec.add or spec.remove or spec.rename):
+        return None
+    return cls(set=spec.set, add=spec.add, remove=spec.remove, rename=spec.rename)
+
+
+def respond_bytes(respond) -> tuple[int, bytes, bytes]:
+    """Status, head (status line + headers, no Connection, no blank line) and body."""
+    headers = {k.lower(): v for k, v in respond.headers.items()}
+    if respond.json is not msgspec.UNSET:
+        body = msgspec.json.encode(respond.json)
+        headers.setdefault("content-type", "application/json")
+    else:
+        body = (respond.body or "").encode()
+        if body:
+            headers.setdefault("content-type", "text/plain; charset=utf-8")
+    headers["content-length"] = str(len(body))
+    try:
+        phrase = HTTPStatus(respond.status).phrase
+    except ValueError:
+        phrase = f"Status {respond.status}"
+    head = f"HTTP/1.1 {respond.status} {phrase}\r\n" + "".join(
+        f"{k}: {v}\r\n" for k, v in headers.items())
+    return respond.status, head.encode("latin-1"), body

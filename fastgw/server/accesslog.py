@@ -1,0 +1,93 @@
+"""Access log: the data plane hands over one tuple per request; formatting and writing happen
+here, in batches, a few times a second (off the request path)."""
+from __future__ import annotations
+
+import os
+import random
+import sys
+import time
+
+import msgspec
+
+# Order of the tuple the data plane builds (fastgw/_core/protocol.pyx, ClientConnection._log).
+FIELDS = ("ts", "request_id", "trace_id", "client_ip", "method", "host", "path", "status",
+          "flags", "route", "service", "upstream", "upstream_status", "attempts", "bytes_in",
+          "bytes_out", "duration_s", "upstream_duration_s", "user_agent")
+FLUSH_INTERVAL = 0.2
+MAX_PENDING = 10000       # flush early rather than hold more lines than this
+
+
+class AccessLog:
+    def __init__(self, loop, path: str, fmt: str = "json", sample: float = 1.0):
+        self._loop = loop
+        self._path = path
+        self._format = fmt
+        self._sample = sample
+        self._pending: list[tuple] = []
+        self._encode = msgspec.json.Encoder().encode
+        self._file = None
+        self._timer = None
+        self.reopen()
+
+    def reopen(self) -> None:
+        """Open (again) the log file: SIGUSR1 after a rotation."""
+        if self._path == "-":
+            self._file = sys.stdout.buffer
+            return
+        if self._file is not None:
+            self._file.close()
+        self._file = open(self._path, "ab", buffering=0)
+
+    def __call__(self, record: tuple) -> None:
+        if self._sample < 1.0 and random.random() >= self._sample:
+            return
+        self._pending.append(record)
+        if len(self._pending) >= MAX_PENDING:
+            self.flush()
+        elif self._timer is None:
+            self._timer = self._loop.call_later(FLUSH_INTERVAL, self.flush)
+
+    def flush(self) -> None:
+        self._timer = None
+        if not self._pending:
+            return
+        records, self._pending = self._pending, []
+        lines = [self._line(r) for r in records]
+        try:
+            self._file.write(b"".join(lines))
+            if self._path == "-":
+                self._file.flush()
+        except OSError as exc:                     # a full disk must not stop the proxy
+            print(f"fastgw: access log write failed: {exc}", file=sys.stderr)
+
+    def _line(self, record: tuple) -> bytes:
+        entry = dict(zip(FIELDS, record))
+        ts = entry["ts"]
+        entry["ts"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
+        entry["duration_s"] = round(entry["duration_s"], 6)
+        if entry["upstream_duration_s"] is not None:
+            entry["upstream_duration_s"] = round(entry["upstream_duration_s"], 6)
+        if self._format == "combined":
+            return self._combined(entry)
+        return self._encode(entry) + b"\n"
+
+    @staticmethod
+    def _combined(e: dict) -> bytes:
+        ts = time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(time.time()))
+        ua = (e["user_agent"] or "-").replace('"', "'")
+        return (f'{e["client_ip"]} - - [{ts}] "{e["method"]} {e["path"]} HTTP/1.1" '
+                f'{e["status"]} {e["bytes_out"]} "-" "{ua}" {e["duration_s"]}\n').encode()
+
+    def close(self) -> None:
+        self.flush()
+        if self._file is not None and self._path != "-":
+            self._file.close()
+        self._file = None
+
+
+def open_access_log(loop, spec) -> AccessLog | None:
+    if spec.path is None or spec.sample <= 0:
+        return None
+    if spec.path != "-":
+        os.makedirs(os.path.dirname(os.path.abspath(spec.path)), exist_ok=True)
+    return AccessLog(loop, spec.path, spec.format, spec.sample)
