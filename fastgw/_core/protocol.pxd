@@ -83,6 +83,7 @@ cdef class ClientConnection(Downstream):
     cdef bytes client_ip
     cdef Request parsing                  # the request whose bytes are being parsed
     cdef Request active                   # the request being answered
+    cdef Request ready                    # active, dispatched when the current feed ends
     cdef list queued                      # complete heads waiting behind `active` (pipelining)
     cdef WriteBuffer out                  # response bytes batched into one write
     cdef WriteBuffer head                 # scratch buffer for upstream request heads
@@ -101,6 +102,7 @@ cdef class ClientConnection(Downstream):
     cdef object timer
 
     cdef void _feed(self, data)
+    cdef void _dispatch_ready(self)
     cdef void _on_message_done(self)
     cdef int _reject(self, int status, str code, str message) except -1
     cdef void _reject_now(self, int status, str code, str message)

@@ -175,38 +175,46 @@ cdef class ClientConnection(Downstream):
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as exc:
-            # CONNECT, or an Upgrade request (forwarded as a plain request for now): llhttp stops
-            # after the head. CONNECT is not proxied.
-            if self.parsing is not None and self.parsing.method == b"CONNECT" or \
-                    (self.active is not None and self.active.method == b"CONNECT"):
-                self._reject_now(501, "not_implemented", "CONNECT is not supported")
-                return
+            # An Upgrade request (forwarded as a plain request for now): llhttp stops after the
+            # head; the bytes after it are parsed as the next request.
             offset = exc.args[0]
             if self.parsing is not None:
                 self._on_message_done()
             if offset < len(data):
                 self._feed(memoryview(data)[offset:])
+            else:
+                self._dispatch_ready()
             return
         except HttpParserInvalidMethodError:
-            if self.closed:
-                return
-            self._reject_now(501, "not_implemented", "unknown method")
+            if not (self.closed or self.lingering):
+                self._reject_now(501, "not_implemented", "unknown method")
             return
         except HttpParserError as exc:
-            if self.closed or self.lingering:
-                return
-            if self.fatal_status == 0:
+            if not (self.closed or self.lingering):
                 self._reject_now(400, "bad_request", "malformed request: " + str(exc))
-            else:
-                self._reject_pending()
             return
+        self._dispatch_ready()
         self._flush()
 
+    cdef void _dispatch_ready(self):
+        """Dispatch the request whose head completed during the last feed. Waiting for the end
+        of the feed means every byte of that read was valid before anything goes upstream."""
+        if self.ready is not None:
+            req = self.ready
+            self.ready = None
+            self._dispatch(req)
+
     def eof_received(self):
-        # A half-closed client still gets the answers it is waiting for; then we close.
+        # A client that half-closes after a complete request still gets its answer; one that
+        # stops in the middle of a request has gone away.
         self.closing = True
-        if self.active is None or self.lingering:
+        if self.active is None or self.lingering or self.parsing is not None:
+            if self.active is not None and self.active.upstream is not None:
+                self.active.flags = "DC"
+                self.active.upstream.abort()
+                self.active.upstream = None
             self._close()
+            return False
         return True
 
     def pause_writing(self):
@@ -298,7 +306,10 @@ cdef class ClientConnection(Downstream):
         self.in_head = False
         req.method = self.parser.get_method()
         req.keep_alive = self.parser.should_keep_alive()
-        req.http11 = self.parser.get_http_version() == "1.1"
+        version = self.parser.get_http_version()
+        req.http11 = version == "1.1"
+        if not req.http11 and version != "1.0":
+            self._reject(505, "http_version_not_supported", "only HTTP/1.0 and HTTP/1.1")
         req.started = monotonic()
         listener.requests += 1
         if req.chunked and req.content_length != -1:
@@ -309,9 +320,11 @@ cdef class ClientConnection(Downstream):
             req.host = b""
         if req.connection_tokens:
             req.headers = drop_named(req.headers, req.connection_tokens)
+        if req.method == b"CONNECT":
+            self._reject(501, "not_implemented", "CONNECT is not supported")
         if self.active is None:
             self._arm(0)
-            self._dispatch(req)
+            self.active = self.ready = req
         else:
             self.queued.append(req)
             self._pause(PAUSE_PIPELINE)
@@ -321,7 +334,7 @@ cdef class ClientConnection(Downstream):
         req.body_bytes += PyBytes_GET_SIZE(data)
         if req.max_body >= 0 and req.body_bytes > req.max_body:
             self._reject(413, "payload_too_large", "request body too large")
-        if req is self.active:
+        if req is self.active and req is not self.ready:
             if req.upstream is not None:
                 self._send_body(req, data)
                 if req.upstream.transport is None:
@@ -341,7 +354,7 @@ cdef class ClientConnection(Downstream):
         cdef Request req = self.parsing
         self.parsing = None
         req.body_done = True
-        if req is not self.active:
+        if req is not self.active or req is self.ready:
             return
         if req.upstream is not None:
             if req.chunked:
@@ -363,37 +376,40 @@ cdef class ClientConnection(Downstream):
         raise _Reject(code)
 
     cdef void _reject_now(self, int status, str code, str message):
+        """The bytes being parsed are bad: stop reading; answer the requests before them, then
+        this one with `status`, then close."""
         if self.fatal_status == 0:
             self.fatal_status = status
             self.fatal_code = code
             self.fatal_message = message
+        self._pause(PAUSE_FATAL)
+        if self.ready is not None and self.ready is not self.parsing:
+            self._dispatch_ready()        # complete and valid: it came before the bad bytes
+        self.ready = None
         self._reject_pending()
 
     cdef void _reject_pending(self):
-        """Answer the bad request once everything before it has been answered, then close."""
+        """Send the fatal error once nothing before it is left to answer, then close."""
         cdef Request req
-        self._pause(PAUSE_FATAL)
-        self.closing = True
-        if self.active is not None:
-            if self.active is self.parsing and not self.active.response_started:
-                # The bad bytes belong to the request being answered (e.g. its body).
-                req = self.active
-                if req.upstream is not None:
-                    req.upstream.abort()
-                    req.upstream = None
-                req.status = self.fatal_status
-                self._send_error(req, self.fatal_status, self.fatal_code, self.fatal_message)
-                self._log(req)
-                self._close()
-            elif self.active is self.parsing:
-                self._abort_client()
+        if self.closed:
             return
-        req = self.parsing if self.parsing is not None else Request()
-        if req.flags is None:
-            req.flags = "-"
+        if self.active is not None and self.active is not self.parsing:
+            return                        # _finish comes back here when it is answered
+        if self.active is not None and self.active.response_started:
+            self._abort_client()          # its body turned out bad after the answer began
+            return
+        req = self.parsing if self.parsing is not None else self.active
+        if req is None:
+            req = Request()
             req.headers = []
+            req.flags = "-"
+        if req.upstream is not None:
+            req.upstream.abort()          # the upstream got a head and part of a body: cut it
+            req.upstream = None
         self.parsing = None
+        self.queued = []
         self.active = req
+        self.closing = True
         req.status = self.fatal_status
         self._send_error(req, self.fatal_status, self.fatal_code, self.fatal_message)
         if req.method is not None:
@@ -850,7 +866,9 @@ cdef class ClientConnection(Downstream):
         if req is not self.active:
             return
         self.active = None
-        if self.closing or self.closed:
+        if self.closed:
+            return
+        if self.closing and not self.fatal_status:
             self._close()
             return
         if self.in_finish_loop:
@@ -860,16 +878,17 @@ cdef class ClientConnection(Downstream):
             while self.active is None and self.queued and not self.closed:
                 nxt = self.queued.pop(0)
                 self._dispatch(nxt)
-                if self.active is None and (self.closing or self.closed):
+                if self.active is None and self.closing and not self.fatal_status:
                     self._close()
                     return
         finally:
             self.in_finish_loop = False
         if self.active is None and not self.queued:
-            self._resume(PAUSE_PIPELINE)
             if self.fatal_status:
                 self._reject_pending()
-            elif self.parsing is None:
+                return
+            self._resume(PAUSE_PIPELINE)
+            if self.parsing is None:
                 self._arm(monotonic() + self.listener.idle_timeout)
 
     def close_if_idle(self):

@@ -7,6 +7,7 @@ therefore an error, so a config never silently asks for a feature that does noth
 """
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Literal, Union
 
@@ -29,7 +30,7 @@ _SIZE_UNITS = {None: 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3,
 
 
 def parse_duration(value: Any) -> Duration:
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < math.inf:
         return Duration(value)
     if isinstance(value, str):
         m = _DURATION.match(value)
@@ -115,10 +116,16 @@ class Pool(_Base):
     max_connections_per_target: int = 0            # 0 = unlimited
 
 
+class Balance(_Base):
+    # The other algorithms of SPEC §3 arrive with the load-balancer module.
+    algorithm: Literal["round_robin"] = "round_robin"
+
+
 class Service(_Base):
     kind: Literal["proxy", "echo"] = "proxy"       # echo: built-in, answers with the request as JSON
     scheme: Literal["http"] = "http"
     targets: list[Target] = []
+    balance: Balance = msgspec.field(default_factory=Balance)
     timeouts: Timeouts = msgspec.field(default_factory=Timeouts)
     pool: Pool = msgspec.field(default_factory=Pool)
 
