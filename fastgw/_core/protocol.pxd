@@ -92,6 +92,7 @@ cdef class ClientConnection(Downstream):
     cdef bint closed
     cdef bint lingering
     cdef bint in_head
+    cdef int line_version                 # 11/10 read off the raw request line, 0 = ask httptools
     cdef long long head_fed
     cdef int fatal_status
     cdef str fatal_code

@@ -8,15 +8,16 @@ from the parsed fields, never from the client's raw bytes, so one client request
 upstream request (SPEC §4).
 """
 cimport cython
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
-from libc.string cimport memchr
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from libc.string cimport memchr, memcmp
 
 from fastgw._core.buffer cimport WriteBuffer, ascii_ieq, ascii_lower, monotonic, random64
 from fastgw._core.router cimport ROUTE_ECHO, ROUTE_PROXY, ROUTE_RESPOND, Captures, HeaderEdits, PathRule, Router
 from fastgw._core.upstream cimport (
     FRAMING_CHUNKED, FRAMING_CLOSE, FRAMING_LENGTH, FRAMING_NONE, UPSTREAM_CONNECT_FAILED,
     UPSTREAM_CONNECT_TIMEOUT, UPSTREAM_INVALID, UPSTREAM_RESET, UPSTREAM_TIMEOUT, Downstream,
-    Service, Target, UpstreamConnection, is_hop_by_hop, parse_content_length)
+    Service, Target, UpstreamConnection, is_hop_by_hop, parse_content_length,
+    plain_connection_value)
 
 import time
 from http import HTTPStatus
@@ -136,8 +137,9 @@ cdef class ClientConnection(Downstream):
         self._arm(monotonic() + listener.header_timeout)
 
     def connection_lost(self, exc):
-        if not self.closed:
-            self.closed = True
+        self.closed = True
+        if self.loop is None:
+            return                        # turned away by max_connections, never counted
         self.listener.open_connections -= 1
         self.listener.connections.discard(self)
         if self.timer is not None:
@@ -166,8 +168,10 @@ cdef class ClientConnection(Downstream):
                 self._reject_now(431, "header_too_large", "request head too large")
                 return
             self.head_fed += len(data)
-        elif self.parsing is None and self.active is None:
-            self._arm(monotonic() + listener.header_timeout)
+        elif self.parsing is None:
+            if self.active is None:
+                self._arm(monotonic() + listener.header_timeout)
+            self.line_version = _request_line_version(data)
         self._feed(data)
 
     cdef void _feed(self, data):
@@ -277,6 +281,8 @@ cdef class ClientConnection(Downstream):
                 self._reject(501, "not_implemented", "unsupported transfer coding")
             req.chunked = True
         elif n == 10 and ascii_ieq(s, n, b"connection", 10):
+            if plain_connection_value(value):
+                return                            # llhttp already read keep-alive/close
             tokens = connection_tokens(value)
             if tokens:
                 req.connection_tokens = (req.connection_tokens or []) + tokens
@@ -306,10 +312,14 @@ cdef class ClientConnection(Downstream):
         self.in_head = False
         req.method = self.parser.get_method()
         req.keep_alive = self.parser.should_keep_alive()
-        version = self.parser.get_http_version()
-        req.http11 = version == "1.1"
-        if not req.http11 and version != "1.0":
-            self._reject(505, "http_version_not_supported", "only HTTP/1.0 and HTTP/1.1")
+        if self.line_version:
+            req.http11 = self.line_version == 11
+            self.line_version = 0
+        else:
+            version = self.parser.get_http_version()
+            req.http11 = version == "1.1"
+            if not req.http11 and version != "1.0":
+                self._reject(505, "http_version_not_supported", "only HTTP/1.0 and HTTP/1.1")
         req.started = monotonic()
         listener.requests += 1
         if req.chunked and req.content_length != -1:
@@ -441,17 +451,18 @@ cdef class ClientConnection(Downstream):
             else:
                 self._fail_request(req, 400, "bad_request", "invalid request target")
                 return
-        q = url.find(b"?")
+        # One pass over the target: where the query starts, and whether the path needs work.
+        cdef int target_flags = _scan_target(url, &q)
+        if target_flags & TARGET_FRAGMENT:
+            self._fail_request(req, 400, "bad_request", "fragment in request target")
+            return
         if q >= 0:
             req.path = url[:q]
             req.query = url[q:]
         else:
             req.path = url
             req.query = b""
-        if b"#" in req.path or b"#" in req.query:
-            self._fail_request(req, 400, "bad_request", "fragment in request target")
-            return
-        if b"%" in req.path or b"/." in req.path:
+        if target_flags & TARGET_NEEDS_NORMALISING:
             try:
                 req.path = normalize_path(req.path)
             except ValueError as exc:
@@ -566,19 +577,23 @@ cdef class ClientConnection(Downstream):
             h.write(b"\r\ncontent-length: ", 18)
             h.write_int(req.content_length)
             h.write(b"\r\n\r\n", 4)
-        elif req.content_length == 0 or req.method in (b"POST", b"PUT", b"PATCH"):
+        elif req.content_length == 0 or _method_expects_body(req.method):
             h.write(b"\r\ncontent-length: 0\r\n\r\n", 23)
         else:
             h.write(b"\r\n\r\n", 4)
         req.replay = [h.take()]
 
     cdef bytes _request_id(self, Request req):
-        cdef WriteBuffer b
+        cdef char text[32]
+        cdef unsigned long long bits = 0
+        cdef int i
         if req.request_id is None:
-            b = WriteBuffer()
-            b.write_hex_fixed(random64(), 16)
-            b.write_hex_fixed(random64(), 16)
-            req.request_id = b.take()
+            for i in range(32):
+                if i % 16 == 0:
+                    bits = random64()
+                text[i] = HEXDIGITS[bits & 15]
+                bits >>= 4
+            req.request_id = PyBytes_FromStringAndSize(text, 32)
         return req.request_id
 
     cdef void _write_traceparent(self, WriteBuffer h, Request req):
@@ -979,6 +994,55 @@ cdef str _trace_id(Request req):
     if req.trace_hi or req.trace_lo:
         return f"{req.trace_hi:016x}{req.trace_lo:016x}"
     return None
+
+
+cdef int _request_line_version(object data):
+    """11 or 10 when `data` starts with a whole request line ending in HTTP/1.1 or HTTP/1.0,
+    else 0 (then the parser is asked). Spares a per-request string from httptools; llhttp still
+    validates the line."""
+    if type(data) is not bytes:
+        return 0
+    cdef const char* s = PyBytes_AS_STRING(<bytes>data)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(<bytes>data)
+    cdef const char* cr = <const char*>memchr(s, b'\r', n if n < 8192 else 8192)
+    if cr is NULL or cr - s < 16 or memcmp(cr - 9, b" HTTP/1.", 8) != 0:
+        return 0
+    if (cr - 1)[0] == b'1':
+        return 11
+    if (cr - 1)[0] == b'0':
+        return 10
+    return 0
+
+
+cdef inline bint _method_expects_body(bytes method):
+    """POST/PUT/PATCH without a body still get "content-length: 0" (RFC 9110 §8.6)."""
+    cdef const char* m = PyBytes_AS_STRING(method)
+    return m[0] == b'P' and PyBytes_GET_SIZE(method) in (3, 4, 5)
+
+
+cdef enum:
+    TARGET_FRAGMENT = 1
+    TARGET_NEEDS_NORMALISING = 2
+
+
+cdef int _scan_target(bytes url, Py_ssize_t* query_at):
+    """Flags for a request target, and the offset of its '?' (-1 if none)."""
+    cdef const char* s = PyBytes_AS_STRING(url)
+    cdef Py_ssize_t i, n = PyBytes_GET_SIZE(url)
+    cdef int flags = 0
+    cdef bint in_query = False
+    query_at[0] = -1
+    for i in range(n):
+        if s[i] == b'#':
+            return TARGET_FRAGMENT
+        if in_query:
+            continue
+        if s[i] == b'?':
+            in_query = True
+            query_at[0] = i
+        elif s[i] == b'%' or (s[i] == b'.' and i > 0 and s[i - 1] == b'/'):
+            flags |= TARGET_NEEDS_NORMALISING
+    return flags
 
 
 cdef inline bint _can_discard(Request req):

@@ -25,6 +25,7 @@ cdef enum ConnState:
 
 cdef long long parse_content_length(bytes value) except -2
 cdef bint is_hop_by_hop(const char* name, Py_ssize_t n) noexcept
+cdef bint plain_connection_value(bytes value)
 
 
 cdef class Downstream:

@@ -68,6 +68,12 @@ cdef bint is_hop_by_hop(const char* name, Py_ssize_t n) noexcept:
     return False
 
 
+cdef bint plain_connection_value(bytes value):
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(value)
+    cdef const char* s = PyBytes_AS_STRING(value)
+    return ascii_ieq(s, n, b"keep-alive", 10) or ascii_ieq(s, n, b"close", 5)
+
+
 def connection_tokens(bytes value):
     """Lower-case tokens of a Connection header, minus close/keep-alive."""
     return [t for t in (p.strip().lower() for p in value.split(b","))
@@ -420,6 +426,8 @@ cdef class UpstreamConnection:
                 raise _InvalidResponse("unsupported Transfer-Encoding")
             self.chunked = True
         elif n == 10 and ascii_ieq(s, n, b"connection", 10):
+            if plain_connection_value(value):
+                return                            # llhttp already read keep-alive/close
             tokens = connection_tokens(value)
             if tokens:
                 self.connection_tokens = (self.connection_tokens or []) + tokens

@@ -1,0 +1,72 @@
+"""The sdist builds a wheel; the wheel, installed into a fresh virtualenv without Cython or a
+compiler on its path, runs the gateway with its compiled core."""
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _run(*cmd, **kw):
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.timeout(900)
+def test_sdist_to_wheel_to_fresh_venv_runs_the_gateway(tmp_path):
+    dist = tmp_path / "dist"
+    # Build the sdist, then the wheel from the unpacked sdist (what cibuildwheel and pip do).
+    _run(sys.executable, "-m", "build", "--sdist", "--outdir", str(dist), str(REPO))
+    sdist = next(dist.glob("fastgw-*.tar.gz"))
+    shutil.unpack_archive(sdist, tmp_path / "src")
+    src = next((tmp_path / "src").glob("fastgw-*"))
+    _run(sys.executable, "-m", "build", "--wheel", "--outdir", str(dist), str(src))
+    wheel = next(dist.glob("fastgw-*.whl"))
+
+    venv = tmp_path / "venv"
+    _run(sys.executable, "-m", "venv", str(venv))
+    py = venv / "bin" / "python"
+    _run(str(py), "-m", "pip", "install", "-q", str(wheel))
+    # No Cython and no compiler are needed at run time: Cython is not even installed there.
+    assert subprocess.run([str(py), "-c", "import Cython"], capture_output=True).returncode != 0
+
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "FASTGW_CONFIG")}
+    env["PATH"] = str(venv / "bin")             # no cc on PATH
+    version = _run(str(venv / "bin" / "fastgw"), "version", env=env, cwd=tmp_path).stdout
+    assert "(core: compiled)" in version, version
+
+    port = _free_port()
+    config = tmp_path / "gw.yaml"
+    config.write_text(
+        f"listeners: [{{name: p, bind: '127.0.0.1:{port}'}}]\n"
+        "services: {echo: {kind: echo}}\n"
+        "routes: [{name: e, match: {paths: ['/**']}, service: echo}]\n")
+    proc = subprocess.Popen([str(venv / "bin" / "fastgw"), "run", "-c", str(config)], env=env,
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/from-wheel", timeout=2) as r:
+                    body = r.read()
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise
+                time.sleep(0.1)
+        assert b'"path":"/from-wheel"' in body
+    finally:
+        proc.terminate()
+        proc.wait(10)
