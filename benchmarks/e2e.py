@@ -209,8 +209,12 @@ def fastgw_prefix(override: str | None) -> tuple[list[str], dict[str, str]]:
     """The command that starts fastgw, and extra environment for it."""
     if override:
         return shlex.split(override), {}
-    if shutil.which("fastgw"):
-        return ["fastgw", "run"], {}
+    # Prefer the fastgw installed next to this interpreter (a virtualenv that may not be on PATH)
+    # over whatever else PATH finds.
+    search = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    installed = shutil.which("fastgw", path=search)
+    if installed:
+        return [installed, "run"], {}
     # Not installed: run the checkout this script lives in.
     pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
     return [sys.executable, "-m", "fastgw", "run"], {"PYTHONPATH": pythonpath}
@@ -665,9 +669,9 @@ def raise_on_termination() -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3, help="rounds per workload")
     p.add_argument("--duration", type=int, default=10, help="seconds per measured wrk run")
-    p.add_argument("--connections", type=int, default=50)
+    p.add_argument("--connections", type=int, default=50, help="wrk connections")
     p.add_argument("--sizes", default="2,16384,262144",
                    help="response body sizes in bytes; 2 also adds the small-close workload")
     p.add_argument("--only", default=",".join(ALL_PROXIES), help="proxies to measure")
