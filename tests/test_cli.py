@@ -108,3 +108,51 @@ def test_version_line(configs):
     assert result.returncode == 0
     assert re.fullmatch(r"fastgw \d+\.\d+\.\d+\S* \(core: (compiled|missing)\) uvloop \S+ httptools \S+ "
                         r"msgspec \S+ python \d+\.\d+\.\d+\S*\n", result.stdout)
+
+
+ROUTES_YAML = """\
+listeners: [{name: p, bind: "127.0.0.1:8181"}]
+services:
+  users: {targets: [{address: "127.0.0.1:9001"}]}
+routes:
+  - name: files
+    match: {paths: ["/files/{rest...}"]}
+    service: users
+    rewrite: {strip_prefix: /files}
+  - name: users-v2
+    match: {hosts: [api.example.com], paths: ["/v2/users/{id}"], methods: [GET]}
+    priority: 10
+    service: users
+    rewrite: {path: "/users/{id}"}
+  - name: gone
+    match: {paths: ["/old/**"]}
+    respond: {status: 410, json: {error: gone}}
+"""
+
+
+def test_routes_prints_the_table_in_match_order(tmp_path):
+    (tmp_path / "r.yaml").write_text(ROUTES_YAML)
+    out = fastgw("routes", "-c", "r.yaml", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    names = [line.split()[0] for line in out.stdout.splitlines()[1:]]
+    assert names == ["users-v2", "files", "gone"]           # priority 10 first, then file order
+    assert "respond 410" in out.stdout and "/v2/users/{id}" in out.stdout
+
+
+@pytest.mark.parametrize("request_line, route, upstream_path", [
+    ("GET http://api.example.com/v2/users/7?x=1", "users-v2", "/users/7?x=1"),
+    ("GET /files/a/b.txt", "files", "/a/b.txt"),
+])
+def test_routes_match_explains_a_request(tmp_path, request_line, route, upstream_path):
+    (tmp_path / "r.yaml").write_text(ROUTES_YAML)
+    out = fastgw("routes", "-c", "r.yaml", "--match", request_line, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert f"route: {route}" in out.stdout
+    assert f"upstream_path: {upstream_path}" in out.stdout
+
+
+def test_routes_match_without_a_route_exits_1(tmp_path):
+    (tmp_path / "r.yaml").write_text(ROUTES_YAML)
+    out = fastgw("routes", "-c", "r.yaml", "--match", "POST http://api.example.com/v2/users/7",
+                 cwd=tmp_path)
+    assert out.returncode == 1 and "no route" in out.stdout

@@ -174,7 +174,7 @@ cdef class PathRule:
                         buf.write(path + caps.start[i], caps.end[i] - caps.start[i])
             # An empty trailing capture leaves "/users/": send "/users" instead.
             if buf.length - start > 1 and buf.data[buf.length - 1] == b'/' and \
-                    isinstance(self.template[-1], int):
+                    isinstance(self.template[len(self.template) - 1], int):
                 buf.length -= 1
             return 0
         if route.strip_prefix is not None:

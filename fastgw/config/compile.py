@@ -39,7 +39,7 @@ class Runtime:
         return rows
 
     def explain(self, method: str, url: str) -> dict | None:
-        parts = urlsplit(url if "://" in url else "http://" + url.lstrip("/"))
+        parts = urlsplit(url if "://" in url else "http://" + url)   # "/p" -> no host
         path = parts.path or "/"
         found = self.router.lookup(method.upper(), parts.netloc, path)
         if found is None:
