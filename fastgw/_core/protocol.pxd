@@ -39,6 +39,7 @@ cdef class Request:
     cdef unsigned long long trace_lo
     cdef bytes user_agent
     cdef list connection_tokens
+    cdef int connection                   # ConnectionOption bits of the request
     cdef long long content_length         # -1: none
     cdef bint chunked
     cdef bint expect_continue

@@ -17,7 +17,7 @@ from fastgw._core.upstream cimport (
     FRAMING_CHUNKED, FRAMING_CLOSE, FRAMING_LENGTH, FRAMING_NONE, UPSTREAM_CONNECT_FAILED,
     UPSTREAM_CONNECT_TIMEOUT, UPSTREAM_INVALID, UPSTREAM_RESET, UPSTREAM_TIMEOUT, Downstream,
     Service, Target, UpstreamConnection, is_hop_by_hop, parse_content_length,
-    plain_connection_value)
+    CONN_CLOSE, CONN_KEEP_ALIVE, CONN_NAMES, connection_flags)
 
 import time
 from http import HTTPStatus
@@ -281,11 +281,9 @@ cdef class ClientConnection(Downstream):
                 self._reject(501, "not_implemented", "unsupported transfer coding")
             req.chunked = True
         elif n == 10 and ascii_ieq(s, n, b"connection", 10):
-            if plain_connection_value(value):
-                return                            # llhttp already read keep-alive/close
-            tokens = connection_tokens(value)
-            if tokens:
-                req.connection_tokens = (req.connection_tokens or []) + tokens
+            req.connection |= connection_flags(value)
+            if req.connection & CONN_NAMES:
+                req.connection_tokens = (req.connection_tokens or []) + connection_tokens(value)
         elif n == 6 and ascii_ieq(s, n, b"expect", 6):
             if ascii_lower(value) != b"100-continue":
                 self._reject(417, "expectation_failed", "only 100-continue is supported")
@@ -311,7 +309,6 @@ cdef class ClientConnection(Downstream):
         cdef ListenerState listener = self.listener
         self.in_head = False
         req.method = self.parser.get_method()
-        req.keep_alive = self.parser.should_keep_alive()
         if self.line_version:
             req.http11 = self.line_version == 11
             self.line_version = 0
@@ -320,6 +317,11 @@ cdef class ClientConnection(Downstream):
             req.http11 = version == "1.1"
             if not req.http11 and version != "1.0":
                 self._reject(505, "http_version_not_supported", "only HTTP/1.0 and HTTP/1.1")
+        # RFC 9112 §9.3: 1.1 persists unless "close"; 1.0 only with "keep-alive".
+        if req.connection & CONN_CLOSE:
+            req.keep_alive = False
+        else:
+            req.keep_alive = req.http11 or bool(req.connection & CONN_KEEP_ALIVE)
         req.started = monotonic()
         listener.requests += 1
         if req.chunked and req.content_length != -1:
@@ -518,7 +520,10 @@ cdef class ClientConnection(Downstream):
                    req.upstream_started + timeout if timeout > 0 else 0)
         if req.replay is None:
             self._build_upstream_head(req)
-        conn.send_many(req.replay)
+        if len(req.replay) == 1:
+            conn.send(req.replay[0])
+        else:
+            conn.send_many(req.replay)
         if req.body_buffer is not None:
             chunks = req.body_buffer
             req.body_buffer = None
@@ -1005,7 +1010,7 @@ cdef int _request_line_version(object data):
     cdef const char* s = PyBytes_AS_STRING(<bytes>data)
     cdef Py_ssize_t n = PyBytes_GET_SIZE(<bytes>data)
     cdef const char* cr = <const char*>memchr(s, b'\r', n if n < 8192 else 8192)
-    if cr is NULL or cr - s < 16 or memcmp(cr - 9, b" HTTP/1.", 8) != 0:
+    if cr is NULL or cr - s < 12 or memcmp(cr - 9, b" HTTP/1.", 8) != 0:
         return 0
     if (cr - 1)[0] == b'1':
         return 11

@@ -16,6 +16,11 @@ cdef enum Framing:
     FRAMING_CHUNKED = 2
     FRAMING_CLOSE = 3               # body ends when the upstream closes
 
+cdef enum ConnectionOption:
+    CONN_CLOSE = 1
+    CONN_KEEP_ALIVE = 2
+    CONN_NAMES = 4                  # the Connection header names other fields
+
 cdef enum ConnState:
     CONN_CONNECTING = 0
     CONN_BUSY = 1
@@ -25,7 +30,7 @@ cdef enum ConnState:
 
 cdef long long parse_content_length(bytes value) except -2
 cdef bint is_hop_by_hop(const char* name, Py_ssize_t n) noexcept
-cdef bint plain_connection_value(bytes value)
+cdef int connection_flags(bytes value)
 
 
 cdef class Downstream:
@@ -87,6 +92,9 @@ cdef class UpstreamConnection:
     cdef long long received         # response bytes of the current exchange
     cdef long long content_length
     cdef bint chunked
+    cdef int connection             # ConnectionOption bits of the response
+    cdef int peeked_status          # status and version read off the raw status line, 0 = ask
+    cdef int peeked_version
     cdef list headers               # [name, value, name, value, ...] as received
     cdef list connection_tokens     # extra header names the upstream's Connection header lists
     cdef list pending               # request bytes written before the connection was made

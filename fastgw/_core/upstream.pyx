@@ -7,6 +7,7 @@ is not valid HTTP/1.x, or whose framing is ambiguous, fails the exchange and dis
 connection (SPEC §4).
 """
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from libc.string cimport memcmp
 
 from fastgw._core.buffer cimport ascii_ieq, ascii_lower, monotonic
 
@@ -68,10 +69,48 @@ cdef bint is_hop_by_hop(const char* name, Py_ssize_t n) noexcept:
     return False
 
 
-cdef bint plain_connection_value(bytes value):
-    cdef Py_ssize_t n = PyBytes_GET_SIZE(value)
+cdef int connection_flags(bytes value):
+    """The options of a Connection header (RFC 9110 §7.6.1): CONN_CLOSE, CONN_KEEP_ALIVE, and
+    CONN_NAMES when it also names other fields (then connection_tokens() lists them)."""
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(value), i = 0, start, end
     cdef const char* s = PyBytes_AS_STRING(value)
-    return ascii_ieq(s, n, b"keep-alive", 10) or ascii_ieq(s, n, b"close", 5)
+    cdef int flags = 0
+    while i < n:
+        while i < n and (s[i] == b' ' or s[i] == b'\t' or s[i] == b','):
+            i += 1
+        start = i
+        while i < n and s[i] != b',':
+            i += 1
+        end = i
+        while end > start and (s[end - 1] == b' ' or s[end - 1] == b'\t'):
+            end -= 1
+        if end == start:
+            continue
+        if ascii_ieq(s + start, end - start, b"close", 5):
+            flags |= CONN_CLOSE
+        elif ascii_ieq(s + start, end - start, b"keep-alive", 10):
+            flags |= CONN_KEEP_ALIVE
+        else:
+            flags |= CONN_NAMES
+    return flags
+
+
+cdef int status_line(object data, int* status) noexcept:
+    """11 or 10 and the status code when `data` starts with "HTTP/1.x NNN ", else 0. Read off
+    the raw bytes to spare two Python calls per response; llhttp validates the same line."""
+    if type(data) is not bytes or PyBytes_GET_SIZE(<bytes>data) < 13:
+        return 0
+    cdef const char* s = PyBytes_AS_STRING(<bytes>data)
+    if memcmp(s, b"HTTP/1.", 7) != 0 or s[8] != b' ' or s[12] != b' ':
+        return 0
+    if not (b'1' <= s[9] <= b'5' and b'0' <= s[10] <= b'9' and b'0' <= s[11] <= b'9'):
+        return 0
+    status[0] = (s[9] - 48) * 100 + (s[10] - 48) * 10 + (s[11] - 48)
+    if s[7] == b'1':
+        return 11
+    if s[7] == b'0':
+        return 10
+    return 0
 
 
 def connection_tokens(bytes value):
@@ -97,7 +136,7 @@ cdef class Target:
         cdef UpstreamConnection conn
         while self.idle:
             conn = self.idle.pop()
-            if conn.state == CONN_IDLE and not conn.transport.is_closing():
+            if conn.state == CONN_IDLE:         # a closed one left the list in _close_idle
                 reused[0] = True
                 conn.state = CONN_BUSY
                 return conn
@@ -203,6 +242,9 @@ cdef class UpstreamConnection:
         self.received = 0
         self.content_length = -1
         self.chunked = False
+        self.connection = 0
+        self.peeked_status = 0
+        self.peeked_version = 0
         self.headers = []
         self.connection_tokens = None
         self.last_activity = monotonic()
@@ -353,6 +395,8 @@ cdef class UpstreamConnection:
             # Bytes on an idle connection are not an answer to anything: drop the connection.
             self._close_idle()
             return
+        if self.received == 0:
+            self.peeked_version = status_line(data, &self.peeked_status)
         self.received += len(data)
         self.last_activity = monotonic()
         try:
@@ -426,18 +470,22 @@ cdef class UpstreamConnection:
                 raise _InvalidResponse("unsupported Transfer-Encoding")
             self.chunked = True
         elif n == 10 and ascii_ieq(s, n, b"connection", 10):
-            if plain_connection_value(value):
-                return                            # llhttp already read keep-alive/close
-            tokens = connection_tokens(value)
-            if tokens:
-                self.connection_tokens = (self.connection_tokens or []) + tokens
+            self.connection |= connection_flags(value)
+            if self.connection & CONN_NAMES:
+                self.connection_tokens = (self.connection_tokens or []) + connection_tokens(value)
         elif not is_hop_by_hop(s, n):
             self.headers.append(name)
             self.headers.append(value)
 
     def on_headers_complete(self):
-        cdef int status = self.parser.get_status_code()
+        cdef int status = self.peeked_status
         cdef int framing
+        cdef bint keep_alive
+        if status:
+            self.peeked_status = 0            # only the first head of this read is peeked
+        else:
+            status = self.parser.get_status_code()
+            self.peeked_version = 0
         if self.chunked and self.content_length >= 0:
             raise _InvalidResponse("both Content-Length and Transfer-Encoding")
         if 100 <= status < 200:
@@ -448,6 +496,7 @@ cdef class UpstreamConnection:
             self.headers = []
             self.content_length = -1
             self.chunked = False
+            self.connection = 0
             return
         if self.head_request or status == 204 or status == 304:
             framing = FRAMING_NONE
@@ -459,7 +508,13 @@ cdef class UpstreamConnection:
             framing = FRAMING_CLOSE
         self.framing = framing
         self.head_done = True
-        self.keep_alive = framing != FRAMING_CLOSE and self.parser.should_keep_alive()
+        if self.peeked_version == 11:
+            keep_alive = not (self.connection & CONN_CLOSE)
+        elif self.peeked_version == 10:
+            keep_alive = bool(self.connection & CONN_KEEP_ALIVE) and not (self.connection & CONN_CLOSE)
+        else:
+            keep_alive = self.parser.should_keep_alive()
+        self.keep_alive = framing != FRAMING_CLOSE and keep_alive
         if self.connection_tokens:
             self.headers = drop_named(self.headers, self.connection_tokens)
         if self.downstream is not None:
