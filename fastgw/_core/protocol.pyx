@@ -763,6 +763,7 @@ cdef class ClientConnection(Downstream):
         return 0
 
     cdef int upstream_body(self, object data) except -1:
+        """`data` is bytes, or a memoryview of more than 16 KiB (written without a copy)."""
         cdef Request req = self.active
         cdef WriteBuffer o = self.out
         cdef Py_ssize_t n = len(data)

@@ -91,6 +91,8 @@ cdef class UpstreamConnection:
     cdef int error
     cdef long long received         # response bytes of the current exchange
     cdef long long content_length
+    cdef long long body_received    # body bytes the parser delivered
+    cdef long long body_left        # Content-Length body bytes passed through without the parser
     cdef bint chunked
     cdef int connection             # ConnectionOption bits of the response
     cdef int peeked_status          # status and version read off the raw status line, 0 = ask
@@ -113,5 +115,7 @@ cdef class UpstreamConnection:
     cdef void _close_idle(self)
     cdef void _arm(self, double deadline)
     cdef double _current_deadline(self)
+    cdef bint _starts_pass_through(self, Py_ssize_t unparsed) except -1
+    cdef int _pass_body(self, object data) except -1
     cdef int _fail(self, int error) except -1
     cdef int _finish(self) except -1

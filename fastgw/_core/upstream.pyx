@@ -37,6 +37,20 @@ cdef class Downstream:
         return 0
 
 
+cdef enum:
+    PASS_THROUGH_MIN = 16384      # body bytes still due for a response to skip the parser
+
+cdef extern from "string.h":
+    void* memmem(const void* haystack, size_t haystacklen, const void* needle, size_t needlelen)
+
+
+cdef Py_ssize_t _head_end(bytes data):
+    """Offset just past the first CRLFCRLF (the end of a head that starts the read), or -1."""
+    cdef const char* s = PyBytes_AS_STRING(data)
+    cdef const char* found = <const char*>memmem(s, PyBytes_GET_SIZE(data), b"\r\n\r\n", 4)
+    return (found - s) + 4 if found is not NULL else -1
+
+
 class _InvalidResponse(Exception):
     """Raised inside parser callbacks to stop llhttp on a response we refuse."""
 
@@ -242,6 +256,8 @@ cdef class UpstreamConnection:
         self.received = 0
         self.content_length = -1
         self.chunked = False
+        self.body_received = 0
+        self.body_left = 0
         self.connection = 0
         self.peeked_status = 0
         self.peeked_version = 0
@@ -395,27 +411,78 @@ cdef class UpstreamConnection:
             # Bytes on an idle connection are not an answer to anything: drop the connection.
             self._close_idle()
             return
+        self.last_activity = monotonic()
+        if self.body_left > 0:
+            self._pass_body(data)
+            return
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
+        cdef Py_ssize_t head_end = -1
         if self.received == 0:
             self.peeked_version = status_line(data, &self.peeked_status)
-        self.received += len(data)
-        self.last_activity = monotonic()
+            if n > PASS_THROUGH_MIN:
+                head_end = _head_end(data)
+        self.received += n
         try:
-            self.parser.feed_data(data)
+            if head_end > 0:
+                # A big first read: parse the head alone, so that a long Content-Length body in
+                # the rest of it can bypass the parser (no copy) like the reads after it.
+                self.parser.feed_data(memoryview(data)[:head_end])
+                if self._starts_pass_through(n - head_end):
+                    self._pass_body(memoryview(data)[head_end:])
+                    return
+                if head_end < n:
+                    self.parser.feed_data(memoryview(data)[head_end:])
+            else:
+                self.parser.feed_data(data)
         except (HttpParserError, _InvalidResponse):
             self._fail(UPSTREAM_INVALID)
             return
         if self.state != CONN_BUSY:
             return
+        self._starts_pass_through(0)
         if self.downstream is not None:
             self.downstream.upstream_flush()
         if self.complete:
             self._finish()
 
+    cdef bint _starts_pass_through(self, Py_ssize_t unparsed) except -1:
+        """Switch to passing a long Content-Length body through as read, without the parser's
+        copy of every chunk. The parser would wait for that body: the next response gets a
+        fresh one."""
+        if self.complete or self.interim or not self.head_done or \
+                self.framing != FRAMING_LENGTH or \
+                self.content_length - self.body_received < PASS_THROUGH_MIN:
+            return False
+        self.body_left = self.content_length - self.body_received
+        self.parser = HttpResponseParser(self)
+        if self.downstream is not None and unparsed == 0:
+            self.downstream.upstream_flush()
+        return True
+
+    cdef int _pass_body(self, object data) except -1:
+        cdef Py_ssize_t n = len(data)
+        self.received += n
+        if n > self.body_left:
+            # More than the announced length: the connection is out of step, never reuse it.
+            data = data[:self.body_left]
+            n = self.body_left
+            self.keep_alive = False
+        self.body_left -= n
+        if n <= PASS_THROUGH_MIN and type(data) is not bytes:
+            data = bytes(data)                 # small pieces are copied into the write batch
+        if self.downstream is not None:
+            self.downstream.upstream_body(data)
+            self.downstream.upstream_flush()
+        if self.body_left == 0 and self.state == CONN_BUSY:
+            self.complete = True
+            self._finish()
+        return 0
+
     def eof_received(self):
         if self.state == CONN_BUSY:
             if not self.head_done:
                 self._fail(UPSTREAM_RESET)
-            elif self.framing != FRAMING_CLOSE:
+            elif self.framing != FRAMING_CLOSE or self.body_left:
                 self._fail(UPSTREAM_CLOSED_EARLY)
             else:
                 # A close-delimited body (RFC 9112 §6.3 rule 8) ends here.
@@ -523,6 +590,7 @@ cdef class UpstreamConnection:
             self.complete = True
 
     def on_body(self, bytes data):
+        self.body_received += PyBytes_GET_SIZE(data)
         if self.complete or self.interim:
             # Body bytes after a response that has none (HEAD): the connection is out of step.
             self.keep_alive = False
