@@ -69,9 +69,9 @@ def test_request_head_to_local_answer(benchmark):
 
     runtime = _runtime([{"name": "hello", "match": {"paths": ["/hello/{name}"]},
                          "respond": {"status": 200, "body": "ok"}}])
-    state = ListenerState("b", runtime.router)
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
+    state = ListenerState("b", runtime.router, loop=loop)
     transport = _Transport()
 
     async def make():

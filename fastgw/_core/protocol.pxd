@@ -11,6 +11,7 @@ cdef enum PauseReason:
 cdef class ListenerState:
     """Per listener and worker: limits, the current routing table, counters."""
     cdef readonly str name
+    cdef readonly object loop
     cdef public Router router
     cdef public object access_log          # callable(tuple) or None
     cdef public bint draining
@@ -87,10 +88,10 @@ cdef class ClientConnection(Downstream):
     cdef Request ready                    # active, dispatched when the current feed ends
     cdef list queued                      # complete heads waiting behind `active` (pipelining)
     cdef WriteBuffer out                  # response bytes batched into one write
-    cdef WriteBuffer head                 # scratch buffer for upstream request heads
     cdef int paused
     cdef bint closing
     cdef bint closed
+    cdef bint admitted                    # counted in open_connections
     cdef bint lingering
     cdef bint in_head
     cdef int line_version                 # 11/10 read off the raw request line, 0 = ask httptools

@@ -19,6 +19,7 @@ from fastgw._core.upstream cimport (
     Service, Target, UpstreamConnection, is_hop_by_hop, parse_content_length,
     CONN_CLOSE, CONN_KEEP_ALIVE, CONN_NAMES, connection_flags)
 
+import asyncio
 import time
 from http import HTTPStatus
 
@@ -45,6 +46,10 @@ cdef frozenset IDEMPOTENT = frozenset([b"GET", b"HEAD", b"PUT", b"DELETE", b"OPT
 cdef bytes CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 cdef const char* HEXDIGITS = b"0123456789abcdef"
 
+# Upstream heads and chunk headers are built here and taken at once, with no callback in
+# between, so every connection of the worker can share it.
+cdef WriteBuffer _scratch = WriteBuffer()
+
 _json_encode = msgspec.json.Encoder().encode
 
 
@@ -62,8 +67,10 @@ cdef class ListenerState:
     def __init__(self, str name, Router router, *, long long max_header_bytes=32768,
                  int max_headers=100, long long max_url_bytes=8192,
                  long long max_body_bytes=10485760, double header_timeout=10.0,
-                 double idle_timeout=60.0, int max_connections=10000, access_log=None):
+                 double idle_timeout=60.0, int max_connections=10000, access_log=None,
+                 loop=None):
         self.name = name
+        self.loop = loop if loop is not None else asyncio.get_event_loop()
         self.router = router
         self.max_header_bytes = max_header_bytes
         self.max_headers = max_headers
@@ -113,7 +120,6 @@ cdef class ClientConnection(Downstream):
         self.parser = HttpRequestParser(self)
         self.queued = []
         self.out = WriteBuffer()
-        self.head = WriteBuffer()
         self.timer = None
         self.timer_at = 0
         self.deadline = 0
@@ -128,17 +134,18 @@ cdef class ClientConnection(Downstream):
             self.closed = True
             transport.abort()
             return
+        self.admitted = True
         listener.open_connections += 1
         listener.connections.add(self)
-        import asyncio
-        self.loop = asyncio.get_running_loop()
+        self.loop = listener.loop
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0].encode() if peer else b""
         self._arm(monotonic() + listener.header_timeout)
 
     def connection_lost(self, exc):
         self.closed = True
-        if self.loop is None:
+        self.parser = None                # it holds our bound methods: break the cycle
+        if not self.admitted:
             return                        # turned away by max_connections, never counted
         self.listener.open_connections -= 1
         self.listener.connections.discard(self)
@@ -536,7 +543,7 @@ cdef class ClientConnection(Downstream):
             self.transport.write(CONTINUE)
 
     cdef void _build_upstream_head(self, Request req):
-        cdef WriteBuffer h = self.head
+        cdef WriteBuffer h = _scratch
         cdef PathRule rule = req.rule
         cdef HeaderEdits edits = rule.route.request_edits
         cdef list headers = req.headers
@@ -628,7 +635,7 @@ cdef class ClientConnection(Downstream):
         if req.chunked:
             if PyBytes_GET_SIZE(data) == 0:
                 return
-            h = self.head
+            h = _scratch
             h.write_hex(PyBytes_GET_SIZE(data))
             h.write(b"\r\n", 2)
             chunk_head = h.take()

@@ -306,6 +306,7 @@ cdef class UpstreamConnection:
             self.transport.abort()
         elif self.connect_task is not None:
             self.connect_task.cancel()
+            self.parser = None            # no connection_lost will come to break the cycle
 
     cdef int _fail(self, int error) except -1:
         cdef Downstream down = self.downstream
@@ -383,6 +384,7 @@ cdef class UpstreamConnection:
     # --- asyncio protocol ------------------------------------------------------------------------
 
     def _on_connect_done(self, task):
+        self.connect_task = None
         if task.cancelled():
             return
         exc = task.exception()
@@ -508,6 +510,7 @@ cdef class UpstreamConnection:
         self.state = CONN_CLOSED
         self.target.open_connections -= 1
         self.transport = None
+        self.parser = None                # it holds our bound methods: break the cycle
 
     def pause_writing(self):
         self.write_blocked = True

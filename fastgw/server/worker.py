@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 import sys
 
@@ -39,12 +40,15 @@ class Worker:
                 max_headers=limits.max_headers, max_url_bytes=limits.max_url_bytes,
                 max_body_bytes=limits.max_body_bytes, header_timeout=limits.header_timeout,
                 idle_timeout=limits.idle_timeout, max_connections=limits.max_connections,
-                access_log=self.access_log)
+                access_log=self.access_log, loop=self.loop)
             server = await self.loop.create_server(
                 state.protocol_factory, host or None, port, reuse_port=True, backlog=4096)
             self.listeners[spec.name] = state
             self.servers.append(server)
             log(f"listener {spec.name} on http://{spec.bind}")
+        # Everything allocated so far lives as long as the worker: keep it out of the cyclic GC's
+        # scans (per-request objects are freed by reference counting).
+        gc.freeze()
         for sig, handler in ((signal.SIGTERM, self.drain), (signal.SIGQUIT, self.drain),
                              (signal.SIGINT, self.stop), (signal.SIGHUP, self.reload),
                              (signal.SIGUSR1, self.reopen_logs)):
