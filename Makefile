@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: run test install bench wheel clean
+.PHONY: run test install bench soak wheel clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ test: install
 bench: install
 	$(BIN)/python -m pytest benchmarks --benchmark-only
 	$(BIN)/python benchmarks/e2e.py
+
+# 1 GiB up and down through the proxy with a slow peer; prints the resident memory growth.
+soak: install
+	FASTGW_STREAM_MIB=1024 $(BIN)/python -m pytest tests/test_streaming.py -k rss -v -s
 
 wheel: $(BIN)/python
 	$(BIN)/python -m pip install -q build
