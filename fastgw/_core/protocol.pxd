@@ -78,7 +78,6 @@ cdef class Request:
 
 
 cdef class ClientConnection(Downstream):
-    cdef object loop
     cdef object transport
     cdef ListenerState listener
     cdef object parser
@@ -100,9 +99,6 @@ cdef class ClientConnection(Downstream):
     cdef str fatal_code
     cdef str fatal_message
     cdef bint in_finish_loop
-    cdef double deadline
-    cdef double timer_at
-    cdef object timer
 
     cdef void _feed(self, data)
     cdef void _dispatch_ready(self)
@@ -132,5 +128,4 @@ cdef class ClientConnection(Downstream):
     cdef void _resume(self, int reason)
     cdef void _close(self)
     cdef void _abort_client(self)
-    cdef void _arm(self, double deadline)
     cdef void _write_simple(self, Request req, int status, bytes content_type, bytes body, bint retry_after=*)

@@ -12,7 +12,8 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 from libc.string cimport memchr, memcmp
 
 from fastgw._core.buffer cimport WriteBuffer, ascii_ieq, ascii_lower, monotonic, random64
-from fastgw._core.router cimport ROUTE_ECHO, ROUTE_PROXY, ROUTE_RESPOND, Captures, HeaderEdits, PathRule, Router
+from fastgw._core.router cimport (ROUTE_ECHO, ROUTE_PROXY, ROUTE_RESPOND, Captures, HeaderEdits,
+                                  PathRule, Router, write_fields)
 from fastgw._core.upstream cimport (
     FRAMING_CHUNKED, FRAMING_CLOSE, FRAMING_LENGTH, FRAMING_NONE, UPSTREAM_CONNECT_FAILED,
     UPSTREAM_CONNECT_TIMEOUT, UPSTREAM_INVALID, UPSTREAM_RESET, UPSTREAM_TIMEOUT, Downstream,
@@ -120,9 +121,6 @@ cdef class ClientConnection(Downstream):
         self.parser = HttpRequestParser(self)
         self.queued = []
         self.out = WriteBuffer()
-        self.timer = None
-        self.timer_at = 0
-        self.deadline = 0
 
     # --- asyncio protocol ------------------------------------------------------------------------
 
@@ -140,7 +138,7 @@ cdef class ClientConnection(Downstream):
         self.loop = listener.loop
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0].encode() if peer else b""
-        self._arm(monotonic() + listener.header_timeout)
+        self.arm(monotonic() + listener.header_timeout)
 
     def connection_lost(self, exc):
         self.closed = True
@@ -149,9 +147,7 @@ cdef class ClientConnection(Downstream):
             return                        # turned away by max_connections, never counted
         self.listener.open_connections -= 1
         self.listener.connections.discard(self)
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.disarm()
         cdef Request req = self.active
         if req is not None:
             if req.upstream is not None:
@@ -177,7 +173,7 @@ cdef class ClientConnection(Downstream):
             self.head_fed += len(data)
         elif self.parsing is None:
             if self.active is None:
-                self._arm(monotonic() + listener.header_timeout)
+                self.arm(monotonic() + listener.header_timeout)
             self.line_version = _request_line_version(data)
         self._feed(data)
 
@@ -342,7 +338,7 @@ cdef class ClientConnection(Downstream):
         if req.method == b"CONNECT":
             self._reject(501, "not_implemented", "CONNECT is not supported")
         if self.active is None:
-            self._arm(0)
+            self.arm(0)
             self.active = self.ready = req
         else:
             self.queued.append(req)
@@ -547,8 +543,6 @@ cdef class ClientConnection(Downstream):
         cdef PathRule rule = req.rule
         cdef HeaderEdits edits = rule.route.request_edits
         cdef list headers = req.headers
-        cdef Py_ssize_t i, n = len(headers)
-        cdef bytes name, lower
         h.write_bytes(req.method)
         h.write(b" ", 1)
         rule.write_path(h, PyBytes_AS_STRING(req.path), PyBytes_GET_SIZE(req.path), &req.caps)
@@ -559,19 +553,7 @@ cdef class ClientConnection(Downstream):
         h.write(b" HTTP/1.1\r\nhost: ", 17)
         h.write_bytes(rule.route.host_rewrite if rule.route.host_rewrite is not None else req.host)
         h.write(b"\r\n", 2)
-        for i in range(0, n, 2):
-            name = <bytes>headers[i]
-            if edits is not None:
-                lower = ascii_lower(name)
-                if edits.drops(lower):
-                    edits.write_renamed(h, lower, <bytes>headers[i + 1])
-                    continue
-            h.write_bytes(name)
-            h.write(b": ", 2)
-            h.write_bytes(<bytes>headers[i + 1])
-            h.write(b"\r\n", 2)
-        if edits is not None:
-            edits.write_appended(h)
+        write_fields(h, headers, edits)
         h.write(b"x-forwarded-for: ", 17)
         if req.forwarded_for is not None:
             h.write_bytes(req.forwarded_for)
@@ -733,26 +715,12 @@ cdef class ClientConnection(Downstream):
         cdef Request req = self.active
         cdef WriteBuffer o = self.out
         cdef HeaderEdits edits = req.rule.route.response_edits
-        cdef Py_ssize_t i, n = len(headers)
-        cdef bytes name, lower
         req.status = status
         req.upstream_status = status
         req.upstream_elapsed = monotonic() - req.upstream_started
         req.response_started = True
         o.write_bytes(<bytes>STATUS_LINES[status])
-        for i in range(0, n, 2):
-            name = <bytes>headers[i]
-            if edits is not None:
-                lower = ascii_lower(name)
-                if edits.drops(lower):
-                    edits.write_renamed(o, lower, <bytes>headers[i + 1])
-                    continue
-            o.write_bytes(name)
-            o.write(b": ", 2)
-            o.write_bytes(<bytes>headers[i + 1])
-            o.write(b"\r\n", 2)
-        if edits is not None:
-            edits.write_appended(o)
+        write_fields(o, headers, edits)
         if framing == FRAMING_LENGTH or (framing == FRAMING_NONE and length >= 0):
             o.write(b"content-length: ", 16)
             o.write_int(length)
@@ -886,7 +854,7 @@ cdef class ClientConnection(Downstream):
         if self.transport.can_write_eof():
             self.transport.write_eof()
         self._resume(self.paused)
-        self._arm(monotonic() + LINGER_SECONDS)
+        self.arm(monotonic() + LINGER_SECONDS)
 
     cdef void _finish(self, Request req):
         """`req` is answered and fully read: close, or go on with the next request."""
@@ -917,7 +885,7 @@ cdef class ClientConnection(Downstream):
                 return
             self._resume(PAUSE_PIPELINE)
             if self.parsing is None:
-                self._arm(monotonic() + self.listener.idle_timeout)
+                self.arm(monotonic() + self.listener.idle_timeout)
 
     def close_if_idle(self):
         self.closing = True
@@ -974,23 +942,10 @@ cdef class ClientConnection(Downstream):
 
     # --- header and idle timeouts ----------------------------------------------------------------
 
-    cdef void _arm(self, double deadline):
-        self.deadline = deadline
-        if deadline <= 0 or self.closed:
-            return
-        if self.timer is None or self.timer_at > deadline:
-            if self.timer is not None:
-                self.timer.cancel()
-            self.timer_at = deadline
-            self.timer = self.loop.call_later(max(deadline - monotonic(), 0), self._on_timer)
+    cdef double due(self):
+        return 0 if self.closed else self.deadline
 
-    def _on_timer(self):
-        self.timer = None
-        if self.closed or self.deadline <= 0:
-            return
-        if monotonic() < self.deadline:
-            self._arm(self.deadline)
-            return
+    cdef void expired(self):
         if self.lingering:
             self._close()
         elif self.active is not None:

@@ -24,6 +24,9 @@ cdef class HeaderEdits:
     cdef int write_appended(self, WriteBuffer buf) except -1
 
 
+cdef int write_fields(WriteBuffer buf, list headers, HeaderEdits edits) except -1
+
+
 cdef class RouteEntry:
     cdef readonly str name
     cdef readonly int index

@@ -116,6 +116,26 @@ cdef class HeaderEdits:
         return 0
 
 
+cdef int write_fields(WriteBuffer buf, list headers, HeaderEdits edits) except -1:
+    """Write `headers` ([name, value, ...]) as header lines, applying `edits` (or None)."""
+    cdef Py_ssize_t i
+    cdef bytes name, lower
+    for i in range(0, len(headers), 2):
+        name = <bytes>headers[i]
+        if edits is not None:
+            lower = ascii_lower(name)
+            if edits.drops(lower):
+                edits.write_renamed(buf, lower, <bytes>headers[i + 1])
+                continue
+        buf.write_bytes(name)
+        buf.write(b": ", 2)
+        buf.write_bytes(<bytes>headers[i + 1])
+        buf.write(b"\r\n", 2)
+    if edits is not None:
+        edits.write_appended(buf)
+    return 0
+
+
 cdef class RouteEntry:
     def __init__(self, *, str name, int index, int priority=0, int kind=ROUTE_PROXY, service=None,
                  methods_mask=0, host_rewrite=None, strip_prefix=None, query_rewrite=None,
@@ -257,113 +277,79 @@ cdef inline PathRule _pick(list rules, unsigned long long method_bit):
     return None
 
 
-cdef PathRule _walk(PathNode node, const char* p, Py_ssize_t pos, Py_ssize_t n,
-                    unsigned long long method_bit, Captures* caps):
-    """Depth-first: exact child, then param, then tail. The first hit is the most specific."""
-    cdef PathRule found
+cdef class _Search:
+    """One walk of a path trie: the method asked for, and the best rule found so far."""
+    cdef unsigned long long method_bit
+    cdef bint first_only          # one priority in the table: the first hit (most specific) wins
+    cdef PathRule best
+    cdef Captures best_caps
+
+    cdef inline bint offer(self, list rules, Captures* caps):
+        """Consider the first of `rules` that allows the method. True: stop walking."""
+        cdef PathRule rule = _pick(rules, self.method_bit)
+        if rule is not None and (self.best is None or rule.route.priority > self.best.route.priority):
+            self.best = rule
+            self.best_caps = caps[0]
+        return self.first_only and self.best is not None
+
+
+cdef _Search _search = _Search()          # one walk at a time on the loop thread
+
+
+cdef bint _walk(PathNode node, const char* p, Py_ssize_t pos, Py_ssize_t n, Captures* caps,
+                _Search search):
+    """Depth-first: exact child, then param, then tail, so hits come most specific first.
+    With several priorities in the table every branch is visited and the highest one kept."""
     cdef Py_ssize_t seg_start, seg_end
     cdef const char* slash
     cdef PathNode nxt
     if pos >= n:
-        found = _pick(node.rules, method_bit)
-        if found is not None:
-            return found
-        if node.tail_rules and caps.count < MAX_CAPTURES:
-            found = _pick(node.tail_rules, method_bit)
-            if found is not None:
-                caps.start[caps.count] = n
-                caps.end[caps.count] = n
-                caps.count += 1
-            return found
-        return None
+        if search.offer(node.rules, caps):
+            return True
+        return bool(node.tail_rules) and _offer_tail(node, n, n, caps, search)
     seg_start = pos + 1
     slash = <const char*>memchr(p + seg_start, b'/', n - seg_start)
     seg_end = (slash - p) if slash is not NULL else n
     nxt = node.child(p + seg_start, seg_end - seg_start)
-    if nxt is not None:
-        found = _walk(nxt, p, seg_end, n, method_bit, caps)
-        if found is not None:
-            return found
+    if nxt is not None and _walk(nxt, p, seg_end, n, caps, search):
+        return True
     if node.param is not None and seg_end > seg_start and caps.count < MAX_CAPTURES:
         caps.start[caps.count] = seg_start
         caps.end[caps.count] = seg_end
         caps.count += 1
-        found = _walk(node.param, p, seg_end, n, method_bit, caps)
-        if found is not None:
-            return found
+        if _walk(node.param, p, seg_end, n, caps, search):
+            return True
         caps.count -= 1
-    if node.tail_rules and caps.count < MAX_CAPTURES:
-        found = _pick(node.tail_rules, method_bit)
-        if found is not None:
-            caps.start[caps.count] = seg_start
-            caps.end[caps.count] = n
-            caps.count += 1
-            return found
-    return None
+    return bool(node.tail_rules) and _offer_tail(node, seg_start, n, caps, search)
 
 
-cdef class _Best:
-    """The best candidate so far of a full walk (only for tables with several priorities)."""
-    cdef PathRule rule
-    cdef Captures caps
-
-    cdef inline void consider(self, PathRule rule, Captures* caps):
-        if rule is not None and (self.rule is None or rule.route.priority > self.rule.route.priority):
-            self.rule = rule
-            self.caps = caps[0]
-
-
-cdef void _walk_all(PathNode node, const char* p, Py_ssize_t pos, Py_ssize_t n,
-                    unsigned long long method_bit, Captures* caps, _Best best):
-    """Like _walk, but visits every branch and keeps the highest priority (ties: the first
-    found, i.e. the most specific). Used only when the table has routes of different priorities."""
-    cdef Py_ssize_t seg_start, seg_end
-    cdef const char* slash
-    cdef PathNode nxt
-    if pos >= n:
-        best.consider(_pick(node.rules, method_bit), caps)
-        if node.tail_rules and caps.count < MAX_CAPTURES:
-            caps.start[caps.count] = n
-            caps.end[caps.count] = n
-            caps.count += 1
-            best.consider(_pick(node.tail_rules, method_bit), caps)
-            caps.count -= 1
-        return
-    seg_start = pos + 1
-    slash = <const char*>memchr(p + seg_start, b'/', n - seg_start)
-    seg_end = (slash - p) if slash is not NULL else n
-    nxt = node.child(p + seg_start, seg_end - seg_start)
-    if nxt is not None:
-        _walk_all(nxt, p, seg_end, n, method_bit, caps, best)
-    if node.param is not None and seg_end > seg_start and caps.count < MAX_CAPTURES:
-        caps.start[caps.count] = seg_start
-        caps.end[caps.count] = seg_end
-        caps.count += 1
-        _walk_all(node.param, p, seg_end, n, method_bit, caps, best)
-        caps.count -= 1
-    if node.tail_rules and caps.count < MAX_CAPTURES:
-        caps.start[caps.count] = seg_start
-        caps.end[caps.count] = n
-        caps.count += 1
-        best.consider(_pick(node.tail_rules, method_bit), caps)
-        caps.count -= 1
+cdef inline bint _offer_tail(PathNode node, Py_ssize_t start, Py_ssize_t end, Captures* caps,
+                             _Search search):
+    """The node's `/**` or `{rest...}` rules, capturing path[start:end]."""
+    if caps.count >= MAX_CAPTURES:
+        return False
+    caps.start[caps.count] = start
+    caps.end[caps.count] = end
+    caps.count += 1
+    cdef bint stop = search.offer(node.tail_rules, caps)
+    caps.count -= 1
+    return stop
 
 
 cdef PathRule _match_table(HostTable table, const char* path, Py_ssize_t n,
                            unsigned long long method_bit, Captures* caps, bint use_priorities):
+    cdef _Search search = _search
     cdef PathRule found
-    cdef _Best best
+    search.method_bit = method_bit
+    search.first_only = not use_priorities
+    search.best = None
     caps.count = 0
-    if n == 1:
-        n = 0                             # "/" is the root itself, not an empty segment under it
-    if use_priorities:
-        best = _Best()
-        _walk_all(table.root, path, 0, n, method_bit, caps, best)
-        found = best.rule
-        if found is not None:
-            caps[0] = best.caps
-    else:
-        found = _walk(table.root, path, 0, n, method_bit, caps)
+    # "/" is the root itself, not an empty segment under it
+    _walk(table.root, path, 0, 0 if n == 1 else n, caps, search)
+    found = search.best
+    search.best = None
+    if found is not None:
+        caps[0] = search.best_caps
     if found is not None or not table.regex_rules:
         return found
     text = PyBytes_FromStringAndSize(path, n).decode("latin-1")

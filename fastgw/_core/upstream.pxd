@@ -1,4 +1,5 @@
 from fastgw._core.buffer cimport WriteBuffer
+from fastgw._core.timer cimport TimedProtocol
 
 cdef enum UpstreamError:
     UPSTREAM_OK = 0
@@ -33,7 +34,7 @@ cdef bint is_hop_by_hop(const char* name, Py_ssize_t n) noexcept
 cdef int connection_flags(bytes value)
 
 
-cdef class Downstream:
+cdef class Downstream(TimedProtocol):
     """The side an upstream connection reports to (the client connection of the exchange)."""
     cdef int upstream_head(self, UpstreamConnection conn, int status, list headers,
                            int framing, long long length) except -1
@@ -73,8 +74,7 @@ cdef class Service:
     cdef Target pick(self)
 
 
-cdef class UpstreamConnection:
-    cdef object loop
+cdef class UpstreamConnection(TimedProtocol):
     cdef object transport
     cdef object parser
     cdef readonly Target target
@@ -103,9 +103,6 @@ cdef class UpstreamConnection:
     cdef object connect_task
     cdef double head_deadline       # route timeout: the response head must arrive by then
     cdef double last_activity
-    cdef double deadline
-    cdef double timer_at
-    cdef object timer
 
     cdef int begin(self, Downstream down, bint head_request, double head_deadline) except -1
     cdef int send(self, object data) except -1
@@ -113,8 +110,6 @@ cdef class UpstreamConnection:
     cdef void set_reading(self, bint reading)
     cdef void abort(self)
     cdef void _close_idle(self)
-    cdef void _arm(self, double deadline)
-    cdef double _current_deadline(self)
     cdef bint _starts_pass_through(self, Py_ssize_t unparsed) except -1
     cdef int _pass_body(self, object data) except -1
     cdef int _fail(self, int error) except -1

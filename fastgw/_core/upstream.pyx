@@ -160,7 +160,7 @@ cdef class Target:
         conn = UpstreamConnection(self)
         self.open_connections += 1
         conn.downstream = down
-        conn._arm(monotonic() + self.service.connect_timeout)
+        conn.arm(monotonic() + self.service.connect_timeout)
         conn.connect_task = conn.loop.create_task(
             conn.loop.create_connection(lambda: conn, self.host, self.port))
         conn.connect_task.add_done_callback(conn._on_connect_done)
@@ -173,7 +173,7 @@ cdef class Target:
         conn.state = CONN_IDLE
         conn.downstream = None
         conn.last_activity = monotonic()
-        conn._arm(conn.last_activity + self.service.idle_timeout)
+        conn.arm(conn.last_activity + self.service.idle_timeout)
         self.idle.append(conn)
 
     def close_idle(self):
@@ -235,9 +235,6 @@ cdef class UpstreamConnection:
         self.pending = []
         self.headers = []
         self.connection_tokens = None
-        self.timer = None
-        self.timer_at = 0
-        self.deadline = 0
         self.head_deadline = 0
         self.content_length = -1
 
@@ -265,7 +262,7 @@ cdef class UpstreamConnection:
         self.connection_tokens = None
         self.last_activity = monotonic()
         self.target.active += 1
-        self._arm(self._current_deadline())
+        self.arm(self.due())
         return 0
 
     cdef int send(self, object data) except -1:
@@ -299,9 +296,7 @@ cdef class UpstreamConnection:
             self.target.active -= 1
         self.state = CONN_CLOSED
         self.downstream = None
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.disarm()
         if self.transport is not None:
             self.transport.abort()
         elif self.connect_task is not None:
@@ -334,39 +329,20 @@ cdef class UpstreamConnection:
             self.abort()
         return 0
 
-    # --- timers: one lazily re-armed handle per connection -----------------------------------------
+    # --- deadlines ------------------------------------------------------------------------------
 
-    cdef double _current_deadline(self):
+    cdef double due(self):
         cdef double d
         if self.state == CONN_BUSY:
             if self.paused_by_client:
-                return 0
+                return 0                  # a client that does not read is not the upstream's fault
             d = self.last_activity + self.target.service.read_timeout
             if self.received == 0 and self.head_deadline and self.head_deadline < d:
                 d = self.head_deadline
             return d
-        return self.deadline
+        return 0 if self.state == CONN_CLOSED else self.deadline
 
-    cdef void _arm(self, double deadline):
-        self.deadline = deadline
-        if deadline <= 0:
-            return
-        if self.timer is None or self.timer_at > deadline:
-            if self.timer is not None:
-                self.timer.cancel()
-            self.timer_at = deadline
-            self.timer = self.loop.call_later(max(deadline - monotonic(), 0), self._on_timer)
-
-    def _on_timer(self):
-        self.timer = None
-        if self.state == CONN_CLOSED:
-            return
-        cdef double deadline = self._current_deadline() if self.state == CONN_BUSY else self.deadline
-        if deadline <= 0:
-            return
-        if monotonic() < deadline:
-            self._arm(deadline)
-            return
+    cdef void expired(self):
         if self.state == CONN_CONNECTING:
             self._fail(UPSTREAM_CONNECT_TIMEOUT)
         elif self.state == CONN_BUSY:
@@ -404,7 +380,7 @@ cdef class UpstreamConnection:
         if self.paused_by_client:
             transport.pause_reading()
         self.last_activity = monotonic()
-        self._arm(self._current_deadline())
+        self.arm(self.due())
         if self.downstream is not None:
             self.downstream.upstream_writable(True)
 
@@ -504,9 +480,7 @@ cdef class UpstreamConnection:
             self._close_idle()
         elif self.state == CONN_CONNECTING:
             self._fail(UPSTREAM_CONNECT_FAILED)
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.disarm()
         self.state = CONN_CLOSED
         self.target.open_connections -= 1
         self.transport = None
