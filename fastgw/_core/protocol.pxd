@@ -92,6 +92,7 @@ cdef class ClientConnection(Downstream):
     cdef bint closed
     cdef bint admitted                    # counted in open_connections
     cdef bint lingering
+    cdef bint write_blocked               # the client is not reading what we send
     cdef bint in_head
     cdef int line_version                 # 11/10 read off the raw request line, 0 = ask httptools
     cdef long long head_fed

@@ -21,6 +21,8 @@ from fastgw._core.upstream cimport (
     CONN_CLOSE, CONN_KEEP_ALIVE, CONN_NAMES, connection_flags)
 
 import asyncio
+import socket
+import struct
 import time
 from http import HTTPStatus
 
@@ -52,6 +54,7 @@ cdef const char* HEXDIGITS = b"0123456789abcdef"
 cdef WriteBuffer _scratch = WriteBuffer()
 
 _json_encode = msgspec.json.Encoder().encode
+_LINGER_RESET = struct.pack("ii", 1, 0)
 
 
 class _Reject(Exception):
@@ -225,12 +228,19 @@ cdef class ClientConnection(Downstream):
         return True
 
     def pause_writing(self):
+        # The client reads slower than the upstream sends: stop reading the upstream, and give
+        # the client idle_timeout to make progress (a client that never reads is dropped).
+        self.write_blocked = True
+        self.arm(monotonic() + self.listener.idle_timeout)
         if self.active is not None and self.active.upstream is not None:
             self.active.upstream.set_reading(False)
 
     def resume_writing(self):
-        if self.active is not None and self.active.upstream is not None:
-            self.active.upstream.set_reading(True)
+        self.write_blocked = False
+        if self.active is not None:
+            self.arm(0)
+            if self.active.upstream is not None:
+                self.active.upstream.set_reading(True)
 
     # --- parser callbacks ------------------------------------------------------------------------
 
@@ -948,6 +958,19 @@ cdef class ClientConnection(Downstream):
     cdef void expired(self):
         if self.lingering:
             self._close()
+        elif self.write_blocked:
+            if self.active is not None:
+                self.active.flags = "DC"
+                self._log(self.active)
+                if self.active.upstream is not None:
+                    self.active.upstream.abort()
+                    self.active.upstream = None
+            # Reset rather than close: a close would leave the kernel trickling its full send
+            # buffer to a peer that does not read (nginx: reset_timedout_connection).
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            self._abort_client()
         elif self.active is not None:
             return
         elif self.parsing is not None or self.in_head:

@@ -87,7 +87,8 @@ cdef class UpstreamConnection(TimedProtocol):
     cdef bint complete
     cdef bint keep_alive
     cdef bint paused_by_client
-    cdef bint write_blocked
+    cdef bint write_blocked           # our writes wait for the upstream to read (timeouts.write)
+    cdef double write_blocked_at
     cdef int error
     cdef long long received         # response bytes of the current exchange
     cdef long long content_length

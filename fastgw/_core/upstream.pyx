@@ -339,6 +339,8 @@ cdef class UpstreamConnection:
             d = self.last_activity + self.target.service.read_timeout
             if self.received == 0 and self.head_deadline and self.head_deadline < d:
                 d = self.head_deadline
+            if self.write_blocked and self.write_blocked_at + self.target.service.write_timeout < d:
+                d = self.write_blocked_at + self.target.service.write_timeout
             return d
         return 0 if self.state == CONN_CLOSED else self.deadline
 
@@ -488,6 +490,8 @@ cdef class UpstreamConnection:
 
     def pause_writing(self):
         self.write_blocked = True
+        self.write_blocked_at = monotonic()
+        self.arm(self.due())
         if self.downstream is not None:
             self.downstream.upstream_writable(False)
 

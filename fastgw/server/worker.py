@@ -14,8 +14,18 @@ from fastgw.config.validate import parse_bind
 from fastgw.server.accesslog import open_access_log
 
 
-def log(message: str) -> None:
-    print(f"fastgw: {message}", file=sys.stderr, flush=True)
+LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+_threshold = LEVELS["info"]
+
+
+def log(message: str, level: str = "info") -> None:
+    if LEVELS[level] >= _threshold:
+        print(f"fastgw: {message}", file=sys.stderr, flush=True)
+
+
+def set_log_level(level: str) -> None:
+    global _threshold
+    _threshold = LEVELS[level]
 
 
 class Worker:
@@ -62,9 +72,10 @@ class Worker:
             loaded = load_config(self.loaded.path)
             runtime = compile_config(loaded.config)
         except ConfigError as exc:
-            log(f"reload rejected, the running config stays:\n{exc}")
+            log(f"reload rejected, the running config stays:\n{exc}", "error")
             return
         old, self.runtime, self.loaded = self.runtime, runtime, loaded
+        set_log_level(loaded.config.log.level)
         for state in self.listeners.values():
             state.router = runtime.router
         # Idle pooled connections of the old services are closed; busy ones finish their request.
@@ -110,8 +121,10 @@ class Worker:
 def serve(loaded, workers=None) -> int:
     """Run the gateway in this process until a stop signal; returns the exit code."""
     requested = workers if workers is not None else loaded.config.workers
-    if requested not in (1, "1"):
-        log(f"workers: {requested} requested; this build runs one worker process")
+    if requested != 1:
+        log(f"workers: {requested}: this version runs exactly one worker process", "error")
+        return 2
+    set_log_level(loaded.config.log.level)
 
     async def main() -> int:
         return await Worker(loaded).run()
@@ -119,5 +132,5 @@ def serve(loaded, workers=None) -> int:
     try:
         return uvloop.run(main())
     except OSError as exc:
-        log(f"cannot start: {exc}")
+        log(f"cannot start: {exc}", "error")
         return 1
