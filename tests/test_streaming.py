@@ -151,3 +151,17 @@ def test_client_disconnect_mid_upload_aborts_upstream_request(bulk_gateway):
     after = bulk.requests[-1]
     assert after.complete and after.conn_id != first.conn_id
     assert [r.target for r in bulk.requests] == ["/upload", "/after"]
+
+
+def test_pooled_connection_works_after_a_download_that_ended_under_backpressure(bulk_gateway):
+    """The client's backpressure pauses reading the upstream, and the response can end while it
+    is paused (its last read filled the client's buffer). The pooled connection must read again
+    for the next request on it. Each round has a fair chance of ending that way."""
+    gw, bulk = bulk_gateway()
+    for _ in range(40):
+        resp, digest = download(gw, f"/bytes/{4 * MiB}")
+        assert digest == pattern_sha256(4 * MiB)
+        with gw.connect(timeout=5) as c:
+            resp = c.request(get_request("/bytes/1024"), timeout=3)
+        assert resp.status == 200 and resp.body_len == 1024
+    assert bulk.connections_accepted == 1, "one pooled connection served every request"

@@ -172,6 +172,10 @@ cdef class Target:
             return
         conn.state = CONN_IDLE
         conn.downstream = None
+        if conn.paused_by_client:
+            # The last client's backpressure paused it; idle it must read (to see a close) and
+            # the next exchange must get its answer.
+            conn.set_reading(True)
         conn.last_activity = monotonic()
         conn.arm(conn.last_activity + self.service.idle_timeout)
         self.idle.append(conn)
