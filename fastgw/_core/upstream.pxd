@@ -101,6 +101,7 @@ cdef class UpstreamConnection(TimedProtocol):
     cdef list headers               # [name, value, name, value, ...] as received
     cdef list connection_tokens     # extra header names the upstream's Connection header lists
     cdef list pending               # request bytes written before the connection was made
+    cdef int sends                  # writes of this exchange (more than one: it had a body)
     cdef object connect_task
     cdef double head_deadline       # route timeout: the response head must arrive by then
     cdef double last_activity

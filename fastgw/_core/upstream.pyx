@@ -259,6 +259,7 @@ cdef class UpstreamConnection:
         self.chunked = False
         self.body_received = 0
         self.body_left = 0
+        self.sends = 0
         self.connection = 0
         self.peeked_status = 0
         self.peeked_version = 0
@@ -270,6 +271,7 @@ cdef class UpstreamConnection:
         return 0
 
     cdef int send(self, object data) except -1:
+        self.sends += 1
         if self.transport is not None:
             self.transport.write(data)
         else:
@@ -277,6 +279,7 @@ cdef class UpstreamConnection:
         return 0
 
     cdef int send_many(self, list chunks) except -1:
+        self.sends += 2
         if self.transport is not None:
             self.transport.writelines(chunks)
         else:
@@ -327,6 +330,9 @@ cdef class UpstreamConnection:
             self.parser = HttpResponseParser(self)
         if down is not None and not down.upstream_complete(self):
             reusable = False          # the request body was not fully sent
+        if reusable and (self.write_blocked or self.sends > 1) and \
+                self.transport.get_write_buffer_size():
+            reusable = False          # part of that body still waits in our buffer
         if reusable:
             self.target.release(self)
         else:
