@@ -12,8 +12,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 from libc.string cimport memchr, memcmp
 
 from fastgw._core.buffer cimport WriteBuffer, ascii_ieq, ascii_lower, monotonic, random64
-from fastgw._core.router cimport (ROUTE_ECHO, ROUTE_PROXY, ROUTE_RESPOND, Captures, HeaderEdits,
-                                  PathRule, Router, write_fields)
+from fastgw._core.router cimport ROUTE_ECHO, ROUTE_RESPOND, HeaderEdits, PathRule, Router, write_fields
 from fastgw._core.upstream cimport (
     FRAMING_CHUNKED, FRAMING_CLOSE, FRAMING_LENGTH, FRAMING_NONE, UPSTREAM_CONNECT_FAILED,
     UPSTREAM_CONNECT_TIMEOUT, UPSTREAM_INVALID, UPSTREAM_RESET, UPSTREAM_TIMEOUT, Downstream,
