@@ -496,3 +496,21 @@ def test_access_log_line_per_request_with_fields(gateway, start_upstream):
     ts = line["ts"]
     ts = ts if isinstance(ts, (int, float)) else datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
     assert before - 5 <= ts <= time.time() + 5
+
+
+def test_date_added_when_the_upstream_sends_none_and_kept_when_it_does(bad_and_good):
+    """RFC 9110 §6.6.1: a proxy with a clock adds Date to a response that lacks one."""
+    upstream_date = "Tue, 01 Dec 2026 10:00:00 GMT"
+    gw, _ = bad_and_good([b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+                          f"HTTP/1.1 200 OK\r\nDate: {upstream_date}\r\nContent-Length: 2\r\n\r\nok".encode()])
+    with gw.connect() as c:
+        added = c.request(get_request("/bad/1"))
+        kept = c.request(get_request("/bad/2"))
+    assert added.header("date", "").endswith(" GMT")
+    assert [v for k, v in kept.headers if k.lower() == "date"] == [upstream_date]
+
+
+def test_local_answers_carry_a_date(gateway, upstream):
+    gw = gateway(proxy_config(upstream.port, extra_routes=[
+        route("gone", ["/gone"], respond={"status": 410, "json": {"error": "gone"}})]))
+    assert gw.request("GET", "/gone").header("date", "").endswith(" GMT")

@@ -23,6 +23,7 @@ import asyncio
 import socket
 import struct
 import time
+from email.utils import formatdate
 from http import HTTPStatus
 
 import msgspec
@@ -650,6 +651,7 @@ cdef class ClientConnection(Downstream):
     cdef void _write_respond(self, Request req):
         cdef WriteBuffer o = self.out
         o.write_bytes(req.rule.route.respond_head)
+        o.write_bytes(_date_header())
         self._write_connection_header(req)
         o.write(b"\r\n", 2)
         if req.method != b"HEAD":
@@ -700,6 +702,7 @@ cdef class ClientConnection(Downstream):
                             bint retry_after=False):
         cdef WriteBuffer o = self.out
         o.write_bytes(<bytes>STATUS_LINES[status])
+        o.write_bytes(_date_header())
         o.write(b"content-type: ", 14)
         o.write_bytes(content_type)
         o.write(b"\r\ncontent-length: ", 18)
@@ -730,6 +733,8 @@ cdef class ClientConnection(Downstream):
         req.response_started = True
         o.write_bytes(<bytes>STATUS_LINES[status])
         write_fields(o, headers, edits)
+        if not conn.has_date:
+            o.write_bytes(_date_header())     # RFC 9110 §6.6.1: a proxy with a clock adds it
         if framing == FRAMING_LENGTH or (framing == FRAMING_NONE and length >= 0):
             o.write(b"content-length: ", 16)
             o.write_int(length)
@@ -976,6 +981,20 @@ cdef class ClientConnection(Downstream):
             self._reject_now(408, "request_timeout", "request head not received in time")
         else:
             self._close()                 # idle keep-alive connection
+
+
+cdef long _date_second = -1
+cdef bytes _date_line = b""
+
+
+cdef bytes _date_header():
+    """ "date: <IMF-fixdate>\r\n" (RFC 9110 §6.6.1), formatted once per second."""
+    global _date_second, _date_line
+    cdef long now = <long>time.time()
+    if now != _date_second:
+        _date_second = now
+        _date_line = b"date: " + formatdate(now, usegmt=True).encode() + b"\r\n"
+    return _date_line
 
 
 cdef str _trace_id(Request req):

@@ -96,6 +96,7 @@ cdef class UpstreamConnection(TimedProtocol):
     cdef long long body_left        # Content-Length body bytes passed through without the parser
     cdef bint chunked
     cdef int connection             # ConnectionOption bits of the response
+    cdef readonly bint has_date
     cdef int peeked_status          # status and version read off the raw status line, 0 = ask
     cdef int peeked_version
     cdef list headers               # [name, value, name, value, ...] as received

@@ -260,6 +260,7 @@ cdef class UpstreamConnection:
         self.body_received = 0
         self.body_left = 0
         self.sends = 0
+        self.has_date = False
         self.connection = 0
         self.peeked_status = 0
         self.peeked_version = 0
@@ -532,6 +533,8 @@ cdef class UpstreamConnection:
             if self.connection & CONN_NAMES:
                 self.connection_tokens = (self.connection_tokens or []) + connection_tokens(value)
         elif not is_hop_by_hop(s, n):
+            if n == 4 and ascii_ieq(s, n, b"date", 4):
+                self.has_date = True
             self.headers.append(name)
             self.headers.append(value)
 
@@ -555,6 +558,7 @@ cdef class UpstreamConnection:
             self.content_length = -1
             self.chunked = False
             self.connection = 0
+            self.has_date = False
             return
         if self.head_request or status == 204 or status == 304:
             framing = FRAMING_NONE
