@@ -10,7 +10,7 @@ from Cython.Build import cythonize
 from setuptools import Extension, setup
 
 DEBUG = os.environ.get("FASTGW_DEBUG") == "1"
-CORE_MODULES = ["buffer", "timer", "router", "upstream", "protocol"]
+CORE_MODULES = ["buffer", "timer", "shm", "router", "upstream", "protocol"]
 
 macros = [("CYTHON_TRACE_NOGIL", "1")] if DEBUG else []
 compile_args = ["-O2"] if not DEBUG else ["-O0", "-g"]
@@ -19,6 +19,7 @@ extensions = [
     Extension(
         f"fastgw._core.{name}",
         [f"fastgw/_core/{name}.pyx"],
+        include_dirs=["fastgw/_core"],          # atomics.h
         define_macros=macros,
         extra_compile_args=compile_args,
     )

@@ -1,4 +1,4 @@
-"""The `fastgw` command line: run, check, routes, schema, version.
+"""The `fastgw` command line: run, check, routes, reload, schema, version.
 
 Heavy or not-yet-built modules (the server, the compiler, the Cython core) are imported inside the
 command that needs them, so `check`, `schema` and `version` work on a source checkout.
@@ -9,6 +9,7 @@ import argparse
 import importlib
 import importlib.metadata
 import json
+import os
 import platform
 import sys
 from importlib.machinery import EXTENSION_SUFFIXES
@@ -44,6 +45,13 @@ def _parser() -> argparse.ArgumentParser:
     routes.add_argument("--match", metavar="'METHOD URL'", help="show which route a request hits")
     routes.set_defaults(command=_routes)
 
+    reload = sub.add_parser("reload", help="make the running gateway re-read its config file")
+    reload.add_argument("-c", "--config", help="find the admin address in this config file")
+    reload.add_argument("--admin", metavar="URL", help="admin API URL (default http://127.0.0.1:9901)")
+    reload.add_argument("--token", help="admin token (default: $FASTGW_ADMIN_TOKEN)")
+    reload.add_argument("--timeout", type=float, default=60.0)
+    reload.set_defaults(command=_reload)
+
     sub.add_parser("schema", help="print the config JSON Schema").set_defaults(command=_schema)
     sub.add_parser("version", help="print versions").set_defaults(command=_version)
     return parser
@@ -74,9 +82,46 @@ def _run(args: argparse.Namespace) -> int:
     loaded = _load_or_report(args.config)
     if loaded is None:
         return 1
-    from fastgw.server.worker import serve
+    from fastgw.server.supervisor import serve
 
     return serve(loaded, workers=args.workers)
+
+
+def _reload(args: argparse.Namespace) -> int:
+    """POST /reload on the admin API: the running gateway re-reads, validates and applies its file."""
+    import urllib.error
+    import urllib.request
+
+    url = args.admin
+    if url is None:
+        bind = "127.0.0.1:9901"
+        if args.config:
+            loaded = _load_or_report(args.config)
+            if loaded is None:
+                return 1
+            if loaded.config.admin is not None:
+                bind = loaded.config.admin.bind
+        host, _, port = bind.rpartition(":")
+        host = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]"}.get(host, host)
+        url = f"http://{host}:{port}"
+    request = urllib.request.Request(url.rstrip("/") + "/reload", data=b"", method="POST")
+    token = args.token or os.environ.get("FASTGW_ADMIN_TOKEN")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=args.timeout) as response:
+            answer = json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        body = json.loads(e.read() or b"{}").get("error", {})
+        for line in body.get("problems") or [body.get("message", f"HTTP {e.code}")]:
+            print(line, file=sys.stderr)
+        return 1
+    except (urllib.error.URLError, OSError) as e:
+        print(f"fastgw reload: cannot reach the admin API at {url}: {getattr(e, 'reason', e)}",
+              file=sys.stderr)
+        return 1
+    print(f"reloaded: config version {answer['config_version']}")
+    return 0
 
 
 def _check(args: argparse.Namespace) -> int:

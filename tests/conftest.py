@@ -68,8 +68,8 @@ def _rss(pid: int) -> int:
 class Gateway:
     """A running `fastgw run` process serving `config` (written as YAML into `workdir`)."""
 
-    def __init__(self, config: dict, workdir: Path):
-        self.config, self.workdir = config, workdir
+    def __init__(self, config: dict, workdir: Path, env: dict | None = None):
+        self.config, self.workdir, self.env = config, workdir, env or {}
         workdir.mkdir(parents=True, exist_ok=True)
         access = config.setdefault("log", {}).setdefault("access", {})
         access.setdefault("format", "json")
@@ -80,6 +80,9 @@ class Gateway:
         http_listeners = [lst for lst in config["listeners"] if lst.get("protocol", "http") == "http"]
         self.port = int(http_listeners[0]["bind"].rsplit(":", 1)[1])
         self.url = f"http://{HOST}:{self.port}"
+        admin = config.get("admin")
+        self.admin_port = int(admin["bind"].rsplit(":", 1)[1]) if admin else None
+        self.admin_token = admin.get("token") if admin else None
         self.stdout_path, self.stderr_path = workdir / "stdout.log", workdir / "stderr.log"
         self.proc: subprocess.Popen | None = None
         self.stopped = False
@@ -88,7 +91,7 @@ class Gateway:
 
     def start(self) -> "Gateway":
         prefix = shlex.split(os.environ.get("FASTGW_TEST_CMD", "")) or [sys.executable, "-m", "fastgw", "run"]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         env.pop("FASTGW_CONFIG", None)
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen([*prefix, "-c", str(self.config_path)], cwd=REPO_ROOT,
@@ -99,16 +102,39 @@ class Gateway:
                 self.stopped = True              # reported here, not again at teardown
                 raise RuntimeError(f"gateway exited with code {self.proc.returncode} at startup:\n"
                                    f"{self.stderr_text()}")
-            try:
-                socket.create_connection((HOST, self.port), timeout=0.2).close()
+            if self._serving():
                 return self
-            except OSError:
-                pass
             if time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"gateway did not listen on {self.port} within {START_TIMEOUT}s:\n"
                                    f"{self.stderr_text()}")
             time.sleep(0.05)
+
+    def _serving(self) -> bool:
+        """With an admin API: every worker runs the config (readiness); else the port accepts."""
+        try:
+            if self.admin_port is not None:
+                return http_request(self.admin_port, "GET", "/status/ready", timeout=1.0).status == 200
+            socket.create_connection((HOST, self.port), timeout=0.2).close()
+            return True
+        except OSError:
+            return False
+
+    def admin(self, method: str = "GET", path: str = "/status", body=None, *,
+              token: str | None = "<config>", headers: dict | None = None) -> Response:
+        """A request to the admin API; `body` (not bytes) is sent as JSON; the configured token
+        is sent unless `token` says otherwise (None: no Authorization header)."""
+        token = self.admin_token if token == "<config>" else token
+        headers = dict(headers or {})
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        if body is not None and not isinstance(body, bytes):
+            body = json.dumps(body).encode()
+            headers.setdefault("Content-Type", "application/json")
+        return http_request(self.admin_port, method, path, headers=headers, body=body, timeout=60.0)
+
+    def worker_pids(self) -> list[int]:
+        return [w["pid"] for w in self.admin("GET", "/status").json()["workers"]]
 
     def stop(self) -> None:
         """SIGTERM, wait, then SIGKILL (the process and its descendants, by PID)."""
@@ -146,6 +172,12 @@ class Gateway:
     def stderr_text(self) -> str:
         return self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""
 
+    def wait_exit(self, timeout: float) -> int:
+        """Wait for the gateway to exit by itself (a test that stops it); returns its exit code."""
+        code = self.proc.wait(timeout)
+        self.stopped = True
+        return code
+
     def tracebacks(self) -> int:
         return self.stderr_text().count("Traceback (most recent call last)")
 
@@ -177,8 +209,8 @@ class Harness:
         self.workdir, self.gateways, self.upstreams = workdir, [], []
         Harness.active.append(self)
 
-    def gateway(self, config: dict) -> Gateway:
-        gw = Gateway(config, self.workdir / f"gw{len(self.gateways)}")
+    def gateway(self, config: dict, env: dict | None = None) -> Gateway:
+        gw = Gateway(config, self.workdir / f"gw{len(self.gateways)}", env)
         self.gateways.append(gw)
         return gw.start()
 

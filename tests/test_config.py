@@ -382,8 +382,8 @@ SEMANTIC_ERRORS = [
                             ("max_header_bytes", "1000B", "at least 1KiB"), ("header_timeout", "0s", "greater"),
                             ("idle_timeout", 0, "greater"), ("max_connections", 0, "at least 1")]],
     (lambda c: c.update(log={"access": {"sample": 1.5}}), "log.access.sample", "between 0 and 1"),
-    (lambda c: c.update(workers=0), "workers", "exactly one worker"),
-    (lambda c: c.update(workers="auto"), "workers", "exactly one worker"),
+    (lambda c: c.update(workers=0), "workers", "must be 'auto' or a number from 1 to 1024"),
+    (lambda c: c.update(workers=5000), "workers", "must be 'auto' or a number from 1 to 1024"),
 ]
 
 

@@ -434,6 +434,8 @@ class RecordingUpstream:
             self._spawn(self._serve, conn, conn_id)
 
     def _serve(self, conn: socket.socket, conn_id: int) -> None:
+        # A head and a body sent apart would otherwise wait for the gateway's delayed ACK (Nagle).
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         reader = _Reader(conn)
         try:
             while not self._stopping.is_set():

@@ -15,13 +15,14 @@ cdef class ListenerState:
     cdef public Router router
     cdef public object access_log          # callable(tuple) or None
     cdef public bint draining
-    cdef readonly long long max_header_bytes
-    cdef readonly int max_headers
-    cdef readonly long long max_url_bytes
-    cdef readonly long long max_body_bytes
-    cdef readonly double header_timeout
-    cdef readonly double idle_timeout
-    cdef readonly int max_connections
+    cdef public long long max_header_bytes
+    cdef public int max_headers
+    cdef public long long max_url_bytes
+    cdef public long long max_body_bytes
+    cdef public double header_timeout
+    cdef public double idle_timeout
+    cdef public int max_connections
+    cdef public int metric_slot           # shared-memory listener gauges, -1 = none
     cdef readonly int open_connections
     cdef readonly long long rejected_connections
     cdef readonly long long requests
@@ -61,6 +62,7 @@ cdef class Request:
     cdef Captures caps
     # upstream
     cdef Target target
+    cdef bint target_counted              # counted in the target's active requests (shm)
     cdef UpstreamConnection upstream
     cdef bint upstream_reused
     cdef int attempts

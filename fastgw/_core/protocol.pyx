@@ -12,7 +12,10 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 from libc.string cimport memchr, memcmp
 
 from fastgw._core.buffer cimport WriteBuffer, ascii_ieq, ascii_lower, monotonic, random64
-from fastgw._core.router cimport ROUTE_ECHO, ROUTE_RESPOND, HeaderEdits, PathRule, Router, write_fields
+from fastgw._core.router cimport (ROUTE_ECHO, ROUTE_RESPOND, HeaderEdits, PathRule, RouteEntry,
+                                  Router, write_fields)
+from fastgw._core.shm cimport (listener_closed, listener_opened, listener_rejected, method_index,
+                               record_request, target_begin, target_end)
 from fastgw._core.upstream cimport (
     FRAMING_CHUNKED, FRAMING_CLOSE, FRAMING_LENGTH, FRAMING_NONE, UPSTREAM_CONNECT_FAILED,
     UPSTREAM_CONNECT_TIMEOUT, UPSTREAM_INVALID, UPSTREAM_RESET, UPSTREAM_TIMEOUT, Downstream,
@@ -89,6 +92,13 @@ cdef class ListenerState:
         self.rejected_connections = 0
         self.requests = 0
         self.connections = set()
+        self.metric_slot = -1
+
+    def configure(self, **limits):
+        """Apply a (re)loaded listener's limits and metric slot; open connections use them from
+        their next request on."""
+        for name, value in limits.items():
+            setattr(self, name, value)
 
     def protocol_factory(self):
         return ClientConnection(self)
@@ -132,11 +142,13 @@ cdef class ClientConnection(Downstream):
         self.transport = transport
         if listener.open_connections >= listener.max_connections:
             listener.rejected_connections += 1
+            listener_rejected(listener.metric_slot)
             self.closed = True
             transport.abort()
             return
         self.admitted = True
         listener.open_connections += 1
+        listener_opened(listener.metric_slot)
         listener.connections.add(self)
         self.loop = listener.loop
         peer = transport.get_extra_info("peername")
@@ -149,6 +161,7 @@ cdef class ClientConnection(Downstream):
         if not self.admitted:
             return                        # turned away by max_connections, never counted
         self.listener.open_connections -= 1
+        listener_closed(self.listener.metric_slot)
         self.listener.connections.discard(self)
         self.disarm()
         cdef Request req = self.active
@@ -525,6 +538,8 @@ cdef class ClientConnection(Downstream):
                                "every target is at max_connections_per_target")
             return
         req.target = target
+        req.target_counted = True
+        target_begin(target.metric_slot)
         req.upstream = conn
         req.upstream_reused = reused
         req.attempts += 1
@@ -907,10 +922,23 @@ cdef class ClientConnection(Downstream):
             self._close()
 
     cdef void _log(self, Request req):
+        """The request is over (answered, failed or abandoned): count it in shared memory and
+        hand it to the access log. Called exactly once per request."""
         cdef object sink = self.listener.access_log
-        if sink is None or req.method is None:
+        cdef double now = monotonic()
+        if req.method is None:
             return
         route = req.rule.route if req.rule is not None else None
+        if req.target_counted:
+            req.target_counted = False
+            # Failed: no response head came, or the body was cut short.
+            target_end(req.target.metric_slot, now - req.upstream_started,
+                       req.upstream_status == 0 or req.flags == "UC")
+        record_request((<RouteEntry>route).metric_slot if route is not None else 0,
+                       method_index(PyBytes_AS_STRING(req.method), PyBytes_GET_SIZE(req.method)),
+                       req.status, now - req.started if req.started else 0.0)
+        if sink is None:
+            return
         sink((time.time(), self._request_id(req).decode("latin-1"),
               _trace_id(req),
               self.client_ip.decode(), req.method.decode(), (req.host or b"").decode("latin-1"),
@@ -921,7 +949,7 @@ cdef class ClientConnection(Downstream):
               req.target.address if req.target is not None else None,
               req.upstream_status or None, req.attempts,
               req.head_bytes + req.body_bytes, req.bytes_out,
-              monotonic() - req.started if req.started else 0.0,
+              now - req.started if req.started else 0.0,
               req.upstream_elapsed if req.upstream_status else None,
               req.user_agent.decode("latin-1") if req.user_agent is not None else None))
 

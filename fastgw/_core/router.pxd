@@ -44,6 +44,7 @@ cdef class RouteEntry:
     cdef readonly int respond_status
     cdef readonly bytes respond_head      # status line + headers, without Connection and the blank line
     cdef readonly bytes respond_body
+    cdef readonly int metric_slot         # shared-memory counters (fastgw._core.shm), -1 = none
 
 
 cdef class PathRule:

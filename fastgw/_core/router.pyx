@@ -141,7 +141,7 @@ cdef class RouteEntry:
                  methods_mask=0, host_rewrite=None, strip_prefix=None, query_rewrite=None,
                  request_edits=None, response_edits=None, double timeout=0.0,
                  long long max_body=-1, int respond_status=0, respond_head=None,
-                 respond_body=None):
+                 respond_body=None, int metric_slot=-1):
         self.name = name
         self.index = index
         self.priority = priority
@@ -158,6 +158,7 @@ cdef class RouteEntry:
         self.respond_status = respond_status
         self.respond_head = respond_head
         self.respond_body = respond_body
+        self.metric_slot = metric_slot
 
     def __repr__(self):
         return f"<RouteEntry {self.name!r}>"

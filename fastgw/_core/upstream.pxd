@@ -54,6 +54,8 @@ cdef class Target:
     cdef list idle
     cdef readonly int open_connections
     cdef readonly int active
+    cdef readonly int metric_slot         # shared-memory counters and health words, -1 = none
+    cdef bint retired                     # its service was replaced: released connections close
 
     cdef UpstreamConnection acquire(self, Downstream down, bint* reused)
     cdef void release(self, UpstreamConnection conn)

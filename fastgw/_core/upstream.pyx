@@ -134,7 +134,7 @@ def connection_tokens(bytes value):
 
 
 cdef class Target:
-    def __init__(self, Service service, str address, int weight=1):
+    def __init__(self, Service service, str address, int weight=1, int metric_slot=-1):
         host, _, port = address.rpartition(":")
         self.service = service
         self.address = address
@@ -144,6 +144,7 @@ cdef class Target:
         self.idle = []
         self.open_connections = 0
         self.active = 0
+        self.metric_slot = metric_slot
 
     cdef UpstreamConnection acquire(self, Downstream down, bint* reused):
         """An idle pooled connection, or a new one being connected (None if the cap is hit)."""
@@ -167,7 +168,7 @@ cdef class Target:
         return conn
 
     cdef void release(self, UpstreamConnection conn):
-        if len(self.idle) >= self.service.max_idle or conn.transport is None:
+        if self.retired or len(self.idle) >= self.service.max_idle or conn.transport is None:
             conn.abort()
             return
         conn.state = CONN_IDLE
@@ -180,7 +181,10 @@ cdef class Target:
         conn.arm(conn.last_activity + self.service.idle_timeout)
         self.idle.append(conn)
 
-    def close_idle(self):
+    def retire(self):
+        """Its service was replaced by a reload: close the idle pool, and close busy connections
+        when their exchange ends instead of pooling them."""
+        self.retired = True
         for conn in self.idle:
             (<UpstreamConnection>conn).abort()
         self.idle.clear()
@@ -204,8 +208,8 @@ cdef class Service:
         self.max_idle = max_idle
         self.max_connections = max_connections
 
-    def add_target(self, str address, int weight=1):
-        target = Target(self, address, weight)
+    def add_target(self, str address, int weight=1, int metric_slot=-1):
+        target = Target(self, address, weight, metric_slot)
         self.targets.append(target)
         return target
 
@@ -223,7 +227,7 @@ cdef class Service:
 
     def close(self):
         for target in self.targets:
-            target.close_idle()
+            target.retire()
 
     def __repr__(self):
         return f"<Service {self.name} targets={len(self.targets)}>"

@@ -65,13 +65,18 @@ def _route_order_key(routes: list[Route]):
     return lambda r: (-r.priority, index[id(r)])
 
 
-def compile_config(config: Config) -> Runtime:
-    """Build runtime tables; raise CompileError listing every problem with its key path."""
+def compile_config(config: Config, slots: dict | None = None) -> Runtime:
+    """Build runtime tables; raise CompileError listing every problem with its key path.
+
+    `slots` (from the supervisor) numbers routes and targets in the shared-memory segment;
+    without it (`fastgw check`, `fastgw routes`) nothing is counted."""
     from fastgw._core.router import (ROUTE_ECHO_KIND, ROUTE_PROXY_KIND, ROUTE_RESPOND_KIND,
                                      HeaderEdits, PathRule, PatternError, RouteEntry, Router)
     from fastgw._core.upstream import Service
 
     problems: list[tuple[str, str]] = []
+    route_slots = slots["routes"] if slots else {}
+    target_slots = slots["targets"] if slots else {}
     services = {}
     for name, spec in config.services.items():
         service = Service(
@@ -81,7 +86,9 @@ def compile_config(config: Config) -> Runtime:
             max_idle=spec.pool.max_idle_per_target,
             max_connections=spec.pool.max_connections_per_target)
         for target in spec.targets:
-            service.add_target(target.address, target.weight)
+            if not target.drain:          # a drained target takes no new requests
+                service.add_target(target.address, target.weight,
+                                   target_slots.get((name, target.address), -1))
         services[name] = service
 
     method_bits: dict[bytes, int] = {}
@@ -112,6 +119,7 @@ def compile_config(config: Config) -> Runtime:
             response_edits=_edits(route.response_headers, HeaderEdits),
             timeout=route.timeout or 0.0,
             max_body=route.max_body_bytes if route.max_body_bytes is not None else -1,
+            metric_slot=route_slots.get(route.name, -1),
         )
         if route.respond is not None:
             status, head, body = respond_bytes(route.respond)

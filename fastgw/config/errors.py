@@ -34,3 +34,11 @@ class CompileError(Exception):
     def __init__(self, problems: list[tuple[str, str]]):
         self.problems = problems
         super().__init__("; ".join(f"{p}: {m}" for p, m in problems))
+
+
+class ConfigWriteError(Exception):
+    """A valid change could not be written to the config file; nothing was applied."""
+
+
+class ConflictError(Exception):
+    """A change collides with what is there (a target address that already exists)."""

@@ -29,6 +29,8 @@ class LoadedConfig:
     path: str | None            # None for the embedded default
     source: str                 # the file's text, as read (secrets unsubstituted)
     warnings: list[ConfigProblem]
+    document: dict | None = None    # the parsed file before ${ENV} substitution
+    fmt: str = "yaml"               # yaml | json | toml
 
 
 def load_config(path: str | None = None) -> LoadedConfig:
@@ -37,10 +39,15 @@ def load_config(path: str | None = None) -> LoadedConfig:
         path = os.environ.get("FASTGW_CONFIG") or None
     if path is None:
         text = resources.files("fastgw").joinpath("default.yaml").read_text("utf-8")
-        src = _Source(DEFAULT_NAME, text, "yaml")
-    else:
-        src = _Source(path, _read(path), _format_of(path))
-    config = _decode(_substitute_env(src.parse(), src), src)
+        return load_text(text, DEFAULT_NAME, "yaml", path=None)
+    return load_text(_read(path), path, _format_of(path), path=path)
+
+
+def load_text(text: str, name: str, fmt: str, path: str | None = None) -> LoadedConfig:
+    """Load a config from its text; problems are reported against `name`."""
+    src = _Source(name, text, fmt)
+    document = src.parse()
+    config = _decode(_substitute_env(document, src), src)
     problems = semantic_problems(config)
     # The compiler assumes references resolve, so it only sees configs that passed the checks.
     if not any(p.severity == "error" for p in problems):
@@ -50,7 +57,7 @@ def load_config(path: str | None = None) -> LoadedConfig:
     warnings = [p for p in problems if p.severity != "error"]
     if errors:
         raise ConfigError(errors + warnings)
-    return LoadedConfig(config, path, src.text, warnings)
+    return LoadedConfig(config, path, src.text, warnings, document, fmt)
 
 
 def _read(path: str) -> str:

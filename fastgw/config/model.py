@@ -102,6 +102,7 @@ class Admin(_Base):
 class Target(_Base):
     address: str                                   # host:port
     weight: int = 1
+    drain: bool = False                            # takes no new requests; in-flight ones finish
 
 
 class Timeouts(_Base):
@@ -185,11 +186,17 @@ class Log(_Base):
     access: AccessLog = msgspec.field(default_factory=AccessLog)
 
 
+class Drain(_Base):
+    delay: Duration = 0.0                  # not ready at once; stop accepting after this long
+    timeout: Duration = 30.0               # in-flight requests get this long to finish
+
+
 class Config(_Base):
     version: Literal[1] = 1
-    workers: Union[int, Literal["auto"]] = 1
+    workers: Union[int, Literal["auto"]] = 1       # auto = the CPUs this process may run on
     listeners: list[Listener] = []
     admin: Union[Admin, None] = None
+    drain: Drain = msgspec.field(default_factory=Drain)
     log: Log = msgspec.field(default_factory=Log)
     services: dict[str, Service] = {}
     routes: list[Route] = []

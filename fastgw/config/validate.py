@@ -58,7 +58,8 @@ def semantic_problems(config: Config) -> list[ConfigProblem]:
         *_route_problems(config),
         *_failing([
             ("log.access.sample", 0.0 <= config.log.access.sample <= 1.0, "must be between 0 and 1"),
-            ("workers", config.workers == 1, "this version runs exactly one worker process: use 1"),
+            ("workers", config.workers == "auto" or 1 <= config.workers <= 1024,
+             "must be 'auto' or a number from 1 to 1024"),
         ]),
     ]
 

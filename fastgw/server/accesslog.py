@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import select
 import sys
 import time
 
@@ -15,6 +16,21 @@ FIELDS = ("ts", "request_id", "trace_id", "client_ip", "method", "host", "path",
           "bytes_out", "duration_s", "upstream_duration_s", "user_agent")
 FLUSH_INTERVAL = 0.2
 MAX_PENDING = 10000       # flush early rather than hold more lines than this
+# Every worker writes to the same stdout; a pipe keeps a write whole only up to PIPE_BUF bytes
+# (POSIX), so stdout gets batches of whole lines no larger than that.
+PIPE_BUF = getattr(select, "PIPE_BUF", 512)
+
+
+def _whole_lines(lines: list[bytes], limit: int):
+    batch, size = [], 0
+    for line in lines:
+        if batch and size + len(line) > limit:
+            yield b"".join(batch)
+            batch, size = [], 0
+        batch.append(line)
+        size += len(line)
+    if batch:
+        yield b"".join(batch)
 
 
 class AccessLog:
@@ -54,9 +70,12 @@ class AccessLog:
         records, self._pending = self._pending, []
         lines = [self._line(r) for r in records]
         try:
-            self._file.write(b"".join(lines))
             if self._path == "-":
                 self._file.flush()
+                for chunk in _whole_lines(lines, PIPE_BUF):
+                    os.write(self._file.fileno(), chunk)
+            else:
+                self._file.write(b"".join(lines))   # O_APPEND: one write() lands whole
         except OSError as exc:                     # a full disk must not stop the proxy
             print(f"fastgw: access log write failed: {exc}", file=sys.stderr)
 

@@ -1,26 +1,38 @@
-"""One worker process: an event loop (uvloop), the listeners, reload and graceful stop."""
+"""One worker process: its own uvloop, SO_REUSEPORT listeners, and the config the supervisor sends.
+
+The supervisor (fastgw/server/supervisor.py) starts each worker as
+`python -m fastgw.server.worker --index I --control-fd C --shm-fd S` and talks to it over the
+control channel: the worker compiles and opens what a config needs in `prepare` and swaps it in
+on `commit`, so a reload applies in every worker or in none. Signals: SIGTERM/SIGQUIT drain,
+SIGINT stops at once, SIGUSR1 reopens log files; SIGHUP is the supervisor's (ignored here).
+"""
 from __future__ import annotations
 
+import argparse
 import asyncio
 import gc
+import os
 import signal
+import socket
 import sys
+from dataclasses import dataclass
 
 import uvloop
 
 from fastgw.config.compile import Runtime, compile_config
-from fastgw.config.errors import ConfigError
 from fastgw.config.validate import parse_bind
 from fastgw.server.accesslog import open_access_log
-
+from fastgw.server.control import ControlChannel
 
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 _threshold = LEVELS["info"]
+_prefix = "fastgw"
+HEARTBEAT_INTERVAL = 1.0
 
 
 def log(message: str, level: str = "info") -> None:
     if LEVELS[level] >= _threshold:
-        print(f"fastgw: {message}", file=sys.stderr, flush=True)
+        print(f"{_prefix}: {message}", file=sys.stderr, flush=True)
 
 
 def set_log_level(level: str) -> None:
@@ -28,59 +40,171 @@ def set_log_level(level: str) -> None:
     _threshold = LEVELS[level]
 
 
+@dataclass
+class OpenListener:
+    spec: object                  # config.model.Listener
+    state: object                 # fastgw._core.protocol.ListenerState
+    server: asyncio.AbstractServer
+
+
+@dataclass
+class Pending:
+    """A prepared config: compiled, its new listeners already bound, not yet serving."""
+    version: int
+    config: object
+    runtime: Runtime
+    slots: dict
+    opened: dict                  # name -> OpenListener bound for this config
+
+
 class Worker:
-    def __init__(self, loaded):
-        self.loaded = loaded
+    def __init__(self, index: int, channel: ControlChannel, segment):
+        self.index = index
+        self.channel = channel
+        self.segment = segment
         self.loop = asyncio.get_running_loop()
-        self.runtime: Runtime = compile_config(loaded.config)
-        self.access_log = open_access_log(self.loop, loaded.config.log.access)
-        self.listeners = {}          # name -> ListenerState
-        self.servers = []
+        self.version = 0
+        self.config = None
+        self.runtime: Runtime | None = None
+        self.access_log = None
+        self.listeners: dict[str, OpenListener] = {}
+        self.pending: Pending | None = None
         self.stopped = asyncio.Event()
-        self.exit_code = 0
+        self.draining = False
 
-    async def start(self) -> None:
-        from fastgw._core.protocol import ListenerState
+    # --- lifecycle -------------------------------------------------------------------------------
 
-        for spec in self.loaded.config.listeners:
-            host, port = parse_bind(spec.bind)
-            limits = spec.limits
-            state = ListenerState(
-                spec.name, self.runtime.router, max_header_bytes=limits.max_header_bytes,
-                max_headers=limits.max_headers, max_url_bytes=limits.max_url_bytes,
-                max_body_bytes=limits.max_body_bytes, header_timeout=limits.header_timeout,
-                idle_timeout=limits.idle_timeout, max_connections=limits.max_connections,
-                access_log=self.access_log, loop=self.loop)
-            server = await self.loop.create_server(
-                state.protocol_factory, host or None, port, reuse_port=True, backlog=4096)
-            self.listeners[spec.name] = state
-            self.servers.append(server)
-            log(f"listener {spec.name} on http://{spec.bind}")
+    async def run(self) -> int:
+        message = await self.channel.receive()
+        if message is None or message[0] != "start":
+            return 1
+        _, version, config, slots = message
+        try:
+            self._commit(await self._prepare(version, config, slots))
+        except Exception as exc:          # nothing serves yet: report and let the supervisor decide
+            self.channel.send("failed", version, f"{type(exc).__name__}: {exc}")
+            await self.channel._writer.drain()
+            return 1
+        self.segment.worker_set(self.index, pid=os.getpid(), config_version=version, state=2)
+        self.channel.send("ready", version)
         # Everything allocated so far lives as long as the worker: keep it out of the cyclic GC's
         # scans (per-request objects are freed by reference counting).
         gc.freeze()
         for sig, handler in ((signal.SIGTERM, self.drain), (signal.SIGQUIT, self.drain),
-                             (signal.SIGINT, self.stop), (signal.SIGHUP, self.reload),
-                             (signal.SIGUSR1, self.reopen_logs)):
+                             (signal.SIGINT, self.stop), (signal.SIGUSR1, self.reopen_logs),
+                             (signal.SIGHUP, lambda: None)):
             self.loop.add_signal_handler(sig, handler)
+        self._heartbeat()
+        control = self.loop.create_task(self._serve_control())
+        await self.stopped.wait()
+        control.cancel()
+        if self.access_log is not None:
+            self.access_log.close()
+        if self.runtime is not None:
+            self.runtime.close()
+        return 0
 
-    def reload(self) -> None:
-        """Validate, then swap the routing tables; a request in flight keeps the ones it has."""
-        from fastgw.config.load import load_config
+    def _heartbeat(self) -> None:
+        self.segment.worker_heartbeat(self.index)
+        if not self.stopped.is_set():
+            self.loop.call_later(HEARTBEAT_INTERVAL, self._heartbeat)
 
+    async def _serve_control(self) -> None:
+        while True:
+            message = await self.channel.receive()
+            if message is None:           # the supervisor is gone: do not linger as an orphan
+                log("supervisor gone, draining", "warning")
+                self.drain()
+                return
+            kind, version = message[0], message[1]
+            if kind == "prepare":
+                if self.pending is not None:
+                    self._discard(self.pending)
+                try:
+                    self.pending = await self._prepare(version, message[2], message[3])
+                except Exception as exc:
+                    self.channel.send("rejected", version, f"{type(exc).__name__}: {exc}")
+                else:
+                    self.channel.send("prepared", version)
+            elif kind == "commit" and self.pending is not None and self.pending.version == version:
+                pending, self.pending = self.pending, None
+                self._commit(pending)
+                self.channel.send("applied", version)
+            elif kind == "abort" and self.pending is not None and self.pending.version == version:
+                self._discard(self.pending)
+                self.pending = None
+
+    # --- applying a config -----------------------------------------------------------------------
+
+    async def _prepare(self, version: int, config, slots: dict) -> Pending:
+        runtime = compile_config(config, slots=slots)
+        opened: dict[str, OpenListener] = {}
         try:
-            loaded = load_config(self.loaded.path)
-            runtime = compile_config(loaded.config)
-        except ConfigError as exc:
-            log(f"reload rejected, the running config stays:\n{exc}", "error")
-            return
-        old, self.runtime, self.loaded = self.runtime, runtime, loaded
-        set_log_level(loaded.config.log.level)
-        for state in self.listeners.values():
-            state.router = runtime.router
-        # Idle pooled connections of the old services are closed; busy ones finish their request.
-        self.loop.call_later(1.0, old.close)
-        log("config reloaded")
+            for spec in config.listeners:
+                current = self.listeners.get(spec.name)
+                if current is None or current.spec.bind != spec.bind:
+                    opened[spec.name] = await self._open(spec, runtime, slots)
+        except BaseException:
+            for item in opened.values():
+                item.server.close()
+            runtime.close()
+            raise
+        return Pending(version, config, runtime, slots, opened)
+
+    async def _open(self, spec, runtime: Runtime, slots: dict) -> OpenListener:
+        from fastgw._core.protocol import ListenerState
+
+        host, port = parse_bind(spec.bind)
+        state = ListenerState(spec.name, runtime.router, loop=self.loop)
+        _configure(state, spec, slots)
+        # Not serving until commit: a prepared config that is aborted never takes a connection.
+        server = await self.loop.create_server(
+            state.protocol_factory, host or None, port, reuse_port=True, backlog=4096,
+            start_serving=False)
+        return OpenListener(spec, state, server)
+
+    def _commit(self, pending: Pending) -> None:
+        config, runtime = pending.config, pending.runtime
+        old_runtime, old_config = self.runtime, self.config
+        set_log_level(config.log.level)
+        if old_config is None or old_config.log.access != config.log.access:
+            if self.access_log is not None:
+                self.access_log.close()
+            self.access_log = open_access_log(self.loop, config.log.access)
+        wanted = {spec.name: spec for spec in config.listeners}
+        for name in list(self.listeners):
+            item = self.listeners[name]
+            if name not in wanted or name in pending.opened:
+                del self.listeners[name]
+                self._retire(item)
+        for name, spec in wanted.items():
+            item = self.listeners.get(name) or pending.opened[name]
+            item.spec = spec
+            item.state.router = runtime.router
+            item.state.access_log = self.access_log
+            _configure(item.state, spec, pending.slots)
+            if name in pending.opened:
+                self.listeners[name] = item
+                self.loop.create_task(item.server.start_serving())
+                log(f"listener {name} on http://{spec.bind}", "debug" if self.index else "info")
+        self.runtime, self.config, self.version = runtime, config, pending.version
+        self.segment.worker_applied(self.index, pending.version)
+        if old_runtime is not None:
+            # Idle pooled connections of the old services close; busy ones finish their request
+            # (a request keeps the route and service objects it started with).
+            self.loop.call_later(1.0, old_runtime.close)
+
+    def _discard(self, pending: Pending) -> None:
+        for item in pending.opened.values():
+            item.server.close()
+        pending.runtime.close()
+
+    def _retire(self, item: OpenListener) -> None:
+        item.server.close()
+        item.state.draining = True
+        item.state.close_idle_connections()
+
+    # --- signals ---------------------------------------------------------------------------------
 
     def reopen_logs(self) -> None:
         if self.access_log is not None:
@@ -88,49 +212,64 @@ class Worker:
 
     def drain(self) -> None:
         """SIGTERM: stop accepting, answer what is in flight (Connection: close), then exit."""
-        log("draining")
-        for server in self.servers:
-            server.close()
-        for state in self.listeners.values():
-            state.draining = True
-            state.close_idle_connections()
-        self.loop.create_task(self._wait_drained(30.0))
+        if self.draining:
+            return
+        self.draining = True
+        self.segment.worker_set(self.index, pid=os.getpid(), config_version=self.version, state=3)
+        for item in self.listeners.values():
+            item.server.close()
+            item.state.draining = True
+            item.state.close_idle_connections()
+        timeout = self.config.drain.timeout if self.config is not None else 30.0
+        self.loop.create_task(self._wait_drained(timeout))
 
     async def _wait_drained(self, timeout: float) -> None:
         deadline = self.loop.time() + timeout
         while self.loop.time() < deadline:
-            if all(state.open_connections == 0 for state in self.listeners.values()):
+            if all(item.state.open_connections == 0 for item in self.listeners.values()):
                 break
             await asyncio.sleep(0.05)
         self.stopped.set()
 
     def stop(self) -> None:
-        for server in self.servers:
-            server.close()
+        for item in self.listeners.values():
+            item.server.close()
         self.stopped.set()
 
-    async def run(self) -> int:
-        await self.start()
-        await self.stopped.wait()
-        if self.access_log is not None:
-            self.access_log.close()
-        self.runtime.close()
-        return self.exit_code
+
+def _configure(state, spec, slots: dict) -> None:
+    limits = spec.limits
+    state.configure(
+        max_header_bytes=limits.max_header_bytes, max_headers=limits.max_headers,
+        max_url_bytes=limits.max_url_bytes, max_body_bytes=limits.max_body_bytes,
+        header_timeout=limits.header_timeout, idle_timeout=limits.idle_timeout,
+        max_connections=limits.max_connections,
+        metric_slot=slots.get("listeners", {}).get(spec.name, -1))
 
 
-def serve(loaded, workers=None) -> int:
-    """Run the gateway in this process until a stop signal; returns the exit code."""
-    requested = workers if workers is not None else loaded.config.workers
-    if requested != 1:
-        log(f"workers: {requested}: this version runs exactly one worker process", "error")
-        return 2
-    set_log_level(loaded.config.log.level)
+def main(argv: list[str] | None = None) -> int:
+    global _prefix
+    parser = argparse.ArgumentParser(prog="fastgw-worker")
+    parser.add_argument("--index", type=int, required=True)
+    parser.add_argument("--control-fd", type=int, required=True)
+    parser.add_argument("--shm-fd", type=int, required=True)
+    args = parser.parse_args(argv)
+    _prefix = f"fastgw[worker {args.index}]"
+    from fastgw._core.shm import Segment
 
-    async def main() -> int:
-        return await Worker(loaded).run()
+    segment = Segment.attach(args.shm_fd)
+    segment.activate()
+    sock = socket.socket(fileno=args.control_fd)
+
+    async def run() -> int:
+        channel = await ControlChannel.open(sock)
+        return await Worker(args.index, channel, segment).run()
 
     try:
-        return uvloop.run(main())
-    except OSError as exc:
-        log(f"cannot start: {exc}", "error")
-        return 1
+        return uvloop.run(run())
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+from libc.stdint cimport uint64_t
+
+cdef extern from "atomics.h":
+    uint64_t fg_add(uint64_t* p, uint64_t v) noexcept nogil
+    uint64_t fg_sub(uint64_t* p, uint64_t v) noexcept nogil
+    uint64_t fg_load(uint64_t* p) noexcept nogil
+    void fg_store(uint64_t* p, uint64_t v) noexcept nogil
+    int fg_cas(uint64_t* p, uint64_t* expected, uint64_t desired) noexcept nogil
+
+
+# What the data plane records. Each is a no-op when this process has no active segment or the
+# slot is -1 (not tracked) or out of range, so compiled tables without slots cost nothing extra.
+cdef int method_index(const char* method, Py_ssize_t n) noexcept
+cdef void record_request(int route_slot, int method, int status, double seconds) noexcept
+cdef void listener_opened(int slot) noexcept
+cdef void listener_closed(int slot) noexcept
+cdef void listener_rejected(int slot) noexcept
+cdef void target_begin(int slot) noexcept
+cdef void target_end(int slot, double seconds, bint failed) noexcept
+cdef bint target_draining(int slot) noexcept
+
+
+cdef class Segment:
+    cdef object _file                 # keeps the memfd / temp file open
+    cdef object _map                  # the mmap object: the memory stays mapped while it lives
+    cdef uint64_t* base
+    cdef readonly Py_ssize_t size
+    cdef readonly dict capacity
+
+    cdef uint64_t* _section(self, int header_offset, int header_count, int slot, int words) except NULL
+    cdef uint64_t* _worker(self, int index) except NULL
+    cdef uint64_t* _route(self, int slot) except NULL
+    cdef uint64_t* _target(self, int slot) except NULL
+    cdef uint64_t* _listener(self, int slot) except NULL

@@ -1,0 +1,481 @@
+"""The shared-memory segment: one fixed layout of 64-bit words that the supervisor creates before it
+starts the workers and every worker maps; the data plane updates it with C11 atomics.
+
+The segment lives in a memfd (an unlinked temp file where memfd is missing) so an exec'd worker
+maps it from an inherited file descriptor. Layout, in 64-bit words, each section 64-byte aligned:
+
+  header      magic, layout version, size, capacities, section offsets, config_version, created
+  workers     [W] pid, started_unix_ns, heartbeat_mono_ns, config_version, generation, state,
+                  requests (counted by that worker)
+  listeners   [L] open connections (a gauge, may be changed by any worker), accepted, rejected
+  routes      [R] requests[8 methods][CODES]; duration histogram (16 buckets), sum ns, count.
+                  Slot 0 counts requests that matched no route.
+  targets     [T] health words (healthy, draining, ejected_until_mono_ns, circuit,
+                  consecutive_failures, ejections, active, ewma_ns, requests, failures), words kept
+                  for the balancer, then the upstream duration histogram, sum ns, count
+  ratelimit   [K] entries of 4 words (key hash + 3 words of algorithm state), zeroed and reserved
+                  for the rate limiter (open addressing over the key hash)
+
+Slots are numbered by the supervisor (one writer of the name -> slot tables), so workers never
+allocate in shared memory. Pages never touched cost no memory, so capacities are generous.
+"""
+cimport cython
+from libc.stdint cimport uint64_t, int64_t
+from libc.string cimport memcmp
+
+import mmap
+import os
+import tempfile
+import time
+
+cdef extern from "<time.h>" nogil:
+    ctypedef long time_t
+    struct timespec:
+        time_t tv_sec
+        long tv_nsec
+    int clock_gettime(int clk_id, timespec* tp)
+    int CLOCK_MONOTONIC
+
+DEF_MAGIC = 0x4853574754534146          # b"FASTGWSH" little-endian
+cdef enum:
+    LAYOUT_VERSION = 1
+    HEADER_WORDS = 64
+    # header word indices
+    H_MAGIC = 0
+    H_VERSION = 1
+    H_SIZE = 2
+    H_WORKERS = 3
+    H_ROUTES = 4
+    H_TARGETS = 5
+    H_LISTENERS = 6
+    H_RATELIMIT = 7
+    H_OFF_WORKERS = 8
+    H_OFF_LISTENERS = 9
+    H_OFF_ROUTES = 10
+    H_OFF_TARGETS = 11
+    H_OFF_RATELIMIT = 12
+    H_CONFIG_VERSION = 13
+    H_CREATED = 14
+
+    WORKER_WORDS = 8
+    W_PID = 0
+    W_STARTED = 1
+    W_HEARTBEAT = 2
+    W_CONFIG_VERSION = 3
+    W_GENERATION = 4
+    W_STATE = 5
+    W_REQUESTS = 6
+
+    LISTENER_WORDS = 8
+    L_OPEN = 0
+    L_ACCEPTED = 1
+    L_REJECTED = 2
+
+    N_METHODS = 8
+    N_EXACT_CODES = 37
+    N_CODES = 42                        # the exact codes, then 1xx..5xx for any other
+    N_BUCKETS = 16                      # 15 finite upper bounds and +Inf
+    R_DURATION = 336                    # N_METHODS * N_CODES
+    R_SUM = 352                         # R_DURATION + N_BUCKETS
+    R_COUNT = 353
+    ROUTE_WORDS = 360
+
+    T_HEALTHY = 0
+    T_DRAINING = 1
+    T_EJECTED_UNTIL = 2
+    T_CIRCUIT = 3                       # 0 closed, 1 open, 2 half_open
+    T_CONSECUTIVE_FAILURES = 4
+    T_EJECTIONS = 5
+    T_ACTIVE = 6
+    T_EWMA = 7                          # latency EWMA, ns (0 = no sample yet)
+    T_REQUESTS = 8
+    T_FAILURES = 9
+    # 10..23 are kept for the balancer (weights, slow start, circuit window counters)
+    T_DURATION = 24
+    T_SUM = 40
+    T_COUNT = 41
+    TARGET_WORDS = 48
+
+    RATELIMIT_WORDS = 4
+
+METHOD_NAMES = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "OTHER")
+EXACT_CODES = (100, 101, 200, 201, 202, 204, 206, 301, 302, 303, 304, 307, 308, 400, 401, 403,
+               404, 405, 406, 408, 409, 410, 412, 413, 414, 415, 416, 421, 422, 429, 431, 499,
+               500, 501, 502, 503, 504)
+CODE_LABELS = tuple(str(c) for c in EXACT_CODES) + ("1xx", "2xx", "3xx", "4xx", "5xx")
+BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+CIRCUIT_STATES = ("closed", "open", "half_open")
+
+assert len(EXACT_CODES) == N_EXACT_CODES and len(CODE_LABELS) == N_CODES
+assert len(BUCKETS) == N_BUCKETS - 1
+
+cdef int _code_index[600]
+cdef uint64_t _bucket_ns[15]
+for _i in range(600):
+    _code_index[_i] = N_EXACT_CODES + (_i // 100 - 1 if 100 <= _i < 600 else 4)
+for _i, _c in enumerate(EXACT_CODES):
+    _code_index[_c] = _i
+for _i, _b in enumerate(BUCKETS):
+    _bucket_ns[_i] = <uint64_t>(_b * 1e9 + 0.5)
+
+# The segment this process records into (set by Segment.activate), and its worker slot.
+cdef uint64_t* _base = NULL
+cdef uint64_t* _workers = NULL
+cdef uint64_t* _listeners = NULL
+cdef uint64_t* _routes = NULL
+cdef uint64_t* _targets = NULL
+cdef int _n_listeners = 0
+cdef int _n_routes = 0
+cdef int _n_targets = 0
+cdef uint64_t* _my_requests = NULL
+
+
+cdef inline uint64_t _ns(double seconds) noexcept:
+    return <uint64_t>(seconds * 1e9) if seconds > 0 else 0
+
+
+cdef inline int _bucket(uint64_t ns) noexcept:
+    cdef int i
+    for i in range(N_BUCKETS - 1):
+        if ns <= _bucket_ns[i]:
+            return i
+    return N_BUCKETS - 1
+
+
+cdef inline void _observe(uint64_t* histogram, uint64_t ns) noexcept:
+    """Histogram words: N_BUCKETS counts, then the sum (ns), then the count."""
+    fg_add(histogram + _bucket(ns), 1)
+    fg_add(histogram + N_BUCKETS, ns)
+    fg_add(histogram + N_BUCKETS + 1, 1)
+
+
+cdef int method_index(const char* m, Py_ssize_t n) noexcept:
+    if n == 3:
+        if memcmp(m, b"GET", 3) == 0:
+            return 0
+        if memcmp(m, b"PUT", 3) == 0:
+            return 3
+    elif n == 4:
+        if memcmp(m, b"HEAD", 4) == 0:
+            return 1
+        if memcmp(m, b"POST", 4) == 0:
+            return 2
+    elif n == 6 and memcmp(m, b"DELETE", 6) == 0:
+        return 4
+    elif n == 5 and memcmp(m, b"PATCH", 5) == 0:
+        return 5
+    elif n == 7 and memcmp(m, b"OPTIONS", 7) == 0:
+        return 6
+    return 7
+
+
+cdef void record_request(int route_slot, int method, int status, double seconds) noexcept:
+    if _routes == NULL or route_slot < 0 or route_slot >= _n_routes:
+        return
+    cdef uint64_t* r = _routes + <Py_ssize_t>route_slot * ROUTE_WORDS
+    cdef int code = _code_index[status] if 0 <= status < 600 else N_CODES - 1
+    fg_add(r + method * N_CODES + code, 1)
+    _observe(r + R_DURATION, _ns(seconds))
+    if _my_requests != NULL:
+        fg_add(_my_requests, 1)
+
+
+cdef void listener_opened(int slot) noexcept:
+    if _listeners != NULL and 0 <= slot < _n_listeners:
+        fg_add(_listeners + slot * LISTENER_WORDS + L_OPEN, 1)
+        fg_add(_listeners + slot * LISTENER_WORDS + L_ACCEPTED, 1)
+
+
+cdef void listener_closed(int slot) noexcept:
+    if _listeners != NULL and 0 <= slot < _n_listeners:
+        fg_sub(_listeners + slot * LISTENER_WORDS + L_OPEN, 1)
+
+
+cdef void listener_rejected(int slot) noexcept:
+    if _listeners != NULL and 0 <= slot < _n_listeners:
+        fg_add(_listeners + slot * LISTENER_WORDS + L_REJECTED, 1)
+
+
+cdef void target_begin(int slot) noexcept:
+    if _targets != NULL and 0 <= slot < _n_targets:
+        fg_add(_targets + <Py_ssize_t>slot * TARGET_WORDS + T_ACTIVE, 1)
+
+
+cdef void target_end(int slot, double seconds, bint failed) noexcept:
+    if _targets == NULL or slot < 0 or slot >= _n_targets:
+        return
+    cdef uint64_t* t = _targets + <Py_ssize_t>slot * TARGET_WORDS
+    cdef uint64_t ns = _ns(seconds)
+    cdef uint64_t old, new
+    fg_sub(t + T_ACTIVE, 1)
+    fg_add(t + T_REQUESTS, 1)
+    if failed:
+        fg_add(t + T_FAILURES, 1)
+        return
+    _observe(t + T_DURATION, ns)
+    # EWMA with weight 1/8 (Finagle's and Envoy's peak-EWMA idea, without the decay clock yet):
+    # a CAS loop because every worker updates the same word.
+    old = fg_load(t + T_EWMA)
+    while True:
+        new = ns if old == 0 else <uint64_t>(<int64_t>old + (<int64_t>ns - <int64_t>old) / 8)
+        if new == 0:
+            new = 1
+        if fg_cas(t + T_EWMA, &old, new):
+            break
+
+
+cdef bint target_draining(int slot) noexcept:
+    if _targets == NULL or slot < 0 or slot >= _n_targets:
+        return False
+    return fg_load(_targets + <Py_ssize_t>slot * TARGET_WORDS + T_DRAINING) != 0
+
+
+cdef inline Py_ssize_t _aligned(Py_ssize_t words) noexcept:
+    return (words + 7) & ~7                 # 8 words = 64 bytes
+
+
+cdef uint64_t _monotonic_ns() noexcept:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <uint64_t>ts.tv_sec * 1000000000 + <uint64_t>ts.tv_nsec
+
+
+@cython.final
+cdef class Segment:
+    """A mapped segment. `create` in the supervisor, `attach(fd)` in a worker."""
+
+    @staticmethod
+    def create(*, int workers, int routes, int targets, int listeners,
+               int ratelimit_entries=65536):
+        if min(workers, routes, targets, listeners, ratelimit_entries) < 1:
+            raise ValueError("every capacity must be at least 1")
+        off_workers = HEADER_WORDS
+        off_listeners = _aligned(off_workers + workers * WORKER_WORDS)
+        off_routes = _aligned(off_listeners + listeners * LISTENER_WORDS)
+        off_targets = _aligned(off_routes + <Py_ssize_t>routes * ROUTE_WORDS)
+        off_ratelimit = _aligned(off_targets + <Py_ssize_t>targets * TARGET_WORDS)
+        words = _aligned(off_ratelimit + <Py_ssize_t>ratelimit_entries * RATELIMIT_WORDS)
+        size = words * 8
+        if hasattr(os, "memfd_create"):
+            fd = os.memfd_create("fastgw-shm", 0)
+            file = open(fd, "r+b", buffering=0)
+        else:                               # macOS: an unlinked temp file serves the same purpose
+            file = tempfile.TemporaryFile()
+        os.ftruncate(file.fileno(), size)
+        cdef Segment seg = Segment._map_file(file, size)
+        cdef uint64_t* h = seg.base
+        h[H_VERSION] = LAYOUT_VERSION
+        h[H_SIZE] = size
+        h[H_WORKERS], h[H_ROUTES], h[H_TARGETS] = workers, routes, targets
+        h[H_LISTENERS], h[H_RATELIMIT] = listeners, ratelimit_entries
+        h[H_OFF_WORKERS], h[H_OFF_LISTENERS], h[H_OFF_ROUTES] = off_workers, off_listeners, off_routes
+        h[H_OFF_TARGETS], h[H_OFF_RATELIMIT] = off_targets, off_ratelimit
+        h[H_CREATED] = time.time_ns()
+        for slot in range(targets):
+            seg._target(slot)[T_HEALTHY] = 1
+        h[H_MAGIC] = DEF_MAGIC               # last: a half-written header never validates
+        seg._read_capacity()
+        return seg
+
+    @staticmethod
+    def attach(int fd):
+        file = open(os.dup(fd), "r+b", buffering=0)
+        size = os.fstat(file.fileno()).st_size
+        if size < HEADER_WORDS * 8:
+            file.close()
+            raise ValueError(f"fd {fd} is not a fastgw shared-memory segment ({size} bytes)")
+        cdef Segment seg = Segment._map_file(file, size)
+        cdef uint64_t* h = seg.base
+        if h[H_MAGIC] != DEF_MAGIC or h[H_VERSION] != LAYOUT_VERSION or h[H_SIZE] != <uint64_t>size:
+            seg.close()
+            raise ValueError(f"fd {fd} is not a fastgw shared-memory segment of layout "
+                             f"{LAYOUT_VERSION} (a worker from another fastgw version?)")
+        seg._read_capacity()
+        return seg
+
+    @staticmethod
+    def _map_file(file, Py_ssize_t size):
+        cdef Segment seg = Segment.__new__(Segment)
+        cdef unsigned char[::1] view
+        seg._file = file
+        seg._map = mmap.mmap(file.fileno(), size)
+        view = seg._map
+        seg.base = <uint64_t*>&view[0]
+        seg.size = size
+        return seg
+
+    def _read_capacity(self):
+        cdef uint64_t* h = self.base
+        self.capacity = {"workers": h[H_WORKERS], "routes": h[H_ROUTES], "targets": h[H_TARGETS],
+                         "listeners": h[H_LISTENERS], "ratelimit": h[H_RATELIMIT]}
+
+    @property
+    def fd(self):
+        return self._file.fileno()
+
+    def activate(self, int worker_index=-1):
+        """Make this the segment the data plane of this process records into."""
+        global _base, _workers, _listeners, _routes, _targets, _n_listeners, _n_routes, _n_targets
+        global _my_requests
+        cdef uint64_t* h = self.base
+        _workers = h + h[H_OFF_WORKERS]
+        _listeners = h + h[H_OFF_LISTENERS]
+        _routes = h + h[H_OFF_ROUTES]
+        _targets = h + h[H_OFF_TARGETS]
+        _n_listeners, _n_routes, _n_targets = h[H_LISTENERS], h[H_ROUTES], h[H_TARGETS]
+        _my_requests = self._worker(worker_index) + W_REQUESTS if worker_index >= 0 else NULL
+        _base = h
+
+    def close(self):
+        global _base, _workers, _listeners, _routes, _targets, _n_listeners, _n_routes, _n_targets
+        global _my_requests
+        if self.base == NULL:
+            return
+        if _base == self.base:
+            _base = _workers = _listeners = _routes = _targets = _my_requests = NULL
+            _n_listeners = _n_routes = _n_targets = 0
+        self.base = NULL
+        try:
+            self._map.close()
+        except BufferError:                 # a memoryview still refers to it; unmapped at exit
+            pass
+        self._file.close()
+
+    # --- slot addresses --------------------------------------------------------------------------
+
+    cdef uint64_t* _section(self, int header_offset, int header_count, int slot, int words) except NULL:
+        if self.base == NULL:
+            raise ValueError("the segment is closed")
+        if not 0 <= slot < <int>self.base[header_count]:
+            raise IndexError(f"slot {slot} out of range")
+        return self.base + self.base[header_offset] + <Py_ssize_t>slot * words
+
+    cdef uint64_t* _worker(self, int index) except NULL:
+        return self._section(H_OFF_WORKERS, H_WORKERS, index, WORKER_WORDS)
+
+    cdef uint64_t* _route(self, int slot) except NULL:
+        return self._section(H_OFF_ROUTES, H_ROUTES, slot, ROUTE_WORDS)
+
+    cdef uint64_t* _target(self, int slot) except NULL:
+        return self._section(H_OFF_TARGETS, H_TARGETS, slot, TARGET_WORDS)
+
+    cdef uint64_t* _listener(self, int slot) except NULL:
+        return self._section(H_OFF_LISTENERS, H_LISTENERS, slot, LISTENER_WORDS)
+
+    # --- header and workers ----------------------------------------------------------------------
+
+    @property
+    def config_version(self):
+        return fg_load(self.base + H_CONFIG_VERSION)
+
+    @config_version.setter
+    def config_version(self, uint64_t value):
+        fg_store(self.base + H_CONFIG_VERSION, value)
+
+    def worker_set(self, int index, *, uint64_t pid, uint64_t config_version, uint64_t state,
+                   generation=None):
+        cdef uint64_t* w = self._worker(index)
+        if fg_load(w + W_PID) != pid:
+            fg_store(w + W_STARTED, time.time_ns())
+            fg_store(w + W_HEARTBEAT, _monotonic_ns())
+        fg_store(w + W_PID, pid)
+        fg_store(w + W_CONFIG_VERSION, config_version)
+        fg_store(w + W_STATE, state)
+        if generation is not None:
+            fg_store(w + W_GENERATION, generation)
+
+    def worker_heartbeat(self, int index):
+        fg_store(self._worker(index) + W_HEARTBEAT, _monotonic_ns())
+
+    def worker_applied(self, int index, uint64_t config_version):
+        fg_store(self._worker(index) + W_CONFIG_VERSION, config_version)
+
+    def workers(self):
+        cdef uint64_t now = _monotonic_ns()
+        cdef uint64_t* w
+        out = []
+        for index in range(self.capacity["workers"]):
+            w = self._worker(index)
+            if fg_load(w + W_STATE) == 0:
+                continue
+            beat = fg_load(w + W_HEARTBEAT)
+            out.append({"index": index, "pid": fg_load(w + W_PID), "state": fg_load(w + W_STATE),
+                        "started_unix": fg_load(w + W_STARTED) / 1e9,
+                        "heartbeat_age_s": (now - beat) / 1e9 if now > beat else 0.0,
+                        "config_version": fg_load(w + W_CONFIG_VERSION),
+                        "generation": fg_load(w + W_GENERATION),
+                        "requests": fg_load(w + W_REQUESTS)})
+        return out
+
+    # --- readers for metrics and the admin API ---------------------------------------------------
+
+    def route_requests(self, int slot):
+        """[(method, code label, count)] for the cells that are not zero."""
+        cdef uint64_t* r = self._route(slot)
+        cdef uint64_t n
+        cdef int m, c
+        out = []
+        for m in range(N_METHODS):
+            for c in range(N_CODES):
+                n = fg_load(r + m * N_CODES + c)
+                if n:
+                    out.append((METHOD_NAMES[m], CODE_LABELS[c], n))
+        return out
+
+    def route_duration(self, int slot):
+        return _histogram(self._route(slot) + R_DURATION)
+
+    def target_stats(self, int slot):
+        cdef uint64_t* t = self._target(slot)
+        ejected_until = fg_load(t + T_EJECTED_UNTIL)
+        circuit = fg_load(t + T_CIRCUIT)
+        return {
+            "healthy": fg_load(t + T_HEALTHY) != 0,
+            "draining": fg_load(t + T_DRAINING) != 0,
+            "ejected": ejected_until > _monotonic_ns(),
+            "circuit": CIRCUIT_STATES[circuit] if circuit < 3 else "closed",
+            "active": <int64_t>fg_load(t + T_ACTIVE),
+            "ewma_ms": fg_load(t + T_EWMA) / 1e6,
+            "requests": fg_load(t + T_REQUESTS),
+            "failures": fg_load(t + T_FAILURES),
+            "duration": _histogram(t + T_DURATION),
+        }
+
+    def target_set_draining(self, int slot, bint draining):
+        fg_store(self._target(slot) + T_DRAINING, draining)
+
+    def target_set_healthy(self, int slot, bint healthy):
+        fg_store(self._target(slot) + T_HEALTHY, healthy)
+
+    def listener_stats(self, int slot):
+        cdef uint64_t* l = self._listener(slot)
+        return {"open": <int64_t>fg_load(l + L_OPEN), "accepted": fg_load(l + L_ACCEPTED),
+                "rejected": fg_load(l + L_REJECTED)}
+
+
+cdef tuple _histogram(uint64_t* h):
+    """(non-cumulative bucket counts, sum in seconds, count)."""
+    cdef int i
+    return ([fg_load(h + i) for i in range(N_BUCKETS)], fg_load(h + N_BUCKETS) / 1e9,
+            fg_load(h + N_BUCKETS + 1))
+
+
+# --- the data plane's recorders, callable from Python for tests --------------------------------
+
+def _record_request(int route_slot, bytes method, int status, double seconds):
+    record_request(route_slot, method_index(method, len(method)), status, seconds)
+
+def _listener_opened(int slot):
+    listener_opened(slot)
+
+def _listener_closed(int slot):
+    listener_closed(slot)
+
+def _listener_rejected(int slot):
+    listener_rejected(slot)
+
+def _target_begin(int slot):
+    target_begin(slot)
+
+def _target_end(int slot, double seconds, bint failed):
+    target_end(slot, seconds, failed)

@@ -1,0 +1,228 @@
+"""The admin API (SPEC.md §7) on `admin.bind`, served by the supervisor.
+
+Every change goes the same way: edit a copy of the config document (fastgw/config/store.py),
+validate it exactly as `fastgw check` would, let every worker prepare it, persist it, switch it on
+(Supervisor.change). Anything that fails on the way leaves the running config as it was.
+"""
+from __future__ import annotations
+
+import platform
+
+import msgspec
+
+from fastgw import __version__
+from fastgw.admin.http import AdminApp, AdminServer, HTTPError, Response
+from fastgw.admin.metrics import render
+from fastgw.config.errors import ConfigError, ConfigWriteError, ConflictError
+from fastgw.config.validate import parse_bind
+
+KINDS = ("services", "routes", "consumers")
+# Probes (load balancers, Kubernetes) cannot always send a token: liveness and readiness are open.
+PUBLIC = {("GET", "/status"), ("GET", "/status/ready")}
+
+
+class Admin:
+    def __init__(self, supervisor, server: AdminServer, app: AdminApp):
+        self.supervisor, self.server, self.app = supervisor, server, app
+
+    def configure(self, spec) -> None:
+        """A reload may change the token; a new bind address needs a restart."""
+        self.app.token = spec.token if spec is not None else None
+
+    async def close(self) -> None:
+        await self.server.close()
+
+
+async def start_admin(supervisor, spec) -> Admin:
+    app = build_app(supervisor, spec.token)
+    server = AdminServer(app)
+    host, port = parse_bind(spec.bind)
+    await server.start(host, port)
+    return Admin(supervisor, server, app)
+
+
+def _config_error(exc: ConfigError) -> Response:
+    problems = [str(p) for p in exc.problems]
+    return Response.json({"error": {"status": 400, "code": "invalid_config",
+                                    "message": problems[0] if problems else "invalid config",
+                                    "problems": problems}}, status=400)
+
+
+def build_app(sup, token: str | None) -> AdminApp:
+    app = AdminApp(token=token, public=PUBLIC)
+    store = sup.store
+
+    async def change(edit) -> Response:
+        """Apply an edit of the document; the answer is the new config version."""
+        try:
+            version = await sup.change(edit)
+        except ConfigError as exc:
+            return _config_error(exc)
+        except LookupError as exc:
+            raise HTTPError(404, "not_found", _message(exc)) from None
+        except ConflictError as exc:
+            raise HTTPError(409, "conflict", str(exc)) from None
+        except ConfigWriteError as exc:
+            raise HTTPError(409 if not store.persistable else 500, "not_persisted", str(exc)) from None
+        except ValueError as exc:
+            raise HTTPError(400, "bad_request", str(exc)) from None
+        return Response.json({"config_version": version, "persisted": store.persistable})
+
+    @app.route("GET", "/")
+    async def index(req):
+        return {"fastgw": __version__, "endpoints": sorted({f"{m} {p}" for m, p in app.routes()})}
+
+    @app.route("GET", "/status")
+    async def status(req):
+        return sup.status()
+
+    @app.route("GET", "/status/ready")
+    async def ready(req):
+        body = {"ready": sup.ready(), "config_version": store.version,
+                "draining": sup.draining}
+        return Response.json(body, status=200 if body["ready"] else 503)
+
+    @app.route("GET", "/metrics")
+    async def metrics(req):
+        return Response(body=render(sup.segment, metric_labels(sup)),
+                        content_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.route("POST", "/reload")
+    async def reload(req):
+        try:
+            version = await sup.reload()
+        except ConfigError as exc:
+            return _config_error(exc)
+        return {"config_version": version}
+
+    # --- the whole config ------------------------------------------------------------------------
+
+    @app.route("GET", "/config")
+    async def get_config(req):
+        return {"config_version": store.version, "config": store.redacted()}
+
+    @app.route("PUT", "/config")
+    async def put_config(req):
+        document = _document(req)
+        return await change(lambda: store.with_document(document))
+
+    @app.route("POST", "/config/validate")
+    async def validate_config(req):
+        try:
+            document = store.with_document(_document(req))
+        except ValueError as exc:
+            raise HTTPError(400, "bad_request", str(exc)) from None
+        answer = {"diff": store.diff(store.document, document)}
+        try:
+            loaded = store.validate(document)
+        except ConfigError as exc:
+            return {"valid": False, "errors": [str(p) for p in exc.problems
+                                               if p.severity == "error"],
+                    "warnings": [str(p) for p in exc.problems if p.severity != "error"], **answer}
+        return {"valid": True, "errors": [], "warnings": [str(w) for w in loaded.warnings], **answer}
+
+    # --- services, routes, consumers -------------------------------------------------------------
+
+    for kind in KINDS:
+        _object_routes(app, store, change, kind)
+
+    # --- targets ---------------------------------------------------------------------------------
+
+    @app.route("POST", "/services/{name}/targets")
+    async def add_target(req):
+        target = _object(req)
+        return await change(lambda: store.with_target(req.params["name"], target))
+
+    @app.route("PATCH", "/services/{name}/targets/{address}")
+    async def patch_target(req):
+        patch = _object(req)
+        return await change(lambda: store.with_target_patch(
+            req.params["name"], req.params["address"], patch))
+
+    @app.route("DELETE", "/services/{name}/targets/{address}")
+    async def delete_target(req):
+        return await change(lambda: store.without_target(req.params["name"], req.params["address"]))
+
+    @app.route("GET", "/services/{name}/health")
+    async def health(req):
+        name = req.params["name"]
+        service = store.loaded.config.services.get(name)
+        if service is None:
+            raise HTTPError(404, "not_found", f"no service named {name!r}")
+        slots = sup.current_slots["targets"]
+        targets = []
+        for t in service.targets:
+            stats = sup.segment.target_stats(slots[(name, t.address)]) \
+                if slots.get((name, t.address), -1) >= 0 else None
+            targets.append({
+                "address": t.address,
+                "healthy": stats["healthy"] if stats else True,
+                "ejected": stats["ejected"] if stats else False,
+                "circuit": stats["circuit"] if stats else "closed",
+                "active": stats["active"] if stats else 0,
+                "ewma_ms": round(stats["ewma_ms"], 3) if stats else None,
+                "weight": t.weight,
+                "draining": t.drain,
+            })
+        return {"service": name, "targets": targets}
+
+    return app
+
+
+def _object_routes(app: AdminApp, store, change, kind: str) -> None:
+    path = f"/{kind}/{{name}}"
+
+    @app.route("GET", path)
+    async def get(req):
+        try:
+            return store.get_object(kind, req.params["name"])
+        except LookupError as exc:
+            raise HTTPError(404, "not_found", _message(exc)) from None
+
+    @app.route("PUT", path)
+    async def put(req):
+        obj = _object(req)
+        return await change(lambda: store.with_object(kind, req.params["name"], obj))
+
+    @app.route("DELETE", path)
+    async def delete(req):
+        return await change(lambda: store.without_object(kind, req.params["name"]))
+
+
+def _object(req) -> dict:
+    value = req.json()
+    if not isinstance(value, dict):
+        raise HTTPError(400, "bad_request", "the body must be a JSON object")
+    return value
+
+
+def _document(req) -> dict:
+    value = _object(req)
+    # GET /config answers {"config_version", "config"}: accept that shape back as well.
+    if set(value) == {"config_version", "config"} and isinstance(value["config"], dict):
+        value = value["config"]
+    return value
+
+
+def _message(exc: LookupError) -> str:
+    return exc.args[0] if exc.args else str(exc)
+
+
+def metric_labels(sup) -> dict:
+    """What the renderer needs to name the shared-memory slots of the current config."""
+    config = sup.store.loaded.config
+    slots = sup.current_slots
+    import uvloop
+
+    return {
+        "routes": [(0, "", "")] + [(slots["routes"][r.name], r.name, r.service or "")
+                                   for r in config.routes if slots["routes"].get(r.name, -1) >= 0],
+        "targets": [(slot, svc, addr) for (svc, addr), slot in slots["targets"].items()
+                    if slot >= 0 and svc in config.services],
+        "listeners": [(slot, name) for name, slot in slots["listeners"].items() if slot >= 0],
+        "config_version": sup.store.version,
+        "reloads": dict(sup.reloads),
+        "workers": sum(1 for w in sup.workers if w.running),
+        "build": {"version": __version__, "python": platform.python_version(),
+                  "uvloop": uvloop.__version__, "msgspec": msgspec.__version__},
+    }

@@ -1,0 +1,270 @@
+"""The config document behind the admin API: edits, validation, atomic persistence.
+
+Edits work on the document as written in the file (before `${ENV}` substitution), so a secret
+given as `${VAR}` stays a reference when the file is written back. A changed document is
+serialised in the file's format and loaded exactly like `fastgw check` loads a file, so an invalid
+change is reported with the same `file:line: key: message` lines, against the file that would have
+been written. Writing back does not keep YAML comments or layout; the previous text is kept in
+`FILE.bak`. TOML files are read but never written (there is no TOML writer in the standard
+library): admin changes to a TOML-configured gateway are refused.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+import os
+import stat
+import tempfile
+
+import yaml
+
+from fastgw.config.errors import ConfigWriteError, ConflictError
+from fastgw.config.load import DEFAULT_NAME, LoadedConfig, load_config, load_text
+
+REDACTED = "<redacted>"
+SECRET_KEYS = {"token", "secret", "password", "password_hash", "client_secret", "api_keys"}
+LIST_KINDS = ("routes", "consumers")        # lists of objects with a `name`
+TARGET_PATCH_KEYS = {"weight", "drain"}
+
+
+class ConfigStore:
+    def __init__(self, loaded: LoadedConfig):
+        self.loaded = loaded
+        self.version = 1
+
+    # --- what is current -------------------------------------------------------------------------
+
+    @property
+    def path(self) -> str | None:
+        return self.loaded.path
+
+    @property
+    def document(self) -> dict:
+        return copy.deepcopy(self.loaded.document)
+
+    @property
+    def persistable(self) -> bool:
+        return self.path is not None and self.loaded.fmt != "toml"
+
+    @property
+    def why_not_persisted(self) -> str | None:
+        if self.path is None:
+            return "no config file (the embedded default): changes are kept in memory only"
+        if self.loaded.fmt == "toml":
+            return f"{self.path}: fastgw does not write TOML; convert the file to YAML or JSON to change it through the admin API"
+        return None
+
+    # --- loading and committing ------------------------------------------------------------------
+
+    def read_file(self) -> LoadedConfig:
+        """The file as it is on disk now (SIGHUP, POST /reload); raises ConfigError."""
+        return load_config(self.path) if self.path is not None else self.loaded
+
+    def validate(self, document: dict) -> LoadedConfig:
+        """Load `document` as the file that would be written; raises ConfigError."""
+        if self.loaded.fmt == "toml":
+            raise ConfigWriteError(self.why_not_persisted)
+        text = serialise(document, self.loaded.fmt)
+        return load_text(text, self.path or DEFAULT_NAME, self.loaded.fmt, path=self.path)
+
+    def commit(self, loaded: LoadedConfig) -> int:
+        """Write `loaded` to the config file atomically, then make it current."""
+        if self.path is not None:
+            _write_atomically(self.path, loaded.source)
+        return self.adopt(loaded)
+
+    def adopt(self, loaded: LoadedConfig) -> int:
+        """Make `loaded` current without writing it (it was read from the file)."""
+        self.loaded = loaded
+        self.version += 1
+        return self.version
+
+    # --- edits: each returns a new document --------------------------------------------------------
+
+    def get_object(self, kind: str, name: str) -> dict:
+        return redact(_find(self.loaded.document, kind, name)[1])
+
+    def with_object(self, kind: str, name: str, obj: dict) -> dict:
+        doc = self.document
+        if kind == "services":
+            doc.setdefault("services", {})
+            if not isinstance(doc["services"], dict):
+                raise ValueError("services must be a mapping")
+            doc["services"][name] = _unredact(obj, doc["services"].get(name))
+            return doc
+        if obj.setdefault("name", name) != name:
+            raise ValueError(f"the body names {obj['name']!r} but the URL names {name!r}")
+        items = doc.setdefault(kind, [])
+        for i, item in enumerate(items):
+            if isinstance(item, dict) and item.get("name") == name:
+                items[i] = _unredact(obj, item)
+                return doc
+        items.append(obj)
+        return doc
+
+    def without_object(self, kind: str, name: str) -> dict:
+        doc = self.document
+        container, _ = _find(doc, kind, name)
+        if kind == "services":
+            del container[name]
+        else:
+            container[:] = [i for i in container if not (isinstance(i, dict) and i.get("name") == name)]
+        return doc
+
+    def with_target(self, service: str, target: dict) -> dict:
+        doc = self.document
+        targets = _targets(doc, service)
+        if not isinstance(target.get("address"), str):
+            raise ValueError("a target needs an address: {\"address\": \"host:port\"}")
+        if any(t.get("address") == target["address"] for t in targets):
+            raise ConflictError(f"service {service!r} already has target {target['address']}")
+        targets.append(target)
+        return doc
+
+    def with_target_patch(self, service: str, address: str, patch: dict) -> dict:
+        unknown = set(patch) - TARGET_PATCH_KEYS
+        if unknown or not patch:
+            raise ValueError(f"a target PATCH sets {' and/or '.join(sorted(TARGET_PATCH_KEYS))}"
+                             + (f"; not {', '.join(sorted(unknown))}" if unknown else ""))
+        doc = self.document
+        target = _target(doc, service, address)
+        for key, value in patch.items():
+            if key == "drain" and value is False:
+                target.pop("drain", None)             # re-enabled: back to the default
+            else:
+                target[key] = value
+        return doc
+
+    def without_target(self, service: str, address: str) -> dict:
+        doc = self.document
+        targets = _targets(doc, service)
+        _target(doc, service, address)
+        targets[:] = [t for t in targets if t.get("address") != address]
+        return doc
+
+    def with_document(self, document: dict) -> dict:
+        """PUT /config: `<redacted>` values take the current value at the same key path."""
+        return _unredact(copy.deepcopy(document), self.loaded.document)
+
+    # --- views -----------------------------------------------------------------------------------
+
+    def redacted(self) -> dict:
+        return redact(self.loaded.document)
+
+    def diff(self, old: dict, new: dict) -> dict:
+        out: dict = {}
+        for kind in ("services", *LIST_KINDS):
+            before, after = _by_name(old, kind), _by_name(new, kind)
+            out[kind] = {"added": sorted(after.keys() - before.keys()),
+                         "removed": sorted(before.keys() - after.keys()),
+                         "changed": sorted(k for k in before.keys() & after.keys() if before[k] != after[k])}
+        settings = sorted(k for k in (old.keys() | new.keys()) - {"services", *LIST_KINDS}
+                          if old.get(k) != new.get(k))
+        out["settings"] = {"changed": settings}
+        fmt = "json" if self.loaded.fmt == "json" else "yaml"
+        out["text"] = "".join(difflib.unified_diff(
+            serialise(redact(old), fmt).splitlines(True), serialise(redact(new), fmt).splitlines(True),
+            "running", "proposed"))
+        return out
+
+
+def serialise(document: dict, fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps(document, indent=2, ensure_ascii=False) + "\n"
+    return yaml.safe_dump(document, sort_keys=False, allow_unicode=True, default_flow_style=False)
+
+
+def redact(value, key: str | None = None):
+    """A copy with secret values replaced by `<redacted>`; `${VAR}` references are shown."""
+    if isinstance(value, dict):
+        return {k: redact(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v, key) for v in value]
+    if key in SECRET_KEYS and isinstance(value, str) and not value.startswith("${"):
+        return REDACTED
+    return value
+
+
+def _unredact(new, old):
+    """`new` with every `<redacted>` replaced by the value at the same place in `old`."""
+    if new == REDACTED:
+        if old is None or old == REDACTED:
+            raise ValueError("a <redacted> value has no current value to keep: send the secret itself")
+        return old
+    if isinstance(new, dict):
+        return {k: _unredact(v, old.get(k) if isinstance(old, dict) else None) for k, v in new.items()}
+    if isinstance(new, list):
+        if isinstance(old, list) and all(isinstance(i, dict) and "name" in i for i in new):
+            # Lists of named objects (routes, consumers) may be reordered: match by name.
+            by_name = {i.get("name"): i for i in old if isinstance(i, dict)}
+            return [_unredact(v, by_name.get(v["name"])) for v in new]
+        olds = old if isinstance(old, list) else []
+        return [_unredact(v, olds[i] if i < len(olds) else None) for i, v in enumerate(new)]
+    return new
+
+
+def _find(doc: dict, kind: str, name: str):
+    """(the container holding the object, the object); LookupError when it is not there."""
+    container = doc.get(kind)
+    if kind == "services":
+        if isinstance(container, dict) and name in container:
+            return container, container[name]
+    elif isinstance(container, list):
+        for item in container:
+            if isinstance(item, dict) and item.get("name") == name:
+                return container, item
+    raise LookupError(f"no {kind[:-1]} named {name!r}")
+
+
+def _by_name(doc: dict, kind: str) -> dict:
+    value = doc.get(kind) or ({} if kind == "services" else [])
+    if isinstance(value, dict):
+        return value
+    return {i.get("name"): i for i in value if isinstance(i, dict)}
+
+
+def _targets(doc: dict, service: str) -> list:
+    _, svc = _find(doc, "services", service)
+    if not isinstance(svc, dict):
+        raise ValueError(f"service {service!r} is not a mapping")
+    targets = svc.setdefault("targets", [])
+    if not isinstance(targets, list):
+        raise ValueError(f"services.{service}.targets is not a list")
+    return targets
+
+
+def _target(doc: dict, service: str, address: str) -> dict:
+    for t in _targets(doc, service):
+        if isinstance(t, dict) and t.get("address") == address:
+            return t
+    raise LookupError(f"service {service!r} has no target {address}")
+
+
+def _write_atomically(path: str, text: str) -> None:
+    """Temp file in the same directory, fsync, previous version to FILE.bak, rename, fsync dir:
+    after a crash the file is the old or the new text, never a mix."""
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+        fd, tmp = tempfile.mkstemp(prefix=".fastgw-", dir=directory)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, mode)
+            with open(path, "rb") as src, open(path + ".bak", "wb") as bak:
+                bak.write(src.read())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as exc:
+        raise ConfigWriteError(f"{path}: cannot write the config file: {exc.strerror or exc}") from None
