@@ -93,8 +93,9 @@ class ConfigStore:
                 raise ValueError("services must be a mapping")
             doc["services"][name] = _unredact(obj, doc["services"].get(name))
             return doc
-        if obj.setdefault("name", name) != name:
+        if obj.get("name", name) != name:
             raise ValueError(f"the body names {obj['name']!r} but the URL names {name!r}")
+        obj = {"name": name, **obj}               # the name first, as people write it
         items = doc.setdefault(kind, [])
         for i, item in enumerate(items):
             if isinstance(item, dict) and item.get("name") == name:

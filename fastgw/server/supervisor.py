@@ -362,6 +362,7 @@ class Supervisor:
                 "config_version": w.version,
                 "restarts": w.restarts,
                 "heartbeat_age_s": round(beats[w.index]["heartbeat_age_s"], 3) if w.index in beats else None,
+                "requests": beats[w.index]["requests"] if w.index in beats else 0,
             } for w in self.workers],
         }
 

@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     from fastgw._core.shm import Segment
 
     segment = Segment.attach(args.shm_fd)
-    segment.activate()
+    segment.activate(args.index)
     sock = socket.socket(fileno=args.control_fd)
 
     async def run() -> int:
