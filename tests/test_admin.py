@@ -204,6 +204,20 @@ def test_service_and_consumer_crud(gateway, start_upstream, upstream):
     ok(gw.admin("DELETE", "/services/second"))
     assert gw.admin("GET", "/services/second").status == 404
 
+    key = "sha256:" + "ab" * 32
+    ok(gw.admin("PUT", "/consumers/acme", {"groups": ["partners"], "credentials": {"api_keys": [key]}}))
+    shown = ok(gw.admin("GET", "/consumers/acme"))
+    assert shown["groups"] == ["partners"] and shown["credentials"]["api_keys"] == ["<redacted>"]
+    assert yaml.safe_load(gw.config_path.read_text())["consumers"][0]["credentials"]["api_keys"] == [key]
+    # GET-then-PUT keeps the secret it did not show.
+    shown["groups"] = ["partners", "beta"]
+    ok(gw.admin("PUT", "/consumers/acme", shown))
+    assert yaml.safe_load(gw.config_path.read_text())["consumers"][0]["credentials"]["api_keys"] == [key]
+    resp = gw.admin("PUT", "/consumers/bad", {"credentials": {"api_keys": ["plain-text-key"]}})
+    assert resp.status == 400 and "fastgw hash key" in resp.json()["error"]["message"]
+    ok(gw.admin("DELETE", "/consumers/acme"))
+    assert gw.admin("GET", "/consumers/acme").status == 404
+
 
 def test_reload_endpoint_and_cli(gateway, upstream):
     gw = gateway(admin_config(upstream.port, token="tok"))

@@ -173,7 +173,32 @@ class Route(_Base):
     respond: Union[Respond, None] = None
 
 
-# --- logging and the whole file ------------------------------------------------------------------
+# --- consumers (identified callers; the authentication plugins use their credentials) -------------
+
+class BasicCredential(_Base):
+    username: str
+    password_hash: str                             # `fastgw hash password`: scrypt$n$r$p$salt$hash
+
+
+class JwtCredential(_Base):
+    issuer: Union[str, None] = None
+    subject: Union[str, None] = None
+
+
+class Credentials(_Base):
+    api_keys: list[str] = []                       # `fastgw hash key`: sha256:<64 hex>
+    basic: list[BasicCredential] = []
+    jwt: list[JwtCredential] = []
+
+
+class Consumer(_Base):
+    name: str
+    profile: Union[str, None] = None
+    groups: list[str] = []
+    credentials: Credentials = msgspec.field(default_factory=Credentials)
+
+
+# --- logging, tracing and the whole file ---------------------------------------------------------
 
 class AccessLog(_Base):
     format: Literal["json", "combined"] = "json"
@@ -184,6 +209,12 @@ class AccessLog(_Base):
 class Log(_Base):
     level: Literal["debug", "info", "warning", "error"] = "info"
     access: AccessLog = msgspec.field(default_factory=AccessLog)
+
+
+class Tracing(_Base):
+    propagate: Literal["w3c"] = "w3c"              # traceparent in, a new span id out
+    sample_ratio: float = 0.0                      # of requests that arrive without a sampled parent
+    otlp_endpoint: Union[str, None] = None         # OTLP/HTTP traces URL, e.g. http://collector:4318/v1/traces
 
 
 class Drain(_Base):
@@ -198,5 +229,7 @@ class Config(_Base):
     admin: Union[Admin, None] = None
     drain: Drain = msgspec.field(default_factory=Drain)
     log: Log = msgspec.field(default_factory=Log)
+    tracing: Tracing = msgspec.field(default_factory=Tracing)
     services: dict[str, Service] = {}
     routes: list[Route] = []
+    consumers: list[Consumer] = []

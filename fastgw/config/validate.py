@@ -56,8 +56,10 @@ def semantic_problems(config: Config) -> list[ConfigProblem]:
         *_listener_problems(config),
         *_service_problems(config),
         *_route_problems(config),
+        *_consumer_problems(config),
         *_failing([
             ("log.access.sample", 0.0 <= config.log.access.sample <= 1.0, "must be between 0 and 1"),
+            ("tracing.sample_ratio", 0.0 <= config.tracing.sample_ratio <= 1.0, "must be between 0 and 1"),
             ("workers", config.workers == "auto" or 1 <= config.workers <= 1024,
              "must be 'auto' or a number from 1 to 1024"),
         ]),
@@ -77,6 +79,24 @@ def _bind_problem(path: str, value: str) -> ConfigProblem | None:
     except ValueError as e:
         return ConfigProblem(path, str(e))
     return None
+
+
+_API_KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
+_SCRYPT_HASH = re.compile(r"^scrypt\$\d+\$\d+\$\d+\$[A-Za-z0-9+/=]+\$[A-Za-z0-9+/=]+$")
+
+
+def _consumer_problems(config: Config) -> Iterator[ConfigProblem]:
+    yield from _duplicates(((f"consumers[{i}].name", c.name) for i, c in enumerate(config.consumers)),
+                           "consumer name")
+    for i, consumer in enumerate(config.consumers):
+        creds = consumer.credentials
+        yield from _failing(
+            [(f"consumers[{i}].credentials.api_keys[{j}]", bool(_API_KEY_HASH.match(key)),
+              "must be a hash from `fastgw hash key` (sha256:<64 hex digits>), never the key itself")
+             for j, key in enumerate(creds.api_keys)]
+            + [(f"consumers[{i}].credentials.basic[{j}].password_hash", bool(_SCRYPT_HASH.match(b.password_hash)),
+                "must be a hash from `fastgw hash password` (scrypt$n$r$p$salt$hash)")
+               for j, b in enumerate(creds.basic)])
 
 
 def _duplicates(items: Iterable[tuple[str, object]], what: str) -> Iterator[ConfigProblem]:
