@@ -14,6 +14,8 @@ cdef class ListenerState:
     cdef readonly object loop
     cdef public Router router
     cdef public object access_log          # callable(tuple) or None
+    cdef public object tracer              # callable(tuple) for sampled requests, or None
+    cdef public double trace_sample_ratio  # of requests that start a trace here
     cdef public bint draining
     cdef public long long max_header_bytes
     cdef public int max_headers
@@ -39,6 +41,8 @@ cdef class Request:
     cdef bytes traceparent                # as received, when valid
     cdef unsigned long long trace_hi      # a trace started here (no valid traceparent came)
     cdef unsigned long long trace_lo
+    cdef unsigned long long span_id       # ours: the parent id sent upstream
+    cdef bint sampled                     # the trace flags say sampled: export a span
     cdef bytes user_agent
     cdef list connection_tokens
     cdef int connection                   # ConnectionOption bits of the request
@@ -126,6 +130,7 @@ cdef class ClientConnection(Downstream):
     cdef void _linger_close(self)
     cdef void _finish(self, Request req)
     cdef void _log(self, Request req)
+    cdef void _export_span(self, Request req, double now)
     cdef void _flush(self)
     cdef void _pause(self, int reason)
     cdef void _resume(self, int reason)

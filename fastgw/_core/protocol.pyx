@@ -25,6 +25,7 @@ from fastgw._core.upstream cimport (
 import asyncio
 import socket
 import struct
+import sys
 import time
 from email.utils import formatdate
 from http import HTTPStatus
@@ -93,6 +94,8 @@ cdef class ListenerState:
         self.requests = 0
         self.connections = set()
         self.metric_slot = -1
+        self.tracer = None
+        self.trace_sample_ratio = 0.0
 
     def configure(self, **limits):
         """Apply a (re)loaded listener's limits and metric slot; open connections use them from
@@ -126,6 +129,11 @@ cdef bint _is_hex(const char* s, Py_ssize_t n):
         if not ((48 <= s[i] <= 57) or (97 <= s[i] <= 102)):
             return False
     return True
+
+
+cdef inline int _hex_value(char c) noexcept:
+    """Lower-case hex digit (already checked by _is_hex) to its value."""
+    return c - 48 if c <= 57 else c - 87
 
 
 cdef class ClientConnection(Downstream):
@@ -623,19 +631,25 @@ cdef class ClientConnection(Downstream):
             s = PyBytes_AS_STRING(tp)
             if s[0] == b'0' and s[1] == b'0' and s[2] == b'-' and s[35] == b'-' and \
                     s[52] == b'-' and _is_hex(s + 3, 32) and _is_hex(s + 53, 2):
+                req.span_id = random64()
+                # The caller's sampling decision stands (flags bit 0, W3C Trace Context §3.2.2.5).
+                req.sampled = _hex_value(s[54]) & 1
                 h.write(s, 36)
-                h.write_hex_fixed(random64(), 16)
+                h.write_hex_fixed(req.span_id, 16)
                 h.write(s + 52, 3)
                 return
         req.traceparent = None
         req.trace_hi = random64()
         req.trace_lo = random64()
+        req.span_id = random64()
+        req.sampled = self.listener.trace_sample_ratio > 0 and \
+            (random64() >> 11) * (1.0 / 9007199254740992.0) < self.listener.trace_sample_ratio
         h.write(b"00-", 3)
         h.write_hex_fixed(req.trace_hi, 16)
         h.write_hex_fixed(req.trace_lo, 16)
         h.write(b"-", 1)
-        h.write_hex_fixed(random64(), 16)
-        h.write(b"-00", 3)
+        h.write_hex_fixed(req.span_id, 16)
+        h.write(b"-01" if req.sampled else b"-00", 3)
 
     cdef void _send_body(self, Request req, bytes data):
         cdef WriteBuffer h
@@ -937,6 +951,8 @@ cdef class ClientConnection(Downstream):
         record_request((<RouteEntry>route).metric_slot if route is not None else 0,
                        method_index(PyBytes_AS_STRING(req.method), PyBytes_GET_SIZE(req.method)),
                        req.status, now - req.started if req.started else 0.0)
+        if req.sampled and self.listener.tracer is not None:
+            self._export_span(req, now)
         if sink is None:
             return
         sink((time.time(), self._request_id(req).decode("latin-1"),
@@ -952,6 +968,25 @@ cdef class ClientConnection(Downstream):
               now - req.started if req.started else 0.0,
               req.upstream_elapsed if req.upstream_status else None,
               req.user_agent.decode("latin-1") if req.user_agent is not None else None))
+
+    cdef void _export_span(self, Request req, double now):
+        """Hand a sampled request to the tracer (fastgw/server/tracing.py); only sampled requests
+        pay for this."""
+        route = req.rule.route if req.rule is not None else None
+        ended = time.time_ns()
+        parent = req.traceparent[36:52].decode() if req.traceparent is not None else None
+        try:
+            self.listener.tracer((
+                _trace_id(req), f"{req.span_id:016x}", parent,
+                ended - <long long>((now - req.started) * 1e9), ended,
+                req.method.decode(), (req.host or b"").decode("latin-1"),
+                (req.path or b"").decode("latin-1"), req.status, req.flags,
+                route.name if route is not None else None,
+                route.service.name if route is not None and route.service is not None else None,
+                req.target.address if req.target is not None else None,
+                self.client_ip.decode()))
+        except Exception as exc:           # tracing must never break a request
+            print(f"fastgw: span export failed: {exc!r}", file=sys.stderr)
 
     # --- transport helpers -----------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ from typing import Iterable, Iterator
 import msgspec
 
 from fastgw.config.errors import ConfigProblem
+from fastgw.server.tracing import otel_missing
 from fastgw.config.model import Config, Limits, Route, Service
 
 # RFC 9110 §5.6.2: token = 1*tchar
@@ -52,6 +53,7 @@ def parse_bind(value: str) -> tuple[str, int]:
 
 
 def semantic_problems(config: Config) -> list[ConfigProblem]:
+    otel_problem = otel_missing() if config.tracing.otlp_endpoint else None
     return [
         *_listener_problems(config),
         *_service_problems(config),
@@ -60,6 +62,7 @@ def semantic_problems(config: Config) -> list[ConfigProblem]:
         *_failing([
             ("log.access.sample", 0.0 <= config.log.access.sample <= 1.0, "must be between 0 and 1"),
             ("tracing.sample_ratio", 0.0 <= config.tracing.sample_ratio <= 1.0, "must be between 0 and 1"),
+            ("tracing.otlp_endpoint", not otel_problem, otel_problem),
             ("workers", config.workers == "auto" or 1 <= config.workers <= 1024,
              "must be 'auto' or a number from 1 to 1024"),
         ]),

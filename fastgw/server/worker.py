@@ -23,6 +23,7 @@ from fastgw.config.compile import Runtime, compile_config
 from fastgw.config.validate import parse_bind
 from fastgw.server.accesslog import open_access_log
 from fastgw.server.control import ControlChannel
+from fastgw.server.tracing import open_tracer
 
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 _threshold = LEVELS["info"]
@@ -67,6 +68,7 @@ class Worker:
         self.config = None
         self.runtime: Runtime | None = None
         self.access_log = None
+        self.tracer = None
         self.listeners: dict[str, OpenListener] = {}
         self.pending: Pending | None = None
         self.stopped = asyncio.Event()
@@ -100,6 +102,8 @@ class Worker:
         control.cancel()
         if self.access_log is not None:
             self.access_log.close()
+        if self.tracer is not None:
+            self.tracer.close()
         if self.runtime is not None:
             self.runtime.close()
         return 0
@@ -171,6 +175,10 @@ class Worker:
             if self.access_log is not None:
                 self.access_log.close()
             self.access_log = open_access_log(self.loop, config.log.access)
+        if old_config is None or old_config.tracing != config.tracing:
+            if self.tracer is not None:
+                self.tracer.close()
+            self.tracer = open_tracer(config.tracing)
         wanted = {spec.name: spec for spec in config.listeners}
         for name in list(self.listeners):
             item = self.listeners[name]
@@ -182,6 +190,8 @@ class Worker:
             item.spec = spec
             item.state.router = runtime.router
             item.state.access_log = self.access_log
+            item.state.tracer = self.tracer
+            item.state.trace_sample_ratio = config.tracing.sample_ratio
             _configure(item.state, spec, pending.slots)
             if name in pending.opened:
                 self.listeners[name] = item
