@@ -233,3 +233,48 @@ def test_systemd_notify_ready_reloading_stopping(gateway, upstream, tmp_path):
 def test_workers_auto_and_cli_override(gateway, upstream):
     gw = gateway(with_admin({**proxy_config(upstream.port), "workers": "auto"}))
     assert len(gw.worker_pids()) == len(os.sched_getaffinity(0))
+
+
+def test_access_log_from_several_workers(gateway, upstream):
+    """Every worker writes whole JSON lines (to stdout here); SIGUSR1 reaches all of them."""
+    config = with_admin({**proxy_config(upstream.port), "workers": 2})
+    config["log"] = {"access": {"path": "-"}}
+    gw = gateway(config)
+    for i in range(300):
+        gw.request("GET", f"/line/{i}", headers={"User-Agent": "x" * 200})
+    lines = wait_for(lambda: (t := gw.stdout_path.read_text()).count("\n") >= 300 and t, timeout=5)
+    parsed = [__import__("json").loads(line) for line in lines.splitlines()]
+    assert sorted(int(p["path"].rsplit("/", 1)[1]) for p in parsed) == list(range(300))
+
+
+def test_access_log_reopen_sampling_and_flags(gateway, upstream, tmp_path):
+    log = tmp_path / "access.log"
+    config = with_admin({**proxy_config(upstream.port), "workers": 2})
+    config["routes"].insert(0, route("dead", ["/dead"], "dead"))
+    config["services"]["dead"] = target_service(free_port())
+    config["log"] = {"access": {"path": str(log)}}
+    gw = gateway(config)
+    gw.request("GET", "/dead")
+    gw.request("GET", "/ok")
+    assert wait_for(lambda: log.exists() and log.read_text().count("\n") >= 2)
+    entries = [__import__("json").loads(line) for line in log.read_text().splitlines()]
+    assert {e["path"]: e["flags"] for e in entries} == {"/dead": "UF", "/ok": "-"}
+    # Rotation: move the file away, SIGUSR1, new lines land in a new file (from both workers).
+    log.rename(tmp_path / "access.log.1")
+    os.kill(gw.pid, signal.SIGUSR1)
+    time.sleep(0.3)
+    for _ in range(40):
+        gw.request("GET", "/after")
+    assert wait_for(lambda: log.exists() and log.read_text().count("\n") == 40)
+    assert (tmp_path / "access.log.1").read_text().count("\n") == 2
+
+    # Sampling: about half the lines are written.
+    config["log"] = {"access": {"path": str(log), "sample": 0.5}}
+    gw.config_path.write_text(yaml.safe_dump(config))
+    log.unlink()
+    assert gw.admin("POST", "/reload").status == 200      # a changed access log is reopened
+    for _ in range(400):
+        gw.request("GET", "/sampled")
+    time.sleep(0.5)
+    written = log.read_text().count("\n")
+    assert 120 < written < 280, written
