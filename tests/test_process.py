@@ -13,7 +13,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from upstreams import (HOST, RecordingUpstream, Reply, describe_request, free_port, proxy_config,
+from upstreams import (HOST, RecordingUpstream, describe_request, free_port, proxy_config,
                        route, target_service, wait_for)
 
 

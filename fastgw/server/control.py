@@ -28,6 +28,9 @@ class ControlChannel:
         payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
         self._writer.write(_LENGTH.pack(len(payload)) + payload)
 
+    async def flush(self) -> None:
+        await self._writer.drain()
+
     async def receive(self) -> tuple | None:
         """The next message, or None when the other side has gone."""
         try:

@@ -24,7 +24,7 @@ from fastgw.config.load import LoadedConfig
 from fastgw.config.store import ConfigStore
 from fastgw.server import systemd
 from fastgw.server.control import ControlChannel
-from fastgw.server.worker import log, set_log_level
+from fastgw.server.log import log, set_log_level
 
 APPLY_TIMEOUT = 30.0          # a worker that cannot compile and bind in this long fails the change
 START_TIMEOUT = 60.0

@@ -23,22 +23,10 @@ from fastgw.config.compile import Runtime, compile_config
 from fastgw.config.validate import parse_bind
 from fastgw.server.accesslog import open_access_log
 from fastgw.server.control import ControlChannel
+from fastgw.server.log import log, set_log_level, set_prefix
 from fastgw.server.tracing import open_tracer
 
-LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
-_threshold = LEVELS["info"]
-_prefix = "fastgw"
 HEARTBEAT_INTERVAL = 1.0
-
-
-def log(message: str, level: str = "info") -> None:
-    if LEVELS[level] >= _threshold:
-        print(f"{_prefix}: {message}", file=sys.stderr, flush=True)
-
-
-def set_log_level(level: str) -> None:
-    global _threshold
-    _threshold = LEVELS[level]
 
 
 @dataclass
@@ -85,7 +73,7 @@ class Worker:
             self._commit(await self._prepare(version, config, slots))
         except Exception as exc:          # nothing serves yet: report and let the supervisor decide
             self.channel.send("failed", version, f"{type(exc).__name__}: {exc}")
-            await self.channel._writer.drain()
+            await self.channel.flush()
             return 1
         self.segment.worker_set(self.index, pid=os.getpid(), config_version=version, state=2)
         self.channel.send("ready", version)
@@ -258,13 +246,12 @@ def _configure(state, spec, slots: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    global _prefix
     parser = argparse.ArgumentParser(prog="fastgw-worker")
     parser.add_argument("--index", type=int, required=True)
     parser.add_argument("--control-fd", type=int, required=True)
     parser.add_argument("--shm-fd", type=int, required=True)
     args = parser.parse_args(argv)
-    _prefix = f"fastgw[worker {args.index}]"
+    set_prefix(f"fastgw[worker {args.index}]")
     from fastgw._core.shm import Segment
 
     segment = Segment.attach(args.shm_fd)
