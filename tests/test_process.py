@@ -278,3 +278,26 @@ def test_access_log_reopen_sampling_and_flags(gateway, upstream, tmp_path):
     time.sleep(0.5)
     written = log.read_text().count("\n")
     assert 120 < written < 280, written
+
+
+def test_max_connections_holds_across_workers(gateway, upstream):
+    config = with_admin({**proxy_config(upstream.port, limits={"max_connections": 3}), "workers": 2})
+    gw = gateway(config)
+    held = [http.client.HTTPConnection(HOST, gw.port, timeout=5) for _ in range(3)]
+    for c in held:                                  # spread over both workers, kept open
+        c.request("GET", "/x")
+        assert c.getresponse().read()
+    for _ in range(4):                              # whichever worker accepts it: closed at once
+        s = socket.create_connection((HOST, gw.port), timeout=5)
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        try:
+            assert s.recv(100) == b""
+        except ConnectionResetError:
+            pass
+        s.close()
+    m = metrics(gw)
+    assert sample(m, "fastgw_connections_rejected_total", listener="public") == 4
+    assert sample(m, "fastgw_open_connections", listener="public") == 3
+    for c in held:
+        c.close()
+    assert wait_for(lambda: gw.request("GET", "/x").status == 200)

@@ -18,12 +18,12 @@ seg = shm.Segment.attach(int(sys.argv[1]))
 seg.activate(int(sys.argv[2]))
 n = int(sys.argv[3])
 for i in range(n):
-    shm._listener_opened(0)
+    shm._listener_admit(0, 1 << 40)
     shm._record_request(1 + i % 3, (b"GET", b"POST", b"BREW")[i % 3], (200, 404, 299, 777)[i % 4], 0.002)
     shm._target_begin(5)
     shm._target_end(5, 0.004, i % 10 == 0)
     shm._listener_closed(0)
-shm._listener_opened(0)                   # one connection per process stays open
+shm._listener_admit(0, 1 << 40)           # one connection per process stays open
 """
 
 
@@ -52,6 +52,11 @@ def test_four_processes_add_up_exactly():
     assert t["duration"][2] == total - total // 10
     assert t["ewma_ms"] == pytest.approx(4.0, rel=0.01)
     assert seg.listener_stats(0) == {"open": 4, "accepted": total + 4, "rejected": 0}
+    # The limit holds across processes: 4 open, a limit of 5 admits exactly one more.
+    seg.activate()
+    from fastgw._core import shm
+    assert [shm._listener_admit(0, 5) for _ in range(3)] == [1, 0, 0]
+    assert seg.listener_stats(0) == {"open": 5, "accepted": total + 5, "rejected": 2}
     assert sorted(w["requests"] for w in seg.workers()) == []    # no worker_set: slots empty
     seg.close()
 
@@ -63,7 +68,7 @@ def test_out_of_range_slots_are_ignored_and_python_access_checks():
     shm._record_request(-1, b"GET", 200, 0.1)
     shm._record_request(2, b"GET", 200, 0.1)
     shm._target_begin(7)
-    shm._listener_opened(3)
+    assert shm._listener_admit(3, 10) == -1
     assert seg.route_requests(0) == [] and seg.route_requests(1) == []
     with pytest.raises(IndexError):
         seg.route_requests(2)

@@ -14,7 +14,7 @@ from libc.string cimport memchr, memcmp
 from fastgw._core.buffer cimport WriteBuffer, ascii_ieq, ascii_lower, monotonic, random64
 from fastgw._core.router cimport (ROUTE_ECHO, ROUTE_RESPOND, HeaderEdits, PathRule, RouteEntry,
                                   Router, write_fields)
-from fastgw._core.shm cimport (listener_closed, listener_opened, listener_rejected, method_index,
+from fastgw._core.shm cimport (listener_admit, listener_closed, method_index,
                                record_request, target_begin, target_end)
 from fastgw._core.upstream cimport (
     FRAMING_CHUNKED, FRAMING_CLOSE, FRAMING_LENGTH, FRAMING_NONE, UPSTREAM_CONNECT_FAILED,
@@ -148,15 +148,18 @@ cdef class ClientConnection(Downstream):
     def connection_made(self, transport):
         cdef ListenerState listener = self.listener
         self.transport = transport
-        if listener.open_connections >= listener.max_connections:
+        # max_connections holds for the listener as a whole, across workers, when it has a
+        # shared-memory slot; else for this worker alone.
+        cdef int admitted = listener_admit(listener.metric_slot, listener.max_connections)
+        if admitted < 0:
+            admitted = listener.open_connections < listener.max_connections
+        if not admitted:
             listener.rejected_connections += 1
-            listener_rejected(listener.metric_slot)
             self.closed = True
             transport.abort()
             return
         self.admitted = True
         listener.open_connections += 1
-        listener_opened(listener.metric_slot)
         listener.connections.add(self)
         self.loop = listener.loop
         peer = transport.get_extra_info("peername")

@@ -180,20 +180,24 @@ cdef void record_request(int route_slot, int method, int status, double seconds)
         fg_add(_my_requests, 1)
 
 
-cdef void listener_opened(int slot) noexcept:
-    if _listeners != NULL and 0 <= slot < _n_listeners:
-        fg_add(_listeners + slot * LISTENER_WORDS + L_OPEN, 1)
-        fg_add(_listeners + slot * LISTENER_WORDS + L_ACCEPTED, 1)
+cdef int listener_admit(int slot, long long limit) noexcept:
+    """Count a new connection if the listener, over all workers, has fewer than `limit` open:
+    1 admitted, 0 refused (counted as rejected), -1 not tracked here. Add first, then check:
+    two workers racing for the last place cannot both win."""
+    if _listeners == NULL or slot < 0 or slot >= _n_listeners:
+        return -1
+    cdef uint64_t* l = _listeners + slot * LISTENER_WORDS
+    if <int64_t>fg_add(l + L_OPEN, 1) >= limit:
+        fg_sub(l + L_OPEN, 1)
+        fg_add(l + L_REJECTED, 1)
+        return 0
+    fg_add(l + L_ACCEPTED, 1)
+    return 1
 
 
 cdef void listener_closed(int slot) noexcept:
     if _listeners != NULL and 0 <= slot < _n_listeners:
         fg_sub(_listeners + slot * LISTENER_WORDS + L_OPEN, 1)
-
-
-cdef void listener_rejected(int slot) noexcept:
-    if _listeners != NULL and 0 <= slot < _n_listeners:
-        fg_add(_listeners + slot * LISTENER_WORDS + L_REJECTED, 1)
 
 
 cdef void target_begin(int slot) noexcept:
@@ -465,14 +469,11 @@ cdef tuple _histogram(uint64_t* h):
 def _record_request(int route_slot, bytes method, int status, double seconds):
     record_request(route_slot, method_index(method, len(method)), status, seconds)
 
-def _listener_opened(int slot):
-    listener_opened(slot)
+def _listener_admit(int slot, long long limit):
+    return listener_admit(slot, limit)
 
 def _listener_closed(int slot):
     listener_closed(slot)
-
-def _listener_rejected(int slot):
-    listener_rejected(slot)
 
 def _target_begin(int slot):
     target_begin(slot)
