@@ -301,3 +301,46 @@ def test_max_connections_holds_across_workers(gateway, upstream):
     for c in held:
         c.close()
     assert wait_for(lambda: gw.request("GET", "/x").status == 200)
+
+
+def test_reload_adds_and_removes_listeners_all_or_nothing(gateway, upstream):
+    gw = gateway(with_admin({**proxy_config(upstream.port), "workers": 2}))
+    config = yaml.safe_load(gw.config_path.read_text())
+    extra_port = free_port()
+    config["listeners"].append({"name": "second", "bind": f"{HOST}:{extra_port}"})
+    gw.config_path.write_text(yaml.safe_dump(config))
+    assert gw.admin("POST", "/reload").status == 200
+    assert wait_for(lambda: _get(extra_port) == 200)
+
+    # A port someone else holds: every worker's prepare fails, nothing changes anywhere.
+    blocker = socket.socket()
+    blocker.bind((HOST, 0))
+    blocker.listen()
+    try:
+        config["listeners"].append({"name": "third", "bind": f"{HOST}:{blocker.getsockname()[1]}"})
+        config["routes"].insert(0, route("new", ["/new"], None, respond={"status": 204}))
+        gw.config_path.write_text(yaml.safe_dump(config))
+        answer = gw.admin("POST", "/reload")
+        assert answer.status == 400 and "address already in use" in answer.json()["error"]["message"].lower()
+        assert gw.request("GET", "/new").status == 200          # still the old routes (`all`)
+        assert gw.admin("GET", "/status").json()["config_version"] == 2
+    finally:
+        blocker.close()
+
+    config["listeners"] = config["listeners"][:1]
+    config["routes"] = config["routes"][1:]
+    gw.config_path.write_text(yaml.safe_dump(config))
+    assert gw.admin("POST", "/reload").status == 200
+    assert wait_for(lambda: _get(extra_port) is None)
+    assert gw.request("GET", "/x").status == 200
+
+
+def _get(port: int) -> int | None:
+    try:
+        c = http.client.HTTPConnection(HOST, port, timeout=2)
+        c.request("GET", "/x")
+        status = c.getresponse().status
+        c.close()
+        return status
+    except OSError:
+        return None
