@@ -281,3 +281,44 @@ def test_admin_http_edges(gateway, upstream):
     except (ConnectionError, http.client.HTTPException):
         pass                                             # closed while we were still sending
     assert gw.admin("GET", "/status").status == 200
+
+
+def test_toml_config_is_served_but_not_written(harness, upstream, tmp_path):
+    config = admin_config(upstream.port)
+    gw = harness.gateway(config)
+    gw.stop()
+    toml = gw.workdir / "gateway.toml"
+    toml.write_text(f"""\
+workers = 1
+[[listeners]]
+name = "public"
+bind = "{config['listeners'][0]['bind']}"
+[admin]
+bind = "{config['admin']['bind']}"
+[services.up]
+targets = [{{address = "{HOST}:{upstream.port}"}}]
+[[routes]]
+name = "all"
+service = "up"
+""")
+    env = {**__import__("os").environ}
+    proc = subprocess.Popen([sys.executable, "-m", "fastgw", "run", "-c", str(toml)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    try:
+        assert wait_for(lambda: gw.admin("GET", "/status/ready").status == 200
+                        if _up(gw.admin_port) else False, timeout=10)
+        resp = gw.admin("PUT", "/routes/x", {"respond": {"status": 204}, "match": {"paths": ["/x"]}})
+        assert resp.status == 409 and "TOML" in resp.json()["error"]["message"]
+        assert "[[routes]]" in toml.read_text() and "/x" not in toml.read_text()
+    finally:
+        proc.terminate()
+        assert proc.wait(10) == 0
+
+
+def _up(port: int) -> bool:
+    import socket
+    try:
+        socket.create_connection((HOST, port), timeout=0.2).close()
+        return True
+    except OSError:
+        return False

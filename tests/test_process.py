@@ -344,3 +344,28 @@ def _get(port: int) -> int | None:
         return status
     except OSError:
         return None
+
+
+def test_reload_keeps_pooled_upstream_connections(gateway, upstream):
+    gw = gateway(with_admin(proxy_config(upstream.port)))
+    conn = http.client.HTTPConnection(HOST, gw.port, timeout=5)
+
+    def get(path="/x"):
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status
+    assert [get() for _ in range(3)] == [200] * 3
+    assert upstream.connections_accepted == 1
+    # A route change keeps the service's targets and their pooled connection...
+    assert gw.admin("PUT", "/routes/extra", route("extra", ["/extra"], "up", priority=1)).status == 200
+    time.sleep(1.2)                                  # past the old tables' retirement
+    assert [get(), get("/extra")] == [200, 200]
+    assert upstream.connections_accepted == 1
+    # ...new connection settings build a new pool (the old connection is closed).
+    service = gw.admin("GET", "/services/up").json()
+    service["timeouts"] = {"read": "20s"}
+    assert gw.admin("PUT", "/services/up", service).status == 200
+    assert get() == 200
+    assert upstream.connections_accepted == 2
+    conn.close()

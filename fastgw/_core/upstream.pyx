@@ -225,9 +225,9 @@ cdef class Service:
             self.next_index = 0
         return self.targets[self.next_index]
 
-    def close(self):
-        for target in self.targets:
-            target.retire()
+    def keep_target(self, Target target):
+        """Take over a target (and its pooled connections) of the service this one replaces."""
+        self.targets.append(target)
 
     def __repr__(self):
         return f"<Service {self.name} targets={len(self.targets)}>"

@@ -55,9 +55,17 @@ class Runtime:
             "params": params,
         }
 
-    def close(self) -> None:
+    def targets(self):
         for service in self.services.values():
-            service.close()
+            yield from service.targets
+
+    def close(self, successor: "Runtime | None" = None) -> None:
+        """Retire the targets (close idle pooled connections, and busy ones when their exchange
+        ends) that `successor` did not take over."""
+        kept = {id(t) for t in successor.targets()} if successor is not None else set()
+        for target in self.targets():
+            if id(target) not in kept:
+                target.retire()
 
 
 def _route_order_key(routes: list[Route]):
@@ -65,11 +73,13 @@ def _route_order_key(routes: list[Route]):
     return lambda r: (-r.priority, index[id(r)])
 
 
-def compile_config(config: Config, slots: dict | None = None) -> Runtime:
+def compile_config(config: Config, slots: dict | None = None, previous: Runtime | None = None) -> Runtime:
     """Build runtime tables; raise CompileError listing every problem with its key path.
 
     `slots` (from the supervisor) numbers routes and targets in the shared-memory segment;
-    without it (`fastgw check`, `fastgw routes`) nothing is counted."""
+    without it (`fastgw check`, `fastgw routes`) nothing is counted. Targets of `previous` whose
+    service kept its connection settings are taken over with their pooled connections, so a
+    reload does not make every worker reconnect to every upstream."""
     from fastgw._core.router import (ROUTE_ECHO_KIND, ROUTE_PROXY_KIND, ROUTE_RESPOND_KIND,
                                      HeaderEdits, PathRule, PatternError, RouteEntry, Router)
     from fastgw._core.upstream import Service
@@ -78,6 +88,7 @@ def compile_config(config: Config, slots: dict | None = None) -> Runtime:
     route_slots = slots["routes"] if slots else {}
     target_slots = slots["targets"] if slots else {}
     services = {}
+    reusable = _reusable_targets(config, previous)
     for name, spec in config.services.items():
         service = Service(
             name, ROUTE_ECHO_KIND if spec.kind == "echo" else ROUTE_PROXY_KIND,
@@ -86,7 +97,12 @@ def compile_config(config: Config, slots: dict | None = None) -> Runtime:
             max_idle=spec.pool.max_idle_per_target,
             max_connections=spec.pool.max_connections_per_target)
         for target in spec.targets:
-            if not target.drain:          # a drained target takes no new requests
+            if target.drain:              # a drained target takes no new requests
+                continue
+            kept = reusable.get((name, target.address, target.weight))
+            if kept is not None:
+                service.keep_target(kept)
+            else:
                 service.add_target(target.address, target.weight,
                                    target_slots.get((name, target.address), -1))
         services[name] = service
@@ -139,6 +155,25 @@ def compile_config(config: Config, slots: dict | None = None) -> Runtime:
     if problems:
         raise CompileError(problems)
     return Runtime(config=config, router=Router.build(entries, method_bits), services=services)
+
+
+def _reusable_targets(config: Config, previous: Runtime | None) -> dict:
+    """(service, address, weight) -> Target of `previous`, for services whose connection
+    settings did not change (a target's pool was built with them)."""
+    if previous is None:
+        return {}
+    out = {}
+    for name, old_service in previous.services.items():
+        old, new = previous.config.services.get(name), config.services.get(name)
+        if old is None or new is None or _connection_settings(old) != _connection_settings(new):
+            continue
+        for target in old_service.targets:
+            out[(name, target.address, target.weight)] = target
+    return out
+
+
+def _connection_settings(spec) -> tuple:
+    return (spec.kind, spec.scheme, spec.timeouts, spec.pool)
 
 
 def _strip_prefix(rewrite) -> bytes | None:

@@ -129,7 +129,7 @@ class Worker:
     # --- applying a config -----------------------------------------------------------------------
 
     async def _prepare(self, version: int, config, slots: dict) -> Pending:
-        runtime = compile_config(config, slots=slots)
+        runtime = compile_config(config, slots=slots, previous=self.runtime)
         opened: dict[str, OpenListener] = {}
         try:
             for spec in config.listeners:
@@ -139,7 +139,7 @@ class Worker:
         except BaseException:
             for item in opened.values():
                 item.server.close()
-            runtime.close()
+            runtime.close(successor=self.runtime)
             raise
         return Pending(version, config, runtime, slots, opened)
 
@@ -190,12 +190,12 @@ class Worker:
         if old_runtime is not None:
             # Idle pooled connections of the old services close; busy ones finish their request
             # (a request keeps the route and service objects it started with).
-            self.loop.call_later(1.0, old_runtime.close)
+            self.loop.call_later(1.0, old_runtime.close, runtime)
 
     def _discard(self, pending: Pending) -> None:
         for item in pending.opened.values():
             item.server.close()
-        pending.runtime.close()
+        pending.runtime.close(successor=self.runtime)
 
     def _retire(self, item: OpenListener) -> None:
         item.server.close()
