@@ -322,3 +322,18 @@ def _up(port: int) -> bool:
         return True
     except OSError:
         return False
+
+
+def test_a_change_that_cannot_be_written_is_not_applied(gateway, upstream):
+    gw = gateway(admin_config(upstream.port))
+    before = gw.config_path.read_text()
+    gw.config_path.with_name("gateway.yaml.bak").mkdir()        # the backup cannot be written
+    resp = gw.admin("PUT", "/routes/hello", {"match": {"paths": ["/hello"]}, "respond": {"status": 201}})
+    assert resp.status == 500 and resp.json()["error"]["code"] == "not_persisted"
+    assert "gateway.yaml" in resp.json()["error"]["message"]
+    assert gw.config_path.read_text() == before
+    assert not [p for p in gw.workdir.iterdir() if p.name.startswith(".fastgw-")]   # no temp file left
+    assert gw.request("GET", "/hello").status == 200               # still `all`, in every worker
+    assert all(gw.request("GET", "/hello").status == 200 for _ in range(10))
+    status = gw.admin("GET", "/status").json()
+    assert status["config_version"] == 1 and status["ready"] and status["reload"]["ok"] is False

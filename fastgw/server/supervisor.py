@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import uvloop
 
-from fastgw.config.errors import ConfigError, ConfigProblem
+from fastgw.config.errors import ConfigError, ConfigProblem, ConfigWriteError
 from fastgw.config.load import LoadedConfig
 from fastgw.config.store import ConfigStore
 from fastgw.server import systemd
@@ -245,6 +245,8 @@ class Supervisor:
         async with self.apply_lock:           # it must start on the config everyone runs
             if await self._start_worker(w):
                 log(f"worker {w.index} restarted (pid {w.process.pid})")
+            else:                             # hung or broken: kill it, the reaper tries again
+                _signal(w, signal.SIGKILL)
 
     async def _watch_heartbeats(self) -> None:
         while not self.stopping:
@@ -272,19 +274,16 @@ class Supervisor:
                 w.channel.send("prepare", version, loaded.config, slots)
             replies = await asyncio.gather(*(self._reply(w, APPLY_TIMEOUT) for w in live))
             refused = [(w, r) for w, r in zip(live, replies) if r is None or r[0] != "prepared"]
-            if not refused:
-                try:
-                    self.store.commit(loaded) if persist else self.store.adopt(loaded)
-                except Exception as exc:
-                    refused = [(None, ("rejected", version, str(exc)))]
             if refused:
-                for w in live:
-                    if w.running:
-                        w.channel.send("abort", version)
+                self._abort(live, version)
                 w, reply = refused[0]
                 why = reply[2] if reply is not None and len(reply) > 2 else "no answer in time"
-                where = f"worker {w.index}: " if w is not None else ""
-                raise ConfigError([ConfigProblem("", f"{where}{why}")])
+                raise ConfigError([ConfigProblem("", f"worker {w.index}: {why}")])
+            try:
+                self.store.commit(loaded) if persist else self.store.adopt(loaded)
+            except BaseException:             # not written (ConfigWriteError): not applied either
+                self._abort(live, version)
+                raise
             for w in live:
                 w.channel.send("commit", version)
             await asyncio.gather(*(self._reply(w, APPLY_TIMEOUT) for w in live))
@@ -296,6 +295,11 @@ class Supervisor:
             if self.admin is not None:
                 self.admin.configure(loaded.config.admin)
             return version
+
+    def _abort(self, live: list[WorkerHandle], version: int) -> None:
+        for w in live:
+            if w.running:
+                w.channel.send("abort", version)
 
     async def reload(self) -> int:
         """Re-read the config file, validate, apply (SIGHUP, POST /reload, `fastgw reload`)."""
@@ -321,7 +325,7 @@ class Supervisor:
             loaded = self.store.validate(edit())
             try:
                 version = await self.apply(loaded)
-            except ConfigError as exc:
+            except (ConfigError, ConfigWriteError) as exc:
                 self._record_reload(False, str(exc))
                 raise
         self._record_reload(True, None)
