@@ -4,9 +4,10 @@ Edits work on the document as written in the file (before `${ENV}` substitution)
 given as `${VAR}` stays a reference when the file is written back. A changed document is
 serialised in the file's format and loaded exactly like `fastgw check` loads a file, so an invalid
 change is reported with the same `file:line: key: message` lines, against the file that would have
-been written. Writing back does not keep YAML comments or layout; the previous text is kept in
-`FILE.bak`. TOML files are read but never written (there is no TOML writer in the standard
-library): admin changes to a TOML-configured gateway are refused.
+been written. Writing back does not keep YAML comments or layout (the document is dumped anew);
+the previous text is kept in `FILE.bak`. TOML files are read but never written (there is no TOML
+writer in the standard library): admin changes to a TOML-configured gateway are refused. Without a
+file (the embedded default) changes are allowed but kept in memory only.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import copy
 import difflib
 import json
 import os
+import re
 import stat
 import tempfile
 
@@ -26,9 +28,14 @@ REDACTED = "<redacted>"
 SECRET_KEYS = {"token", "secret", "password", "password_hash", "client_secret", "api_keys"}
 LIST_KINDS = ("routes", "consumers")        # lists of objects with a `name`
 TARGET_PATCH_KEYS = {"weight", "drain"}
+# A value made only of `${VAR}` / `${VAR:-default}` references names secrets without holding them.
+_ENV_ONLY = re.compile(r"^(?:\$\{[A-Za-z_][A-Za-z0-9_]*(?::-[^}]*)?\})+$")
 
 
 class ConfigStore:
+    """The current config (`loaded`, numbered by `version`) and the edits the admin API makes
+    to it. Edits return new documents; `validate` then `commit` makes one current."""
+
     def __init__(self, loaded: LoadedConfig):
         self.loaded = loaded
         self.version = 1
@@ -48,11 +55,13 @@ class ConfigStore:
         return self.path is not None and self.loaded.fmt != "toml"
 
     @property
-    def why_not_persisted(self) -> str | None:
+    def why_not(self) -> str | None:
+        """Why changes are not written to a file (None when they are)."""
         if self.path is None:
-            return "no config file (the embedded default): changes are kept in memory only"
+            return "no config file: changes are kept in memory only"
         if self.loaded.fmt == "toml":
-            return f"{self.path}: fastgw does not write TOML; convert the file to YAML or JSON to change it through the admin API"
+            return (f"{self.path}: writing TOML back is not supported; convert the file to YAML or "
+                    "JSON to change the config through the admin API")
         return None
 
     # --- loading and committing ------------------------------------------------------------------
@@ -62,14 +71,18 @@ class ConfigStore:
         return load_config(self.path) if self.path is not None else self.loaded
 
     def validate(self, document: dict) -> LoadedConfig:
-        """Load `document` as the file that would be written; raises ConfigError."""
+        """Load `document` as the file that would be written; raises ConfigError, or
+        ConfigWriteError for a TOML file (there is no file that would be written)."""
         if self.loaded.fmt == "toml":
-            raise ConfigWriteError(self.why_not_persisted)
+            raise ConfigWriteError(self.why_not)
         text = serialise(document, self.loaded.fmt)
         return load_text(text, self.path or DEFAULT_NAME, self.loaded.fmt, path=self.path)
 
     def commit(self, loaded: LoadedConfig) -> int:
-        """Write `loaded` to the config file atomically, then make it current."""
+        """Write `loaded` to the config file atomically, then make it current; on
+        ConfigWriteError nothing changed (file, version and current config)."""
+        if self.loaded.fmt == "toml":
+            raise ConfigWriteError(self.why_not)
         if self.path is not None:
             _write_atomically(self.path, loaded.source)
         return self.adopt(loaded)
@@ -86,6 +99,8 @@ class ConfigStore:
         return redact(_find(self.loaded.document, kind, name)[1])
 
     def with_object(self, kind: str, name: str, obj: dict) -> dict:
+        if not isinstance(obj, dict):
+            raise ValueError(f"a {kind[:-1]} must be a JSON object")
         doc = self.document
         if kind == "services":
             doc.setdefault("services", {})
@@ -97,11 +112,13 @@ class ConfigStore:
             raise ValueError(f"the body names {obj['name']!r} but the URL names {name!r}")
         obj = {"name": name, **obj}               # the name first, as people write it
         items = doc.setdefault(kind, [])
+        if not isinstance(items, list):
+            raise ValueError(f"{kind} must be a list")
         for i, item in enumerate(items):
             if isinstance(item, dict) and item.get("name") == name:
-                items[i] = _unredact(obj, item)
+                items[i] = _unredact(obj, item)     # replaced in place: route order is match order
                 return doc
-        items.append(obj)
+        items.append(_unredact(obj, None))          # new: a <redacted> here has nothing to keep
         return doc
 
     def without_object(self, kind: str, name: str) -> dict:
@@ -116,7 +133,7 @@ class ConfigStore:
     def with_target(self, service: str, target: dict) -> dict:
         doc = self.document
         targets = _targets(doc, service)
-        if not isinstance(target.get("address"), str):
+        if not isinstance(target, dict) or not isinstance(target.get("address"), str):
             raise ValueError("a target needs an address: {\"address\": \"host:port\"}")
         if any(t.get("address") == target["address"] for t in targets):
             raise ConflictError(f"service {service!r} already has target {target['address']}")
@@ -124,8 +141,8 @@ class ConfigStore:
         return doc
 
     def with_target_patch(self, service: str, address: str, patch: dict) -> dict:
-        unknown = set(patch) - TARGET_PATCH_KEYS
-        if unknown or not patch:
+        unknown = set(patch) - TARGET_PATCH_KEYS if isinstance(patch, dict) else set()
+        if not isinstance(patch, dict) or not patch or unknown:
             raise ValueError(f"a target PATCH sets {' and/or '.join(sorted(TARGET_PATCH_KEYS))}"
                              + (f"; not {', '.join(sorted(unknown))}" if unknown else ""))
         doc = self.document
@@ -145,13 +162,16 @@ class ConfigStore:
         return doc
 
     def with_document(self, document: dict) -> dict:
-        """PUT /config: `<redacted>` values take the current value at the same key path."""
+        """PUT /config: `<redacted>` values take the current value at the same key path, so
+        the document from GET /config can be edited and sent back."""
+        if not isinstance(document, dict):
+            raise ValueError("the config must be a JSON object")
         return _unredact(copy.deepcopy(document), self.loaded.document)
 
     # --- views -----------------------------------------------------------------------------------
 
-    def redacted(self) -> dict:
-        return redact(self.loaded.document)
+    def redacted(self, document: dict | None = None) -> dict:
+        return redact(self.loaded.document if document is None else document)
 
     def diff(self, old: dict, new: dict) -> dict:
         out: dict = {}
@@ -160,9 +180,9 @@ class ConfigStore:
             out[kind] = {"added": sorted(after.keys() - before.keys()),
                          "removed": sorted(before.keys() - after.keys()),
                          "changed": sorted(k for k in before.keys() & after.keys() if before[k] != after[k])}
-        settings = sorted(k for k in (old.keys() | new.keys()) - {"services", *LIST_KINDS}
-                          if old.get(k) != new.get(k))
-        out["settings"] = {"changed": settings}
+        named = ("services", *LIST_KINDS)
+        out["settings"] = {"changed": _changed_paths({k: v for k, v in old.items() if k not in named},
+                                                     {k: v for k, v in new.items() if k not in named})}
         fmt = "json" if self.loaded.fmt == "json" else "yaml"
         out["text"] = "".join(difflib.unified_diff(
             serialise(redact(old), fmt).splitlines(True), serialise(redact(new), fmt).splitlines(True),
@@ -182,9 +202,19 @@ def redact(value, key: str | None = None):
         return {k: redact(v, k) for k, v in value.items()}
     if isinstance(value, list):
         return [redact(v, key) for v in value]
-    if key in SECRET_KEYS and isinstance(value, str) and not value.startswith("${"):
+    if key in SECRET_KEYS and isinstance(value, str) and not _ENV_ONLY.match(value):
         return REDACTED
     return value
+
+
+def _changed_paths(old, new, prefix: str = "") -> list[str]:
+    """Dotted key paths whose value differs (`log.level`); lists and scalars compare whole."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return [prefix] if old != new else []
+    paths: list[str] = []
+    for key in [*old, *(k for k in new if k not in old)]:
+        paths += _changed_paths(old.get(key), new.get(key), f"{prefix}.{key}" if prefix else str(key))
+    return paths
 
 
 def _unredact(new, old):
@@ -244,28 +274,36 @@ def _target(doc: dict, service: str, address: str) -> dict:
 
 def _write_atomically(path: str, text: str) -> None:
     """Temp file in the same directory, fsync, previous version to FILE.bak, rename, fsync dir:
-    after a crash the file is the old or the new text, never a mix."""
-    directory = os.path.dirname(os.path.abspath(path))
+    after a crash the file is the old or the new text, never a mix. A symlinked config file is
+    written through (the link stays a link); both files keep the original permission bits, since
+    the .bak holds the same secrets."""
+    real = os.path.realpath(path)
     try:
-        mode = stat.S_IMODE(os.stat(path).st_mode)
-        fd, tmp = tempfile.mkstemp(prefix=".fastgw-", dir=directory)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, mode)
-            with open(path, "rb") as src, open(path + ".bak", "wb") as bak:
-                bak.write(src.read())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        dir_fd = os.open(directory, os.O_RDONLY)
+        mode = stat.S_IMODE(os.stat(real).st_mode)
+        with open(real, "rb") as f:
+            previous = f.read()
+        _replace(real + ".bak", previous, mode)
+        _replace(real, text.encode("utf-8"), mode)
+        dir_fd = os.open(os.path.dirname(real), os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
     except OSError as exc:
         raise ConfigWriteError(f"{path}: cannot write the config file: {exc.strerror or exc}") from None
+
+
+def _replace(path: str, data: bytes, mode: int) -> None:
+    """Write `data` to a temp file beside `path`, fsync it, rename it over `path`."""
+    fd, tmp = tempfile.mkstemp(prefix=".fastgw-", dir=os.path.dirname(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
