@@ -63,6 +63,7 @@ cdef class Request:
     cdef bytes path                       # normalised path, no query
     cdef bytes query                      # including the '?', or b""
     cdef PathRule rule
+    cdef object profile                   # client profile name (str) or None
     cdef Captures caps
     # upstream
     cdef Target target

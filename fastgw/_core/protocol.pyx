@@ -507,9 +507,12 @@ cdef class ClientConnection(Downstream):
             except ValueError as exc:
                 self._fail_request(req, 400, "bad_request", str(exc))
                 return
+        if listener.router.profiles:
+            req.profile = listener.router.classify(req.headers, req.query)
         rule = listener.router.match(req.method, PyBytes_AS_STRING(req.host),
                                      PyBytes_GET_SIZE(req.host), PyBytes_AS_STRING(req.path),
-                                     PyBytes_GET_SIZE(req.path), &req.caps)
+                                     PyBytes_GET_SIZE(req.path), &req.caps, req.headers, req.query,
+                                     req.profile)
         if rule is None:
             req.flags = "NR"
             self._fail_request(req, 404, "no_route", "no route matches the request")
@@ -970,7 +973,8 @@ cdef class ClientConnection(Downstream):
               req.head_bytes + req.body_bytes, req.bytes_out,
               now - req.started if req.started else 0.0,
               req.upstream_elapsed if req.upstream_status else None,
-              req.user_agent.decode("latin-1") if req.user_agent is not None else None))
+              req.user_agent.decode("latin-1") if req.user_agent is not None else None,
+              req.profile))
 
     cdef void _export_span(self, Request req, double now):
         """Hand a sampled request to the tracer (fastgw/server/tracing.py); only sampled requests

@@ -45,6 +45,7 @@ cdef class RouteEntry:
     cdef readonly bytes respond_head      # status line + headers, without Connection and the blank line
     cdef readonly bytes respond_body
     cdef readonly int metric_slot         # shared-memory counters (fastgw._core.shm), -1 = none
+    cdef readonly tuple conditions        # header / query / profile conditions, None = none
 
 
 cdef class PathRule:
@@ -80,5 +81,11 @@ cdef class Router:
     cdef dict method_bits
     cdef readonly list routes
 
+    cdef readonly tuple profiles          # client profiles: ((name, conditions), ...) in file order
+
     cdef PathRule match(self, bytes method, const char* host, Py_ssize_t host_len,
-                        const char* path, Py_ssize_t path_len, Captures* caps)
+                        const char* path, Py_ssize_t path_len, Captures* caps,
+                        list headers=*, bytes query=*, object profile=*)
+    cdef PathRule _match(self, bytes method, const char* host, Py_ssize_t host_len,
+                         const char* path, Py_ssize_t path_len, Captures* caps)
+    cdef object classify(self, list headers, bytes query)

@@ -12,6 +12,7 @@ from libc.string cimport memchr
 from fastgw._core.buffer cimport WriteBuffer, ascii_lower
 
 import re
+from urllib.parse import parse_qsl
 
 _PARAM = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)(\.\.\.)?\}$")
 
@@ -141,7 +142,7 @@ cdef class RouteEntry:
                  methods_mask=0, host_rewrite=None, strip_prefix=None, query_rewrite=None,
                  request_edits=None, response_edits=None, double timeout=0.0,
                  long long max_body=-1, int respond_status=0, respond_head=None,
-                 respond_body=None, int metric_slot=-1):
+                 respond_body=None, int metric_slot=-1, conditions=None):
         self.name = name
         self.index = index
         self.priority = priority
@@ -159,6 +160,7 @@ cdef class RouteEntry:
         self.respond_head = respond_head
         self.respond_body = respond_body
         self.metric_slot = metric_slot
+        self.conditions = tuple(conditions) if conditions else None
 
     def __repr__(self):
         return f"<RouteEntry {self.name!r}>"
@@ -257,11 +259,17 @@ cdef class HostTable:
 
     def sort(self):
         _sort_node(self.root)
-        self.regex_rules.sort(key=lambda item: (-item[1].route.priority, item[1].route.index))
+        self.regex_rules.sort(key=lambda item: _rule_order(item[1]))
+
+
+def _rule_order(PathRule r):
+    """Within one trie node: higher priority, then more header/query/profile conditions (the
+    more specific route is tried first, whatever the file order), then file order."""
+    return (-r.route.priority, -len(r.route.conditions or ()), r.route.index)
 
 
 def _sort_node(PathNode node):
-    key = lambda PathRule r: (-r.route.priority, r.route.index)
+    key = _rule_order
     node.rules.sort(key=key)
     node.tail_rules.sort(key=key)
     for child in node.children.values():
@@ -270,24 +278,91 @@ def _sort_node(PathNode node):
         _sort_node(node.param)
 
 
-cdef inline PathRule _pick(list rules, unsigned long long method_bit):
+# Condition kinds: (kind, name, exact value or None, compiled regex or None)
+COND_HEADER, COND_QUERY, COND_PROFILE = 0, 1, 2
+
+
+def compile_conditions(dict headers, dict query, profiles):
+    """Route or client-profile conditions: `~regex` values are searched (re.search), other
+    values compared exactly; header names are case-insensitive."""
+    out = []
+    for name, value in headers.items():
+        out.append((COND_HEADER, name.lower().encode(), None if value.startswith("~") else value.encode(),
+                    re.compile(value[1:]) if value.startswith("~") else None))
+    for name, value in query.items():
+        out.append((COND_QUERY, name, None if value.startswith("~") else value,
+                    re.compile(value[1:]) if value.startswith("~") else None))
+    if profiles:
+        out.append((COND_PROFILE, None, frozenset(profiles), None))
+    return tuple(out)
+
+
+cdef bint _value_holds(object value, object exact, object regex):
+    if regex is not None:
+        return regex.search(value.decode("latin-1") if isinstance(value, bytes) else value) is not None
+    return value == exact
+
+
+cdef bint _conditions_hold(tuple conditions, _Search search):
+    cdef Py_ssize_t i, n
+    cdef bytes name
+    cdef list headers
+    for kind, key, exact, regex in conditions:
+        if kind == COND_PROFILE:
+            if search.profile not in exact:
+                return False
+        elif kind == COND_HEADER:
+            headers = search.headers
+            n = len(headers) if headers is not None else 0
+            for i in range(0, n, 2):
+                name = headers[i]
+                if len(name) == len(key) and ascii_lower(name) == key and \
+                        _value_holds((<bytes>headers[i + 1]).strip(), exact, regex):
+                    break
+            else:
+                return False
+        else:
+            if search.query_params is None:
+                search.query_params = _parse_query(search.query)
+            if not any(_value_holds(v, exact, regex) for v in search.query_params.get(key, ())):
+                return False
+    return True
+
+
+def _parse_query(bytes query):
+    params = {}
+    if query:
+        for name, value in parse_qsl(query[1:].decode("latin-1"), keep_blank_values=True):
+            params.setdefault(name, []).append(value)
+    return params
+
+
+cdef inline PathRule _pick(list rules, _Search search):
     cdef PathRule rule
+    cdef RouteEntry route
     for rule in rules:
-        if rule.route.methods_mask == 0 or rule.route.methods_mask & method_bit:
+        route = rule.route
+        if (route.methods_mask == 0 or route.methods_mask & search.method_bit) and \
+                (route.conditions is None or _conditions_hold(route.conditions, search)):
             return rule
     return None
 
 
 cdef class _Search:
-    """One walk of a path trie: the method asked for, and the best rule found so far."""
+    """One walk of a path trie: the request's method, headers, query and profile, and the
+    best rule found so far."""
     cdef unsigned long long method_bit
     cdef bint first_only          # one priority in the table: the first hit (most specific) wins
     cdef PathRule best
     cdef Captures best_caps
+    cdef list headers             # [name, value, ...] as received
+    cdef bytes query              # "?a=1&b=2" or b""
+    cdef object query_params      # parsed on first use: {name: [values]}
+    cdef object profile
 
     cdef inline bint offer(self, list rules, Captures* caps):
         """Consider the first of `rules` that allows the method. True: stop walking."""
-        cdef PathRule rule = _pick(rules, self.method_bit)
+        cdef PathRule rule = _pick(rules, self)
         if rule is not None and (self.best is None or rule.route.priority > self.best.route.priority):
             self.best = rule
             self.best_caps = caps[0]
@@ -360,6 +435,9 @@ cdef PathRule _match_table(HostTable table, const char* path, Py_ssize_t n,
             continue
         if (<PathRule>rule).route.methods_mask and not ((<PathRule>rule).route.methods_mask & method_bit):
             continue
+        if (<PathRule>rule).route.conditions is not None and \
+                not _conditions_hold((<PathRule>rule).route.conditions, search):
+            continue
         caps.count = 0
         for i in range(1, min(regex.groups, MAX_CAPTURES) + 1):
             if m.start(i) >= 0:
@@ -377,9 +455,11 @@ cdef class Router:
         raise TypeError("use Router.build()")
 
     @staticmethod
-    def build(list entries, dict method_bits):
-        """`entries`: [(PathRule, [host patterns])] in config order."""
+    def build(list entries, dict method_bits, profiles=()):
+        """`entries`: [(PathRule, [host patterns])] in config order; `profiles`: client
+        profiles [(name, conditions)] in config order."""
         cdef Router self = Router.__new__(Router)
+        self.profiles = tuple(profiles)
         self.exact_hosts = {}
         self.wildcard_hosts = []
         self.any_host = HostTable()
@@ -407,8 +487,30 @@ cdef class Router:
             table.sort()
         return self
 
+    cdef object classify(self, list headers, bytes query):
+        """The request's client profile: the first whose conditions all hold, or None."""
+        cdef _Search search = _search
+        search.headers, search.query, search.query_params, search.profile = headers, query, None, None
+        try:
+            for name, conditions in self.profiles:
+                if _conditions_hold(conditions, search):
+                    return name
+            return None
+        finally:
+            search.headers = search.query_params = None
+
     cdef PathRule match(self, bytes method, const char* host, Py_ssize_t host_len,
-                        const char* path, Py_ssize_t path_len, Captures* caps):
+                        const char* path, Py_ssize_t path_len, Captures* caps,
+                        list headers=None, bytes query=b"", object profile=None):
+        _search.headers, _search.query, _search.query_params, _search.profile = \
+            headers, query, None, profile
+        try:
+            return self._match(method, host, host_len, path, path_len, caps)
+        finally:
+            _search.headers = _search.query_params = _search.profile = None
+
+    cdef PathRule _match(self, bytes method, const char* host, Py_ssize_t host_len,
+                         const char* path, Py_ssize_t path_len, Captures* caps):
         cdef object bit = self.method_bits.get(method)
         cdef unsigned long long method_bit = (<unsigned long long>bit) if bit is not None else (1ULL << 63)
         cdef PathRule found
@@ -434,13 +536,19 @@ cdef class Router:
                         return found
         return _match_table(self.any_host, path, path_len, method_bit, caps, self.use_priorities)
 
-    def lookup(self, method, host, path):
-        """Python entry point (CLI, tests, benchmarks): -> (PathRule, {name: value}) or None."""
+    def lookup(self, method, host, path, headers=None, query=b"", profile=None):
+        """Python entry point (CLI, tests, benchmarks): -> (PathRule, {name: value}) or None.
+        `headers`: {name: value} or [name, value, ...] (str or bytes); `query`: "?a=1"; the
+        profile is classified from the headers and query unless given."""
         cdef Captures caps
         cdef bytes bpath = path.encode() if isinstance(path, str) else path
         cdef bytes bhost = (host.encode() if isinstance(host, str) else host) or b""
         cdef bytes bmethod = method.encode() if isinstance(method, str) else method
-        rule = self.match(bmethod, bhost, len(bhost), bpath, len(bpath), &caps)
+        cdef list hlist = _header_list(headers)
+        cdef bytes bquery = query.encode() if isinstance(query, str) else query
+        if profile is None and self.profiles:
+            profile = self.classify(hlist, bquery)
+        rule = self.match(bmethod, bhost, len(bhost), bpath, len(bpath), &caps, hlist, bquery, profile)
         if rule is None:
             return None
         params = {}
@@ -449,6 +557,10 @@ cdef class Router:
             if name is not None:
                 params[name] = bpath[caps.start[i]:caps.end[i]].decode("latin-1")
         return rule, params
+
+    def classify_request(self, headers=None, query=b""):
+        """Python entry point for `classify`."""
+        return self.classify(_header_list(headers), query.encode() if isinstance(query, str) else query)
 
     def upstream_path(self, method, host, path):
         """The rewritten path a request would be sent upstream with (without query)."""
@@ -461,6 +573,17 @@ cdef class Router:
             return None
         (<PathRule>rule).write_path(buf, bpath, len(bpath), &caps)
         return buf.take().decode("latin-1")
+
+
+def _header_list(headers):
+    if not headers:
+        return []
+    items = headers.items() if isinstance(headers, dict) else zip(headers[::2], headers[1::2])
+    out = []
+    for name, value in items:
+        out.append(name.encode("latin-1") if isinstance(name, str) else name)
+        out.append(value.encode("latin-1") if isinstance(value, str) else value)
+    return out
 
 
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")

@@ -115,6 +115,8 @@ def build_app(sup, token: str | None) -> AdminApp:
         answer = {"diff": store.diff(store.document, document)}
         try:
             loaded = store.validate(document)
+        except ConfigWriteError as exc:             # a TOML file: valid or not, it is not written
+            raise HTTPError(409, "not_persisted", str(exc)) from None
         except ConfigError as exc:
             return {"valid": False, "errors": [str(p) for p in exc.problems
                                                if p.severity == "error"],

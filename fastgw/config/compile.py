@@ -6,7 +6,10 @@ the data plane does no per-request work that depends only on the config.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from datetime import datetime, timezone
+from email.utils import formatdate
 from http import HTTPStatus
 from urllib.parse import urlsplit
 
@@ -81,7 +84,8 @@ def compile_config(config: Config, slots: dict | None = None, previous: Runtime 
     service kept its connection settings are taken over with their pooled connections, so a
     reload does not make every worker reconnect to every upstream."""
     from fastgw._core.router import (ROUTE_ECHO_KIND, ROUTE_PROXY_KIND, ROUTE_RESPOND_KIND,
-                                     HeaderEdits, PathRule, PatternError, RouteEntry, Router)
+                                     HeaderEdits, PathRule, PatternError, RouteEntry, Router,
+                                     compile_conditions)
     from fastgw._core.upstream import Service
 
     problems: list[tuple[str, str]] = []
@@ -114,9 +118,28 @@ def compile_config(config: Config, slots: dict | None = None, previous: Runtime 
     if len(method_bits) > 63:
         problems.append(("routes", "more than 63 distinct methods across routes"))
 
+    profiles = []
+    for name, client in config.clients.items():
+        try:
+            profiles.append((name, compile_conditions(client.match.headers, client.match.query, None)))
+        except re.error as exc:
+            problems.append((f"clients.{name}.match", f"invalid regex: {exc}"))
+
     entries = []
     for i, route in enumerate(config.routes):
         where = f"routes[{i}]"
+        match = route.match
+        wanted_profiles = [match.profile] if isinstance(match.profile, str) else match.profile
+        try:
+            conditions = compile_conditions(match.headers, match.query, wanted_profiles)
+        except re.error as exc:
+            problems.append((f"{where}.match", f"invalid regex: {exc}"))
+            conditions = None
+        try:
+            response_edits = _edits(route.response_headers, HeaderEdits, _deprecation_headers(route.deprecation))
+        except ValueError as exc:
+            problems.append((f"{where}.deprecation", str(exc)))
+            response_edits = None
         service = services.get(route.service) if route.service else None
         if route.respond is not None:
             kind = ROUTE_RESPOND_KIND
@@ -132,7 +155,8 @@ def compile_config(config: Config, slots: dict | None = None, previous: Runtime 
             strip_prefix=_strip_prefix(rewrite),
             query_rewrite=_query(rewrite),
             request_edits=_edits(route.request_headers, HeaderEdits),
-            response_edits=_edits(route.response_headers, HeaderEdits),
+            response_edits=response_edits,
+            conditions=conditions,
             timeout=route.timeout or 0.0,
             max_body=route.max_body_bytes if route.max_body_bytes is not None else -1,
             metric_slot=route_slots.get(route.name, -1),
@@ -154,7 +178,7 @@ def compile_config(config: Config, slots: dict | None = None, previous: Runtime 
             entries.append((rule, list(route.match.hosts)))
     if problems:
         raise CompileError(problems)
-    return Runtime(config=config, router=Router.build(entries, method_bits), services=services)
+    return Runtime(config=config, router=Router.build(entries, method_bits, profiles), services=services)
 
 
 def _reusable_targets(config: Config, previous: Runtime | None) -> dict:
@@ -189,10 +213,40 @@ def _query(rewrite) -> bytes | None:
     return ("?" + q).encode() if q else b""
 
 
-def _edits(spec: HeaderEditsSpec | None, cls):
-    if spec is None or not (spec.set or spec.add or spec.remove or spec.rename):
+def _edits(spec: HeaderEditsSpec | None, cls, extra_set: dict | None = None):
+    extra_set = extra_set or {}
+    if (spec is None or not (spec.set or spec.add or spec.remove or spec.rename)) and not extra_set:
         return None
-    return cls(set=spec.set, add=spec.add, remove=spec.remove, rename=spec.rename)
+    if spec is None:
+        return cls(set=extra_set)
+    return cls(set={**spec.set, **extra_set}, add=spec.add, remove=spec.remove, rename=spec.rename)
+
+
+def _deprecation_headers(deprecation) -> dict:
+    """Deprecation (RFC 9745: `@<epoch>`; `true` when no date is given, as the drafts before
+    it did), Sunset (RFC 8594, an HTTP-date) and Link rel=deprecation / rel=sunset."""
+    if deprecation is None:
+        return {}
+    headers = {"Deprecation": f"@{int(_instant(deprecation.date, 'date').timestamp())}"
+               if deprecation.date else "true"}
+    links = []
+    if deprecation.link:
+        links.append(f'<{deprecation.link}>; rel="deprecation"; type="text/html"')
+    if deprecation.sunset:
+        headers["Sunset"] = formatdate(_instant(deprecation.sunset, "sunset").timestamp(), usegmt=True)
+        if deprecation.link:
+            links.append(f'<{deprecation.link}>; rel="sunset"; type="text/html"')
+    if links:
+        headers["Link"] = ", ".join(links)
+    return headers
+
+
+def _instant(text: str, key: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"{key}: {text!r} is not an RFC 3339 date-time like 2027-06-30T00:00:00Z") from None
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
 
 
 def respond_bytes(respond) -> tuple[int, bytes, bytes]:

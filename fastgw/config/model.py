@@ -137,6 +137,26 @@ class Match(_Base):
     hosts: list[str] = []                          # exact, or "*.example.com"
     paths: list[str] = []                          # "/exact", "/users/{id}", "/files/{rest...}", "/static/**"
     methods: list[str] = []                        # empty = any
+    headers: dict[str, str] = {}                   # name -> exact value, or "~regex"
+    query: dict[str, str] = {}                     # parameter -> exact value, or "~regex"
+    profile: Union[str, list[str], None] = None    # client profile name(s) (see `clients`)
+
+
+class ClientMatch(_Base):
+    headers: dict[str, str] = {}
+    query: dict[str, str] = {}
+
+
+class Client(_Base):
+    """A client profile: the first profile (in file order) whose conditions all hold names the
+    request's client; consumers[].profile overrides it once the caller is identified."""
+    match: ClientMatch = msgspec.field(default_factory=ClientMatch)
+
+
+class Deprecation(_Base):
+    date: Union[str, None] = None                  # when it was deprecated (RFC 3339) -> Deprecation: @<epoch>
+    sunset: Union[str, None] = None                # when it goes away (RFC 3339) -> Sunset (RFC 8594)
+    link: Union[str, None] = None                  # migration guide -> Link: <...>; rel="deprecation"
 
 
 class Rewrite(_Base):
@@ -171,6 +191,7 @@ class Route(_Base):
     timeout: Union[Duration, None] = None          # time until the upstream response head arrives
     max_body_bytes: Union[Size, None] = None
     respond: Union[Respond, None] = None
+    deprecation: Union[Deprecation, None] = None
 
 
 # --- consumers (identified callers; the authentication plugins use their credentials) -------------
@@ -231,5 +252,6 @@ class Config(_Base):
     log: Log = msgspec.field(default_factory=Log)
     tracing: Tracing = msgspec.field(default_factory=Tracing)
     services: dict[str, Service] = {}
+    clients: dict[str, Client] = {}
     routes: list[Route] = []
     consumers: list[Consumer] = []

@@ -59,6 +59,7 @@ def semantic_problems(config: Config) -> list[ConfigProblem]:
         *_service_problems(config),
         *_route_problems(config),
         *_consumer_problems(config),
+        *_client_problems(config),
         *_failing([
             ("log.access.sample", 0.0 <= config.log.access.sample <= 1.0, "must be between 0 and 1"),
             ("tracing.sample_ratio", 0.0 <= config.tracing.sample_ratio <= 1.0, "must be between 0 and 1"),
@@ -84,8 +85,36 @@ def _bind_problem(path: str, value: str) -> ConfigProblem | None:
     return None
 
 
+# Fields the proxy consumes or rewrites itself: a route cannot match on them (hosts: does Host).
+_UNMATCHABLE = {"host", "content-length", "transfer-encoding", "connection", "keep-alive", "te",
+                "trailer", "upgrade", "proxy-connection", "x-forwarded-for", "x-forwarded-proto",
+                "x-forwarded-host", "traceparent", "x-request-id", "expect"}
+
+
+def _condition_problems(path: str, headers: dict[str, str]) -> Iterator[ConfigProblem]:
+    for name in headers:
+        lower = name.lower()
+        yield from _failing([
+            (f"{path}.headers", bool(_TOKEN.match(name)), f"{name!r} is not a valid header name"),
+            (f"{path}.headers", lower not in _UNMATCHABLE,
+             f"cannot match on {name!r}: the proxy handles that field itself"
+             + (" (use match.hosts)" if lower == "host" else "")),
+        ])
+
+
 _API_KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
 _SCRYPT_HASH = re.compile(r"^scrypt\$\d+\$\d+\$\d+\$[A-Za-z0-9+/=]+\$[A-Za-z0-9+/=]+$")
+
+
+def _client_problems(config: Config) -> Iterator[ConfigProblem]:
+    for name, client in config.clients.items():
+        yield from _condition_problems(f"clients.{name}.match", client.match.headers)
+        yield from _failing([(f"clients.{name}.match", bool(client.match.headers or client.match.query),
+                              "a profile needs at least one header or query condition")])
+    for i, consumer in enumerate(config.consumers):
+        if consumer.profile is not None:
+            yield from _failing([(f"consumers[{i}].profile", consumer.profile in config.clients,
+                                  f"unknown client profile {consumer.profile!r}")])
 
 
 def _consumer_problems(config: Config) -> Iterator[ConfigProblem]:
@@ -225,6 +254,11 @@ def _one_route(path: str, route: Route, config: Config) -> Iterator[ConfigProble
     for j, method in enumerate(route.match.methods):
         yield from _failing([(f"{path}.match.methods[{j}]", bool(_TOKEN.match(method)),
                               f"{method!r} is not a valid HTTP method token")])
+    yield from _condition_problems(f"{path}.match", route.match.headers)
+    profiles = [route.match.profile] if isinstance(route.match.profile, str) else route.match.profile or []
+    for name in profiles:
+        yield from _failing([(f"{path}.match.profile", name in config.clients,
+                              f"unknown client profile {name!r} (defined: {', '.join(sorted(config.clients)) or 'none'})")])
     for j, host in enumerate(route.match.hosts):
         yield from _failing([(f"{path}.match.hosts[{j}]", bool(_HOST_PATTERN.match(host)),
                               f"{host!r} is not a host name, *.wildcard, or either with :port")])
