@@ -116,3 +116,32 @@ def test_python_call_baseline(benchmark):
             noop(-1)
 
     benchmark(run)
+
+
+@pytest.mark.parametrize("size", [1000, 10000])
+def test_rebuild_one_changed_route(benchmark, size):
+    """A reload that changes one route: unchanged routes are reused, the trie is rebuilt."""
+    import copy
+
+    def config_of(routes):
+        return msgspec.convert({
+            "listeners": [{"name": "b", "bind": "127.0.0.1:1"}],
+            "services": {"api": {"targets": [{"address": "127.0.0.1:9"}]}},
+            "routes": routes}, Config, dec_hook=dec_hook)
+
+    routes = route_table(size)
+    before = compile_config(config_of(routes))
+    changed = copy.deepcopy(routes)
+    changed[size // 2]["match"]["paths"] = ["/changed/{id}"]
+    after_config = config_of(changed)
+    rt = benchmark(compile_config, after_config, None, before)
+    assert rt.router.lookup("GET", "", "/changed/7")[0].route.name == f"r{size // 2}"
+
+
+@pytest.mark.parametrize("size", [10000])
+def test_build_from_scratch(benchmark, size):
+    config = msgspec.convert({
+        "listeners": [{"name": "b", "bind": "127.0.0.1:1"}],
+        "services": {"api": {"targets": [{"address": "127.0.0.1:9"}]}},
+        "routes": route_table(size)}, Config, dec_hook=dec_hook)
+    benchmark.pedantic(compile_config, args=(config,), rounds=5)

@@ -12,17 +12,17 @@ from fastgw.config.compile import compile_config
 from fastgw.config.model import Config, dec_hook
 
 
-def runtime(routes):
+def runtime(routes, previous=None):
     config = msgspec.convert({
         "listeners": [{"name": "t", "bind": "127.0.0.1:1"}],
         "services": {"s": {"targets": [{"address": "127.0.0.1:9"}]}},
         "routes": [{"service": "s", **r} for r in routes],
     }, Config, dec_hook=dec_hook)
-    return compile_config(config)
+    return compile_config(config, previous=previous)
 
 
-def hit(rt, path, method="GET", host=""):
-    found = rt.router.lookup(method, host, path)
+def hit(rt, path, method="GET", host="", headers=None):
+    found = rt.router.lookup(method, host, path, headers)
     return None if found is None else found[0].route.name
 
 
@@ -46,7 +46,19 @@ def _ranks(pattern, path):
     return ranks if len(parts) == len(segs) else None
 
 
-def reference(routes, method, host, path):
+def _conditions_hold(conditions, headers):
+    for name, want in conditions.items():
+        value = next((v for k, v in headers.items() if k.lower() == name), None)
+        if value is None or not (re.search(want[1:], value) if want.startswith("~") else value == want):
+            return False
+    return True
+
+
+def reference(routes, method, host, path, headers=None):
+    """Highest priority; then the most specific path, segment by segment from the left
+    (exact > param > tail); then more header conditions; then file order."""
+    headers = headers or {}
+
     def table_match(rules):
         found = []
         for index, r in enumerate(routes):
@@ -55,11 +67,14 @@ def reference(routes, method, host, path):
             methods = r["match"].get("methods")
             if methods and method not in methods:
                 continue
+            conditions = r["match"].get("headers", {})
+            if not _conditions_hold(conditions, headers):
+                continue
             for pattern in r["match"]["paths"]:
                 ranks = _ranks(pattern, path)
                 if ranks is not None:
-                    found.append((-r.get("priority", 0), ranks, index, r["name"]))
-        return min(found)[3] if found else None
+                    found.append((-r.get("priority", 0), ranks, -len(conditions), index, r["name"]))
+        return min(found)[4] if found else None
 
     host = host.lower()
     bare = host.rsplit(":", 1)[0] if ":" in host else host
@@ -110,6 +125,9 @@ def route_sets(draw):
         hosts = draw(st.sampled_from([[], ["x.com"], ["*.com"], ["x.com", "*.y.com"]]))
         if hosts:
             match["hosts"] = hosts
+        headers = draw(st.sampled_from(HEADER_CONDITIONS))
+        if headers:
+            match["headers"] = headers
         route = {"name": f"r{i}", "match": match}
         if use_priority:
             route["priority"] = draw(st.integers(0, 2))
@@ -117,19 +135,44 @@ def route_sets(draw):
     return routes
 
 
+HEADER_CONDITIONS = [{}, {}, {"x-v": "1"}, {"x-v": "2"}, {"x-v": "~^[12]$"},
+                     {"x-v": "1", "x-w": "~."}]
+request_headers = st.sampled_from([{}, {"X-V": "1"}, {"x-v": "2"}, {"x-v": "3"},
+                                   {"x-v": "1", "X-W": "yes"}])
 request_paths = st.lists(st.sampled_from(["a", "b", "c", "d", ""]), max_size=4).map(
     lambda segs: "/" + "/".join(segs))
 
 
+requests_strategy = st.lists(st.tuples(
+    st.sampled_from(["GET", "POST", "PUT"]),
+    st.sampled_from(["", "x.com", "X.COM:8080", "a.y.com", "z.com"]),
+    request_paths, request_headers), min_size=1, max_size=10)
+
+
 @settings(max_examples=300, deadline=None)
-@given(route_sets(), st.lists(st.tuples(st.sampled_from(["GET", "POST", "PUT"]),
-                                        st.sampled_from(["", "x.com", "X.COM:8080", "a.y.com", "z.com"]),
-                                        request_paths), min_size=1, max_size=10))
+@given(route_sets(), requests_strategy)
 def test_router_agrees_with_reference_model(routes, requests):
     rt = runtime(routes)
-    for method, host, path in requests:
-        assert hit(rt, path, method, host) == reference(routes, method, host, path), \
-            (method, host, path)
+    for method, host, path, headers in requests:
+        assert hit(rt, path, method, host, headers) == reference(routes, method, host, path, headers), \
+            (method, host, path, headers)
+
+
+@settings(max_examples=150, deadline=None)
+@given(route_sets(), route_sets(), requests_strategy)
+def test_incremental_rebuild_agrees_with_reference_model(old_routes, new_routes, requests):
+    """A reload compiles against the previous tables, reusing unchanged routes (same name,
+    position and spec); what it builds must match exactly as a fresh build would."""
+    new_routes = old_routes[: len(old_routes) // 2] + new_routes     # some unchanged, some not
+    seen, merged = set(), []
+    for r in new_routes:
+        if r["name"] not in seen:
+            seen.add(r["name"])
+            merged.append(r)
+    rt = runtime(merged, previous=runtime(old_routes))
+    for method, host, path, headers in requests:
+        assert hit(rt, path, method, host, headers) == reference(merged, method, host, path, headers), \
+            (method, host, path, headers)
 
 
 # --- the rules, spelled out ----------------------------------------------------------------------

@@ -54,6 +54,7 @@ cdef class PathRule:
     cdef readonly str pattern
     cdef readonly tuple capture_names     # name per capture slot (None for an anonymous /** tail)
     cdef list template                    # rewrite.path: bytes literals and int capture slots, or None
+    cdef list segments                    # parse_pattern(pattern), None for a regex
 
     cdef int write_path(self, WriteBuffer buf, const char* path, Py_ssize_t n, Captures* caps) except -1
 
@@ -78,7 +79,7 @@ cdef class Router:
     cdef HostTable any_host
     cdef bint has_hosts
     cdef bint use_priorities
-    cdef dict method_bits
+    cdef readonly dict method_bits
     cdef readonly list routes
 
     cdef readonly tuple profiles          # client profiles: ((name, conditions), ...) in file order

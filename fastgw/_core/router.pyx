@@ -40,7 +40,7 @@ def parse_pattern(str pattern):
                 raise PatternError(f"'**' must be the last segment of {pattern!r}")
             out.append(("tail", None))
             continue
-        m = _PARAM.match(part)
+        m = _PARAM.match(part) if part[:1] == "{" else None
         if m:
             name, rest = m.group(1), m.group(2)
             if name in names:
@@ -175,8 +175,8 @@ cdef class PathRule:
             self.capture_names = tuple(
                 sorted(regex.groupindex, key=regex.groupindex.get)) if regex.groupindex else ()
         else:
-            self.capture_names = tuple(name for kind, name in parse_pattern(pattern)
-                                       if kind != "lit")
+            self.segments = parse_pattern(pattern)
+            self.capture_names = tuple(name for kind, name in self.segments if kind != "lit")
         self.template = (parse_template(rewrite_path, self.capture_names)
                          if rewrite_path is not None else None)
 
@@ -241,7 +241,7 @@ cdef class HostTable:
         if rule.pattern.startswith("~"):
             self.regex_rules.append((re.compile(rule.pattern[1:]), rule))
             return
-        for kind, value in parse_pattern(rule.pattern):
+        for kind, value in rule.segments:
             if kind == "lit":
                 key = value.encode()
                 nxt = node.children.get(key)
@@ -268,10 +268,12 @@ def _rule_order(PathRule r):
     return (-r.route.priority, -len(r.route.conditions or ()), r.route.index)
 
 
-def _sort_node(PathNode node):
-    key = _rule_order
-    node.rules.sort(key=key)
-    node.tail_rules.sort(key=key)
+cdef void _sort_node(PathNode node):
+    if len(node.rules) > 1:
+        node.rules.sort(key=_rule_order)
+    if len(node.tail_rules) > 1:
+        node.tail_rules.sort(key=_rule_order)
+    cdef PathNode child
     for child in node.children.values():
         _sort_node(child)
     if node.param is not None:
@@ -467,8 +469,10 @@ cdef class Router:
         self.routes = []
         wildcards = {}
         priorities = set()
+        seen = set()
         for rule, hosts in entries:
-            if rule.route not in self.routes:
+            if id(rule.route) not in seen:
+                seen.add(id(rule.route))
                 self.routes.append(rule.route)
             priorities.add(rule.route.priority)
             if not hosts:

@@ -21,6 +21,8 @@ from fastgw.config.model import Config, dec_hook
 from fastgw.config.validate import semantic_problems
 
 DEFAULT_NAME = "<embedded default.yaml>"
+# libyaml's loader when PyYAML was built with it (10x faster on big route tables); same results.
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 @dataclass(frozen=True)
@@ -144,7 +146,7 @@ class _Source:
             elif self.fmt == "json":
                 data = json.loads(self.text)
             else:
-                data = yaml.safe_load(self.text)
+                data = yaml.load(self.text, Loader=_YAML_LOADER)
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
             problem = getattr(e, "problem", None) or str(e)
