@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import copy
 import json
-import sys
 import textwrap
-import types
 
 import msgspec
 import pytest
 import yaml
 
-from fastgw.config.errors import CompileError, ConfigError
+from fastgw.config.errors import ConfigError
 from fastgw.config.load import DEFAULT_NAME, load_config
 from fastgw.config.model import Duration, Size
 from fastgw.config.validate import parse_bind
@@ -436,22 +434,11 @@ def test_valid_route_hosts(tmp_path, host):
 
 # --- the compiler's problems are pinned like the others ------------------------------------------
 
-def _fake_compiler(monkeypatch, problems):
-    calls = []
-
-    def compile_config(config):
-        calls.append(config)
-        raise CompileError(problems)
-
-    module = types.ModuleType("fastgw.config.compile")
-    module.compile_config = compile_config
-    monkeypatch.setitem(sys.modules, "fastgw.config.compile", module)
-    return calls
-
-
-def test_compile_problems_get_file_and_line(tmp_path, monkeypatch):
-    _fake_compiler(monkeypatch, [("routes[0].match.paths[0]", "bad template"), ("routes[2].match", "shadowed")])
-    path = write_data(tmp_path, BASE)
+def test_compile_problems_get_file_and_line(tmp_path):
+    data = copy.deepcopy(BASE)
+    data["routes"][0]["rewrite"] = {"path": "/u/{id"}                  # unbalanced template
+    data["routes"][2]["match"]["headers"] = {"x-v": "~("}              # invalid regex
+    path = write_data(tmp_path, data)
     problems = problems_of(path)
     lines = open(path).read().splitlines()
     assert [p.path for p in problems] == ["routes[0].match.paths[0]", "routes[2].match"]
@@ -459,13 +446,35 @@ def test_compile_problems_get_file_and_line(tmp_path, monkeypatch):
     assert lines[problems[1].line - 1].strip().startswith("match:")
 
 
-def test_compiler_only_sees_semantically_valid_configs(tmp_path, monkeypatch):
-    calls = _fake_compiler(monkeypatch, [("routes", "unreachable")])
+def test_compiler_only_sees_semantically_valid_configs(tmp_path):
     data = copy.deepcopy(BASE)
     data["routes"][0]["service"] = "nope"
+    data["routes"][2]["match"]["headers"] = {"x-v": "~("}              # found only once the rest is valid
     errors = [p for p in problems_of(write_data(tmp_path, data)) if p.severity == "error"]
     assert [p.path for p in errors] == ["routes[0].service"]
-    assert calls == []
+
+
+def test_check_warns_about_shadowed_routes(tmp_path):
+    data = copy.deepcopy(BASE)
+    data["routes"].insert(0, {"name": "catch-all", "priority": 1, "match": {"paths": ["/**"]},
+                              "service": "users"})
+    data["routes"].append({"name": "users-again", "match": {"paths": ["/users/{uid}"]},
+                           "service": "users"})
+    data["routes"].append({"name": "hosted", "match": {"paths": ["/old/x"], "hosts": ["a.com"]},
+                           "service": "users"})
+    path = write_data(tmp_path, data)
+    warnings = load_config(path).warnings
+    by_path = {w.path: w.message for w in warnings}
+    assert set(by_path) == {"routes[1]", "routes[2]", "routes[3]", "routes[4]"}
+    assert "'catch-all' (routes[0]) answers every request" in by_path["routes[1]"]
+    assert all(w.severity == "warning" and w.line for w in warnings)
+    # Without the catch-all: the later route with the same shape loses to the earlier one on GET
+    # only, so it is not shadowed (it still answers POST); with equal methods it would be.
+    del data["routes"][0]
+    assert load_config(write_data(tmp_path, data)).warnings == []
+    data["routes"][3]["match"]["methods"] = ["GET"]
+    [w] = load_config(write_data(tmp_path, data)).warnings
+    assert w.path == "routes[3]" and "'users' (routes[0])" in w.message
 
 
 # --- where the config comes from -----------------------------------------------------------------

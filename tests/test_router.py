@@ -102,7 +102,7 @@ pattern_part = st.one_of(segment, st.just("{p}"), st.just("{q}"))
 @st.composite
 def patterns(draw):
     parts = draw(st.lists(pattern_part, max_size=3))
-    names, out = set(), []
+    out = []
     for p in parts:
         if p.startswith("{"):
             p = "{%s%d}" % (p[1], len(out))

@@ -243,6 +243,67 @@ def _compile_services(config: Config, target_slots: dict, previous: Runtime | No
     return services
 
 
+def shadowed_routes(runtime: Runtime) -> list[tuple[str, str]]:
+    """Routes that another route beats on every request they match: (key path, message).
+
+    Each path pattern of a route without header/query/profile conditions is probed with a
+    request made of its literals and of values no literal equals (for params and tails, a tail
+    both empty and not), for each of its methods and hosts. If some other route answers every
+    probe, it answers everything the pattern matches: a param or tail that took a value no
+    literal has takes any value. Regex patterns are not judged."""
+    router = runtime.router
+    index = {route.name: i for i, route in enumerate(runtime.config.routes)}
+    out = []
+    for route in runtime.config.routes:
+        match = route.match
+        if match.headers or match.query or match.profile or not runtime.compiled.get(route.name):
+            continue
+        winners = set()
+        for rule, hosts in runtime.compiled[route.name].rules:
+            if rule.pattern.startswith("~"):
+                winners = None
+                break
+            probes = [(m, h, p) for m in (match.methods or ["\x01ANY"]) for h in _probe_hosts(hosts)
+                      for p in _probe_paths(rule.pattern)]
+            for method, host, path in probes:
+                found = router.lookup(method, host, path)
+                winner = found[0].route.name if found is not None else None
+                if winner is None or winner == route.name:
+                    winners = None
+                    break
+                winners.add(winner)
+            if winners is None:
+                break
+        if winners:
+            names = " and ".join(f"{w!r} (routes[{index[w]}])" for w in sorted(winners, key=index.get))
+            out.append((f"routes[{index[route.name]}]",
+                        f"route {route.name!r} is never matched: {names} "
+                        f"{'answers' if len(winners) == 1 else 'answer'} every request it would "
+                        "(priority first, then exact > param > tail, then file order)"))
+    return out
+
+
+def _probe_hosts(hosts: list[str]) -> list[str]:
+    if not hosts:
+        return ["\x01.invalid"]
+    return [("\x01" + h[1:]) if h.startswith("*.") else h for h in hosts]
+
+
+def _probe_paths(pattern: str) -> list[str]:
+    from fastgw._core.router import parse_pattern
+
+    parts = []
+    for kind, value in parse_pattern(pattern):
+        if kind == "lit":
+            parts.append(value)
+        elif kind == "param":
+            parts.append("\x01")
+        else:                                  # a tail: one probe with it, one without
+            base = "/" + "/".join(parts)
+            return [base + ("/" if parts else "") + "\x01/\x01", base]
+    return ["/" + "/".join(parts)]
+
+
 def _reusable_targets(config: Config, previous: Runtime | None) -> dict:
     """(service, address, weight) -> Target of `previous`, for services whose connection
     settings did not change (a target's pool was built with them)."""

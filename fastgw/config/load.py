@@ -53,7 +53,7 @@ def load_text(text: str, name: str, fmt: str, path: str | None = None) -> Loaded
     problems = semantic_problems(config)
     # The compiler assumes references resolve, so it only sees configs that passed the checks.
     if not any(p.severity == "error" for p in problems):
-        problems += [ConfigProblem(p, m) for p, m in _compile_problems(config)]
+        problems += _compile_problems(config)
     problems = [src.pin(p) for p in problems]
     errors = [p for p in problems if p.severity == "error"]
     warnings = [p for p in problems if p.severity != "error"]
@@ -77,20 +77,18 @@ def _format_of(path: str) -> str:
     return {".toml": "toml", ".json": "json"}.get(ext, "yaml")  # .yaml, .yml and anything else
 
 
-def _compile_problems(config: Config) -> list[tuple[str, str]]:
+def _compile_problems(config: Config) -> list[ConfigProblem]:
+    """Errors the compiler finds, or, when it builds, warnings about routes never matched."""
+    from fastgw.config.compile import compile_config, shadowed_routes
+
     try:
-        from fastgw.config.compile import compile_config
-    except ModuleNotFoundError as e:
-        # The compiler is optional only while it is not written yet; a missing dependency of an
-        # existing compiler is a real failure and must not pass as "config ok".
-        if e.name == "fastgw.config.compile":
-            return []
-        raise
-    try:
-        compile_config(config)
+        runtime = compile_config(config)
     except CompileError as e:
-        return list(e.problems)
-    return []
+        return [ConfigProblem(p, m) for p, m in e.problems]
+    try:
+        return [ConfigProblem(p, m, severity="warning") for p, m in shadowed_routes(runtime)]
+    finally:
+        runtime.close()
 
 
 # --- key paths -----------------------------------------------------------------------------------
