@@ -115,3 +115,18 @@ def test_check_reports_matcher_problems(tmp_path, three):
                          capture_output=True, text=True).stdout
     assert "routes[0].match.headers: cannot match on 'Host'" in out
     assert "routes[0].match.profile: unknown client profile 'tablet'" in out
+
+
+def test_normalised_path_is_matched_and_forwarded(gateway, three):
+    config = gateway_config(services(three), [
+        route("admin", ["/admin/**"], "v2"),
+        route("public", ["/public/**"], "v1"),
+    ])
+    gw = gateway(config)
+    for raw in ("/public/../admin/users", "/%61dmin/users", "/public/./../%61dmin/./users"):
+        conn = gw.connect()
+        conn.send(f"GET {raw} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        resp = conn.read_response()
+        assert resp.status == 200 and resp.json()["server"] == "v2", raw
+        assert resp.json()["path"] == "/admin/users", raw
+    assert gw.request("GET", "/public/x").json()["path"] == "/public/x"
