@@ -19,7 +19,7 @@ from upstreams import (HOST, RecordingUpstream, describe_request, free_port, pro
 
 
 def admin_config(upstream_port: int, **admin) -> dict:
-    config = proxy_config(upstream_port)
+    config = proxy_config(upstream_port, service_opts={"balance": {"algorithm": "round_robin"}})
     config["admin"] = {"bind": f"{HOST}:{free_port()}", **admin}
     config["workers"] = 2
     return config

@@ -1,2 +1,2 @@
 """The Cython data plane. Every module listed here must be a compiled extension."""
-MODULES = ("buffer", "timer", "shm", "router", "upstream", "protocol")
+MODULES = ("buffer", "timer", "shm", "router", "upstream", "balancer", "protocol")

@@ -116,6 +116,7 @@ cdef class ClientConnection(Downstream):
     cdef void _reject_pending(self)
     cdef void _dispatch(self, Request req)
     cdef void _forward(self, Request req)
+    cdef bytes _hash_key(self, Request req, tuple hash_on)
     cdef void _build_upstream_head(self, Request req)
     cdef bytes _request_id(self, Request req)
     cdef void _write_traceparent(self, WriteBuffer h, Request req)

@@ -11,6 +11,7 @@ cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.string cimport memchr, memcmp
 
+from fastgw._core.balancer cimport Balancer
 from fastgw._core.buffer cimport WriteBuffer, ascii_ieq, ascii_lower, monotonic, random64
 from fastgw._core.router cimport (ROUTE_ECHO, ROUTE_RESPOND, HeaderEdits, PathRule, RouteEntry,
                                   Router, write_fields)
@@ -538,7 +539,15 @@ cdef class ClientConnection(Downstream):
 
     cdef void _forward(self, Request req):
         cdef Service service = <Service>req.rule.route.service
-        cdef Target target = service.pick()
+        cdef Py_ssize_t n = len(service.targets)
+        cdef Target target
+        if n == 0:
+            target = None
+        elif n == 1:                      # nothing to choose: no balancer call at all
+            target = service.targets[0]
+        else:
+            target = (<Balancer>service.balancer).pick(
+                self._hash_key(req, service.hash_on) if service.hash_on is not None else None)
         cdef UpstreamConnection conn
         cdef bint reused = False
         cdef double timeout = req.rule.route.timeout
@@ -576,6 +585,32 @@ cdef class ClientConnection(Downstream):
                 self._keep_for_replay(req, b"0\r\n\r\n")
         if req.expect_continue and not req.body_done and req.attempts == 1:
             self.transport.write(CONTINUE)
+
+    cdef bytes _hash_key(self, Request req, tuple hash_on):
+        """The consistent-hash key of a request, or None (then a random target)."""
+        kind, name = hash_on
+        if kind == "ip":
+            return self.client_ip
+        if kind == "path":
+            return req.path
+        if kind == "header" or kind == "cookie":
+            wanted = b"cookie" if kind == "cookie" else name
+            for i in range(0, len(req.headers), 2):
+                if ascii_lower(<bytes>req.headers[i]) == wanted:
+                    if kind == "header":
+                        return req.headers[i + 1]
+                    for part in (<bytes>req.headers[i + 1]).split(b";"):
+                        key, _, value = part.strip().partition(b"=")
+                        if key == name:
+                            return value
+            return None
+        if kind == "query":
+            for part in req.query[1:].split(b"&"):
+                key, _, value = part.partition(b"=")
+                if key == name:
+                    return value
+            return None
+        return None                       # consumer: arrives with authentication
 
     cdef void _build_upstream_head(self, Request req):
         cdef WriteBuffer h = _scratch

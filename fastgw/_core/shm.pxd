@@ -13,10 +13,14 @@ cdef extern from "atomics.h":
 cdef int method_index(const char* method, Py_ssize_t n) noexcept
 cdef void record_request(int route_slot, int method, int status, double seconds) noexcept
 cdef int listener_admit(int slot, long long limit) noexcept
+cdef void listener_opened(int slot) noexcept
 cdef void listener_closed(int slot) noexcept
+cdef void listener_rejected(int slot) noexcept
 cdef void target_begin(int slot) noexcept
 cdef void target_end(int slot, double seconds, bint failed) noexcept
 cdef bint target_draining(int slot) noexcept
+cdef long long target_active(int slot) noexcept      # -1: not tracked
+cdef unsigned long long target_ewma_ns(int slot) noexcept   # 0: no sample or not tracked
 
 
 cdef class Segment:

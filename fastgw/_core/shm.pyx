@@ -2,9 +2,11 @@
 starts the workers and every worker maps; the data plane updates it with C11 atomics.
 
 The segment lives in a memfd (an unlinked temp file where memfd is missing) so an exec'd worker
-maps it from an inherited file descriptor. Layout, in 64-bit words, each section 64-byte aligned:
+maps it from an inherited file descriptor. Layout, in 64-bit words, each section 64-byte aligned
+(the header records every capacity and section offset, offsets counted in words from the start):
 
-  header      magic, layout version, size, capacities, section offsets, config_version, created
+  header      magic, layout version, size in bytes, capacities, section offsets, config_version,
+              created_unix_ns
   workers     [W] pid, started_unix_ns, heartbeat_mono_ns, config_version, generation, state,
                   requests (counted by that worker)
   listeners   [L] open connections (a gauge, may be changed by any worker), accepted, rejected
@@ -96,7 +98,11 @@ cdef enum:
     T_COUNT = 41
     TARGET_WORDS = 48
 
-    RATELIMIT_WORDS = 4
+    # Rate-limit table: reserved and zeroed here; the rate-limit issue defines the probing. The
+    # intent: open addressing over the key hash (0 = empty entry), words a/b/c the algorithm's
+    # state (e.g. GCRA theoretical arrival time, or a window start and two window counts), all
+    # updated with CAS so every worker enforces the same limit.
+    RATELIMIT_WORDS = 4                 # key hash, word a, word b, word c
 
 METHOD_NAMES = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "OTHER")
 EXACT_CODES = (100, 101, 200, 201, 202, 204, 206, 301, 302, 303, 304, 307, 308, 400, 401, 403,
@@ -131,7 +137,13 @@ cdef uint64_t* _my_requests = NULL
 
 
 cdef inline uint64_t _ns(double seconds) noexcept:
-    return <uint64_t>(seconds * 1e9) if seconds > 0 else 0
+    # Negative and NaN durations count as 0; absurd ones are clamped (a double -> uint64 cast
+    # out of range is undefined behaviour in C).
+    if not seconds > 0:
+        return 0
+    if seconds > 1e9:
+        return <uint64_t>1000000000 * 1000000000
+    return <uint64_t>(seconds * 1e9)
 
 
 cdef inline int _bucket(uint64_t ns) noexcept:
@@ -174,6 +186,8 @@ cdef void record_request(int route_slot, int method, int status, double seconds)
         return
     cdef uint64_t* r = _routes + <Py_ssize_t>route_slot * ROUTE_WORDS
     cdef int code = _code_index[status] if 0 <= status < 600 else N_CODES - 1
+    if method < 0 or method >= N_METHODS:
+        method = N_METHODS - 1
     fg_add(r + method * N_CODES + code, 1)
     _observe(r + R_DURATION, _ns(seconds))
     if _my_requests != NULL:
@@ -195,9 +209,21 @@ cdef int listener_admit(int slot, long long limit) noexcept:
     return 1
 
 
+cdef void listener_opened(int slot) noexcept:
+    """Count a connection admitted without a shared limit (see listener_admit for one)."""
+    if _listeners != NULL and 0 <= slot < _n_listeners:
+        fg_add(_listeners + slot * LISTENER_WORDS + L_OPEN, 1)
+        fg_add(_listeners + slot * LISTENER_WORDS + L_ACCEPTED, 1)
+
+
 cdef void listener_closed(int slot) noexcept:
     if _listeners != NULL and 0 <= slot < _n_listeners:
         fg_sub(_listeners + slot * LISTENER_WORDS + L_OPEN, 1)
+
+
+cdef void listener_rejected(int slot) noexcept:
+    if _listeners != NULL and 0 <= slot < _n_listeners:
+        fg_add(_listeners + slot * LISTENER_WORDS + L_REJECTED, 1)
 
 
 cdef void target_begin(int slot) noexcept:
@@ -228,6 +254,18 @@ cdef void target_end(int slot, double seconds, bint failed) noexcept:
             break
 
 
+cdef long long target_active(int slot) noexcept:
+    if _targets == NULL or slot < 0 or slot >= _n_targets:
+        return -1
+    return <int64_t>fg_load(_targets + <Py_ssize_t>slot * TARGET_WORDS + T_ACTIVE)
+
+
+cdef unsigned long long target_ewma_ns(int slot) noexcept:
+    if _targets == NULL or slot < 0 or slot >= _n_targets:
+        return 0
+    return fg_load(_targets + <Py_ssize_t>slot * TARGET_WORDS + T_EWMA)
+
+
 cdef bint target_draining(int slot) noexcept:
     if _targets == NULL or slot < 0 or slot >= _n_targets:
         return False
@@ -236,6 +274,20 @@ cdef bint target_draining(int slot) noexcept:
 
 cdef inline Py_ssize_t _aligned(Py_ssize_t words) noexcept:
     return (words + 7) & ~7                 # 8 words = 64 bytes
+
+
+def _layout(Py_ssize_t workers, Py_ssize_t routes, Py_ssize_t targets, Py_ssize_t listeners,
+            Py_ssize_t ratelimit_entries):
+    """(offsets of workers, listeners, routes, targets, ratelimit in words, size in bytes).
+    `attach` recomputes it from the header's capacities, so a header that does not describe a
+    segment of its own size is refused before any slot address is derived from it."""
+    off_workers = HEADER_WORDS
+    off_listeners = _aligned(off_workers + workers * WORKER_WORDS)
+    off_routes = _aligned(off_listeners + listeners * LISTENER_WORDS)
+    off_targets = _aligned(off_routes + routes * ROUTE_WORDS)
+    off_ratelimit = _aligned(off_targets + targets * TARGET_WORDS)
+    words = _aligned(off_ratelimit + ratelimit_entries * RATELIMIT_WORDS)
+    return off_workers, off_listeners, off_routes, off_targets, off_ratelimit, words * 8
 
 
 cdef uint64_t _monotonic_ns() noexcept:
@@ -253,13 +305,8 @@ cdef class Segment:
                int ratelimit_entries=65536):
         if min(workers, routes, targets, listeners, ratelimit_entries) < 1:
             raise ValueError("every capacity must be at least 1")
-        off_workers = HEADER_WORDS
-        off_listeners = _aligned(off_workers + workers * WORKER_WORDS)
-        off_routes = _aligned(off_listeners + listeners * LISTENER_WORDS)
-        off_targets = _aligned(off_routes + <Py_ssize_t>routes * ROUTE_WORDS)
-        off_ratelimit = _aligned(off_targets + <Py_ssize_t>targets * TARGET_WORDS)
-        words = _aligned(off_ratelimit + <Py_ssize_t>ratelimit_entries * RATELIMIT_WORDS)
-        size = words * 8
+        off_workers, off_listeners, off_routes, off_targets, off_ratelimit, size = _layout(
+            workers, routes, targets, listeners, ratelimit_entries)
         if hasattr(os, "memfd_create"):
             fd = os.memfd_create("fastgw-shm", 0)
             file = open(fd, "r+b", buffering=0)
@@ -290,10 +337,24 @@ cdef class Segment:
             raise ValueError(f"fd {fd} is not a fastgw shared-memory segment ({size} bytes)")
         cdef Segment seg = Segment._map_file(file, size)
         cdef uint64_t* h = seg.base
-        if h[H_MAGIC] != DEF_MAGIC or h[H_VERSION] != LAYOUT_VERSION or h[H_SIZE] != <uint64_t>size:
+        if h[H_MAGIC] != DEF_MAGIC:
             seg.close()
-            raise ValueError(f"fd {fd} is not a fastgw shared-memory segment of layout "
-                             f"{LAYOUT_VERSION} (a worker from another fastgw version?)")
+            raise ValueError(f"fd {fd} is not a fastgw shared-memory segment (bad magic)")
+        if h[H_VERSION] != LAYOUT_VERSION:
+            version = h[H_VERSION]
+            seg.close()
+            raise ValueError(f"fd {fd} is a fastgw shared-memory segment of layout version "
+                             f"{version}, this build reads {LAYOUT_VERSION} (mixed fastgw versions?)")
+        expected = (h[H_OFF_WORKERS], h[H_OFF_LISTENERS], h[H_OFF_ROUTES], h[H_OFF_TARGETS],
+                    h[H_OFF_RATELIMIT], h[H_SIZE])
+        if h[H_SIZE] != <uint64_t>size or max(h[H_WORKERS], h[H_ROUTES], h[H_TARGETS],
+                                               h[H_LISTENERS], h[H_RATELIMIT]) >= 1 << 31 \
+                or _layout(h[H_WORKERS], h[H_ROUTES], h[H_TARGETS], h[H_LISTENERS],
+                           h[H_RATELIMIT]) != expected:
+            recorded = h[H_SIZE]
+            seg.close()
+            raise ValueError(f"fd {fd} is a fastgw shared-memory segment of {size} bytes whose "
+                             f"header says {recorded} bytes or an inconsistent layout")
         seg._read_capacity()
         return seg
 
@@ -451,6 +512,17 @@ cdef class Segment:
     def target_set_healthy(self, int slot, bint healthy):
         fg_store(self._target(slot) + T_HEALTHY, healthy)
 
+    def target_reset(self, int slot):
+        """Zero the slot's state and counters and mark it healthy, for a slot given to a new
+        target. `active` is left alone: requests still in flight on the slot end with
+        target_end and bring it back to the true value, where zeroing it would leave it negative."""
+        cdef uint64_t* t = self._target(slot)
+        cdef int i
+        for i in range(TARGET_WORDS):
+            if i != T_ACTIVE:
+                fg_store(t + i, 0)
+        fg_store(t + T_HEALTHY, 1)
+
     def listener_stats(self, int slot):
         cdef uint64_t* l = self._listener(slot)
         return {"open": <int64_t>fg_load(l + L_OPEN), "accepted": fg_load(l + L_ACCEPTED),
@@ -472,11 +544,20 @@ def _record_request(int route_slot, bytes method, int status, double seconds):
 def _listener_admit(int slot, long long limit):
     return listener_admit(slot, limit)
 
+def _listener_opened(int slot):
+    listener_opened(slot)
+
 def _listener_closed(int slot):
     listener_closed(slot)
+
+def _listener_rejected(int slot):
+    listener_rejected(slot)
 
 def _target_begin(int slot):
     target_begin(slot)
 
 def _target_end(int slot, double seconds, bint failed):
     target_end(slot, seconds, failed)
+
+def _target_draining(int slot):
+    return target_draining(slot)

@@ -65,7 +65,8 @@ cdef class Service:
     cdef readonly str name
     cdef readonly int kind
     cdef readonly list targets
-    cdef Py_ssize_t next_index
+    cdef public object balancer           # fastgw._core.balancer.Balancer, set by the compiler
+    cdef public tuple hash_on             # consistent_hash key: (kind, name), or None
     cdef readonly double connect_timeout
     cdef readonly double read_timeout
     cdef readonly double write_timeout
@@ -73,7 +74,6 @@ cdef class Service:
     cdef readonly int max_idle
     cdef readonly int max_connections
 
-    cdef Target pick(self)
 
 
 cdef class UpstreamConnection(TimedProtocol):

@@ -200,7 +200,8 @@ cdef class Service:
         self.name = name
         self.kind = kind
         self.targets = []
-        self.next_index = 0
+        self.balancer = None
+        self.hash_on = None
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.write_timeout = write_timeout
@@ -212,18 +213,6 @@ cdef class Service:
         target = Target(self, address, weight, metric_slot)
         self.targets.append(target)
         return target
-
-    cdef Target pick(self):
-        """Round robin (the full balancer set is SPEC §3 `balance`, a later module)."""
-        cdef Py_ssize_t n = len(self.targets)
-        if n == 0:
-            return None
-        if n == 1:
-            return self.targets[0]
-        self.next_index += 1
-        if self.next_index >= n:
-            self.next_index = 0
-        return self.targets[self.next_index]
 
     def keep_target(self, Target target):
         """Take over a target (and its pooled connections) of the service this one replaces."""

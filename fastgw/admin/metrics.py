@@ -1,6 +1,11 @@
 """Prometheus text exposition (format 0.0.4) of the shared-memory counters, summed over workers
 by construction: every worker adds into the same words. Rendered on scrape, in the supervisor;
-the data plane makes no Python call to count."""
+the data plane makes no Python call to count.
+
+Left out until their issues add the counters behind them: fastgw_ratelimit_decisions_total and
+fastgw_cache_requests_total (SPEC §9). A family announced with no samples would look like a feature
+that counts nothing. Request counters and histograms are written only for cells and slots that
+have counted something, so 10,000 idle routes do not cost 10,000 histograms per scrape."""
 from __future__ import annotations
 
 from fastgw._core.shm import BUCKETS
@@ -42,6 +47,8 @@ def render(segment, labels: dict) -> str:
     """`labels` names the slots of the running config (fastgw/admin/api.py, metric_labels)."""
     w = _Writer()
     routes, targets, listeners = labels["routes"], labels["targets"], labels["listeners"]
+    if not any(slot == 0 for slot, _, _ in routes):
+        routes = [(0, "", "")] + list(routes)          # slot 0: requests that matched no route
 
     w.family("http_requests_total", "counter", "Requests answered, by route, service, method and status.")
     for slot, route, service in routes:
@@ -68,9 +75,11 @@ def render(segment, labels: dict) -> str:
     w.family("upstream_active_requests", "gauge", "Requests in flight to the target.")
     for service, target, s in stats:
         w.sample("upstream_active_requests", s["active"], service=service, target=target)
-    w.family("upstream_target_healthy", "gauge", "1 when the target takes traffic (health checks arrive with the balancer).")
+    # The health word alone: a draining target is not unhealthy, and an alert on this gauge
+    # should not fire on a routine drain.
+    w.family("upstream_target_healthy", "gauge", "1 when the target passes its health checks, else 0.")
     for service, target, s in stats:
-        w.sample("upstream_target_healthy", int(s["healthy"] and not s["draining"]), service=service, target=target)
+        w.sample("upstream_target_healthy", int(s["healthy"]), service=service, target=target)
     w.family("circuit_breaker_state", "gauge", "0 closed, 1 open, 2 half-open.")
     for service, target, s in stats:
         w.sample("circuit_breaker_state", ("closed", "open", "half_open").index(s["circuit"]),

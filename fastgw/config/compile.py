@@ -213,6 +213,7 @@ def _conditions(headers, query, profiles):
 
 
 def _compile_services(config: Config, target_slots: dict, previous: Runtime | None) -> dict:
+    from fastgw._core.balancer import make_balancer
     from fastgw._core.router import ROUTE_ECHO_KIND, ROUTE_PROXY_KIND
     from fastgw._core.upstream import Service
 
@@ -239,6 +240,9 @@ def _compile_services(config: Config, target_slots: dict, previous: Runtime | No
             else:
                 service.add_target(target.address, target.weight,
                                    target_slots.get((name, target.address), -1))
+        service.balancer = make_balancer(spec.balance.algorithm, list(service.targets),
+                                         spec.balance.bounded_load or 0.0)
+        service.hash_on = _hash_on(spec.balance.hash_on)
         services[name] = service
     return services
 
@@ -302,6 +306,14 @@ def _probe_paths(pattern: str) -> list[str]:
             base = "/" + "/".join(parts)
             return [base + ("/" if parts else "") + "\x01/\x01", base]
     return ["/" + "/".join(parts)]
+
+
+def _hash_on(text: str | None) -> tuple | None:
+    """`header:X-User` -> ("header", b"x-user"); names compared as the data plane sees them."""
+    if text is None:
+        return None
+    kind, _, name = text.partition(":")
+    return (kind, name.lower().encode() if kind == "header" else name.encode())
 
 
 def _reusable_targets(config: Config, previous: Runtime | None) -> dict:

@@ -118,8 +118,10 @@ class Pool(_Base):
 
 
 class Balance(_Base):
-    # The other algorithms of SPEC §3 arrive with the load-balancer module.
-    algorithm: Literal["round_robin"] = "round_robin"
+    algorithm: Literal["round_robin", "weighted_round_robin", "least_conn", "p2c_ewma",
+                       "consistent_hash", "random"] = "p2c_ewma"
+    hash_on: Union[str, None] = None               # consistent_hash: ip | path | header:N | cookie:N | query:N | consumer
+    bounded_load: Union[float, None] = None        # consistent_hash: cap a target at this x the mean load
 
 
 class Service(_Base):

@@ -211,7 +211,26 @@ def _service_problems(config: Config) -> Iterator[ConfigProblem]:
             yield ConfigProblem(path, f"service {name!r} is not used by any route", severity="warning")
 
 
+_HASH_ON = re.compile(r"^(ip|path|consumer|(header|cookie|query):[!#$%&'*+\-.^_`|~0-9A-Za-z]+)$")
+
+
+def _balance_problems(path: str, service: Service) -> Iterator[ConfigProblem]:
+    balance = service.balance
+    hashing = balance.algorithm == "consistent_hash"
+    yield from _failing([
+        (f"{path}.balance.hash_on", balance.hash_on is None or bool(_HASH_ON.match(balance.hash_on)),
+         "must be ip, path, consumer, header:NAME, cookie:NAME or query:NAME"),
+        (f"{path}.balance.hash_on", hashing or balance.hash_on is None,
+         "only consistent_hash uses hash_on"),
+        (f"{path}.balance.hash_on", not hashing or balance.hash_on is not None,
+         "consistent_hash needs hash_on (what to hash: ip, header:x-user-id, ...)"),
+        (f"{path}.balance.bounded_load", balance.bounded_load is None or (hashing and balance.bounded_load >= 1.0),
+         "only consistent_hash uses bounded_load, and it must be at least 1.0"),
+    ])
+
+
 def _one_service(path: str, service: Service) -> Iterator[ConfigProblem]:
+    yield from _balance_problems(path, service)
     yield from _failing([
         (f"{path}.targets", service.kind != "proxy" or bool(service.targets),
          "a proxy service needs at least one target"),

@@ -1,0 +1,43 @@
+from libc.stdint cimport uint64_t
+
+from fastgw._core.upstream cimport Target
+
+
+cdef uint64_t hash64(const char* data, Py_ssize_t n) noexcept
+
+
+cdef class Balancer:
+    cdef readonly list targets
+    cdef Py_ssize_t count
+    cdef Py_ssize_t next_index
+
+    cdef Target pick(self, bytes key)
+
+
+cdef class RoundRobin(Balancer):
+    pass
+
+
+cdef class SmoothWeighted(Balancer):
+    cdef list credit
+    cdef long long total
+
+
+cdef class LeastConn(Balancer):
+    pass
+
+
+cdef class WeightedRandom(Balancer):
+    cdef list cumulative
+    cdef long long total
+
+
+cdef class P2CEwma(Balancer):
+    cdef WeightedRandom picker
+
+
+cdef class ConsistentHash(Balancer):
+    cdef double bounded_load
+    cdef Py_ssize_t size
+    cdef uint64_t* ring_hash
+    cdef int* ring_target

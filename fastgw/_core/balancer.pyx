@@ -1,0 +1,246 @@
+"""Target selection: one Balancer per service, built at config load, asked once per request.
+
+Every algorithm reads in-flight requests and latency from the shared-memory target slots
+(fastgw/_core/shm.pyx), so all workers balance on the same numbers; a target without a slot
+falls back to this worker's own count. Hashing uses a fixed 64-bit function (FNV-1a folded
+through the splitmix64 finaliser), never Python's per-process randomised `hash`, so every
+worker and every host maps a key to the same target.
+"""
+cimport cython
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from libc.stdint cimport int64_t, uint64_t
+
+from fastgw._core.buffer cimport random64
+from fastgw._core.shm cimport target_active, target_ewma_ns
+from fastgw._core.upstream cimport Target
+
+ALGORITHMS = ("round_robin", "weighted_round_robin", "least_conn", "p2c_ewma", "consistent_hash",
+              "random")
+VNODES_PER_WEIGHT = 160        # ring points per unit of weight (Ketama uses 160 per server)
+DEFAULT_EWMA_NS = 1000000      # when neither of two targets has a latency sample yet
+
+
+cdef uint64_t hash64(const char* data, Py_ssize_t n) noexcept:
+    cdef uint64_t h = 14695981039346656037ULL
+    cdef Py_ssize_t i
+    for i in range(n):
+        h ^= <unsigned char>data[i]
+        h *= 1099511628211ULL
+    # splitmix64 finaliser: FNV's low bits are weak, ring positions need all 64 mixed
+    h ^= h >> 30
+    h *= 0xbf58476d1ce4e5b9ULL
+    h ^= h >> 27
+    h *= 0x94d049bb133111ebULL
+    h ^= h >> 31
+    return h
+
+
+def hash_key(bytes key):
+    """The ring position of a key (for tests and the reference model)."""
+    return hash64(PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key))
+
+
+cdef inline int64_t _active(Target t) noexcept:
+    cdef int64_t n = target_active(t.metric_slot)
+    return n if n >= 0 else t.active
+
+
+cdef inline double _cost(Target t, uint64_t ewma) noexcept:
+    return ewma * <double>(_active(t) + 1)
+
+
+cdef class Balancer:
+    def __init__(self, list targets):
+        self.targets = targets
+        self.count = len(targets)
+
+    cdef Target pick(self, bytes key):
+        raise NotImplementedError
+
+    def choose(self, key=None):
+        """Python entry point (tests, the reference comparison)."""
+        return self.pick(key)
+
+
+@cython.final
+cdef class RoundRobin(Balancer):
+    cdef Target pick(self, bytes key):
+        self.next_index += 1
+        if self.next_index >= self.count:
+            self.next_index = 0
+        return self.targets[self.next_index]
+
+
+@cython.final
+cdef class SmoothWeighted(Balancer):
+    """nginx's smooth weighted round robin: each pick adds every weight to its target's credit,
+    takes the target with the most credit and charges it the total. Weights 5:1:1 give
+    a a b a c a a, not a a a a a b c."""
+
+    def __init__(self, list targets):
+        super().__init__(targets)
+        self.credit = [0] * self.count
+        self.total = sum(t.weight for t in targets)
+
+    cdef Target pick(self, bytes key):
+        cdef Py_ssize_t i, best = 0
+        cdef long long c, best_credit = 0
+        cdef list credit = self.credit
+        for i in range(self.count):
+            c = <long long>credit[i] + (<Target>self.targets[i]).weight
+            credit[i] = c
+            if i == 0 or c > best_credit:
+                best, best_credit = i, c
+        credit[best] = best_credit - self.total
+        return self.targets[best]
+
+
+@cython.final
+cdef class LeastConn(Balancer):
+    """Fewest requests in flight (over all workers), weighted: active/weight; ties go round robin
+    so equal targets share the load."""
+
+    cdef Target pick(self, bytes key):
+        cdef Py_ssize_t i, j, best = -1
+        cdef double score, best_score = 0
+        cdef Target t
+        self.next_index += 1
+        for j in range(self.count):
+            i = (self.next_index + j) % self.count
+            t = self.targets[i]
+            score = (_active(t) + 1) / <double>(t.weight if t.weight > 0 else 1)
+            if best < 0 or score < best_score:
+                best, best_score = i, score
+        return self.targets[best]
+
+
+@cython.final
+cdef class P2CEwma(Balancer):
+    """Power of two choices: two distinct targets at random (by weight), keep the one with the
+    lower latency EWMA x (requests in flight + 1) — Finagle's and Linkerd's peak-EWMA balancer:
+    a slow or overloaded target loses most draws without being starved of samples."""
+
+    def __init__(self, list targets):
+        super().__init__(targets)
+        self.picker = WeightedRandom(targets)
+
+    cdef Target pick(self, bytes key):
+        cdef Target a = self.picker.pick(None)
+        cdef Target b = self.picker.pick(None)
+        cdef int tries = 0
+        while b is a and tries < 4:            # distinct when possible (weights may be skewed)
+            b = self.picker.pick(None)
+            tries += 1
+        if b is a:
+            b = self.targets[(self.targets.index(a) + 1) % self.count]
+        cdef uint64_t ea = target_ewma_ns(a.metric_slot), eb = target_ewma_ns(b.metric_slot)
+        # A target without a latency sample yet (new, or just back) is taken to be as fast as
+        # its rival: a pessimistic guess would starve it of the very requests that measure it.
+        if ea == 0:
+            ea = eb if eb else DEFAULT_EWMA_NS
+        if eb == 0:
+            eb = ea
+        return b if _cost(b, eb) < _cost(a, ea) else a
+
+
+@cython.final
+cdef class WeightedRandom(Balancer):
+    def __init__(self, list targets):
+        super().__init__(targets)
+        self.cumulative = []
+        total = 0
+        for t in targets:
+            total += max(t.weight, 0)
+            self.cumulative.append(total)
+        self.total = total
+
+    cdef Target pick(self, bytes key):
+        cdef long long r, lo = 0, hi = self.count - 1, mid
+        if self.total <= 0:
+            return self.targets[random64() % <uint64_t>self.count]
+        r = <long long>(random64() % <uint64_t>self.total)
+        while lo < hi:                         # first cumulative weight above r
+            mid = (lo + hi) // 2
+            if <long long>self.cumulative[mid] > r:
+                hi = mid
+            else:
+                lo = mid + 1
+        return self.targets[lo]
+
+
+@cython.final
+cdef class ConsistentHash(Balancer):
+    """A ring of VNODES_PER_WEIGHT x weight points per target (Ketama); a key goes to the first
+    point at or after its hash. Adding a target moves about 1/N of the keys. With `bounded_load`
+    (Mirrokni et al., "Consistent Hashing with Bounded Loads"), a target already holding more than
+    bounded_load x the mean of requests in flight is passed over for the next one on the ring."""
+
+    def __init__(self, list targets, double bounded_load=0.0):
+        super().__init__(targets)
+        self.bounded_load = bounded_load
+        points = []
+        for index, t in enumerate(targets):
+            for v in range(VNODES_PER_WEIGHT * max(t.weight, 1)):
+                label = f"{t.address}#{v}".encode()
+                points.append((hash64(PyBytes_AS_STRING(label), len(label)), index))
+        points.sort()
+        self.size = len(points)
+        self.ring_hash = <uint64_t*>PyMem_Malloc(sizeof(uint64_t) * max(self.size, 1))
+        self.ring_target = <int*>PyMem_Malloc(sizeof(int) * max(self.size, 1))
+        if self.ring_hash == NULL or self.ring_target == NULL:
+            raise MemoryError()
+        for i, (h, index) in enumerate(points):
+            self.ring_hash[i] = h
+            self.ring_target[i] = index
+
+    def __dealloc__(self):
+        PyMem_Free(self.ring_hash)
+        PyMem_Free(self.ring_target)
+
+    cdef Target pick(self, bytes key):
+        cdef uint64_t h
+        cdef Py_ssize_t lo = 0, hi = self.size, mid, i, steps
+        cdef int64_t total = 0, cap
+        cdef Target t
+        if key is None:                        # nothing to hash on: spread at random
+            return self.targets[random64() % <uint64_t>self.count]
+        h = hash64(PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key))
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self.ring_hash[mid] < h:
+                lo = mid + 1
+            else:
+                hi = mid
+        if lo == self.size:
+            lo = 0
+        if self.bounded_load <= 0 or self.count == 1:
+            return self.targets[self.ring_target[lo]]
+        for t in self.targets:
+            total += _active(t)
+        # Capacity counts the request being placed: ceil(c x (in flight + 1) / targets).
+        cap = <int64_t>(self.bounded_load * (total + 1) / self.count)
+        if cap * self.count < self.bounded_load * (total + 1):
+            cap += 1
+        for steps in range(self.size):
+            i = (lo + steps) % self.size
+            t = self.targets[self.ring_target[i]]
+            if _active(t) + 1 <= cap:
+                return t
+        return self.targets[self.ring_target[lo]]
+
+
+def make_balancer(str algorithm, list targets, double bounded_load=0.0):
+    if algorithm == "round_robin":
+        return RoundRobin(targets)
+    if algorithm == "weighted_round_robin":
+        return SmoothWeighted(targets)
+    if algorithm == "least_conn":
+        return LeastConn(targets)
+    if algorithm == "p2c_ewma":
+        return P2CEwma(targets)
+    if algorithm == "consistent_hash":
+        return ConsistentHash(targets, bounded_load)
+    if algorithm == "random":
+        return WeightedRandom(targets)
+    raise ValueError(f"unknown balancing algorithm {algorithm!r}")
