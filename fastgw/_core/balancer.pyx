@@ -12,7 +12,7 @@ from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.stdint cimport int64_t, uint64_t
 
 from fastgw._core.buffer cimport random64
-from fastgw._core.shm cimport target_active, target_ewma_ns
+from fastgw._core.shm cimport monotonic_ns, target_active, target_available, target_ewma_ns
 from fastgw._core.upstream cimport Target
 
 ALGORITHMS = ("round_robin", "weighted_round_robin", "least_conn", "p2c_ewma", "consistent_hash",
@@ -46,6 +46,11 @@ cdef inline int64_t _active(Target t) noexcept:
     return n if n >= 0 else t.active
 
 
+cdef inline bint _up(Target t, uint64_t now) noexcept:
+    """Healthy by the active checks and not ejected by the passive ones."""
+    return target_available(t.metric_slot, now)
+
+
 cdef inline double _cost(Target t, uint64_t ewma) noexcept:
     return ewma * <double>(_active(t) + 1)
 
@@ -66,10 +71,17 @@ cdef class Balancer:
 @cython.final
 cdef class RoundRobin(Balancer):
     cdef Target pick(self, bytes key):
-        self.next_index += 1
-        if self.next_index >= self.count:
-            self.next_index = 0
-        return self.targets[self.next_index]
+        cdef uint64_t now = monotonic_ns()
+        cdef Py_ssize_t tries
+        cdef Target t
+        for tries in range(self.count):
+            self.next_index += 1
+            if self.next_index >= self.count:
+                self.next_index = 0
+            t = self.targets[self.next_index]
+            if _up(t, now):
+                return t
+        return None
 
 
 @cython.final
@@ -84,15 +96,23 @@ cdef class SmoothWeighted(Balancer):
         self.total = sum(t.weight for t in targets)
 
     cdef Target pick(self, bytes key):
-        cdef Py_ssize_t i, best = 0
-        cdef long long c, best_credit = 0
+        cdef Py_ssize_t i, best = -1
+        cdef long long c, best_credit = 0, total = 0
         cdef list credit = self.credit
+        cdef uint64_t now = monotonic_ns()
+        cdef Target t
         for i in range(self.count):
-            c = <long long>credit[i] + (<Target>self.targets[i]).weight
+            t = self.targets[i]
+            if not _up(t, now):                # a target that is down takes no credit
+                continue
+            c = <long long>credit[i] + t.weight
             credit[i] = c
-            if i == 0 or c > best_credit:
+            total += t.weight
+            if best < 0 or c > best_credit:
                 best, best_credit = i, c
-        credit[best] = best_credit - self.total
+        if best < 0:
+            return None
+        credit[best] = best_credit - total
         return self.targets[best]
 
 
@@ -105,14 +125,17 @@ cdef class LeastConn(Balancer):
         cdef Py_ssize_t i, j, best = -1
         cdef double score, best_score = 0
         cdef Target t
+        cdef uint64_t now = monotonic_ns()
         self.next_index += 1
         for j in range(self.count):
             i = (self.next_index + j) % self.count
             t = self.targets[i]
+            if not _up(t, now):
+                continue
             score = (_active(t) + 1) / <double>(t.weight if t.weight > 0 else 1)
             if best < 0 or score < best_score:
                 best, best_score = i, score
-        return self.targets[best]
+        return self.targets[best] if best >= 0 else None
 
 
 @cython.final
@@ -128,12 +151,26 @@ cdef class P2CEwma(Balancer):
     cdef Target pick(self, bytes key):
         cdef Target a = self.picker.pick(None)
         cdef Target b = self.picker.pick(None)
+        cdef Target t
         cdef int tries = 0
-        while b is a and tries < 4:            # distinct when possible (weights may be skewed)
+        cdef Py_ssize_t i, start
+        cdef uint64_t now
+        if a is None:
+            return None                        # nothing is up
+        while (b is a or b is None) and tries < 4:   # distinct when possible (weights may be skewed)
             b = self.picker.pick(None)
             tries += 1
-        if b is a:
-            b = self.targets[(self.targets.index(a) + 1) % self.count]
+        if b is a or b is None:                # the next one up after a, if any
+            b = None
+            now = monotonic_ns()
+            start = self.targets.index(a)
+            for i in range(1, self.count):
+                t = self.targets[(start + i) % self.count]
+                if _up(t, now):
+                    b = t
+                    break
+            if b is None:
+                return a
         cdef uint64_t ea = target_ewma_ns(a.metric_slot), eb = target_ewma_ns(b.metric_slot)
         # A target without a latency sample yet (new, or just back) is taken to be as fast as
         # its rival: a pessimistic guess would starve it of the very requests that measure it.
@@ -156,17 +193,24 @@ cdef class WeightedRandom(Balancer):
         self.total = total
 
     cdef Target pick(self, bytes key):
-        cdef long long r, lo = 0, hi = self.count - 1, mid
+        cdef long long r, lo = 0, hi = self.count - 1, mid, i
+        cdef uint64_t now = monotonic_ns()
+        cdef Target t
         if self.total <= 0:
-            return self.targets[random64() % <uint64_t>self.count]
-        r = <long long>(random64() % <uint64_t>self.total)
-        while lo < hi:                         # first cumulative weight above r
-            mid = (lo + hi) // 2
-            if <long long>self.cumulative[mid] > r:
-                hi = mid
-            else:
-                lo = mid + 1
-        return self.targets[lo]
+            lo = random64() % <uint64_t>self.count
+        else:
+            r = <long long>(random64() % <uint64_t>self.total)
+            while lo < hi:                     # first cumulative weight above r
+                mid = (lo + hi) // 2
+                if <long long>self.cumulative[mid] > r:
+                    hi = mid
+                else:
+                    lo = mid + 1
+        for i in range(self.count):            # drawn one down: the next one up
+            t = self.targets[(lo + i) % self.count]
+            if _up(t, now):
+                return t
+        return None
 
 
 @cython.final
@@ -203,8 +247,9 @@ cdef class ConsistentHash(Balancer):
         cdef Py_ssize_t lo = 0, hi = self.size, mid, i, steps
         cdef int64_t total = 0, cap
         cdef Target t
+        cdef uint64_t now = monotonic_ns()
         if key is None:                        # nothing to hash on: spread at random
-            return self.targets[random64() % <uint64_t>self.count]
+            key = random64().to_bytes(8, "little")
         h = hash64(PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key))
         while lo < hi:
             mid = (lo + hi) // 2
@@ -215,7 +260,11 @@ cdef class ConsistentHash(Balancer):
         if lo == self.size:
             lo = 0
         if self.bounded_load <= 0 or self.count == 1:
-            return self.targets[self.ring_target[lo]]
+            for steps in range(self.size):     # the first point whose target is up
+                t = self.targets[self.ring_target[(lo + steps) % self.size]]
+                if _up(t, now):
+                    return t
+            return None
         for t in self.targets:
             total += _active(t)
         # Capacity counts the request being placed: ceil(c x (in flight + 1) / targets).
@@ -225,9 +274,9 @@ cdef class ConsistentHash(Balancer):
         for steps in range(self.size):
             i = (lo + steps) % self.size
             t = self.targets[self.ring_target[i]]
-            if _active(t) + 1 <= cap:
+            if _up(t, now) and _active(t) + 1 <= cap:
                 return t
-        return self.targets[self.ring_target[lo]]
+        return None
 
 
 def make_balancer(str algorithm, list targets, double bounded_load=0.0):

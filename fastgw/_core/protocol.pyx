@@ -15,13 +15,13 @@ from fastgw._core.balancer cimport Balancer
 from fastgw._core.buffer cimport WriteBuffer, ascii_ieq, ascii_lower, monotonic, random64
 from fastgw._core.router cimport (ROUTE_ECHO, ROUTE_RESPOND, HeaderEdits, PathRule, RouteEntry,
                                   Router, write_fields)
-from fastgw._core.shm cimport (listener_admit, listener_closed, method_index,
-                               record_request, target_begin, target_end)
+from fastgw._core.shm cimport (listener_admit, listener_closed, method_index, monotonic_ns,
+                               record_request, target_available, target_begin, target_end)
 from fastgw._core.upstream cimport (
     FRAMING_CHUNKED, FRAMING_CLOSE, FRAMING_LENGTH, FRAMING_NONE, UPSTREAM_CONNECT_FAILED,
-    UPSTREAM_CONNECT_TIMEOUT, UPSTREAM_INVALID, UPSTREAM_RESET, UPSTREAM_TIMEOUT, Downstream,
-    Service, Target, UpstreamConnection, is_hop_by_hop, parse_content_length,
-    CONN_CLOSE, CONN_KEEP_ALIVE, CONN_NAMES, connection_flags)
+    UPSTREAM_CONNECT_TIMEOUT, UPSTREAM_INVALID, UPSTREAM_POOL_FULL, UPSTREAM_RESET,
+    UPSTREAM_TIMEOUT, Downstream, Service, Target, UpstreamConnection, is_hop_by_hop,
+    parse_content_length, CONN_CLOSE, CONN_KEEP_ALIVE, CONN_NAMES, connection_flags)
 
 import asyncio
 import socket
@@ -545,6 +545,8 @@ cdef class ClientConnection(Downstream):
             target = None
         elif n == 1:                      # nothing to choose: no balancer call at all
             target = service.targets[0]
+            if not target_available(target.metric_slot, monotonic_ns()):
+                target = None
         else:
             target = (<Balancer>service.balancer).pick(
                 self._hash_key(req, service.hash_on) if service.hash_on is not None else None)
@@ -552,7 +554,8 @@ cdef class ClientConnection(Downstream):
         cdef bint reused = False
         cdef double timeout = req.rule.route.timeout
         if target is None:
-            self._fail_request(req, 503, "no_healthy_upstream", "the service has no targets")
+            req.flags = "UH"
+            self._fail_request(req, 503, "no_healthy_upstream", "no target of the service is up")
             return
         conn = target.acquire(self, &reused)
         if conn is None:
@@ -800,6 +803,7 @@ cdef class ClientConnection(Downstream):
         req.status = status
         req.upstream_status = status
         req.upstream_elapsed = monotonic() - req.upstream_started
+        (<Service>req.rule.route.service).record_result(req.target, status >= 500)
         req.response_started = True
         o.write_bytes(<bytes>STATUS_LINES[status])
         write_fields(o, headers, edits)
@@ -870,6 +874,8 @@ cdef class ClientConnection(Downstream):
             # SPEC §4: a pooled connection the upstream closed as we reused it: once more, fresh.
             self._retry_fresh(req)
             return 0
+        if error != UPSTREAM_POOL_FULL:
+            (<Service>req.rule.route.service).record_result(req.target, True)
         if req.response_started:
             # Part of the answer is out: the client must see it cut short, never "complete".
             req.flags = "UC"

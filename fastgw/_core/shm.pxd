@@ -21,6 +21,13 @@ cdef void target_end(int slot, double seconds, bint failed) noexcept
 cdef bint target_draining(int slot) noexcept
 cdef long long target_active(int slot) noexcept      # -1: not tracked
 cdef unsigned long long target_ewma_ns(int slot) noexcept   # 0: no sample or not tracked
+# Health: the supervisor's active checks write `healthy`; passive ejection is decided in the data
+# plane by whichever worker sees the failure that crosses the threshold.
+cdef unsigned long long monotonic_ns() noexcept
+cdef bint target_available(int slot, unsigned long long now) noexcept
+cdef long long target_failure(int slot) noexcept      # consecutive failures after this one, -1 untracked
+cdef void target_success(int slot) noexcept
+cdef bint target_eject(int slot, unsigned long long now, unsigned long long base_ns, unsigned long long max_ns) noexcept
 
 
 cdef class Segment:

@@ -266,6 +266,51 @@ cdef unsigned long long target_ewma_ns(int slot) noexcept:
     return fg_load(_targets + <Py_ssize_t>slot * TARGET_WORDS + T_EWMA)
 
 
+cdef unsigned long long monotonic_ns() noexcept:
+    return _monotonic_ns()
+
+
+cdef bint target_available(int slot, unsigned long long now) noexcept:
+    if _targets == NULL or slot < 0 or slot >= _n_targets:
+        return True
+    cdef uint64_t* t = _targets + <Py_ssize_t>slot * TARGET_WORDS
+    return fg_load(t + T_HEALTHY) != 0 and fg_load(t + T_EJECTED_UNTIL) <= now
+
+
+cdef long long target_failure(int slot) noexcept:
+    if _targets == NULL or slot < 0 or slot >= _n_targets:
+        return -1
+    return <long long>fg_add(_targets + <Py_ssize_t>slot * TARGET_WORDS + T_CONSECUTIVE_FAILURES, 1) + 1
+
+
+cdef void target_success(int slot) noexcept:
+    if _targets == NULL or slot < 0 or slot >= _n_targets:
+        return
+    cdef uint64_t* p = _targets + <Py_ssize_t>slot * TARGET_WORDS + T_CONSECUTIVE_FAILURES
+    if fg_load(p) != 0:                   # read first: no shared-cache-line write per success
+        fg_store(p, 0)
+
+
+cdef bint target_eject(int slot, unsigned long long now, unsigned long long base_ns,
+                       unsigned long long max_ns) noexcept:
+    """Eject for base x (ejections so far + 1), at most max_ns (Envoy's outlier detection).
+    Only one worker wins the CAS for one ejection; the others see it already ejected."""
+    if _targets == NULL or slot < 0 or slot >= _n_targets:
+        return False
+    cdef uint64_t* t = _targets + <Py_ssize_t>slot * TARGET_WORDS
+    cdef uint64_t until = fg_load(t + T_EJECTED_UNTIL)
+    cdef uint64_t length = base_ns * (fg_load(t + T_EJECTIONS) + 1)
+    if until > now:
+        return False
+    if length > max_ns:
+        length = max_ns
+    if not fg_cas(t + T_EJECTED_UNTIL, &until, now + length):
+        return False
+    fg_add(t + T_EJECTIONS, 1)
+    fg_store(t + T_CONSECUTIVE_FAILURES, 0)
+    return True
+
+
 cdef bint target_draining(int slot) noexcept:
     if _targets == NULL or slot < 0 or slot >= _n_targets:
         return False

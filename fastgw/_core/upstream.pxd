@@ -67,6 +67,11 @@ cdef class Service:
     cdef readonly list targets
     cdef public object balancer           # fastgw._core.balancer.Balancer, set by the compiler
     cdef public tuple hash_on             # consistent_hash key: (kind, name), or None
+    cdef public int passive_failures      # consecutive failures that eject a target, 0 = off
+    cdef public double ejection_time      # seconds, times the number of ejections so far
+    cdef public int max_ejected_percent
+
+    cdef void record_result(self, Target target, bint failed)
     cdef readonly double connect_timeout
     cdef readonly double read_timeout
     cdef readonly double write_timeout

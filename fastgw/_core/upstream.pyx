@@ -10,8 +10,11 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from libc.string cimport memcmp
 
 from fastgw._core.buffer cimport ascii_ieq, ascii_lower, monotonic
+from fastgw._core.shm cimport (monotonic_ns, target_available, target_eject, target_failure,
+                               target_success)
 
 import asyncio
+import sys
 
 from httptools import HttpParserError, HttpResponseParser
 
@@ -202,6 +205,9 @@ cdef class Service:
         self.targets = []
         self.balancer = None
         self.hash_on = None
+        self.passive_failures = 0
+        self.ejection_time = 30.0
+        self.max_ejected_percent = 50
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.write_timeout = write_timeout
@@ -213,6 +219,32 @@ cdef class Service:
         target = Target(self, address, weight, metric_slot)
         self.targets.append(target)
         return target
+
+    cdef void record_result(self, Target target, bint failed):
+        """Passive health (Envoy's outlier detection): `passive_failures` failures in a row eject
+        the target for ejection_time x (its ejections + 1), at most 10 x; never more than
+        max_ejected_percent of the service's targets at once."""
+        cdef unsigned long long now, base
+        cdef long long failures
+        cdef int down = 0
+        if self.passive_failures <= 0:
+            return
+        if not failed:
+            target_success(target.metric_slot)
+            return
+        failures = target_failure(target.metric_slot)
+        if failures < self.passive_failures:
+            return
+        now = monotonic_ns()
+        for t in self.targets:
+            if not target_available((<Target>t).metric_slot, now):
+                down += 1
+        if (down + 1) * 100 > self.max_ejected_percent * len(self.targets):
+            return
+        base = <unsigned long long>(self.ejection_time * 1e9)
+        if target_eject(target.metric_slot, now, base, base * 10):
+            print(f"fastgw: ejected {self.name} target {target.address} after {failures} failures "
+                  f"in a row", file=sys.stderr, flush=True)
 
     def keep_target(self, Target target):
         """Take over a target (and its pooled connections) of the service this one replaces."""

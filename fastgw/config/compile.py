@@ -243,6 +243,10 @@ def _compile_services(config: Config, target_slots: dict, previous: Runtime | No
         service.balancer = make_balancer(spec.balance.algorithm, list(service.targets),
                                          spec.balance.bounded_load or 0.0)
         service.hash_on = _hash_on(spec.balance.hash_on)
+        if spec.health.passive is not None:
+            service.passive_failures = spec.health.passive.consecutive_failures
+            service.ejection_time = spec.health.passive.ejection_time
+            service.max_ejected_percent = spec.health.passive.max_ejected_percent
         services[name] = service
     return services
 

@@ -124,11 +124,35 @@ class Balance(_Base):
     bounded_load: Union[float, None] = None        # consistent_hash: cap a target at this x the mean load
 
 
+class ActiveHealth(_Base):
+    """Checks run by the supervisor, once per host (not per worker); the result is in shared
+    memory, so every worker agrees."""
+    type: Literal["http", "tcp"] = "http"
+    path: str = "/healthz"
+    interval: Duration = 2.0
+    timeout: Duration = 1.0
+    healthy_threshold: int = 2
+    unhealthy_threshold: int = 3
+    expect_status: list[int] = msgspec.field(default_factory=lambda: [200])
+
+
+class PassiveHealth(_Base):
+    consecutive_failures: int = 5                  # connect failures, resets, timeouts and 5xx
+    ejection_time: Duration = 30.0                 # times the number of earlier ejections, at most 10x
+    max_ejected_percent: int = 50
+
+
+class Health(_Base):
+    active: Union[ActiveHealth, None] = None
+    passive: Union[PassiveHealth, None] = None
+
+
 class Service(_Base):
     kind: Literal["proxy", "echo"] = "proxy"       # echo: built-in, answers with the request as JSON
     scheme: Literal["http"] = "http"
     targets: list[Target] = []
     balance: Balance = msgspec.field(default_factory=Balance)
+    health: Health = msgspec.field(default_factory=Health)
     timeouts: Timeouts = msgspec.field(default_factory=Timeouts)
     pool: Pool = msgspec.field(default_factory=Pool)
 

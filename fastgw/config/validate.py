@@ -229,8 +229,31 @@ def _balance_problems(path: str, service: Service) -> Iterator[ConfigProblem]:
     ])
 
 
+def _health_problems(path: str, service: Service) -> Iterator[ConfigProblem]:
+    active, passive = service.health.active, service.health.passive
+    if active is not None:
+        where = f"{path}.health.active"
+        yield from _failing([
+            (f"{where}.path", active.path.startswith("/"), "must start with '/'"),
+            (f"{where}.interval", active.interval >= 0.05, "must be at least 50ms"),
+            (f"{where}.timeout", 0 < active.timeout <= active.interval, "must be > 0 and at most the interval"),
+            (f"{where}.healthy_threshold", active.healthy_threshold >= 1, "must be at least 1"),
+            (f"{where}.unhealthy_threshold", active.unhealthy_threshold >= 1, "must be at least 1"),
+            (f"{where}.expect_status", all(100 <= s <= 599 for s in active.expect_status) and bool(active.expect_status),
+             "must list HTTP statuses (100-599)"),
+        ])
+    if passive is not None:
+        where = f"{path}.health.passive"
+        yield from _failing([
+            (f"{where}.consecutive_failures", passive.consecutive_failures >= 1, "must be at least 1"),
+            (f"{where}.ejection_time", passive.ejection_time > 0, "must be greater than 0"),
+            (f"{where}.max_ejected_percent", 0 <= passive.max_ejected_percent <= 100, "must be 0-100"),
+        ])
+
+
 def _one_service(path: str, service: Service) -> Iterator[ConfigProblem]:
     yield from _balance_problems(path, service)
+    yield from _health_problems(path, service)
     yield from _failing([
         (f"{path}.targets", service.kind != "proxy" or bool(service.targets),
          "a proxy service needs at least one target"),

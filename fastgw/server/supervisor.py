@@ -24,6 +24,7 @@ from fastgw.config.load import LoadedConfig
 from fastgw.config.store import ConfigStore
 from fastgw.server import systemd
 from fastgw.server.control import ControlChannel
+from fastgw.server.health import HealthChecker
 from fastgw.server.log import log, set_log_level
 
 APPLY_TIMEOUT = 30.0          # a worker that cannot compile and bind in this long fails the change
@@ -114,6 +115,7 @@ class Supervisor:
         self.done = asyncio.Event()
         self.exit_code = 0
         self.admin = None
+        self.health = HealthChecker(self.segment)
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -132,12 +134,14 @@ class Supervisor:
             self.stop()
             self.exit_code = 1
         else:
+            self.health.apply(self.store.loaded.config, self.current_slots)
             await self._start_admin()
             log(f"{self.count} worker{'s' if self.count > 1 else ''} running config version "
                 f"{self.store.version}")
             systemd.notify("READY=1", f"STATUS=serving, config version {self.store.version}")
             self.loop.create_task(self._watch_heartbeats())
         await self.done.wait()
+        self.health.close()
         if self.admin is not None:
             await self.admin.close()
         self.segment.close()
@@ -291,6 +295,7 @@ class Supervisor:
                 w.version = version
             self.current_slots = slots
             self.segment.config_version = version
+            self.health.apply(loaded.config, slots)
             set_log_level(loaded.config.log.level)
             if self.admin is not None:
                 self.admin.configure(loaded.config.admin)

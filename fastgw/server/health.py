@@ -1,0 +1,91 @@
+"""Active health checks, run by the supervisor: once per host, not once per worker.
+
+Each checked target has one task that probes it every `interval` (an HTTP GET whose status must be
+in `expect_status`, or a TCP connect) and flips the target's `healthy` word in shared memory after
+`unhealthy_threshold` failures or `healthy_threshold` successes in a row; the workers' balancers
+read that word on every pick, so they all agree within one check.
+"""
+from __future__ import annotations
+
+import asyncio
+
+from fastgw.server.log import log
+
+
+class HealthChecker:
+    def __init__(self, segment):
+        self.segment = segment
+        self.tasks: dict[tuple[str, str], tuple[object, int, asyncio.Task]] = {}
+
+    def apply(self, config, slots: dict) -> None:
+        """Start, keep or stop checks to match `config` (called at start and after each change)."""
+        wanted = {}
+        for name, service in config.services.items():
+            spec = service.health.active
+            for target in service.targets if spec is not None else ():
+                slot = slots["targets"].get((name, target.address), -1)
+                if slot >= 0:
+                    wanted[(name, target.address)] = (spec, slot)
+        for key, (spec, slot, task) in list(self.tasks.items()):
+            if wanted.get(key) != (spec, slot):
+                task.cancel()
+                del self.tasks[key]
+                if key not in wanted:
+                    self.segment.target_set_healthy(slot, True)   # unchecked targets count as up
+        for key, (spec, slot) in wanted.items():
+            if key not in self.tasks:
+                task = asyncio.get_running_loop().create_task(self._run(key[0], key[1], spec, slot))
+                self.tasks[key] = (spec, slot, task)
+
+    def close(self) -> None:
+        for _, _, task in self.tasks.values():
+            task.cancel()
+        self.tasks.clear()
+
+    async def _run(self, service: str, address: str, spec, slot: int) -> None:
+        healthy = self.segment.target_stats(slot)["healthy"]
+        streak = 0                        # successes (> 0) or failures (< 0) in a row
+        while True:
+            ok, why = await probe(address, spec)
+            streak = (max(streak, 0) + 1) if ok else (min(streak, 0) - 1)
+            if healthy and streak <= -spec.unhealthy_threshold:
+                healthy = False
+                self.segment.target_set_healthy(slot, False)
+                log(f"service {service} target {address} is down ({why}, {-streak} checks in a row)",
+                    "warning")
+            elif not healthy and streak >= spec.healthy_threshold:
+                healthy = True
+                self.segment.target_set_healthy(slot, True)
+                log(f"service {service} target {address} is up again")
+            await asyncio.sleep(spec.interval)
+
+
+async def probe(address: str, spec) -> tuple[bool, str]:
+    """(passed, what failed)."""
+    try:
+        line = await asyncio.wait_for(_exchange(address, spec), spec.timeout)
+    except asyncio.TimeoutError:
+        return False, f"no answer within {spec.timeout:g}s"
+    except OSError as exc:
+        return False, exc.strerror or type(exc).__name__
+    if spec.type == "tcp":
+        return True, ""
+    parts = line.split()
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+        return False, "not an HTTP response"
+    status = int(parts[1])
+    return status in spec.expect_status, f"status {status}"
+
+
+async def _exchange(address: str, spec) -> bytes:
+    """Connect; for an HTTP check send the request and return the status line."""
+    host, _, port = address.rpartition(":")
+    reader, writer = await asyncio.open_connection(host.strip("[]"), int(port))
+    try:
+        if spec.type == "tcp":
+            return b""
+        writer.write(f"GET {spec.path} HTTP/1.1\r\nHost: {address}\r\nUser-Agent: fastgw-health\r\n"
+                     f"Connection: close\r\n\r\n".encode("latin-1"))
+        return await reader.readline()
+    finally:
+        writer.close()

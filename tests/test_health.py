@@ -1,0 +1,81 @@
+"""Target health through the gateway: active checks run by the supervisor (state in shared memory,
+so every worker agrees), passive ejection by the data plane, and 503 when nothing is up."""
+from __future__ import annotations
+
+import collections
+import time
+
+from upstreams import HOST, RecordingUpstream, describe_request, free_port, gateway_config, route, wait_for
+
+
+def named(name, port=0):
+    return RecordingUpstream(name=name, handler=lambda req: describe_request(req, name), port=port)
+
+
+def config_for(ups, **service):
+    config = gateway_config({"up": {"targets": [{"address": f"{HOST}:{u.port}"} for u in ups],
+                                    **service}}, [route("all", ["/**"], "up")])
+    config["admin"] = {"bind": f"{HOST}:{free_port()}"}
+    config["workers"] = 2
+    return config
+
+
+def servers(gw, n):
+    out = collections.Counter()
+    for i in range(n):
+        resp = gw.request("GET", f"/x/{i}")
+        out[resp.json()["server"] if resp.status == 200 else resp.status] += 1
+    return out
+
+
+def health(gw):
+    return {t["address"]: t for t in gw.admin("GET", "/services/up/health").json()["targets"]}
+
+
+def test_active_checks_take_a_dead_target_out_and_bring_it_back(gateway, start_upstream):
+    a, b, c = (start_upstream(named(n)) for n in "abc")
+    gw = gateway(config_for([a, b, c], balance={"algorithm": "round_robin"}, health={"active": {
+        "type": "http", "path": "/healthz", "interval": "100ms", "timeout": "100ms",
+        "healthy_threshold": 2, "unhealthy_threshold": 2}}))
+    assert set(servers(gw, 30)) == {"a", "b", "c"}
+    assert all(r.path == "/healthz" for r in a.requests if r.header("user-agent") == "fastgw-health")
+    port_b = b.port
+    b.stop()
+    stopped = time.monotonic()
+    assert wait_for(lambda: not health(gw)[f"{HOST}:{port_b}"]["healthy"], timeout=5)
+    detected = time.monotonic() - stopped
+    assert detected < 1.0                           # interval x unhealthy_threshold (+ a probe)
+    after = servers(gw, 60)                         # every worker skips it, no failed request
+    assert set(after) == {"a", "c"} and sum(after.values()) == 60
+    assert "is down" in gw.stderr_text()
+    back = start_upstream(named("b", port_b))
+    assert wait_for(lambda: health(gw)[f"{HOST}:{port_b}"]["healthy"], timeout=5)
+    assert set(servers(gw, 30)) == {"a", "b", "c"}
+    assert any(r.header("user-agent") != "fastgw-health" for r in back.requests)
+
+
+def test_passive_ejection_after_consecutive_failures(gateway, start_upstream):
+    a, c = start_upstream(named("a")), start_upstream(named("c"))
+    dead = free_port()                              # nothing listens: connect fails
+    config = config_for([a, c], balance={"algorithm": "round_robin"},
+                        health={"passive": {"consecutive_failures": 2, "ejection_time": "2s"}})
+    config["services"]["up"]["targets"].insert(1, {"address": f"{HOST}:{dead}"})
+    config["workers"] = 1
+    gw = gateway(config)
+    first = servers(gw, 12)
+    assert first[502] == 2                          # two failures in a row, then ejected
+    assert servers(gw, 30) == {"a": 15, "c": 15}
+    assert health(gw)[f"{HOST}:{dead}"]["ejected"] is True
+    assert "ejected up target" in gw.stderr_text()
+
+
+def test_every_target_down_is_503_with_retry_after(gateway, start_upstream):
+    a = start_upstream(named("a"))
+    gw = gateway(config_for([a], health={"active": {"type": "tcp", "interval": "100ms",
+                                                    "timeout": "100ms", "unhealthy_threshold": 1}}))
+    assert gw.request("GET", "/x").status == 200
+    a.stop()
+    assert wait_for(lambda: gw.request("GET", "/x").status == 503, timeout=5)
+    resp = gw.request("GET", "/x")
+    assert resp.json()["error"]["code"] == "no_healthy_upstream" and resp.header("retry-after") == "1"
+    assert wait_for(lambda: [l["flags"] for l in gw.access_log_lines()][-1:] == ["UH"])
