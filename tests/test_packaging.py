@@ -47,10 +47,12 @@ def test_sdist_to_wheel_to_fresh_venv_runs_the_gateway(tmp_path):
     version = _run(str(venv / "bin" / "fastgw"), "version", env=env, cwd=tmp_path).stdout
     assert "(core: compiled)" in version, version
 
-    port = _free_port()
+    port, admin_port = _free_port(), _free_port()
     config = tmp_path / "gw.yaml"
     config.write_text(
         f"listeners: [{{name: p, bind: '127.0.0.1:{port}'}}]\n"
+        f"admin: {{bind: '127.0.0.1:{admin_port}'}}\n"
+        "workers: 2\n"
         "services: {echo: {kind: echo}}\n"
         "routes: [{name: e, match: {paths: ['/**']}, service: echo}]\n")
     proc = subprocess.Popen([str(venv / "bin" / "fastgw"), "run", "-c", str(config)], env=env,
@@ -67,6 +69,18 @@ def test_sdist_to_wheel_to_fresh_venv_runs_the_gateway(tmp_path):
                     raise
                 time.sleep(0.1)
         assert b'"path":"/from-wheel"' in body
+        # Every package made it into the wheel: the supervisor, its workers and the admin API
+        # (which starts once every worker serves, so it may come a moment after the listener).
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=2) as r:
+                    metrics = r.read()
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise
+                time.sleep(0.1)
+        assert b"fastgw_http_requests_total" in metrics
     finally:
         proc.terminate()
         proc.wait(10)
