@@ -62,11 +62,33 @@ def test_passive_ejection_after_consecutive_failures(gateway, start_upstream):
     config["services"]["up"]["targets"].insert(1, {"address": f"{HOST}:{dead}"})
     config["workers"] = 1
     gw = gateway(config)
-    first = servers(gw, 12)
-    assert first[502] == 2                          # two failures in a row, then ejected
-    assert servers(gw, 30) == {"a": 15, "c": 15}
+    # Each failed connect is retried on another target (nothing reached the dead one), so no
+    # request fails; after two failures in a row the dead target is ejected and not tried again.
+    assert set(servers(gw, 12)) == {"a", "c"}
     assert health(gw)[f"{HOST}:{dead}"]["ejected"] is True
     assert "ejected up target" in gw.stderr_text()
+    lines = gw.access_log_lines(12)
+    assert sorted(line["attempts"] for line in lines).count(2) == 2
+    assert servers(gw, 30) == {"a": 15, "c": 15}
+
+
+def test_connect_failure_is_retried_on_another_target_for_any_method(gateway, start_upstream):
+    a = start_upstream(named("a"))
+    dead = free_port()
+    config = config_for([a], balance={"algorithm": "round_robin"})
+    config["services"]["up"]["targets"].append({"address": f"{HOST}:{dead}"})
+    config["workers"] = 1
+    gw = gateway(config)
+    for i in range(6):
+        resp = gw.request("POST", "/submit", body=b"payload-%d" % i)
+        assert resp.status == 200 and resp.json()["body"] == "payload-%d" % i
+    assert [r.body for r in a.requests] == [b"payload-%d" % i for i in range(6)]  # each once
+    config["services"]["up"]["retries"] = {"attempts": 0}
+    config["listeners"][0]["bind"] = f"{HOST}:{free_port()}"     # (SO_REUSEPORT would share it)
+    config["admin"]["bind"] = f"{HOST}:{free_port()}"
+    gw2 = gateway(config)
+    statuses = [gw2.request("POST", "/submit", body=b"x").status for _ in range(4)]
+    assert sorted(statuses) == [200, 200, 502, 502]
 
 
 def test_every_target_down_is_503_with_retry_after(gateway, start_upstream):

@@ -128,6 +128,7 @@ cdef class ClientConnection(Downstream):
     cdef void _fail_request(self, Request req, int status, str code, str message)
     cdef void _send_error(self, Request req, int status, str code, str message)
     cdef void _retry_fresh(self, Request req)
+    cdef bint _retry_elsewhere(self, Request req)
     cdef void _response_finished(self, Request req)
     cdef void _linger_close(self)
     cdef void _finish(self, Request req)

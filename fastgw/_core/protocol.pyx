@@ -876,6 +876,11 @@ cdef class ClientConnection(Downstream):
             return 0
         if error != UPSTREAM_POOL_FULL:
             (<Service>req.rule.route.service).record_result(req.target, True)
+        if (error == UPSTREAM_CONNECT_FAILED or error == UPSTREAM_CONNECT_TIMEOUT) and \
+                req.replay is not None and \
+                req.attempts <= (<Service>req.rule.route.service).connect_retries and \
+                self._retry_elsewhere(req):
+            return 0
         if req.response_started:
             # Part of the answer is out: the client must see it cut short, never "complete".
             req.flags = "UC"
@@ -913,6 +918,41 @@ cdef class ClientConnection(Downstream):
         req.attempts += 1
         conn.begin(self, req.method == b"HEAD", conn.head_deadline)
         conn.send_many(req.replay)
+
+    cdef bint _retry_elsewhere(self, Request req):
+        """The connection to the target was never made, so no byte of the request reached it
+        (RFC 9110 §9.2.2 allows a retry for any method): send what we hold to another target.
+        False when there is no other target to try."""
+        cdef Service service = <Service>req.rule.route.service
+        cdef Target failed = req.target, target = None
+        cdef UpstreamConnection conn
+        cdef bint reused = False
+        cdef int tries
+        if len(service.targets) < 2:
+            return False
+        for tries in range(4):            # the balancer may draw the failed target again
+            target = (<Balancer>service.balancer).pick(
+                self._hash_key(req, service.hash_on) if service.hash_on is not None else None)
+            if target is not failed:
+                break
+        if target is None or target is failed:
+            return False
+        conn = target.acquire(self, &reused)
+        if conn is None:
+            return False
+        if req.target_counted:
+            target_end(failed.metric_slot, monotonic() - req.upstream_started, True)
+        target_begin(target.metric_slot)
+        req.target_counted = True
+        req.target = target
+        req.upstream = conn
+        req.upstream_reused = reused
+        req.attempts += 1
+        req.upstream_started = monotonic()
+        conn.begin(self, req.method == b"HEAD",
+                   req.upstream_started + req.rule.route.timeout if req.rule.route.timeout > 0 else 0)
+        conn.send_many(req.replay)
+        return True
 
     cdef int upstream_writable(self, bint writable) except -1:
         if writable:

@@ -70,6 +70,7 @@ cdef class Service:
     cdef public int passive_failures      # consecutive failures that eject a target, 0 = off
     cdef public double ejection_time      # seconds, times the number of ejections so far
     cdef public int max_ejected_percent
+    cdef public int connect_retries       # other targets tried when a connect fails
 
     cdef void record_result(self, Target target, bint failed)
     cdef readonly double connect_timeout

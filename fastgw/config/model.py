@@ -147,12 +147,21 @@ class Health(_Base):
     passive: Union[PassiveHealth, None] = None
 
 
+class Retries(_Base):
+    """Other targets tried when the connection to a target cannot be made: no byte of the
+    request reached it, so any method may be retried (RFC 9110 §9.2.2). Retrying after a reset or
+    on listed statuses, per-try timeouts and a retry budget come with the rest of the balancer."""
+    attempts: int = 1
+    retry_on: list[Literal["connect_failure"]] = msgspec.field(default_factory=lambda: ["connect_failure"])
+
+
 class Service(_Base):
     kind: Literal["proxy", "echo"] = "proxy"       # echo: built-in, answers with the request as JSON
     scheme: Literal["http"] = "http"
     targets: list[Target] = []
     balance: Balance = msgspec.field(default_factory=Balance)
     health: Health = msgspec.field(default_factory=Health)
+    retries: Retries = msgspec.field(default_factory=Retries)
     timeouts: Timeouts = msgspec.field(default_factory=Timeouts)
     pool: Pool = msgspec.field(default_factory=Pool)
 

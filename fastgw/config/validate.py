@@ -253,6 +253,8 @@ def _health_problems(path: str, service: Service) -> Iterator[ConfigProblem]:
 
 def _one_service(path: str, service: Service) -> Iterator[ConfigProblem]:
     yield from _balance_problems(path, service)
+    yield from _failing([(f"{path}.retries.attempts", 0 <= service.retries.attempts <= 10,
+                          "must be between 0 and 10")])
     yield from _health_problems(path, service)
     yield from _failing([
         (f"{path}.targets", service.kind != "proxy" or bool(service.targets),
