@@ -11,6 +11,9 @@ import asyncio
 import pickle
 import struct
 
+# A worker's state in its shared-memory slot (fastgw/_core/shm.pyx; 0 = empty slot).
+WORKER_STARTING, WORKER_RUNNING, WORKER_DRAINING = 1, 2, 3
+
 _LENGTH = struct.Struct("!I")
 MAX_MESSAGE = 256 * 1024 * 1024        # a config with 10,000 routes pickles to a few MiB
 

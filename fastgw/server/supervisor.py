@@ -23,7 +23,7 @@ from fastgw.config.errors import ConfigError, ConfigProblem, ConfigWriteError
 from fastgw.config.load import LoadedConfig
 from fastgw.config.store import ConfigStore
 from fastgw.server import systemd
-from fastgw.server.control import ControlChannel
+from fastgw.server.control import WORKER_RUNNING, WORKER_STARTING, ControlChannel
 from fastgw.server.health import HealthChecker
 from fastgw.server.log import log, set_log_level
 
@@ -31,7 +31,6 @@ APPLY_TIMEOUT = 30.0          # a worker that cannot compile and bind in this lo
 START_TIMEOUT = 60.0
 HUNG_AFTER = 30.0             # no heartbeat for this long: the worker's loop is stuck, replace it
 RESTART_BACKOFF_MAX = 30.0
-WORKER_STARTING, WORKER_RUNNING, WORKER_DRAINING = 1, 2, 3
 
 
 def worker_count(requested) -> int:

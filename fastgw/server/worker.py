@@ -22,7 +22,7 @@ import uvloop
 from fastgw.config.compile import Runtime, compile_config
 from fastgw.config.validate import parse_bind
 from fastgw.server.accesslog import open_access_log
-from fastgw.server.control import ControlChannel
+from fastgw.server.control import WORKER_DRAINING, WORKER_RUNNING, ControlChannel
 from fastgw.server.log import log, set_log_level, set_prefix
 from fastgw.server.tracing import open_tracer
 
@@ -75,7 +75,7 @@ class Worker:
             self.channel.send("failed", version, f"{type(exc).__name__}: {exc}")
             await self.channel.flush()
             return 1
-        self.segment.worker_set(self.index, pid=os.getpid(), config_version=version, state=2)
+        self.segment.worker_set(self.index, pid=os.getpid(), config_version=version, state=WORKER_RUNNING)
         self.channel.send("ready", version)
         # Everything allocated so far lives as long as the worker: keep it out of the cyclic GC's
         # scans (per-request objects are freed by reference counting).
@@ -213,7 +213,8 @@ class Worker:
         if self.draining:
             return
         self.draining = True
-        self.segment.worker_set(self.index, pid=os.getpid(), config_version=self.version, state=3)
+        self.segment.worker_set(self.index, pid=os.getpid(), config_version=self.version,
+                                state=WORKER_DRAINING)
         for item in self.listeners.values():
             item.server.close()
             item.state.draining = True
