@@ -101,3 +101,18 @@ def test_every_target_down_is_503_with_retry_after(gateway, start_upstream):
     resp = gw.request("GET", "/x")
     assert resp.json()["error"]["code"] == "no_healthy_upstream" and resp.header("retry-after") == "1"
     assert wait_for(lambda: [l["flags"] for l in gw.access_log_lines()][-1:] == ["UH"])
+
+
+def test_backup_takes_traffic_only_while_no_primary_is_up(gateway, start_upstream):
+    a, b = start_upstream(named("a")), start_upstream(named("b"))
+    config = config_for([a], health={"active": {"type": "tcp", "interval": "100ms", "timeout": "100ms",
+                                                "unhealthy_threshold": 1, "healthy_threshold": 1}})
+    config["services"]["up"]["targets"].append({"address": f"{HOST}:{b.port}", "backup": True})
+    gw = gateway(config)
+    assert servers(gw, 20) == {"a": 20}
+    port_a = a.port
+    a.stop()
+    assert wait_for(lambda: set(servers(gw, 5)) == {"b"}, timeout=5)
+    assert servers(gw, 20) == {"b": 20}
+    start_upstream(named("a", port_a))
+    assert wait_for(lambda: set(servers(gw, 5)) == {"a"}, timeout=5)

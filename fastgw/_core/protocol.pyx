@@ -550,6 +550,8 @@ cdef class ClientConnection(Downstream):
         else:
             target = (<Balancer>service.balancer).pick(
                 self._hash_key(req, service.hash_on) if service.hash_on is not None else None)
+        if target is None and service.backup_balancer is not None:
+            target = (<Balancer>service.backup_balancer).pick(None)
         cdef UpstreamConnection conn
         cdef bint reused = False
         cdef double timeout = req.rule.route.timeout

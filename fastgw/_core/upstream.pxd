@@ -64,7 +64,9 @@ cdef class Target:
 cdef class Service:
     cdef readonly str name
     cdef readonly int kind
-    cdef readonly list targets
+    cdef readonly list targets            # the primaries
+    cdef readonly list backups            # used only when no primary is up
+    cdef public object backup_balancer
     cdef public object balancer           # fastgw._core.balancer.Balancer, set by the compiler
     cdef public tuple hash_on             # consistent_hash key: (kind, name), or None
     cdef public int passive_failures      # consecutive failures that eject a target, 0 = off

@@ -203,7 +203,9 @@ cdef class Service:
         self.name = name
         self.kind = kind
         self.targets = []
+        self.backups = []
         self.balancer = None
+        self.backup_balancer = None
         self.hash_on = None
         self.passive_failures = 0
         self.ejection_time = 30.0
@@ -216,9 +218,9 @@ cdef class Service:
         self.max_idle = max_idle
         self.max_connections = max_connections
 
-    def add_target(self, str address, int weight=1, int metric_slot=-1):
+    def add_target(self, str address, int weight=1, int metric_slot=-1, bint backup=False):
         target = Target(self, address, weight, metric_slot)
-        self.targets.append(target)
+        (self.backups if backup else self.targets).append(target)
         return target
 
     cdef void record_result(self, Target target, bint failed):
@@ -247,9 +249,9 @@ cdef class Service:
             print(f"fastgw: ejected {self.name} target {target.address} after {failures} failures "
                   f"in a row", file=sys.stderr, flush=True)
 
-    def keep_target(self, Target target):
+    def keep_target(self, Target target, bint backup=False):
         """Take over a target (and its pooled connections) of the service this one replaces."""
-        self.targets.append(target)
+        (self.backups if backup else self.targets).append(target)
 
     def __repr__(self):
         return f"<Service {self.name} targets={len(self.targets)}>"

@@ -63,6 +63,7 @@ class Runtime:
     def targets(self):
         for service in self.services.values():
             yield from service.targets
+            yield from service.backups
 
     def close(self, successor: "Runtime | None" = None) -> None:
         """Retire the targets (close idle pooled connections, and busy ones when their exchange
@@ -222,7 +223,7 @@ def _compile_services(config: Config, target_slots: dict, previous: Runtime | No
     for name, spec in config.services.items():
         if previous is not None and previous.config.services.get(name) == spec and \
                 all(target_slots.get((name, t.address), -1) == t.metric_slot
-                    for t in previous.services[name].targets):
+                    for t in [*previous.services[name].targets, *previous.services[name].backups]):
             services[name] = previous.services[name]       # unchanged: the same object
             continue
         service = Service(
@@ -236,12 +237,15 @@ def _compile_services(config: Config, target_slots: dict, previous: Runtime | No
                 continue
             kept = reusable.get((name, target.address, target.weight))
             if kept is not None:
-                service.keep_target(kept)
+                service.keep_target(kept, target.backup)
             else:
                 service.add_target(target.address, target.weight,
-                                   target_slots.get((name, target.address), -1))
+                                   target_slots.get((name, target.address), -1), target.backup)
         service.balancer = make_balancer(spec.balance.algorithm, list(service.targets),
                                          spec.balance.bounded_load or 0.0)
+        # Backups share the load round robin among themselves when no primary is up.
+        service.backup_balancer = make_balancer("round_robin", list(service.backups)) \
+            if service.backups else None
         service.hash_on = _hash_on(spec.balance.hash_on)
         service.connect_retries = spec.retries.attempts if "connect_failure" in spec.retries.retry_on else 0
         if spec.health.passive is not None:
@@ -331,7 +335,7 @@ def _reusable_targets(config: Config, previous: Runtime | None) -> dict:
         old, new = previous.config.services.get(name), config.services.get(name)
         if old is None or new is None or _connection_settings(old) != _connection_settings(new):
             continue
-        for target in old_service.targets:
+        for target in [*old_service.targets, *old_service.backups]:
             out[(name, target.address, target.weight)] = target
     return out
 

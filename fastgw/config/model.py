@@ -103,6 +103,7 @@ class Target(_Base):
     address: str                                   # host:port
     weight: int = 1
     drain: bool = False                            # takes no new requests; in-flight ones finish
+    backup: bool = False                           # takes traffic only when no primary is up
 
 
 class Timeouts(_Base):

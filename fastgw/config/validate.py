@@ -253,8 +253,11 @@ def _health_problems(path: str, service: Service) -> Iterator[ConfigProblem]:
 
 def _one_service(path: str, service: Service) -> Iterator[ConfigProblem]:
     yield from _balance_problems(path, service)
-    yield from _failing([(f"{path}.retries.attempts", 0 <= service.retries.attempts <= 10,
-                          "must be between 0 and 10")])
+    yield from _failing([
+        (f"{path}.retries.attempts", 0 <= service.retries.attempts <= 10, "must be between 0 and 10"),
+        (f"{path}.targets", not service.targets or any(not t.backup for t in service.targets),
+         "every target is a backup: at least one must be a primary"),
+    ])
     yield from _health_problems(path, service)
     yield from _failing([
         (f"{path}.targets", service.kind != "proxy" or bool(service.targets),
