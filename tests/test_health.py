@@ -116,3 +116,42 @@ def test_backup_takes_traffic_only_while_no_primary_is_up(gateway, start_upstrea
     assert servers(gw, 20) == {"b": 20}
     start_upstream(named("a", port_a))
     assert wait_for(lambda: set(servers(gw, 5)) == {"a"}, timeout=5)
+
+
+def test_killing_a_target_under_load_fails_no_idempotent_request(gateway, start_upstream):
+    import threading
+
+    def slow(name):
+        return RecordingUpstream(name=name, handler=lambda req: (time.sleep(0.01), describe_request(req, name))[1])
+    ups = [start_upstream(slow(n)) for n in "abc"]
+    cfg = config_for(ups, health={"active": {"type": "tcp", "interval": "100ms", "timeout": "100ms",
+                                             "unhealthy_threshold": 2}})
+    gw = gateway(cfg)
+    results, stop = collections.Counter(), threading.Event()
+
+    def client():
+        import http.client
+        conn = http.client.HTTPConnection(HOST, gw.port, timeout=10)
+        while not stop.is_set():
+            try:
+                conn.request("GET", "/item")
+                resp = conn.getresponse()
+                body = resp.read()
+                server = __import__("json").loads(body)["server"] if resp.status == 200 else None
+                results[(resp.status, server)] += 1
+            except Exception as exc:                      # noqa: BLE001 - counted, asserted below
+                results[("error", type(exc).__name__)] += 1
+                conn = http.client.HTTPConnection(HOST, gw.port, timeout=10)
+    threads = [threading.Thread(target=client) for _ in range(6)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    ups[1].stop()                                         # in-flight requests to b are reset
+    time.sleep(1.0)
+    stop.set()
+    for t in threads:
+        t.join(10)
+    failed = {k: v for k, v in results.items() if k[0] != 200}
+    assert failed == {}, failed
+    assert results[(200, "b")] > 0 and results[(200, "a")] > 0 and results[(200, "c")] > 0
+    assert sum(results.values()) > 200

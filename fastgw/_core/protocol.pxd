@@ -71,6 +71,7 @@ cdef class Request:
     cdef UpstreamConnection upstream
     cdef bint upstream_reused
     cdef int attempts
+    cdef int retried_elsewhere            # retries on another target (retries.attempts caps it)
     cdef double started
     cdef double upstream_started
     cdef double upstream_elapsed

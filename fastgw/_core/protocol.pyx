@@ -880,7 +880,14 @@ cdef class ClientConnection(Downstream):
             (<Service>req.rule.route.service).record_result(req.target, True)
         if (error == UPSTREAM_CONNECT_FAILED or error == UPSTREAM_CONNECT_TIMEOUT) and \
                 req.replay is not None and \
-                req.attempts <= (<Service>req.rule.route.service).connect_retries and \
+                req.retried_elsewhere < (<Service>req.rule.route.service).connect_retries and \
+                self._retry_elsewhere(req):
+            return 0
+        # Reset before any response: the target may have acted on the request, so only an
+        # idempotent one is sent again (RFC 9110 §9.2.2), and only whole (body held and complete).
+        if error == UPSTREAM_RESET and not req.response_started and req.replay is not None and \
+                req.body_done and req.method in IDEMPOTENT and \
+                req.retried_elsewhere < (<Service>req.rule.route.service).reset_retries and \
                 self._retry_elsewhere(req):
             return 0
         if req.response_started:
@@ -929,15 +936,24 @@ cdef class ClientConnection(Downstream):
         cdef Target failed = req.target, target = None
         cdef UpstreamConnection conn
         cdef bint reused = False
-        cdef int tries
-        if len(service.targets) < 2:
+        cdef Py_ssize_t i, n = len(service.targets), start
+        cdef unsigned long long now
+        if n < 2:
             return False
-        for tries in range(4):            # the balancer may draw the failed target again
-            target = (<Balancer>service.balancer).pick(
-                self._hash_key(req, service.hash_on) if service.hash_on is not None else None)
-            if target is not failed:
-                break
-        if target is None or target is failed:
+        target = (<Balancer>service.balancer).pick(
+            self._hash_key(req, service.hash_on) if service.hash_on is not None else None)
+        if target is failed:
+            # A target that fails fast looks idle to the load-aware algorithms and would be drawn
+            # again and again: take the next target that is up instead.
+            target = None
+            now = monotonic_ns()
+            start = random64() % <unsigned long long>n
+            for i in range(n):
+                candidate = service.targets[(start + i) % n]
+                if candidate is not failed and target_available((<Target>candidate).metric_slot, now):
+                    target = candidate
+                    break
+        if target is None:
             return False
         conn = target.acquire(self, &reused)
         if conn is None:
@@ -950,6 +966,7 @@ cdef class ClientConnection(Downstream):
         req.upstream = conn
         req.upstream_reused = reused
         req.attempts += 1
+        req.retried_elsewhere += 1
         req.upstream_started = monotonic()
         conn.begin(self, req.method == b"HEAD",
                    req.upstream_started + req.rule.route.timeout if req.rule.route.timeout > 0 else 0)

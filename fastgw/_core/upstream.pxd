@@ -73,6 +73,7 @@ cdef class Service:
     cdef public double ejection_time      # seconds, times the number of ejections so far
     cdef public int max_ejected_percent
     cdef public int connect_retries       # other targets tried when a connect fails
+    cdef public int reset_retries         # ... when an idempotent request was reset unanswered
 
     cdef void record_result(self, Target target, bint failed)
     cdef readonly double connect_timeout

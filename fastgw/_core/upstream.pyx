@@ -211,6 +211,7 @@ cdef class Service:
         self.ejection_time = 30.0
         self.max_ejected_percent = 50
         self.connect_retries = 1
+        self.reset_retries = 1
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.write_timeout = write_timeout

@@ -248,6 +248,7 @@ def _compile_services(config: Config, target_slots: dict, previous: Runtime | No
             if service.backups else None
         service.hash_on = _hash_on(spec.balance.hash_on)
         service.connect_retries = spec.retries.attempts if "connect_failure" in spec.retries.retry_on else 0
+        service.reset_retries = spec.retries.attempts if "reset" in spec.retries.retry_on else 0
         if spec.health.passive is not None:
             service.passive_failures = spec.health.passive.consecutive_failures
             service.ejection_time = spec.health.passive.ejection_time

@@ -149,11 +149,13 @@ class Health(_Base):
 
 
 class Retries(_Base):
-    """Other targets tried when the connection to a target cannot be made: no byte of the
-    request reached it, so any method may be retried (RFC 9110 §9.2.2). Retrying after a reset or
-    on listed statuses, per-try timeouts and a retry budget come with the rest of the balancer."""
+    """Other targets tried when the connection to a target cannot be made (no byte of the request
+    reached it, so any method), or when it was reset before any response (idempotent methods only,
+    RFC 9110 §9.2.2). Retrying on listed statuses, per-try timeouts and a retry budget come with
+    the rest of the balancer."""
     attempts: int = 1
-    retry_on: list[Literal["connect_failure"]] = msgspec.field(default_factory=lambda: ["connect_failure"])
+    retry_on: list[Literal["connect_failure", "reset"]] = msgspec.field(
+        default_factory=lambda: ["connect_failure", "reset"])
 
 
 class Service(_Base):
