@@ -174,17 +174,19 @@ backend be
     return conf
 
 
-def write_fastgw_config(workdir: Path, port: int, origin_port: int) -> Path:
+def write_fastgw_config(workdir: Path, port: int, origin_port: int, workers: int = 1) -> Path:
+    """`/local` is answered by fastgw itself (benchmarks/workers.py); everything else is proxied."""
     conf = workdir / "fastgw.yaml"
     conf.write_text(f"""\
 version: 1
-workers: 1
+workers: {workers}
 listeners:
   - {{name: bench, bind: "127.0.0.1:{port}", limits: {{max_connections: 100000}}}}
 log: {{access: {{path: null}}}}
 services:
   origin: {{targets: [{{address: "127.0.0.1:{origin_port}"}}], pool: {{max_idle_per_target: 512}}}}
 routes:
+  - {{name: local, match: {{paths: ["/local"]}}, respond: {{status: 200, body: "ok"}}}}
   - {{name: all, match: {{paths: ["/**"]}}, service: origin}}
 """)
     return conf

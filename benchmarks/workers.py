@@ -25,23 +25,6 @@ import e2e  # noqa: E402  (the same process, wrk and origin helpers)
 ALL_CPUS = ",".join(str(c) for c in sorted(e2e.os.sched_getaffinity(0)))
 
 
-def fastgw_config(workdir: Path, port: int, origin_port: int, workers: int) -> Path:
-    conf = workdir / "fastgw.yaml"
-    conf.write_text(f"""\
-version: 1
-workers: {workers}
-listeners:
-  - {{name: bench, bind: "127.0.0.1:{port}", limits: {{max_connections: 100000}}}}
-log: {{access: {{path: null}}}}
-services:
-  origin: {{targets: [{{address: "127.0.0.1:{origin_port}"}}], pool: {{max_idle_per_target: 512}}}}
-routes:
-  - {{name: local, match: {{paths: ["/local"]}}, respond: {{status: 200, body: "ok"}}}}
-  - {{name: all, match: {{paths: ["/**"]}}, service: origin}}
-""")
-    return conf
-
-
 def wrk(port: int, path: str, connections: int, duration: int) -> dict:
     argv = ["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "--latency",
             f"http://127.0.0.1:{port}{path}"]
@@ -76,7 +59,7 @@ def main() -> int:
                     workdir = root / f"fastgw-{n}-{rnd}"
                     workdir.mkdir()
                     port = e2e.free_port()
-                    conf = fastgw_config(workdir, port, origin_port, n)
+                    conf = e2e.write_fastgw_config(workdir, port, origin_port, n)
                     started = e2e.start_service(procs, f"fastgw-{n}", [*prefix, "-c", str(conf)],
                                                 workdir, port, ALL_CPUS, env, [workload])
                     for label, path in paths.items():

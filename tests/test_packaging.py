@@ -59,28 +59,24 @@ def test_sdist_to_wheel_to_fresh_venv_runs_the_gateway(tmp_path):
                             cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 15
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/from-wheel", timeout=2) as r:
-                    body = r.read()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise
-                time.sleep(0.1)
+        body = _get_when_up(f"http://127.0.0.1:{port}/from-wheel", proc, deadline)
         assert b'"path":"/from-wheel"' in body
         # Every package made it into the wheel: the supervisor, its workers and the admin API
         # (which starts once every worker serves, so it may come a moment after the listener).
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=2) as r:
-                    metrics = r.read()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise
-                time.sleep(0.1)
+        metrics = _get_when_up(f"http://127.0.0.1:{admin_port}/metrics", proc, deadline)
         assert b"fastgw_http_requests_total" in metrics
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def _get_when_up(url: str, proc: subprocess.Popen, deadline: float) -> bytes:
+    """GET `url`, retrying while the gateway is still starting (until `deadline`)."""
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                return r.read()
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise
+            time.sleep(0.1)
