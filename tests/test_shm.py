@@ -202,11 +202,11 @@ def test_ewma_first_sample_then_converges():
     shm._target_end(0, 0.100, False)
     assert seg.target_stats(0)["ewma_ms"] == pytest.approx(100.0)        # the first sample sets it
     shm._target_begin(0)
-    shm._target_end(0, 5.0, True)                                        # failures do not move it
-    assert seg.target_stats(0)["ewma_ms"] == pytest.approx(100.0)
+    shm._target_end(0, 0.001, True)      # a fast failure counts as max(250 ms, 4 x EWMA) = 400 ms
+    assert seg.target_stats(0)["ewma_ms"] == pytest.approx(100 + (400 - 100) / 8, rel=1e-6)
     shm._target_begin(0)
     shm._target_end(0, 0.004, False)
-    assert seg.target_stats(0)["ewma_ms"] == pytest.approx(100 + (4 - 100) / 8, rel=1e-6)
+    assert seg.target_stats(0)["ewma_ms"] == pytest.approx(137.5 + (4 - 137.5) / 8, rel=1e-6)
     for _ in range(100):
         shm._target_begin(0)
         shm._target_end(0, 0.004, False)

@@ -10,8 +10,11 @@ cdef class Balancer:
     cdef readonly list targets
     cdef Py_ssize_t count
     cdef Py_ssize_t next_index
+    cdef uint64_t slow_start_ns           # 0 = no slow start
+    cdef bint ramping                     # slow start is on (off while a pick falls back)
 
-    cdef Target pick(self, bytes key)
+    cdef Target pick(self, bytes key)     # None when no target is up
+    cdef Target select(self, bytes key)   # the algorithm
 
 
 cdef class RoundRobin(Balancer):
@@ -41,3 +44,13 @@ cdef class ConsistentHash(Balancer):
     cdef Py_ssize_t size
     cdef uint64_t* ring_hash
     cdef int* ring_target
+
+
+cdef class Nearest(Balancer):
+    pass
+
+
+cdef class ZonePreferring(Balancer):
+    cdef Balancer local
+    cdef Balancer everyone
+    cdef double spill_over_below

@@ -12,13 +12,16 @@ from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.stdint cimport int64_t, uint64_t
 
 from fastgw._core.buffer cimport random64
-from fastgw._core.shm cimport monotonic_ns, target_active, target_available, target_ewma_ns
+from fastgw._core.shm cimport (monotonic_ns, target_active, target_available, target_ewma_ns,
+                               target_up_since)
 from fastgw._core.upstream cimport Target
 
 ALGORITHMS = ("round_robin", "weighted_round_robin", "least_conn", "p2c_ewma", "consistent_hash",
-              "random")
+              "random", "nearest")
 VNODES_PER_WEIGHT = 160        # ring points per unit of weight (Ketama uses 160 per server)
 DEFAULT_EWMA_NS = 1000000      # when neither of two targets has a latency sample yet
+SLOW_START_FLOOR = 0.1         # a target just back gets at least this share of its weight
+NEAREST_PROBE_EVERY = 32       # nearest: one pick in this many measures another target
 
 
 cdef uint64_t hash64(const char* data, Py_ssize_t n) noexcept:
@@ -46,9 +49,23 @@ cdef inline int64_t _active(Target t) noexcept:
     return n if n >= 0 else t.active
 
 
-cdef inline bint _up(Target t, uint64_t now) noexcept:
-    """Healthy by the active checks and not ejected by the passive ones."""
-    return target_available(t.metric_slot, now)
+cdef inline bint _up(Balancer b, Target t, uint64_t now) noexcept:
+    """Healthy by the active checks, not ejected by the passive ones, circuit not open; and while
+    it ramps up after coming back (slow start), drawn with the probability of its ramp (Envoy's
+    slow start, aggression 1: linear from SLOW_START_FLOOR to full weight)."""
+    cdef uint64_t since
+    cdef double ramp
+    if not target_available(t.metric_slot, now):
+        return False
+    if not b.ramping:
+        return True
+    since = target_up_since(t.metric_slot, now)
+    if since == 0 or now - since >= b.slow_start_ns:
+        return True
+    ramp = (now - since) / <double>b.slow_start_ns
+    if ramp < SLOW_START_FLOOR:
+        ramp = SLOW_START_FLOOR
+    return (random64() >> 11) * (1.0 / 9007199254740992.0) < ramp
 
 
 cdef inline double _cost(Target t, uint64_t ewma) noexcept:
@@ -56,11 +73,23 @@ cdef inline double _cost(Target t, uint64_t ewma) noexcept:
 
 
 cdef class Balancer:
-    def __init__(self, list targets):
+    def __init__(self, list targets, double slow_start=0.0):
         self.targets = targets
         self.count = len(targets)
+        self.slow_start_ns = <uint64_t>(slow_start * 1e9)
+        self.ramping = self.slow_start_ns > 0
 
     cdef Target pick(self, bytes key):
+        cdef Target t = self.select(key)
+        if t is None and self.ramping:
+            # Every target that is up is still ramping and the draws all said no: a target in
+            # slow start is better than a 503.
+            self.ramping = False
+            t = self.select(key)
+            self.ramping = True
+        return t
+
+    cdef Target select(self, bytes key):
         raise NotImplementedError
 
     def choose(self, key=None):
@@ -70,7 +99,7 @@ cdef class Balancer:
 
 @cython.final
 cdef class RoundRobin(Balancer):
-    cdef Target pick(self, bytes key):
+    cdef Target select(self, bytes key):
         cdef uint64_t now = monotonic_ns()
         cdef Py_ssize_t tries
         cdef Target t
@@ -79,7 +108,7 @@ cdef class RoundRobin(Balancer):
             if self.next_index >= self.count:
                 self.next_index = 0
             t = self.targets[self.next_index]
-            if _up(t, now):
+            if _up(self, t, now):
                 return t
         return None
 
@@ -90,12 +119,12 @@ cdef class SmoothWeighted(Balancer):
     takes the target with the most credit and charges it the total. Weights 5:1:1 give
     a a b a c a a, not a a a a a b c."""
 
-    def __init__(self, list targets):
-        super().__init__(targets)
+    def __init__(self, list targets, double slow_start=0.0):
+        super().__init__(targets, slow_start)
         self.credit = [0] * self.count
         self.total = sum(t.weight for t in targets)
 
-    cdef Target pick(self, bytes key):
+    cdef Target select(self, bytes key):
         cdef Py_ssize_t i, best = -1
         cdef long long c, best_credit = 0, total = 0
         cdef list credit = self.credit
@@ -103,7 +132,7 @@ cdef class SmoothWeighted(Balancer):
         cdef Target t
         for i in range(self.count):
             t = self.targets[i]
-            if not _up(t, now):                # a target that is down takes no credit
+            if not _up(self, t, now):                # a target that is down takes no credit
                 continue
             c = <long long>credit[i] + t.weight
             credit[i] = c
@@ -121,7 +150,7 @@ cdef class LeastConn(Balancer):
     """Fewest requests in flight (over all workers), weighted: active/weight; ties go round robin
     so equal targets share the load."""
 
-    cdef Target pick(self, bytes key):
+    cdef Target select(self, bytes key):
         cdef Py_ssize_t i, j, best = -1
         cdef double score, best_score = 0
         cdef Target t
@@ -130,7 +159,7 @@ cdef class LeastConn(Balancer):
         for j in range(self.count):
             i = (self.next_index + j) % self.count
             t = self.targets[i]
-            if not _up(t, now):
+            if not _up(self, t, now):
                 continue
             score = (_active(t) + 1) / <double>(t.weight if t.weight > 0 else 1)
             if best < 0 or score < best_score:
@@ -144,11 +173,11 @@ cdef class P2CEwma(Balancer):
     lower latency EWMA x (requests in flight + 1) — Finagle's and Linkerd's peak-EWMA balancer:
     a slow or overloaded target loses most draws without being starved of samples."""
 
-    def __init__(self, list targets):
-        super().__init__(targets)
-        self.picker = WeightedRandom(targets)
+    def __init__(self, list targets, double slow_start=0.0):
+        super().__init__(targets, slow_start)
+        self.picker = WeightedRandom(targets, slow_start)
 
-    cdef Target pick(self, bytes key):
+    cdef Target select(self, bytes key):
         cdef Target a = self.picker.pick(None)
         cdef Target b = self.picker.pick(None)
         cdef Target t
@@ -166,7 +195,7 @@ cdef class P2CEwma(Balancer):
             start = self.targets.index(a)
             for i in range(1, self.count):
                 t = self.targets[(start + i) % self.count]
-                if _up(t, now):
+                if _up(self, t, now):
                     b = t
                     break
             if b is None:
@@ -183,8 +212,8 @@ cdef class P2CEwma(Balancer):
 
 @cython.final
 cdef class WeightedRandom(Balancer):
-    def __init__(self, list targets):
-        super().__init__(targets)
+    def __init__(self, list targets, double slow_start=0.0):
+        super().__init__(targets, slow_start)
         self.cumulative = []
         total = 0
         for t in targets:
@@ -192,7 +221,7 @@ cdef class WeightedRandom(Balancer):
             self.cumulative.append(total)
         self.total = total
 
-    cdef Target pick(self, bytes key):
+    cdef Target select(self, bytes key):
         cdef long long r, lo = 0, hi = self.count - 1, mid, i
         cdef uint64_t now = monotonic_ns()
         cdef Target t
@@ -208,7 +237,7 @@ cdef class WeightedRandom(Balancer):
                     lo = mid + 1
         for i in range(self.count):            # drawn one down: the next one up
             t = self.targets[(lo + i) % self.count]
-            if _up(t, now):
+            if _up(self, t, now):
                 return t
         return None
 
@@ -242,7 +271,7 @@ cdef class ConsistentHash(Balancer):
         PyMem_Free(self.ring_hash)
         PyMem_Free(self.ring_target)
 
-    cdef Target pick(self, bytes key):
+    cdef Target select(self, bytes key):
         cdef uint64_t h
         cdef Py_ssize_t lo = 0, hi = self.size, mid, i, steps
         cdef int64_t total = 0, cap
@@ -262,7 +291,7 @@ cdef class ConsistentHash(Balancer):
         if self.bounded_load <= 0 or self.count == 1:
             for steps in range(self.size):     # the first point whose target is up
                 t = self.targets[self.ring_target[(lo + steps) % self.size]]
-                if _up(t, now):
+                if _up(self, t, now):
                     return t
             return None
         for t in self.targets:
@@ -274,22 +303,74 @@ cdef class ConsistentHash(Balancer):
         for steps in range(self.size):
             i = (lo + steps) % self.size
             t = self.targets[self.ring_target[i]]
-            if _up(t, now) and _active(t) + 1 <= cap:
+            if _up(self, t, now) and _active(t) + 1 <= cap:
                 return t
         return None
 
 
-def make_balancer(str algorithm, list targets, double bounded_load=0.0):
+@cython.final
+cdef class Nearest(Balancer):
+    """The target with the lowest latency EWMA (all workers' measurements). One pick in
+    NEAREST_PROBE_EVERY goes to another target that is up, so the others' latencies stay
+    current and a target that got faster is found again."""
+
+    cdef Target select(self, bytes key):
+        cdef uint64_t now = monotonic_ns(), ewma, best_ewma = 0
+        cdef Target t, best = None
+        cdef Py_ssize_t i, start
+        self.next_index += 1
+        if self.next_index % NEAREST_PROBE_EVERY == 0:
+            start = random64() % <uint64_t>self.count
+            for i in range(self.count):
+                t = self.targets[(start + i) % self.count]
+                if _up(self, t, now):
+                    return t
+            return None
+        for t in self.targets:
+            if not _up(self, t, now):
+                continue
+            ewma = target_ewma_ns(t.metric_slot)   # 0: not measured yet, so measure it now
+            if best is None or ewma < best_ewma:
+                best, best_ewma = t, ewma
+        return best
+
+
+@cython.final
+cdef class ZonePreferring(Balancer):
+    """Locality: balance over our own zone's targets while at least `spill_over_below` of them
+    are up, over every zone's below that (and whenever our zone has nothing to give)."""
+
+    def __init__(self, Balancer local, Balancer everyone, double spill_over_below):
+        super().__init__(everyone.targets)
+        self.local = local
+        self.everyone = everyone
+        self.spill_over_below = spill_over_below
+
+    cdef Target select(self, bytes key):
+        cdef uint64_t now = monotonic_ns()
+        cdef Py_ssize_t up = 0
+        cdef Target t = None
+        for candidate in self.local.targets:
+            if target_available((<Target>candidate).metric_slot, now):
+                up += 1
+        if up >= self.spill_over_below * self.local.count:
+            t = self.local.pick(key)
+        return t if t is not None else self.everyone.pick(key)
+
+
+def make_balancer(str algorithm, list targets, double bounded_load=0.0, double slow_start=0.0):
     if algorithm == "round_robin":
-        return RoundRobin(targets)
+        return RoundRobin(targets, slow_start)
     if algorithm == "weighted_round_robin":
-        return SmoothWeighted(targets)
+        return SmoothWeighted(targets, slow_start)
     if algorithm == "least_conn":
-        return LeastConn(targets)
+        return LeastConn(targets, slow_start)
     if algorithm == "p2c_ewma":
-        return P2CEwma(targets)
+        return P2CEwma(targets, slow_start)
     if algorithm == "consistent_hash":
-        return ConsistentHash(targets, bounded_load)
+        return ConsistentHash(targets, bounded_load)   # no slow start: it would move keys about
     if algorithm == "random":
-        return WeightedRandom(targets)
+        return WeightedRandom(targets, slow_start)
+    if algorithm == "nearest":
+        return Nearest(targets, slow_start)
     raise ValueError(f"unknown balancing algorithm {algorithm!r}")

@@ -1,6 +1,6 @@
 from fastgw._core.buffer cimport WriteBuffer
 from fastgw._core.router cimport Captures, PathRule, Router
-from fastgw._core.upstream cimport Downstream, Target, UpstreamConnection
+from fastgw._core.upstream cimport Downstream, Service, Target, UpstreamConnection
 
 cdef enum PauseReason:
     PAUSE_PIPELINE = 1        # a complete request waits behind the active one
@@ -72,6 +72,9 @@ cdef class Request:
     cdef bint upstream_reused
     cdef int attempts
     cdef int retried_elsewhere            # retries on another target (retries.attempts caps it)
+    cdef bint service_counted             # counted in the service's in_flight (retry budget)
+    cdef bint retry_counted               # ... and in its retries_in_flight
+    cdef double deadline                  # the route timeout, over all tries; 0 = none
     cdef double started
     cdef double upstream_started
     cdef double upstream_elapsed
@@ -117,6 +120,8 @@ cdef class ClientConnection(Downstream):
     cdef void _reject_pending(self)
     cdef void _dispatch(self, Request req)
     cdef void _forward(self, Request req)
+    cdef void _start_try(self, Request req, Service service, Target target,
+                         UpstreamConnection conn, bint reused)
     cdef bytes _hash_key(self, Request req, tuple hash_on)
     cdef void _build_upstream_head(self, Request req)
     cdef bytes _request_id(self, Request req)
@@ -129,6 +134,7 @@ cdef class ClientConnection(Downstream):
     cdef void _fail_request(self, Request req, int status, str code, str message)
     cdef void _send_error(self, Request req, int status, str code, str message)
     cdef void _retry_fresh(self, Request req)
+    cdef bint _may_retry(self, Request req, Service service)
     cdef bint _retry_elsewhere(self, Request req)
     cdef void _response_finished(self, Request req)
     cdef void _linger_close(self)

@@ -15,8 +15,9 @@ from fastgw._core.balancer cimport Balancer
 from fastgw._core.buffer cimport WriteBuffer, ascii_ieq, ascii_lower, monotonic, random64
 from fastgw._core.router cimport (ROUTE_ECHO, ROUTE_RESPOND, HeaderEdits, PathRule, RouteEntry,
                                   Router, write_fields)
-from fastgw._core.shm cimport (listener_admit, listener_closed, method_index, monotonic_ns,
-                               record_request, target_available, target_begin, target_end)
+from fastgw._core.shm cimport (circuit_admit, circuit_is_open, listener_admit, listener_closed,
+                               method_index, monotonic_ns, record_request, target_available,
+                               target_begin, target_end)
 from fastgw._core.upstream cimport (
     FRAMING_CHUNKED, FRAMING_CLOSE, FRAMING_LENGTH, FRAMING_NONE, UPSTREAM_CONNECT_FAILED,
     UPSTREAM_CONNECT_TIMEOUT, UPSTREAM_INVALID, UPSTREAM_POOL_FULL, UPSTREAM_RESET,
@@ -111,6 +112,13 @@ cdef class ListenerState:
         """Drain: close every connection that is not answering a request right now."""
         for conn in list(self.connections):
             (<ClientConnection>conn).close_if_idle()
+
+
+cdef bint _any_circuit_open(list targets):
+    for t in targets:
+        if circuit_is_open((<Target>t).metric_slot):
+            return True
+    return False
 
 
 cdef bint _valid_request_id(bytes value):
@@ -541,11 +549,12 @@ cdef class ClientConnection(Downstream):
         cdef Service service = <Service>req.rule.route.service
         cdef Py_ssize_t n = len(service.targets)
         cdef Target target
+        cdef unsigned long long now = monotonic_ns()
         if n == 0:
             target = None
         elif n == 1:                      # nothing to choose: no balancer call at all
             target = service.targets[0]
-            if not target_available(target.metric_slot, monotonic_ns()):
+            if not target_available(target.metric_slot, now):
                 target = None
         else:
             target = (<Balancer>service.balancer).pick(
@@ -555,9 +564,13 @@ cdef class ClientConnection(Downstream):
         cdef UpstreamConnection conn
         cdef bint reused = False
         cdef double timeout = req.rule.route.timeout
-        if target is None:
+        if target is None or not circuit_admit(target.metric_slot, now):
             req.flags = "UH"
-            self._fail_request(req, 503, "no_healthy_upstream", "no target of the service is up")
+            if service.circuit_window > 0 and _any_circuit_open(service.targets):
+                self._fail_request(req, 503, "circuit_open",
+                                   "the circuit breaker of every available target is open")
+            else:
+                self._fail_request(req, 503, "no_healthy_upstream", "no target of the service is up")
             return
         conn = target.acquire(self, &reused)
         if conn is None:
@@ -565,15 +578,11 @@ cdef class ClientConnection(Downstream):
             self._fail_request(req, 503, "no_healthy_upstream",
                                "every target is at max_connections_per_target")
             return
-        req.target = target
-        req.target_counted = True
-        target_begin(target.metric_slot)
-        req.upstream = conn
-        req.upstream_reused = reused
-        req.attempts += 1
+        service.in_flight += 1
+        req.service_counted = True
         req.upstream_started = monotonic()
-        conn.begin(self, req.method == b"HEAD",
-                   req.upstream_started + timeout if timeout > 0 else 0)
+        req.deadline = req.upstream_started + timeout if timeout > 0 else 0
+        self._start_try(req, service, target, conn, reused)
         if req.replay is None:
             self._build_upstream_head(req)
         if len(req.replay) == 1:
@@ -590,6 +599,22 @@ cdef class ClientConnection(Downstream):
                 self._keep_for_replay(req, b"0\r\n\r\n")
         if req.expect_continue and not req.body_done and req.attempts == 1:
             self.transport.write(CONTINUE)
+
+    cdef void _start_try(self, Request req, Service service, Target target,
+                         UpstreamConnection conn, bint reused):
+        """One try of `req` on `target` over `conn`: counted, and with its response-head
+        deadline (the route timeout, or the per-try timeout when that comes first)."""
+        cdef double deadline = req.deadline
+        req.target = target
+        req.target_counted = True
+        target_begin(target.metric_slot)
+        req.upstream = conn
+        req.upstream_reused = reused
+        req.attempts += 1
+        if service.per_try_timeout > 0 and \
+                (deadline == 0 or req.upstream_started + service.per_try_timeout < deadline):
+            deadline = req.upstream_started + service.per_try_timeout
+        conn.begin(self, req.method == b"HEAD", deadline)
 
     cdef bytes _hash_key(self, Request req, tuple hash_on):
         """The consistent-hash key of a request, or None (then a random target)."""
@@ -802,10 +827,15 @@ cdef class ClientConnection(Downstream):
         cdef Request req = self.active
         cdef WriteBuffer o = self.out
         cdef HeaderEdits edits = req.rule.route.response_edits
+        cdef Service service = <Service>req.rule.route.service
+        service.record_result(req.target, status >= 500)
+        if status >= 500 and status in service.retry_statuses and self._may_retry(req, service) \
+                and self._retry_elsewhere(req):
+            conn.abort()                  # its answer is not wanted: drop it with the connection
+            return 0
         req.status = status
         req.upstream_status = status
         req.upstream_elapsed = monotonic() - req.upstream_started
-        (<Service>req.rule.route.service).record_result(req.target, status >= 500)
         req.response_started = True
         o.write_bytes(<bytes>STATUS_LINES[status])
         write_fields(o, headers, edits)
@@ -876,20 +906,22 @@ cdef class ClientConnection(Downstream):
             # SPEC §4: a pooled connection the upstream closed as we reused it: once more, fresh.
             self._retry_fresh(req)
             return 0
+        cdef Service service = <Service>req.rule.route.service
         if error != UPSTREAM_POOL_FULL:
-            (<Service>req.rule.route.service).record_result(req.target, True)
-        if (error == UPSTREAM_CONNECT_FAILED or error == UPSTREAM_CONNECT_TIMEOUT) and \
-                req.replay is not None and \
-                req.retried_elsewhere < (<Service>req.rule.route.service).connect_retries and \
-                self._retry_elsewhere(req):
-            return 0
-        # Reset before any response: the target may have acted on the request, so only an
-        # idempotent one is sent again (RFC 9110 §9.2.2), and only whole (body held and complete).
-        if error == UPSTREAM_RESET and not req.response_started and req.replay is not None and \
-                req.body_done and req.method in IDEMPOTENT and \
-                req.retried_elsewhere < (<Service>req.rule.route.service).reset_retries and \
-                self._retry_elsewhere(req):
-            return 0
+            service.record_result(req.target, True)
+        if error == UPSTREAM_CONNECT_FAILED or error == UPSTREAM_CONNECT_TIMEOUT:
+            # Nothing reached the target: any method may go to another one, if we hold it all.
+            if service.retry_connect and req.replay is not None and \
+                    req.retried_elsewhere < service.retries and service.retry_budget_allows() and \
+                    self._retry_elsewhere(req):
+                return 0
+        elif error == UPSTREAM_RESET and service.retry_reset or \
+                error == UPSTREAM_TIMEOUT and 504 in service.retry_statuses and \
+                (req.deadline == 0 or monotonic() < req.deadline):
+            # Reset, or the per-try timeout, before any response: the target may have acted on
+            # the request, so only an idempotent one is sent again (RFC 9110 §9.2.2).
+            if self._may_retry(req, service) and self._retry_elsewhere(req):
+                return 0
         if req.response_started:
             # Part of the answer is out: the client must see it cut short, never "complete".
             req.flags = "UC"
@@ -928,16 +960,23 @@ cdef class ClientConnection(Downstream):
         conn.begin(self, req.method == b"HEAD", conn.head_deadline)
         conn.send_many(req.replay)
 
+    cdef bint _may_retry(self, Request req, Service service):
+        """Can `req` be sent again after its target answered badly or not at all? Only an
+        idempotent request that is held whole, before any of the answer went to the client,
+        within retries.attempts and the retry budget."""
+        return req.replay is not None and req.body_done and not req.response_started and \
+            req.method in IDEMPOTENT and req.retried_elsewhere < service.retries and \
+            service.retry_budget_allows()
+
     cdef bint _retry_elsewhere(self, Request req):
-        """The connection to the target was never made, so no byte of the request reached it
-        (RFC 9110 §9.2.2 allows a retry for any method): send what we hold to another target.
+        """Send what we hold of `req` to another target than the one that just failed.
         False when there is no other target to try."""
         cdef Service service = <Service>req.rule.route.service
         cdef Target failed = req.target, target = None
         cdef UpstreamConnection conn
         cdef bint reused = False
         cdef Py_ssize_t i, n = len(service.targets), start
-        cdef unsigned long long now
+        cdef unsigned long long now = monotonic_ns()
         if n < 2:
             return False
         target = (<Balancer>service.balancer).pick(
@@ -946,30 +985,25 @@ cdef class ClientConnection(Downstream):
             # A target that fails fast looks idle to the load-aware algorithms and would be drawn
             # again and again: take the next target that is up instead.
             target = None
-            now = monotonic_ns()
             start = random64() % <unsigned long long>n
             for i in range(n):
                 candidate = service.targets[(start + i) % n]
                 if candidate is not failed and target_available((<Target>candidate).metric_slot, now):
                     target = candidate
                     break
-        if target is None:
+        if target is None or not circuit_admit(target.metric_slot, now):
             return False
         conn = target.acquire(self, &reused)
         if conn is None:
             return False
         if req.target_counted:
             target_end(failed.metric_slot, monotonic() - req.upstream_started, True)
-        target_begin(target.metric_slot)
-        req.target_counted = True
-        req.target = target
-        req.upstream = conn
-        req.upstream_reused = reused
-        req.attempts += 1
+        if not req.retry_counted:
+            req.retry_counted = True
+            service.retries_in_flight += 1
         req.retried_elsewhere += 1
         req.upstream_started = monotonic()
-        conn.begin(self, req.method == b"HEAD",
-                   req.upstream_started + req.rule.route.timeout if req.rule.route.timeout > 0 else 0)
+        self._start_try(req, service, target, conn, reused)
         conn.send_many(req.replay)
         return True
 
@@ -1054,6 +1088,11 @@ cdef class ClientConnection(Downstream):
             # Failed: no response head came, or the body was cut short.
             target_end(req.target.metric_slot, now - req.upstream_started,
                        req.upstream_status == 0 or req.flags == "UC")
+        if req.service_counted:
+            req.service_counted = False
+            (<Service>route.service).in_flight -= 1
+            if req.retry_counted:
+                (<Service>route.service).retries_in_flight -= 1
         record_request((<RouteEntry>route).metric_slot if route is not None else 0,
                        method_index(PyBytes_AS_STRING(req.method), PyBytes_GET_SIZE(req.method)),
                        req.status, now - req.started if req.started else 0.0)

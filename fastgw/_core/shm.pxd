@@ -8,6 +8,12 @@ cdef extern from "atomics.h":
     int fg_cas(uint64_t* p, uint64_t* expected, uint64_t desired) noexcept nogil
 
 
+cdef enum:
+    CIRCUIT_CLOSED = 0
+    CIRCUIT_OPEN = 1
+    CIRCUIT_HALF_OPEN = 2
+
+
 # What the data plane records. Each is a no-op when this process has no active segment or the
 # slot is -1 (not tracked) or out of range, so compiled tables without slots cost nothing extra.
 cdef int method_index(const char* method, Py_ssize_t n) noexcept
@@ -27,6 +33,12 @@ cdef unsigned long long monotonic_ns() noexcept
 cdef bint target_available(int slot, unsigned long long now) noexcept
 cdef long long target_failure(int slot) noexcept      # consecutive failures after this one, -1 untracked
 cdef void target_success(int slot) noexcept
+cdef unsigned long long target_up_since(int slot, unsigned long long now) noexcept
+cdef bint circuit_admit(int slot, unsigned long long now) noexcept
+cdef int circuit_record(int slot, unsigned long long now, bint failed, unsigned long long window_ns,
+                        unsigned long long min_requests, double failure_ratio,
+                        unsigned long long open_ns, unsigned long long trials) noexcept
+cdef bint circuit_is_open(int slot) noexcept
 cdef bint target_eject(int slot, unsigned long long now, unsigned long long base_ns, unsigned long long max_ns) noexcept
 
 

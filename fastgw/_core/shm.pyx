@@ -92,7 +92,15 @@ cdef enum:
     T_EWMA = 7                          # latency EWMA, ns (0 = no sample yet)
     T_REQUESTS = 8
     T_FAILURES = 9
-    # 10..23 are kept for the balancer (weights, slow start, circuit window counters)
+    T_UP_SINCE = 10                     # ns when it last became healthy (slow start); 0 = long ago
+    T_CB_WINDOW = 11                    # circuit breaker: start of the counting window (ns)
+    T_CB_REQUESTS = 12                  # ... results in that window
+    T_CB_FAILURES = 13                  # ... failures among them
+    T_CB_OPEN_UNTIL = 14                # open: no requests until then (ns)
+    T_CB_TRIALS = 15                    # half-open: trial requests let through so far
+    T_CB_TRIAL_OK = 16                  # half-open: trials that succeeded
+    T_CB_TRIAL_LIMIT = 17               # half-open: trials allowed (half_open_requests)
+    # 18..23 are kept for the balancer
     T_DURATION = 24
     T_SUM = 40
     T_COUNT = 41
@@ -125,6 +133,10 @@ for _i, _b in enumerate(BUCKETS):
     _bucket_ns[_i] = <uint64_t>(_b * 1e9 + 0.5)
 
 # The segment this process records into (set by Segment.activate), and its worker slot.
+# The latency sample a failed request counts as: at least this, and 4x the EWMA up to the max.
+cdef uint64_t FAILURE_PENALTY_NS = 250000000ULL
+cdef uint64_t FAILURE_PENALTY_MAX_NS = 60000000000ULL
+
 cdef uint64_t* _base = NULL
 cdef uint64_t* _workers = NULL
 cdef uint64_t* _listeners = NULL
@@ -237,17 +249,23 @@ cdef void target_end(int slot, double seconds, bint failed) noexcept:
     cdef uint64_t* t = _targets + <Py_ssize_t>slot * TARGET_WORDS
     cdef uint64_t ns = _ns(seconds)
     cdef uint64_t old, new
+    cdef uint64_t sample = ns
     fg_sub(t + T_ACTIVE, 1)
     fg_add(t + T_REQUESTS, 1)
     if failed:
         fg_add(t + T_FAILURES, 1)
-        return
-    _observe(t + T_DURATION, ns)
+    else:
+        _observe(t + T_DURATION, ns)
     # EWMA with weight 1/8 (Finagle's and Envoy's peak-EWMA idea, without the decay clock yet):
-    # a CAS loop because every worker updates the same word.
+    # a CAS loop because every worker updates the same word. A failure counts as a very slow
+    # answer, so a target that fails fast does not look like the fastest one to p2c and nearest.
     old = fg_load(t + T_EWMA)
     while True:
-        new = ns if old == 0 else <uint64_t>(<int64_t>old + (<int64_t>ns - <int64_t>old) / 8)
+        if failed:
+            sample = ns if ns > FAILURE_PENALTY_NS else FAILURE_PENALTY_NS
+            if sample < 4 * old:
+                sample = 4 * old if old < FAILURE_PENALTY_MAX_NS / 4 else FAILURE_PENALTY_MAX_NS
+        new = sample if old == 0 else <uint64_t>(<int64_t>old + (<int64_t>sample - <int64_t>old) / 8)
         if new == 0:
             new = 1
         if fg_cas(t + T_EWMA, &old, new):
@@ -274,7 +292,94 @@ cdef bint target_available(int slot, unsigned long long now) noexcept:
     if _targets == NULL or slot < 0 or slot >= _n_targets:
         return True
     cdef uint64_t* t = _targets + <Py_ssize_t>slot * TARGET_WORDS
-    return fg_load(t + T_HEALTHY) != 0 and fg_load(t + T_EJECTED_UNTIL) <= now
+    if fg_load(t + T_HEALTHY) == 0 or fg_load(t + T_EJECTED_UNTIL) > now:
+        return False
+    cdef uint64_t circuit = fg_load(t + T_CIRCUIT)
+    if circuit == CIRCUIT_OPEN:
+        return fg_load(t + T_CB_OPEN_UNTIL) <= now      # time for trials: circuit_admit decides
+    if circuit == CIRCUIT_HALF_OPEN:
+        return fg_load(t + T_CB_TRIALS) < fg_load(t + T_CB_TRIAL_LIMIT)
+    return True
+
+
+cdef unsigned long long target_up_since(int slot, unsigned long long now) noexcept:
+    """When the target last came back: turned healthy (active checks), ended an ejection, or
+    was added. 0 when that was never (a target marked up at start is not "coming back")."""
+    if _targets == NULL or slot < 0 or slot >= _n_targets:
+        return 0
+    cdef uint64_t* t = _targets + <Py_ssize_t>slot * TARGET_WORDS
+    cdef uint64_t since = fg_load(t + T_UP_SINCE), ejected_until = fg_load(t + T_EJECTED_UNTIL)
+    if ejected_until <= now and ejected_until > since:
+        return ejected_until
+    return since
+
+
+# --- circuit breaker: closed -> open -> half-open -> closed (or open again) ------------------
+# Every worker counts into the same window and sees the same state. The small races between
+# workers (a window reset losing a few counts, one trial too many) only blur the numbers a bit;
+# the state word itself only ever changes by CAS.
+
+cdef bint circuit_admit(int slot, unsigned long long now) noexcept:
+    """May a request go to this target now? Closed: yes. Open: no until open_until, then the
+    first caller turns it half-open. Half-open: the first `trial limit` requests."""
+    if _targets == NULL or slot < 0 or slot >= _n_targets:
+        return True
+    cdef uint64_t* t = _targets + <Py_ssize_t>slot * TARGET_WORDS
+    cdef uint64_t state = fg_load(t + T_CIRCUIT)
+    if state == CIRCUIT_CLOSED:
+        return True
+    if state == CIRCUIT_OPEN:
+        if fg_load(t + T_CB_OPEN_UNTIL) > now:
+            return False
+        fg_cas(t + T_CIRCUIT, &state, CIRCUIT_HALF_OPEN)    # whoever wins, it is half-open now
+    return fg_add(t + T_CB_TRIALS, 1) < fg_load(t + T_CB_TRIAL_LIMIT)
+
+
+cdef int circuit_record(int slot, unsigned long long now, bint failed, unsigned long long window_ns,
+                        unsigned long long min_requests, double failure_ratio,
+                        unsigned long long open_ns, unsigned long long trials) noexcept:
+    """Count one result. Returns CIRCUIT_OPEN when this result opened the circuit,
+    CIRCUIT_CLOSED when it closed it, -1 otherwise."""
+    if _targets == NULL or slot < 0 or slot >= _n_targets:
+        return -1
+    cdef uint64_t* t = _targets + <Py_ssize_t>slot * TARGET_WORDS
+    cdef uint64_t state = fg_load(t + T_CIRCUIT), start, requests, failures
+    if state == CIRCUIT_CLOSED:
+        start = fg_load(t + T_CB_WINDOW)
+        if now - start > window_ns and fg_cas(t + T_CB_WINDOW, &start, now):
+            fg_store(t + T_CB_REQUESTS, 0)
+            fg_store(t + T_CB_FAILURES, 0)
+        requests = fg_add(t + T_CB_REQUESTS, 1) + 1
+        failures = fg_add(t + T_CB_FAILURES, 1) + 1 if failed else fg_load(t + T_CB_FAILURES)
+        if requests >= min_requests and failures >= failure_ratio * requests:
+            _circuit_prepare_open(t, now + open_ns, trials)
+            if fg_cas(t + T_CIRCUIT, &state, CIRCUIT_OPEN):
+                return CIRCUIT_OPEN
+    elif state == CIRCUIT_HALF_OPEN:
+        if failed:
+            _circuit_prepare_open(t, now + open_ns, trials)
+            if fg_cas(t + T_CIRCUIT, &state, CIRCUIT_OPEN):
+                return CIRCUIT_OPEN
+        elif fg_add(t + T_CB_TRIAL_OK, 1) + 1 >= trials:
+            fg_store(t + T_CB_WINDOW, now)
+            fg_store(t + T_CB_REQUESTS, 0)
+            fg_store(t + T_CB_FAILURES, 0)
+            if fg_cas(t + T_CIRCUIT, &state, CIRCUIT_CLOSED):
+                return CIRCUIT_CLOSED
+    return -1                             # open: late answers of requests sent before it opened
+
+
+cdef inline void _circuit_prepare_open(uint64_t* t, uint64_t until, uint64_t trials) noexcept:
+    fg_store(t + T_CB_OPEN_UNTIL, until)
+    fg_store(t + T_CB_TRIALS, 0)
+    fg_store(t + T_CB_TRIAL_OK, 0)
+    fg_store(t + T_CB_TRIAL_LIMIT, trials)
+
+
+cdef bint circuit_is_open(int slot) noexcept:
+    if _targets == NULL or slot < 0 or slot >= _n_targets:
+        return False
+    return fg_load(_targets + <Py_ssize_t>slot * TARGET_WORDS + T_CIRCUIT) != CIRCUIT_CLOSED
 
 
 cdef long long target_failure(int slot) noexcept:
@@ -555,7 +660,14 @@ cdef class Segment:
         fg_store(self._target(slot) + T_DRAINING, draining)
 
     def target_set_healthy(self, int slot, bint healthy):
-        fg_store(self._target(slot) + T_HEALTHY, healthy)
+        cdef uint64_t* t = self._target(slot)
+        if healthy and fg_load(t + T_HEALTHY) == 0:
+            fg_store(t + T_UP_SINCE, _monotonic_ns())      # back: slow start counts from now
+        fg_store(t + T_HEALTHY, healthy)
+
+    def target_added(self, int slot):
+        """A target added to a running gateway starts its slow start now."""
+        fg_store(self._target(slot) + T_UP_SINCE, _monotonic_ns())
 
     def target_reset(self, int slot):
         """Zero the slot's state and counters and mark it healthy, for a slot given to a new

@@ -72,10 +72,25 @@ cdef class Service:
     cdef public int passive_failures      # consecutive failures that eject a target, 0 = off
     cdef public double ejection_time      # seconds, times the number of ejections so far
     cdef public int max_ejected_percent
-    cdef public int connect_retries       # other targets tried when a connect fails
-    cdef public int reset_retries         # ... when an idempotent request was reset unanswered
+    # circuit breaker per target (state in shared memory); circuit_window 0 = off
+    cdef public double circuit_window
+    cdef public int circuit_min_requests
+    cdef public double circuit_failure_ratio
+    cdef public double circuit_open_for
+    cdef public int circuit_trials        # half_open_requests
+    # retries: other targets tried after a failed try (idempotent, whole request held, except
+    # connect failures: those reached nobody, any method)
+    cdef public int retries               # retries.attempts
+    cdef public bint retry_connect
+    cdef public bint retry_reset
+    cdef public frozenset retry_statuses  # 5xx answers (and per-try timeouts, as 504) retried
+    cdef public double per_try_timeout    # each try's response head within this; 0 = off
+    cdef public double budget_ratio       # retries in flight <= max(3, ratio x requests in flight); <0 off
+    cdef public int in_flight             # this worker's requests to the service
+    cdef public int retries_in_flight     # ... of which are on a retry
 
     cdef void record_result(self, Target target, bint failed)
+    cdef bint retry_budget_allows(self)
     cdef readonly double connect_timeout
     cdef readonly double read_timeout
     cdef readonly double write_timeout

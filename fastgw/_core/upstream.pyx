@@ -10,11 +10,13 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from libc.string cimport memcmp
 
 from fastgw._core.buffer cimport ascii_ieq, ascii_lower, monotonic
-from fastgw._core.shm cimport (monotonic_ns, target_available, target_eject, target_failure,
-                               target_success)
+from fastgw._core.shm cimport (CIRCUIT_CLOSED, CIRCUIT_OPEN, circuit_record, monotonic_ns,
+                               target_available, target_eject, target_failure, target_success)
 
 import asyncio
 import sys
+
+cdef int MIN_RETRY_CONCURRENCY = 3      # retries always allowed in flight, whatever the budget
 
 from httptools import HttpParserError, HttpResponseParser
 
@@ -210,8 +212,13 @@ cdef class Service:
         self.passive_failures = 0
         self.ejection_time = 30.0
         self.max_ejected_percent = 50
-        self.connect_retries = 1
-        self.reset_retries = 1
+        self.circuit_window = 0
+        self.retries = 1
+        self.retry_connect = True
+        self.retry_reset = True
+        self.retry_statuses = frozenset()
+        self.per_try_timeout = 0
+        self.budget_ratio = -1
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.write_timeout = write_timeout
@@ -225,12 +232,25 @@ cdef class Service:
         return target
 
     cdef void record_result(self, Target target, bint failed):
-        """Passive health (Envoy's outlier detection): `passive_failures` failures in a row eject
-        the target for ejection_time x (its ejections + 1), at most 10 x; never more than
-        max_ejected_percent of the service's targets at once."""
+        """Feed one result to the circuit breaker and to passive health (Envoy's outlier
+        detection): `passive_failures` failures in a row eject the target for ejection_time x
+        (its ejections + 1), at most 10 x; never more than max_ejected_percent of the service's
+        targets at once."""
         cdef unsigned long long now, base
         cdef long long failures
-        cdef int down = 0
+        cdef int down = 0, change
+        if self.circuit_window > 0:
+            change = circuit_record(target.metric_slot, monotonic_ns(), failed,
+                                    <unsigned long long>(self.circuit_window * 1e9),
+                                    self.circuit_min_requests, self.circuit_failure_ratio,
+                                    <unsigned long long>(self.circuit_open_for * 1e9),
+                                    self.circuit_trials)
+            if change == CIRCUIT_OPEN:
+                print(f"fastgw: circuit of {self.name} target {target.address} is open for "
+                      f"{self.circuit_open_for:g}s", file=sys.stderr, flush=True)
+            elif change == CIRCUIT_CLOSED:
+                print(f"fastgw: circuit of {self.name} target {target.address} is closed again",
+                      file=sys.stderr, flush=True)
         if self.passive_failures <= 0:
             return
         if not failed:
@@ -249,6 +269,13 @@ cdef class Service:
         if target_eject(target.metric_slot, now, base, base * 10):
             print(f"fastgw: ejected {self.name} target {target.address} after {failures} failures "
                   f"in a row", file=sys.stderr, flush=True)
+
+    cdef bint retry_budget_allows(self):
+        """Envoy's retry budget: retries in flight stay under budget_ratio of the requests in
+        flight (but 3 are always allowed), so a sick service is not sent twice its traffic."""
+        if self.budget_ratio < 0:
+            return True
+        return self.retries_in_flight < max(MIN_RETRY_CONCURRENCY, self.budget_ratio * self.in_flight)
 
     def keep_target(self, Target target, bint backup=False):
         """Take over a target (and its pooled connections) of the service this one replaces."""
@@ -469,7 +496,7 @@ cdef class UpstreamConnection:
         """Switch to passing a long Content-Length body through as read, without the parser's
         copy of every chunk. The parser would wait for that body: the next response gets a
         fresh one."""
-        if self.complete or self.interim or not self.head_done or \
+        if self.state != CONN_BUSY or self.complete or self.interim or not self.head_done or \
                 self.framing != FRAMING_LENGTH or \
                 self.content_length - self.body_received < PASS_THROUGH_MIN:
             return False

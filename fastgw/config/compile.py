@@ -241,20 +241,49 @@ def _compile_services(config: Config, target_slots: dict, previous: Runtime | No
             else:
                 service.add_target(target.address, target.weight,
                                    target_slots.get((name, target.address), -1), target.backup)
-        service.balancer = make_balancer(spec.balance.algorithm, list(service.targets),
-                                         spec.balance.bounded_load or 0.0)
+        service.balancer = _balancer(spec, service.targets)
         # Backups share the load round robin among themselves when no primary is up.
         service.backup_balancer = make_balancer("round_robin", list(service.backups)) \
             if service.backups else None
         service.hash_on = _hash_on(spec.balance.hash_on)
-        service.connect_retries = spec.retries.attempts if "connect_failure" in spec.retries.retry_on else 0
-        service.reset_retries = spec.retries.attempts if "reset" in spec.retries.retry_on else 0
+        retries = spec.retries
+        service.retries = retries.attempts
+        service.retry_connect = "connect_failure" in retries.retry_on
+        service.retry_reset = "reset" in retries.retry_on
+        service.retry_statuses = frozenset(r for r in retries.retry_on if isinstance(r, int))
+        service.per_try_timeout = retries.per_try_timeout or 0.0
+        service.budget_ratio = retries.budget_ratio if retries.budget_ratio is not None else -1.0
+        if spec.circuit_breaker is not None:
+            breaker = spec.circuit_breaker
+            service.circuit_window = breaker.window
+            service.circuit_min_requests = breaker.min_requests
+            service.circuit_failure_ratio = breaker.failure_ratio
+            service.circuit_open_for = breaker.open_for
+            service.circuit_trials = breaker.half_open_requests
         if spec.health.passive is not None:
             service.passive_failures = spec.health.passive.consecutive_failures
             service.ejection_time = spec.health.passive.ejection_time
             service.max_ejected_percent = spec.health.passive.max_ejected_percent
         services[name] = service
     return services
+
+
+def _balancer(spec, targets: list):
+    """The service's balancer; with `locality`, one that prefers the targets of our zone."""
+    from fastgw._core.balancer import ZonePreferring, make_balancer
+
+    def make(chosen):
+        return make_balancer(spec.balance.algorithm, list(chosen), spec.balance.bounded_load or 0.0,
+                             spec.slow_start or 0.0)
+
+    everyone = make(targets)
+    if spec.locality is None:
+        return everyone
+    zone_of = {t.address: t.zone for t in spec.targets}
+    local = [t for t in targets if zone_of.get(t.address) == spec.locality.zone]
+    if not local or len(local) == len(targets):
+        return everyone
+    return ZonePreferring(make(local), everyone, spec.locality.spill_over_below)
 
 
 def shadowed_routes(runtime: Runtime) -> list[tuple[str, str]]:

@@ -104,6 +104,7 @@ class Target(_Base):
     weight: int = 1
     drain: bool = False                            # takes no new requests; in-flight ones finish
     backup: bool = False                           # takes traffic only when no primary is up
+    zone: Union[str, None] = None                  # locality: preferred when it is the service's zone
 
 
 class Timeouts(_Base):
@@ -120,7 +121,7 @@ class Pool(_Base):
 
 class Balance(_Base):
     algorithm: Literal["round_robin", "weighted_round_robin", "least_conn", "p2c_ewma",
-                       "consistent_hash", "random"] = "p2c_ewma"
+                       "consistent_hash", "random", "nearest"] = "p2c_ewma"
     hash_on: Union[str, None] = None               # consistent_hash: ip | path | header:N | cookie:N | query:N | consumer
     bounded_load: Union[float, None] = None        # consistent_hash: cap a target at this x the mean load
 
@@ -128,7 +129,7 @@ class Balance(_Base):
 class ActiveHealth(_Base):
     """Checks run by the supervisor, once per host (not per worker); the result is in shared
     memory, so every worker agrees."""
-    type: Literal["http", "tcp"] = "http"
+    type: Literal["http", "tcp", "grpc"] = "http"
     path: str = "/healthz"
     interval: Duration = 2.0
     timeout: Duration = 1.0
@@ -149,13 +150,32 @@ class Health(_Base):
 
 
 class Retries(_Base):
-    """Other targets tried when the connection to a target cannot be made (no byte of the request
-    reached it, so any method), or when it was reset before any response (idempotent methods only,
-    RFC 9110 §9.2.2). Retrying on listed statuses, per-try timeouts and a retry budget come with
-    the rest of the balancer."""
+    """Other targets tried after a failed try (`attempts` of them at most). A connect failure
+    reached no one, so any method is retried (when the request is held whole); a reset, a listed
+    5xx status or a per-try timeout (retried when 504 is listed) only for idempotent methods
+    (RFC 9110 §9.2.2). `budget_ratio` caps retries in flight at that share of the requests in
+    flight (at least 3), per worker."""
     attempts: int = 1
-    retry_on: list[Literal["connect_failure", "reset"]] = msgspec.field(
+    retry_on: list[Union[Literal["connect_failure", "reset"], int]] = msgspec.field(
         default_factory=lambda: ["connect_failure", "reset"])
+    per_try_timeout: Union[Duration, None] = None
+    budget_ratio: Union[float, None] = None
+
+
+class CircuitBreaker(_Base):
+    """Per target: opens when at least `min_requests` results in `window` failed in
+    `failure_ratio` or more; open, the target gets nothing for `open_for`; then
+    `half_open_requests` trial requests decide between closed (all succeed) and open again."""
+    window: Duration = 10.0
+    min_requests: int = 20
+    failure_ratio: float = 0.5
+    open_for: Duration = 15.0
+    half_open_requests: int = 3
+
+
+class Locality(_Base):
+    zone: str                                      # this gateway's zone
+    spill_over_below: float = 0.7                  # use every zone while less of ours is up
 
 
 class Service(_Base):
@@ -163,7 +183,10 @@ class Service(_Base):
     scheme: Literal["http"] = "http"
     targets: list[Target] = []
     balance: Balance = msgspec.field(default_factory=Balance)
+    locality: Union[Locality, None] = None
+    slow_start: Union[Duration, None] = None       # a target back up ramps its share over this
     health: Health = msgspec.field(default_factory=Health)
+    circuit_breaker: Union[CircuitBreaker, None] = None
     retries: Retries = msgspec.field(default_factory=Retries)
     timeouts: Timeouts = msgspec.field(default_factory=Timeouts)
     pool: Pool = msgspec.field(default_factory=Pool)

@@ -251,10 +251,40 @@ def _health_problems(path: str, service: Service) -> Iterator[ConfigProblem]:
         ])
 
 
+def _resilience_problems(path: str, service: Service) -> Iterator[ConfigProblem]:
+    retries, breaker, locality = service.retries, service.circuit_breaker, service.locality
+    zones = {t.zone for t in service.targets if not t.backup}
+    yield from _failing([
+        (f"{path}.retries.attempts", 0 <= retries.attempts <= 10, "must be between 0 and 10"),
+        (f"{path}.retries.retry_on", all(isinstance(r, str) or 500 <= r <= 599 for r in retries.retry_on),
+         "statuses to retry must be 5xx (500-599)"),
+        (f"{path}.retries.per_try_timeout", retries.per_try_timeout is None or retries.per_try_timeout > 0,
+         "must be greater than 0"),
+        (f"{path}.retries.budget_ratio", retries.budget_ratio is None or 0 < retries.budget_ratio <= 1,
+         "must be > 0 and at most 1"),
+        (f"{path}.slow_start", service.slow_start is None or service.slow_start > 0, "must be greater than 0"),
+    ])
+    if breaker is not None:
+        where = f"{path}.circuit_breaker"
+        yield from _failing([
+            (f"{where}.window", breaker.window > 0, "must be greater than 0"),
+            (f"{where}.min_requests", breaker.min_requests >= 1, "must be at least 1"),
+            (f"{where}.failure_ratio", 0 < breaker.failure_ratio <= 1, "must be > 0 and at most 1"),
+            (f"{where}.open_for", breaker.open_for > 0, "must be greater than 0"),
+            (f"{where}.half_open_requests", breaker.half_open_requests >= 1, "must be at least 1"),
+        ])
+    if locality is not None:
+        yield from _failing([
+            (f"{path}.locality.spill_over_below", 0 <= locality.spill_over_below <= 1, "must be 0-1"),
+            (f"{path}.locality.zone", locality.zone in zones,
+             f"no primary target is in zone {locality.zone!r} (targets[].zone)"),
+        ])
+
+
 def _one_service(path: str, service: Service) -> Iterator[ConfigProblem]:
     yield from _balance_problems(path, service)
+    yield from _resilience_problems(path, service)
     yield from _failing([
-        (f"{path}.retries.attempts", 0 <= service.retries.attempts <= 10, "must be between 0 and 10"),
         (f"{path}.targets", not service.targets or any(not t.backup for t in service.targets),
          "every target is a backup: at least one must be a primary"),
     ])

@@ -272,6 +272,9 @@ class Supervisor:
         async with self.apply_lock:
             version = self.store.version + 1
             slots = self.slots.assign(loaded.config)
+            for slot in set(slots["targets"].values()) - set(self.current_slots["targets"].values()):
+                if slot >= 0:
+                    self.segment.target_added(slot)
             live = [w for w in self.workers if w.running]
             for w in live:
                 w.channel.send("prepare", version, loaded.config, slots)
