@@ -229,3 +229,76 @@ def test_locality_zone_must_name_a_target_zone(gateway, start_upstream, tmp_path
     assert out.returncode != 0
     assert "services.up.locality.zone" in out.stderr + out.stdout
     assert "us-2" in out.stderr + out.stdout
+
+
+# --- failover under load -------------------------------------------------------------------------
+
+def test_failover_under_load_out_fast_back_fast_ramping_up(gateway, start_upstream):
+    """Steady load from 4 clients; one of three upstream processes dies and comes back. No request
+    fails; the dead target is out within interval x unhealthy_threshold, back within interval x
+    healthy_threshold, and its share ramps up during slow start."""
+    import http.client
+    import json
+
+    ups = [start_upstream(Backend(n, delay=0.003)) for n in "abc"]
+    checks = {"active": {"type": "http", "path": "/healthz", "interval": "200ms", "timeout": "150ms",
+                         "healthy_threshold": 2, "unhealthy_threshold": 2}}
+    gw = gateway(config_for(ups, workers=2, balance={"algorithm": "round_robin"}, slow_start="3s",
+                            health=checks))
+    b_address, b_port = f"{HOST}:{ups[1].port}", ups[1].port
+    served, stop = [], threading.Event()             # (time, server or status)
+    transitions = []                                 # (time, healthy) of b
+
+    def client():
+        conn = http.client.HTTPConnection(HOST, gw.port, timeout=10)
+        while not stop.is_set():
+            try:
+                conn.request("GET", "/item")
+                resp = conn.getresponse()
+                body = resp.read()
+                served.append((time.monotonic(), json.loads(body)["server"] if resp.status == 200 else resp.status))
+            except Exception as exc:                  # noqa: BLE001 - counted as a failure below
+                served.append((time.monotonic(), type(exc).__name__))
+                conn = http.client.HTTPConnection(HOST, gw.port, timeout=10)
+
+    def monitor():
+        last = True
+        while not stop.is_set():
+            healthy = targets(gw)[b_address]["healthy"]
+            if healthy != last:
+                transitions.append((time.monotonic(), healthy))
+                last = healthy
+            time.sleep(0.02)
+
+    threads = [threading.Thread(target=client) for _ in range(4)] + [threading.Thread(target=monitor)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    killed = time.monotonic()
+    ups[1].stop()
+    time.sleep(2.0)
+    restarted = time.monotonic()
+    start_upstream(Backend("b", delay=0.003, port=b_port))
+    time.sleep(4.0)
+    stop.set()
+    for t in threads:
+        t.join(15)
+    failed = [s for _, s in served if s not in ("a", "b", "c")]
+    assert failed == [], collections.Counter(failed)
+    (down_at, down), (up_at, up) = transitions[:2]
+    assert (down, up) == (False, True)
+    out_after, back_after = down_at - killed, up_at - restarted
+    assert out_after < 0.4 + 0.35, out_after          # 2 x 200 ms, plus a probe timeout and polling
+    assert back_after < 0.4 + 0.35, back_after
+    assert not any(s == "b" for t, s in served if killed + 0.05 < t < restarted)
+    first_b = min(t for t, s in served if s == "b" and t > restarted)
+
+    def share(start, end):
+        window = [s for t, s in served if start <= t < end]
+        return window.count("b") / max(len(window), 1), len(window)
+    early, early_n = share(first_b, first_b + 0.75)
+    late, late_n = share(first_b + 3.0, first_b + 3.9)
+    print(f"\nfailover: {len(served)} requests, 0 failed; b out after {out_after * 1000:.0f} ms, "
+          f"back after {back_after * 1000:.0f} ms; b's share in its first 0.75 s {early:.1%} "
+          f"({early_n} requests), after the 3 s ramp {late:.1%} ({late_n})")
+    assert early < 0.25 and late > 0.27, (early, late)
