@@ -302,3 +302,40 @@ def test_failover_under_load_out_fast_back_fast_ramping_up(gateway, start_upstre
           f"back after {back_after * 1000:.0f} ms; b's share in its first 0.75 s {early:.1%} "
           f"({early_n} requests), after the 3 s ramp {late:.1%} ({late_n})")
     assert early < 0.25 and late > 0.27, (early, late)
+
+
+# --- gRPC health checks --------------------------------------------------------------------------
+
+def test_grpc_health_check_follows_the_servers_serving_status(gateway):
+    from concurrent import futures
+
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port(f"{HOST}:0")
+    server.start()
+    try:
+        servicer.set("inventory.Inventory", health_pb2.HealthCheckResponse.SERVING)
+        config = gateway_config({"up": {"targets": [{"address": f"{HOST}:{port}"}], "health": {"active": {
+            "type": "grpc", "grpc_service": "inventory.Inventory", "interval": "100ms", "timeout": "100ms",
+            "healthy_threshold": 1, "unhealthy_threshold": 1}}}}, [route("all", ["/**"], "up")])
+        config["admin"] = {"bind": f"{HOST}:{free_port()}"}
+        gw = gateway(config)
+        address = f"{HOST}:{port}"
+        time.sleep(0.3)
+        assert targets(gw)[address]["healthy"]
+        servicer.set("inventory.Inventory", health_pb2.HealthCheckResponse.NOT_SERVING)
+        assert wait_for(lambda: not targets(gw)[address]["healthy"], timeout=5)
+        resp = gw.request("GET", "/x")                 # through the gateway: nothing is up
+        assert resp.status == 503 and resp.json()["error"]["code"] == "no_healthy_upstream"
+        assert "gRPC health status 2" in gw.stderr_text()
+        servicer.set("inventory.Inventory", health_pb2.HealthCheckResponse.SERVING)
+        assert wait_for(lambda: targets(gw)[address]["healthy"], timeout=5)
+        server.stop(0)                                 # gone altogether: UNAVAILABLE
+        assert wait_for(lambda: not targets(gw)[address]["healthy"], timeout=5)
+        assert "gRPC UNAVAILABLE" in gw.stderr_text()
+    finally:
+        server.stop(0)

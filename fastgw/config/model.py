@@ -136,6 +136,7 @@ class ActiveHealth(_Base):
     healthy_threshold: int = 2
     unhealthy_threshold: int = 3
     expect_status: list[int] = msgspec.field(default_factory=lambda: [200])
+    grpc_service: str = ""                         # grpc: the service name asked about ("" = the server)
 
 
 class PassiveHealth(_Base):

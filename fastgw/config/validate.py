@@ -241,6 +241,9 @@ def _health_problems(path: str, service: Service) -> Iterator[ConfigProblem]:
             (f"{where}.unhealthy_threshold", active.unhealthy_threshold >= 1, "must be at least 1"),
             (f"{where}.expect_status", all(100 <= s <= 599 for s in active.expect_status) and bool(active.expect_status),
              "must list HTTP statuses (100-599)"),
+            (f"{where}.type", active.type != "grpc" or _installed("grpc"),
+             "gRPC health checks need grpcio: pip install 'fastgw[grpc]'"),
+            (f"{where}.grpc_service", len(active.grpc_service.encode()) < 128, "must be under 128 bytes"),
         ])
     if passive is not None:
         where = f"{path}.health.passive"
@@ -279,6 +282,12 @@ def _resilience_problems(path: str, service: Service) -> Iterator[ConfigProblem]
             (f"{path}.locality.zone", locality.zone in zones,
              f"no primary target is in zone {locality.zone!r} (targets[].zone)"),
         ])
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
 
 
 def _one_service(path: str, service: Service) -> Iterator[ConfigProblem]:

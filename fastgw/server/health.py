@@ -1,7 +1,7 @@
 """Active health checks, run by the supervisor: once per host, not once per worker.
 
 Each checked target has one task that probes it every `interval` (an HTTP GET whose status must be
-in `expect_status`, or a TCP connect) and flips the target's `healthy` word in shared memory after
+in `expect_status`, a TCP connect, or grpc.health.v1 Check) and flips the target's `healthy` word in shared memory after
 `unhealthy_threshold` failures or `healthy_threshold` successes in a row; the workers' balancers
 read that word on every pick, so they all agree within one check.
 """
@@ -62,6 +62,8 @@ class HealthChecker:
 
 async def probe(address: str, spec) -> tuple[bool, str]:
     """(passed, what failed)."""
+    if spec.type == "grpc":
+        return await asyncio.get_running_loop().run_in_executor(None, _grpc_check, address, spec)
     try:
         line = await asyncio.wait_for(_exchange(address, spec), spec.timeout)
     except asyncio.TimeoutError:
@@ -89,3 +91,27 @@ async def _exchange(address: str, spec) -> bytes:
         return await reader.readline()
     finally:
         writer.close()
+
+
+_grpc_channels: dict = {}
+
+
+def _grpc_check(address: str, spec) -> tuple[bool, str]:
+    """grpc.health.v1.Health/Check, in a thread with a blocking grpcio channel (kept per target).
+    The messages are tiny, so they are written and read by hand rather than with generated stubs:
+    HealthCheckRequest {string service = 1}, HealthCheckResponse {ServingStatus status = 1},
+    SERVING = 1."""
+    import grpc
+
+    channel = _grpc_channels.get(address)
+    if channel is None:
+        channel = _grpc_channels[address] = grpc.insecure_channel(address)
+    name = spec.grpc_service.encode()
+    request = b"\x0a" + bytes([len(name)]) + name if name else b""
+    check = channel.unary_unary("/grpc.health.v1.Health/Check")
+    try:
+        reply = check(request, timeout=spec.timeout)
+    except grpc.RpcError as exc:
+        return False, f"gRPC {exc.code().name}"
+    status = reply[1] if len(reply) >= 2 and reply[0] == 0x08 else 0
+    return status == 1, f"gRPC health status {status} (1 = SERVING)"
