@@ -77,8 +77,9 @@ class Gateway:
         self.access_log_path = Path(access["path"])
         self.config_path = workdir / "gateway.yaml"
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-        http_listeners = [lst for lst in config["listeners"] if lst.get("protocol", "http") == "http"]
-        self.port = int(http_listeners[0]["bind"].rsplit(":", 1)[1])
+        # The first HTTP listener is the one `request` talks to (else the first listener).
+        listeners = sorted(config["listeners"], key=lambda lst: lst.get("protocol", "http") != "http")
+        self.port = int(listeners[0]["bind"].rsplit(":", 1)[1])
         self.url = f"http://{HOST}:{self.port}"
         admin = config.get("admin")
         self.admin_port = int(admin["bind"].rsplit(":", 1)[1]) if admin else None

@@ -25,6 +25,7 @@ cdef class ListenerState:
     cdef public double idle_timeout
     cdef public int max_connections
     cdef public int metric_slot           # shared-memory listener gauges, -1 = none
+    cdef public bint accept_proxy         # a PROXY v1/v2 header starts every connection
     cdef readonly int open_connections
     cdef readonly long long rejected_connections
     cdef readonly long long requests
@@ -93,6 +94,7 @@ cdef class ClientConnection(Downstream):
     cdef ListenerState listener
     cdef object parser
     cdef bytes client_ip
+    cdef bytes proxy_head                 # an incomplete PROXY header (accept_proxy)
     cdef Request parsing                  # the request whose bytes are being parsed
     cdef Request active                   # the request being answered
     cdef Request ready                    # active, dispatched when the current feed ends
@@ -119,6 +121,7 @@ cdef class ClientConnection(Downstream):
     cdef void _reject_now(self, int status, str code, str message)
     cdef void _reject_pending(self)
     cdef void _dispatch(self, Request req)
+    cdef bytes _read_proxy_header(self, data)
     cdef void _forward(self, Request req)
     cdef void _start_try(self, Request req, Service service, Target target,
                          UpstreamConnection conn, bint reused)

@@ -36,6 +36,7 @@ import msgspec
 from httptools import (HttpParserError, HttpParserInvalidMethodError, HttpParserUpgrade,
                        HttpRequestParser)
 
+from fastgw._core.proxyproto import ProxyHeaderError, parse_proxy_header
 from fastgw._core.router import normalize_path
 from fastgw._core.upstream import connection_tokens, drop_named
 
@@ -96,6 +97,7 @@ cdef class ListenerState:
         self.requests = 0
         self.connections = set()
         self.metric_slot = -1
+        self.accept_proxy = False
         self.tracer = None
         self.trace_sample_ratio = 0.0
 
@@ -173,6 +175,8 @@ cdef class ClientConnection(Downstream):
         self.loop = listener.loop
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0].encode() if peer else b""
+        if listener.accept_proxy:
+            self.proxy_head = b""
         self.arm(monotonic() + listener.header_timeout)
 
     def connection_lost(self, exc):
@@ -200,6 +204,10 @@ cdef class ClientConnection(Downstream):
         cdef ListenerState listener = self.listener
         if self.closed or self.fatal_status or self.lingering:
             return
+        if self.proxy_head is not None:
+            data = self._read_proxy_header(data)
+            if not data:
+                return
         if self.in_head:
             # Bytes fed so far while this head was incomplete: all head bytes. httptools buffers a
             # header line until it ends, so stop a single endless line here.
@@ -212,6 +220,25 @@ cdef class ClientConnection(Downstream):
                 self.arm(monotonic() + listener.header_timeout)
             self.line_version = _request_line_version(data)
         self._feed(data)
+
+    cdef bytes _read_proxy_header(self, data):
+        """Take the PROXY header off the connection's first bytes (the client address it gives
+        replaces the peer's); the bytes after it, or b"" while it is incomplete. A connection
+        that does not start with one is closed: the listener only trusts a balancer that sends it."""
+        cdef bytes head = self.proxy_head + bytes(data)
+        try:
+            used, client = parse_proxy_header(head)
+        except ProxyHeaderError:
+            self.closed = True
+            self.transport.abort()
+            return b""
+        if used == 0:
+            self.proxy_head = head
+            return b""
+        self.proxy_head = None
+        if client is not None:
+            self.client_ip = client[0].encode()
+        return head[used:]
 
     cdef void _feed(self, data):
         cdef int offset

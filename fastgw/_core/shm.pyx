@@ -243,6 +243,13 @@ cdef void target_begin(int slot) noexcept:
         fg_add(_targets + <Py_ssize_t>slot * TARGET_WORDS + T_ACTIVE, 1)
 
 
+cdef void target_release(int slot) noexcept:
+    """A Layer 4 connection ended: in flight again, without a latency sample (a connection's
+    life says nothing about the target's speed)."""
+    if _targets != NULL and 0 <= slot < _n_targets:
+        fg_sub(_targets + <Py_ssize_t>slot * TARGET_WORDS + T_ACTIVE, 1)
+
+
 cdef void target_end(int slot, double seconds, bint failed) noexcept:
     if _targets == NULL or slot < 0 or slot >= _n_targets:
         return

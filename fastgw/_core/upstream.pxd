@@ -88,6 +88,7 @@ cdef class Service:
     cdef public double budget_ratio       # retries in flight <= max(3, ratio x requests in flight); <0 off
     cdef public int in_flight             # this worker's requests to the service
     cdef public int retries_in_flight     # ... of which are on a retry
+    cdef public int send_proxy_protocol   # Layer 4: PROXY header version written to targets, 0 = none
 
     cdef void record_result(self, Target target, bint failed)
     cdef bint retry_budget_allows(self)

@@ -253,6 +253,7 @@ def _compile_services(config: Config, target_slots: dict, previous: Runtime | No
         service.retry_statuses = frozenset(r for r in retries.retry_on if isinstance(r, int))
         service.per_try_timeout = retries.per_try_timeout or 0.0
         service.budget_ratio = retries.budget_ratio if retries.budget_ratio is not None else -1.0
+        service.send_proxy_protocol = {"v1": 1, "v2": 2}.get(spec.send_proxy_protocol, 0)
         if spec.circuit_breaker is not None:
             breaker = spec.circuit_breaker
             service.circuit_window = breaker.window

@@ -88,7 +88,9 @@ class Limits(_Base):
 class Listener(_Base):
     name: str
     bind: str                                      # host:port, [v6]:port
-    protocol: Literal["http"] = "http"
+    protocol: Literal["http", "tcp"] = "http"      # tcp: Layer 4, bytes to `service`
+    service: Union[str, None] = None               # tcp: the service whose targets get the bytes
+    proxy_protocol: bool = False                   # accept a PROXY v1/v2 header from a trusted LB
     limits: Limits = msgspec.field(default_factory=Limits)
 
 
@@ -189,6 +191,7 @@ class Service(_Base):
     health: Health = msgspec.field(default_factory=Health)
     circuit_breaker: Union[CircuitBreaker, None] = None
     retries: Retries = msgspec.field(default_factory=Retries)
+    send_proxy_protocol: Union[Literal["v1", "v2"], None] = None   # Layer 4: tell targets the client
     timeouts: Timeouts = msgspec.field(default_factory=Timeouts)
     pool: Pool = msgspec.field(default_factory=Pool)
 

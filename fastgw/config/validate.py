@@ -152,6 +152,18 @@ def _listener_problems(config: Config) -> Iterator[ConfigProblem]:
     yield from _bind_conflicts(binds)
     for i, listener in enumerate(config.listeners):
         yield from _limit_problems(f"listeners[{i}].limits", listener.limits)
+        where = f"listeners[{i}].service"
+        if listener.protocol == "tcp":
+            service = config.services.get(listener.service) if listener.service else None
+            if listener.service is None:
+                yield ConfigProblem(where, "a tcp listener needs the service its connections go to")
+            elif service is None:
+                yield ConfigProblem(where, f"unknown service {listener.service!r}")
+            elif service.kind != "proxy":
+                yield ConfigProblem(where, f"service {listener.service!r} is built in ({service.kind}): "
+                                           "a tcp listener needs targets")
+        elif listener.service is not None:
+            yield ConfigProblem(where, "only tcp listeners take a service (http ones use routes)")
     if config.admin is not None:
         yield from _admin_problems(config.admin.bind, config.admin.token)
 
@@ -202,10 +214,16 @@ def _limit_problems(path: str, limits: Limits) -> Iterator[ConfigProblem]:
 
 
 def _service_problems(config: Config) -> Iterator[ConfigProblem]:
-    used = {route.service for route in config.routes}
+    by_routes = {route.service for route in config.routes}
+    used = by_routes | {listener.service for listener in config.listeners if listener.protocol == "tcp"}
     for name, service in config.services.items():
         path = f"services.{name}"
         yield from _one_service(path, service)
+        if service.send_proxy_protocol is not None and name in by_routes:
+            # HTTP upstream connections are pooled and shared by clients: one header cannot
+            # name the client of every request sent over it.
+            yield ConfigProblem(f"{path}.send_proxy_protocol",
+                                "only for services of tcp listeners, not services that routes use")
         # An unused pool is legal (it may be kept for a quick switch) but is often a typo.
         if name not in used:
             yield ConfigProblem(path, f"service {name!r} is not used by any route", severity="warning")

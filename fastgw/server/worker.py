@@ -134,7 +134,8 @@ class Worker:
         try:
             for spec in config.listeners:
                 current = self.listeners.get(spec.name)
-                if current is None or current.spec.bind != spec.bind:
+                if current is None or current.spec.bind != spec.bind or \
+                        current.spec.protocol != spec.protocol:
                     opened[spec.name] = await self._open(spec, runtime, slots)
         except BaseException:
             for item in opened.values():
@@ -145,9 +146,13 @@ class Worker:
 
     async def _open(self, spec, runtime: Runtime, slots: dict) -> OpenListener:
         from fastgw._core.protocol import ListenerState
+        from fastgw._core.tcp import TcpListenerState
 
         host, port = parse_bind(spec.bind)
-        state = ListenerState(spec.name, runtime.router, loop=self.loop)
+        if spec.protocol == "tcp":
+            state = TcpListenerState(spec.name, runtime.services[spec.service], loop=self.loop)
+        else:
+            state = ListenerState(spec.name, runtime.router, loop=self.loop)
         _configure(state, spec, slots)
         # Not serving until commit: a prepared config that is aborted never takes a connection.
         server = await self.loop.create_server(
@@ -176,15 +181,20 @@ class Worker:
         for name, spec in wanted.items():
             item = self.listeners.get(name) or pending.opened[name]
             item.spec = spec
-            item.state.router = runtime.router
-            item.state.access_log = self.access_log
-            item.state.tracer = self.tracer
-            item.state.trace_sample_ratio = config.tracing.sample_ratio
+            if spec.protocol == "tcp":
+                item.state.service = runtime.services[spec.service]
+            else:
+                item.state.router = runtime.router
+                item.state.access_log = self.access_log
+                item.state.tracer = self.tracer
+                item.state.trace_sample_ratio = config.tracing.sample_ratio
             _configure(item.state, spec, pending.slots)
             if name in pending.opened:
                 self.listeners[name] = item
                 self.loop.create_task(item.server.start_serving())
-                log(f"listener {name} on http://{spec.bind}", "debug" if self.index else "info")
+                log(f"listener {name} on {spec.protocol}://{spec.bind}" +
+                    (f" -> service {spec.service}" if spec.protocol == "tcp" else ""),
+                    "debug" if self.index else "info")
         self.runtime, self.config, self.version = runtime, config, pending.version
         self.segment.worker_applied(self.index, pending.version)
         if old_runtime is not None:
@@ -242,7 +252,7 @@ def _configure(state, spec, slots: dict) -> None:
         max_header_bytes=limits.max_header_bytes, max_headers=limits.max_headers,
         max_url_bytes=limits.max_url_bytes, max_body_bytes=limits.max_body_bytes,
         header_timeout=limits.header_timeout, idle_timeout=limits.idle_timeout,
-        max_connections=limits.max_connections,
+        max_connections=limits.max_connections, accept_proxy=spec.proxy_protocol,
         metric_slot=slots.get("listeners", {}).get(spec.name, -1))
 
 
