@@ -356,3 +356,154 @@ def test_tcp_listener_config_errors(tmp_path):
                             [route("all", ["/**"], "u")])
     code, text = check(routed)
     assert code != 0 and "services.u.send_proxy_protocol" in text
+    config, _ = tcp_config([free_port()])
+    config["listeners"][0]["protocol"] = "https"
+    code, text = check(config)
+    assert code != 0 and "listeners[0].tls.passthrough" in text and "not available yet" in text
+    config["listeners"][0]["tls"] = {"passthrough": True, "sni_routes": {"Bad_Name": "db", "ok.test": "nope"}}
+    code, text = check(config)
+    assert "listeners[0].tls.sni_routes.Bad_Name" in text and "unknown service 'nope'" in text
+
+
+# --- TLS passthrough by SNI ----------------------------------------------------------------------
+
+def make_ca_and_certs(tmp_path, names):
+    """A CA and one server certificate per name, generated now (cryptography); returns the CA
+    file and {name: (cert file, key file)}."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def cert(subject, issuer, key, signer, *, ca=False, san=None):
+        builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer)
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if san:
+            builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(san)]), critical=False)
+        return builder.sign(signer, hashes.SHA256())
+
+    def pem_key(key):
+        return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                 serialization.NoEncryption())
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fastgw test CA")])
+    ca_cert = cert(ca_name, ca_name, ca_key, ca_key, ca=True)
+    ca_file = tmp_path / "ca.pem"
+    ca_file.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    out = {}
+    for name in names:
+        key = ec.generate_private_key(ec.SECP256R1())
+        leaf = cert(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]), ca_name, key, ca_key, san=name)
+        cert_file, key_file = tmp_path / f"{name}.pem", tmp_path / f"{name}.key"
+        cert_file.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+        key_file.write_bytes(pem_key(key))
+        out[name] = (cert_file, key_file)
+    return ca_file, out
+
+
+class TlsServer:
+    """A TLS server (Python ssl) that answers every connection with its own name."""
+
+    def __init__(self, name, cert_file, key_file):
+        import ssl
+        self.name = name
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(cert_file, key_file)
+        self.sock = socket.socket()
+        self.sock.bind((HOST, 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            try:
+                with self.context.wrap_socket(conn, server_side=True) as tls:
+                    tls.sendall(f"this is {self.name}".encode())
+            except OSError:
+                pass                                  # the client refused our certificate
+            finally:
+                conn.close()
+
+    def close(self):
+        self.sock.close()
+
+
+def tls_hello(port, ca_file, server_name):
+    """Connect with TLS through the gateway: (what the server said, the CN of its certificate)."""
+    import ssl
+    context = ssl.create_default_context(cafile=str(ca_file))
+    if server_name is None:
+        context.check_hostname = False
+    with socket.create_connection((HOST, port), timeout=5) as raw:
+        with context.wrap_socket(raw, server_hostname=server_name) as tls:
+            subject = dict(item[0] for item in tls.getpeercert()["subject"])
+            return tls.recv(64).decode(), subject["commonName"]
+
+
+def test_tls_passthrough_routes_by_sni_without_terminating(gateway, tmp_path):
+    ca_file, certs = make_ca_and_certs(tmp_path, ["api.test", "shop.test", "default.test"])
+    servers = {name: TlsServer(name, *certs[name]) for name in certs}
+    try:
+        services = {name.split(".")[0]: {"targets": [{"address": f"{HOST}:{s.port}"}]}
+                    for name, s in servers.items()}
+        config = gateway_config(services, [])
+        port = free_port()
+        config["listeners"] = [{"name": "tls", "bind": f"{HOST}:{port}", "protocol": "https", "service": "default",
+                                "tls": {"passthrough": True,
+                                        "sni_routes": {"api.test": "api", "*.shop.test": "shop"}}}]
+        gateway(config)
+        # The certificate the client verifies is the backend's own: TLS went through untouched.
+        assert tls_hello(port, ca_file, "api.test") == ("this is api.test", "api.test")
+        # A name no route knows, and no SNI at all, go to the default service.
+        assert tls_hello(port, ca_file, None) == ("this is default.test", "default.test")
+        import ssl
+        with pytest.raises(ssl.SSLCertVerificationError):      # www.shop.test -> shop, whose cert is for shop.test
+            tls_hello(port, ca_file, "www.shop.test")
+        assert exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n") == b""   # not TLS: closed
+    finally:
+        for s in servers.values():
+            s.close()
+
+
+def test_sni_reader_on_split_and_broken_hellos():
+    import ssl
+
+    from fastgw._core.sni import SniError, read_sni
+    hello = client_hello("api.example.com")
+    assert read_sni(hello) == (True, "api.example.com")
+    for cut in (0, 3, 5, 40, len(hello) - 1):
+        assert read_sni(hello[:cut]) == (False, None)
+    # The same ClientHello split over two handshake records.
+    body = hello[5:]
+    two = b"\x16\x03\x01" + struct.pack(">H", 10) + body[:10] + b"\x16\x03\x01" + struct.pack(">H", len(body) - 10) + body[10:]
+    assert read_sni(two) == (True, "api.example.com")
+    assert read_sni(client_hello(None)) == (True, None)
+    for bad in (b"GET / HTTP/1.1\r\n", b"\x16\x03\x01\x00\x05\x02\x00\x00\x01\x00", b"\x17\x03\x03\x00\x01x"):
+        with pytest.raises(SniError):
+            read_sni(bad)
+    assert ssl  # the hellos above come from Python's own TLS stack
+
+
+def client_hello(server_name):
+    """A real ClientHello from Python's ssl module, captured with memory BIOs."""
+    import ssl
+    context = ssl.create_default_context()
+    if server_name is None:
+        context.check_hostname = False
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname=server_name)
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()

@@ -5,7 +5,9 @@ from fastgw._core.upstream cimport Service, Target
 cdef class TcpListenerState:
     cdef readonly str name
     cdef readonly object loop
-    cdef public Service service
+    cdef public Service service           # the default (None: only SNI routes)
+    cdef dict sni_exact                   # TLS passthrough: server name -> Service
+    cdef dict sni_wildcard                # ... parent domain of "*.parent" -> Service
     cdef public bint accept_proxy         # a PROXY v1/v2 header starts every connection
     cdef public double header_timeout     # ... and must arrive within this
     cdef public double idle_timeout       # no byte either way for this long: closed
@@ -15,6 +17,8 @@ cdef class TcpListenerState:
     cdef readonly int open_connections
     cdef readonly long long rejected_connections
     cdef readonly set connections
+
+    cdef Service service_for(self, server_name)
 
 
 cdef class TcpClient(TimedProtocol):
@@ -27,18 +31,20 @@ cdef class TcpClient(TimedProtocol):
     cdef object connect_task
     cdef list pending                     # client bytes that arrived before the target accepted
     cdef Py_ssize_t pending_bytes
-    cdef bytes proxy_head                 # an incomplete PROXY header
+    cdef bytes preamble                   # an incomplete PROXY header or ClientHello
     cdef object source                    # the client's (ip, port): the peer, or the PROXY header's
     cdef object dest                      # the address it connected to
     cdef double last_activity
     cdef bint awaiting_proxy
+    cdef bint awaiting_hello              # TLS passthrough: the server name picks the service
     cdef bint admitted
     cdef bint counted                     # counted in the target's active connections
     cdef bint client_eof
     cdef bint upstream_done
     cdef bint closed
 
-    cdef void _read_proxy_header(self, data)
+    cdef void _read_preamble(self, data)
+    cdef void _hold(self, data)
     cdef Target _pick(self)
     cdef void _connect_next(self)
     cdef void upstream_made(self, TcpUpstream upstream, object transport)

@@ -1,5 +1,6 @@
 # cython: language_level=3
-"""Layer 4: a `protocol: tcp` listener proxies bytes to one service's targets.
+"""Layer 4: a `protocol: tcp` listener proxies bytes to one service's targets (and an `https`
+listener with `tls.passthrough` to the service its clients' TLS server name picks).
 
 Each client connection is balanced once, when it arrives (the service's algorithm; `consistent_hash`
 on `ip`), and paired with one upstream connection. A connect that fails goes on to another target
@@ -18,6 +19,7 @@ from fastgw._core.upstream cimport Service, Target
 import asyncio
 
 from fastgw._core.proxyproto import ProxyHeaderError, build_proxy_header, parse_proxy_header
+from fastgw._core.sni import SniError, read_sni, sni_lookup
 
 PENDING_LIMIT = 256 * 1024        # client bytes held while the upstream connects; then pause
 
@@ -35,6 +37,8 @@ cdef class TcpListenerState:
         self.idle_timeout = 60.0
         self.max_connections = 10000
         self.metric_slot = -1
+        self.sni_exact = {}
+        self.sni_wildcard = {}
         self.draining = False
         self.open_connections = 0
         self.rejected_connections = 0
@@ -48,6 +52,15 @@ cdef class TcpListenerState:
         self.max_connections = max_connections
         self.metric_slot = metric_slot
         self.accept_proxy = accept_proxy
+
+    def route_sni(self, dict routes, dict services):
+        """TLS passthrough: server name ("api.example.com" or "*.example.com") -> service name."""
+        self.sni_exact = {name: services[svc] for name, svc in routes.items() if not name.startswith("*.")}
+        self.sni_wildcard = {name[2:]: services[svc] for name, svc in routes.items() if name.startswith("*.")}
+
+    cdef Service service_for(self, server_name):
+        found = sni_lookup(self.sni_exact, self.sni_wildcard, server_name)
+        return found if found is not None else self.service
 
     def protocol_factory(self):
         return TcpClient(self)
@@ -64,7 +77,7 @@ cdef class TcpClient(TimedProtocol):
         self.loop = listener.loop
         self.service = listener.service
         self.pending = []
-        self.proxy_head = b""
+        self.preamble = b""
         self.tried = []
 
     # --- client side (asyncio protocol) ----------------------------------------------------------
@@ -86,8 +99,9 @@ cdef class TcpClient(TimedProtocol):
         self.source = transport.get_extra_info("peername")
         self.dest = transport.get_extra_info("sockname")
         self.last_activity = monotonic()
-        if listener.accept_proxy:
-            self.awaiting_proxy = True
+        self.awaiting_proxy = listener.accept_proxy
+        self.awaiting_hello = bool(listener.sni_exact or listener.sni_wildcard)
+        if self.awaiting_proxy or self.awaiting_hello:
             self.arm(self.last_activity + listener.header_timeout)
         else:
             self.arm(self.last_activity + listener.idle_timeout)
@@ -95,17 +109,19 @@ cdef class TcpClient(TimedProtocol):
 
     def data_received(self, data):
         self.last_activity = monotonic()
-        if self.awaiting_proxy:
-            self._read_proxy_header(data)
-        elif self.upstream_transport is not None:
+        if self.upstream_transport is not None:
             self.upstream_transport.write(data)
-        elif not self.closed:
-            self.pending.append(data)
-            self.pending_bytes += len(data)
-            if self.pending_bytes > PENDING_LIMIT:
-                self.transport.pause_reading()
+        elif self.closed:
+            return
+        elif self.awaiting_proxy or self.awaiting_hello:
+            self._read_preamble(data)
+        else:
+            self._hold(data)
 
     def eof_received(self):
+        if self.awaiting_proxy or self.awaiting_hello:
+            self._close(abort=True)       # done sending before it said who it is or wants
+            return False
         self.client_eof = True
         if self.upstream_transport is not None:
             self._pass_eof(self.upstream_transport)
@@ -144,34 +160,59 @@ cdef class TcpClient(TimedProtocol):
     cdef double due(self):
         if self.closed:
             return 0
-        if self.awaiting_proxy:
+        if self.awaiting_proxy or self.awaiting_hello:
             return self.deadline
         return self.last_activity + self.listener.idle_timeout
 
     cdef void expired(self):
         self._close(abort=True)
 
-    # --- PROXY header from a trusted balancer in front ---------------------------------------------
+    # --- what comes before the stream: PROXY header, TLS ClientHello ----------------------------
 
-    cdef void _read_proxy_header(self, data):
-        cdef bytes head = self.proxy_head + bytes(data)
-        try:
-            used, client = parse_proxy_header(head)
-        except ProxyHeaderError:
-            self._close(abort=True)
-            return
-        if used == 0:
-            self.proxy_head = head
-            return
-        self.awaiting_proxy = False
-        self.proxy_head = b""
-        if client is not None:
-            self.source = client
-        if used < len(head):
-            self.pending.append(head[used:])
-            self.pending_bytes += len(head) - used
+    cdef void _read_preamble(self, data):
+        """A PROXY header from a trusted balancer in front (its client address replaces the
+        peer's), then for TLS passthrough the ClientHello, whose server name picks the service.
+        Neither is consumed from the stream sent on except the PROXY header."""
+        cdef bytes head = self.preamble + bytes(data)
+        if self.awaiting_proxy:
+            try:
+                used, client = parse_proxy_header(head)
+            except ProxyHeaderError:
+                self._close(abort=True)
+                return
+            if used == 0:
+                self.preamble = head
+                return
+            self.awaiting_proxy = False
+            if client is not None:
+                self.source = client
+            head = head[used:]
+        if self.awaiting_hello:
+            try:
+                complete, server_name = read_sni(head)
+            except SniError:
+                self._close(abort=True)
+                return
+            if not complete:
+                self.preamble = head
+                return
+            self.awaiting_hello = False
+            self.service = self.listener.service_for(server_name)
+            if self.service is None:          # no route for that name and no default service
+                self._close(abort=True)
+                return
+        self.preamble = b""
+        if head:
+            self._hold(head)
         self.arm(self.last_activity + self.listener.idle_timeout)
         self._connect_next()
+
+    cdef void _hold(self, data):
+        """Client bytes that arrive before the target accepted; past PENDING_LIMIT, stop reading."""
+        self.pending.append(data)
+        self.pending_bytes += len(data)
+        if self.pending_bytes > PENDING_LIMIT:
+            self.transport.pause_reading()
 
     # --- upstream side ---------------------------------------------------------------------------
 

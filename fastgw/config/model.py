@@ -85,11 +85,20 @@ class Limits(_Base):
     max_connections: int = 10000                   # beyond: accept and close immediately
 
 
+class Tls(_Base):
+    """TLS on a listener. For now only passthrough: TLS is not terminated here, the ClientHello's
+    server name picks the service and the bytes go through untouched (termination, certificates
+    and mTLS come with the security work)."""
+    passthrough: bool = False
+    sni_routes: dict[str, str] = {}                # "api.example.com" or "*.example.com" -> service
+
+
 class Listener(_Base):
     name: str
     bind: str                                      # host:port, [v6]:port
-    protocol: Literal["http", "tcp"] = "http"      # tcp: Layer 4, bytes to `service`
-    service: Union[str, None] = None               # tcp: the service whose targets get the bytes
+    protocol: Literal["http", "https", "tcp"] = "http"   # tcp: Layer 4, bytes to `service`
+    service: Union[str, None] = None               # tcp (and passthrough's default): where bytes go
+    tls: Union[Tls, None] = None
     proxy_protocol: bool = False                   # accept a PROXY v1/v2 header from a trusted LB
     limits: Limits = msgspec.field(default_factory=Limits)
 

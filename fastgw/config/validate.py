@@ -152,20 +152,51 @@ def _listener_problems(config: Config) -> Iterator[ConfigProblem]:
     yield from _bind_conflicts(binds)
     for i, listener in enumerate(config.listeners):
         yield from _limit_problems(f"listeners[{i}].limits", listener.limits)
-        where = f"listeners[{i}].service"
-        if listener.protocol == "tcp":
-            service = config.services.get(listener.service) if listener.service else None
-            if listener.service is None:
-                yield ConfigProblem(where, "a tcp listener needs the service its connections go to")
-            elif service is None:
-                yield ConfigProblem(where, f"unknown service {listener.service!r}")
-            elif service.kind != "proxy":
-                yield ConfigProblem(where, f"service {listener.service!r} is built in ({service.kind}): "
-                                           "a tcp listener needs targets")
-        elif listener.service is not None:
-            yield ConfigProblem(where, "only tcp listeners take a service (http ones use routes)")
+        yield from _layer4_problems(config, f"listeners[{i}]", listener)
     if config.admin is not None:
         yield from _admin_problems(config.admin.bind, config.admin.token)
+
+
+_SNI_NAME = re.compile(r"^(\*\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+def _layer4_problems(config: Config, path: str, listener) -> Iterator[ConfigProblem]:
+    """tcp listeners and TLS passthrough: what their bytes go to."""
+    def service_problem(where: str, name: str) -> ConfigProblem | None:
+        service = config.services.get(name)
+        if service is None:
+            return ConfigProblem(where, f"unknown service {name!r}")
+        if service.kind != "proxy":
+            return ConfigProblem(where, f"service {name!r} is built in ({service.kind}): bytes need targets")
+        return None
+    tls = listener.tls
+    if listener.protocol == "https" and (tls is None or not tls.passthrough):
+        yield ConfigProblem(f"{path}.tls.passthrough", "https listeners only pass TLS through for now "
+                            "(tls.passthrough: true); TLS termination is not available yet")
+        return
+    if listener.protocol == "http":
+        if listener.service is not None:
+            yield ConfigProblem(f"{path}.service", "only tcp listeners take a service (http ones use routes)")
+        if tls is not None:
+            yield ConfigProblem(f"{path}.tls", "an http listener has no TLS (use protocol: https)")
+        return
+    if tls is not None and listener.protocol == "tcp":
+        yield ConfigProblem(f"{path}.tls", "a tcp listener has no TLS (protocol: https passes it through)")
+    routes = tls.sni_routes if tls is not None else {}
+    if listener.service is None and not routes:
+        yield ConfigProblem(f"{path}.service", "a tcp listener needs the service its connections go to"
+                            if listener.protocol == "tcp" else "name a default service or tls.sni_routes")
+    if listener.service is not None:
+        problem = service_problem(f"{path}.service", listener.service)
+        if problem:
+            yield problem
+    for name, service in routes.items():
+        where = f"{path}.tls.sni_routes.{name}"
+        if not _SNI_NAME.match(name):
+            yield ConfigProblem(where, "must be a lower-case host name, or *. and one (like *.example.com)")
+        problem = service_problem(where, service)
+        if problem:
+            yield problem
 
 
 def _bind_conflicts(binds: list[tuple[str, str]]) -> Iterator[ConfigProblem]:
@@ -215,7 +246,8 @@ def _limit_problems(path: str, limits: Limits) -> Iterator[ConfigProblem]:
 
 def _service_problems(config: Config) -> Iterator[ConfigProblem]:
     by_routes = {route.service for route in config.routes}
-    used = by_routes | {listener.service for listener in config.listeners if listener.protocol == "tcp"}
+    used = by_routes | {listener.service for listener in config.listeners if listener.protocol != "http"}
+    used |= {svc for listener in config.listeners if listener.tls for svc in listener.tls.sni_routes.values()}
     for name, service in config.services.items():
         path = f"services.{name}"
         yield from _one_service(path, service)

@@ -149,8 +149,8 @@ class Worker:
         from fastgw._core.tcp import TcpListenerState
 
         host, port = parse_bind(spec.bind)
-        if spec.protocol == "tcp":
-            state = TcpListenerState(spec.name, runtime.services[spec.service], loop=self.loop)
+        if spec.protocol != "http":           # tcp, or https passed through by SNI
+            state = TcpListenerState(spec.name, None, loop=self.loop)
         else:
             state = ListenerState(spec.name, runtime.router, loop=self.loop)
         _configure(state, spec, slots)
@@ -181,8 +181,9 @@ class Worker:
         for name, spec in wanted.items():
             item = self.listeners.get(name) or pending.opened[name]
             item.spec = spec
-            if spec.protocol == "tcp":
-                item.state.service = runtime.services[spec.service]
+            if spec.protocol != "http":
+                item.state.service = runtime.services.get(spec.service)
+                item.state.route_sni(spec.tls.sni_routes if spec.tls else {}, runtime.services)
             else:
                 item.state.router = runtime.router
                 item.state.access_log = self.access_log
