@@ -339,3 +339,49 @@ def test_grpc_health_check_follows_the_servers_serving_status(gateway):
         assert "gRPC UNAVAILABLE" in gw.stderr_text()
     finally:
         server.stop(0)
+
+
+# --- runtime target changes under load -----------------------------------------------------------
+
+def test_targets_added_reweighted_drained_and_removed_under_load_fail_nothing(gateway, start_upstream):
+    import http.client
+    import json
+
+    a, b, c = (start_upstream(Backend(n, delay=0.005)) for n in "abc")
+    gw = gateway(config_for([a, b], workers=2, balance={"algorithm": "weighted_round_robin"}))
+    served, stop = [], threading.Event()
+
+    def client():
+        conn = http.client.HTTPConnection(HOST, gw.port, timeout=10)
+        while not stop.is_set():
+            try:
+                conn.request("GET", "/item")
+                resp = conn.getresponse()
+                body = resp.read()
+                served.append(json.loads(body)["server"] if resp.status == 200 else resp.status)
+            except Exception as exc:                  # noqa: BLE001 - counted as a failure below
+                served.append(type(exc).__name__)
+                conn = http.client.HTTPConnection(HOST, gw.port, timeout=10)
+
+    def change(method, path, body=None):
+        resp = gw.admin(method, path, body)
+        assert resp.status < 300, resp.body
+        time.sleep(0.4)
+        return len(served)
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(0.4)
+    marks = [len(served)]
+    marks.append(change("POST", "/services/up/targets", {"address": f"{HOST}:{c.port}", "weight": 1}))
+    marks.append(change("PATCH", f"/services/up/targets/{HOST}:{c.port}", {"weight": 4}))
+    marks.append(change("PATCH", f"/services/up/targets/{HOST}:{a.port}", {"drain": True}))
+    marks.append(change("DELETE", f"/services/up/targets/{HOST}:{a.port}"))
+    stop.set()
+    for t in threads:
+        t.join(15)
+    failed = [s for s in served if s not in ("a", "b", "c")]
+    assert failed == [], collections.Counter(failed)
+    last = collections.Counter(served[marks[-2] + 50:])            # after the drain settled
+    assert set(last) == {"b", "c"} and last["c"] > 2.5 * last["b"], last
+    print(f"\nruntime changes: {len(served)} requests, 0 failed; after drain+remove: {dict(last)}")
