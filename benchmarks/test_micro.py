@@ -145,3 +145,27 @@ def test_build_from_scratch(benchmark, size):
         "services": {"api": {"targets": [{"address": "127.0.0.1:9"}]}},
         "routes": route_table(size)}, Config, dec_hook=dec_hook)
     benchmark.pedantic(compile_config, args=(config,), rounds=5)
+
+
+@pytest.mark.parametrize("algorithm", ["round_robin", "weighted_round_robin", "least_conn", "p2c_ewma",
+                                       "consistent_hash", "random", "nearest"])
+def test_balancer_pick(benchmark, algorithm):
+    """1,000 picks over 8 targets with shared-memory slots (health, in-flight, EWMA words read on
+    every pick), through the Python entry point `choose`: subtract test_python_call_baseline."""
+    from fastgw._core import shm
+    from fastgw._core.balancer import make_balancer
+    from fastgw._core.upstream import Service
+
+    seg = shm.Segment.create(workers=1, routes=1, targets=8, listeners=1, ratelimit_entries=1)
+    seg.activate()
+    service = Service("s")
+    targets = [service.add_target(f"10.0.0.{i}:80", 1 + i % 3, i) for i in range(8)]
+    balancer = make_balancer(algorithm, targets, 1.25 if algorithm == "consistent_hash" else 0.0)
+    keys = [f"user-{i}".encode() for i in range(1000)]
+
+    def run():
+        for key in keys:
+            balancer.choose(key)
+
+    benchmark(run)
+    seg.close()

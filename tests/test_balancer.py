@@ -9,8 +9,9 @@ import http.client
 import pytest
 
 from fastgw._core import shm
-from fastgw._core.balancer import (VNODES_PER_WEIGHT, ConsistentHash, LeastConn, P2CEwma,
-                                   RoundRobin, SmoothWeighted, WeightedRandom, hash_key)
+from fastgw._core.balancer import (NEAREST_PROBE_EVERY, VNODES_PER_WEIGHT, ConsistentHash, LeastConn,
+                                   Nearest, P2CEwma, RoundRobin, SmoothWeighted, WeightedRandom,
+                                   ZonePreferring, hash_key)
 from fastgw._core.upstream import Service
 from upstreams import HOST, RecordingUpstream, describe_request, gateway_config, route
 
@@ -159,6 +160,55 @@ def test_p2c_gives_a_target_without_samples_its_share(segment):
     b = P2CEwma(ts)
     counts = collections.Counter(b.choose().address for _ in range(2000))
     assert counts["10.0.0.1:80"] > 500
+
+
+def _measure(slot, seconds, times=20):
+    for _ in range(times):
+        shm._target_begin(slot)
+        shm._target_end(slot, seconds, False)
+
+
+def test_nearest_takes_the_lowest_ewma_and_probes_the_others(segment):
+    ts = targets(1, 1, 1)
+    for slot, seconds in enumerate((0.040, 0.002, 0.015)):
+        _measure(slot, seconds)
+    b = Nearest(ts)
+    counts = collections.Counter(b.choose().address for _ in range(3200))
+    probes = 3200 // NEAREST_PROBE_EVERY                   # 100 probes spread over all three
+    assert counts["10.0.0.1:80"] >= 3200 - probes
+    assert counts["10.0.0.0:80"] + counts["10.0.0.2:80"] > probes / 3
+    segment.target_set_healthy(1, False)                   # nearest down: the next nearest
+    counts = collections.Counter(b.choose().address for _ in range(3200))
+    assert counts["10.0.0.2:80"] >= 3200 - probes and counts["10.0.0.1:80"] == 0
+
+
+def test_zone_preferring_spills_over_below_the_threshold(segment):
+    ts = targets(1, 1, 1, 1)                              # 0, 1 in our zone; 2, 3 elsewhere
+    b = ZonePreferring(RoundRobin(ts[:2]), RoundRobin(ts), 0.7)
+    assert set(names(b.choose() for _ in range(100))) == {"0", "1"}
+    segment.target_set_healthy(0, False)                   # 1 of 2 up: 50% < 70%
+    assert set(names(b.choose() for _ in range(100))) == {"1", "2", "3"}
+    segment.target_set_healthy(0, True)
+    assert set(names(b.choose() for _ in range(100))) == {"0", "1"}
+    everything_down = ZonePreferring(RoundRobin(ts[:2]), RoundRobin(ts), 0.0)
+    segment.target_set_healthy(0, False)
+    segment.target_set_healthy(1, False)                   # our zone empty: elsewhere, not None
+    assert set(names(everything_down.choose() for _ in range(20))) == {"2", "3"}
+
+
+def test_slow_start_gives_a_new_target_a_small_share_first(segment):
+    ts = targets(1, 1)
+    segment.target_added(1)                                # just added: ramp starts at 10%
+    for algorithm in (RoundRobin(ts, 30.0), WeightedRandom(ts, 30.0), SmoothWeighted(ts, 30.0),
+                      LeastConn(ts, 30.0)):
+        counts = collections.Counter(algorithm.choose().address for _ in range(4000))
+        assert 0.04 < counts["10.0.0.1:80"] / 4000 < 0.16, (type(algorithm).__name__, counts)
+    plain = RoundRobin(ts)                                 # without slow start: its half at once
+    assert collections.Counter(plain.choose().address for _ in range(100)) == {
+        "10.0.0.0:80": 50, "10.0.0.1:80": 50}
+    segment.target_set_healthy(0, False)                   # the only one up is ramping: still used
+    ramping = RoundRobin(ts, 30.0)
+    assert {ramping.choose().address for _ in range(50)} == {"10.0.0.1:80"}
 
 
 # --- through the gateway ---------------------------------------------------------------------------

@@ -385,3 +385,24 @@ def test_targets_added_reweighted_drained_and_removed_under_load_fail_nothing(ga
     last = collections.Counter(served[marks[-2] + 50:])            # after the drain settled
     assert set(last) == {"b", "c"} and last["c"] > 2.5 * last["b"], last
     print(f"\nruntime changes: {len(served)} requests, 0 failed; after drain+remove: {dict(last)}")
+
+
+def test_half_open_trial_whose_client_left_does_not_wedge_the_circuit(gateway, start_upstream):
+    import socket as _socket
+
+    a = start_upstream(Backend("a"))
+    a.status = 500
+    gw = gateway(config_for([a], retries={"attempts": 0},
+                            circuit_breaker={"min_requests": 2, "failure_ratio": 0.5, "open_for": "500ms",
+                                             "half_open_requests": 1}))
+    assert [gw.request("GET", "/x").status for _ in range(2)] == [500, 500]
+    a.status, a.delay = 200, 1.0
+    time.sleep(0.6)
+    with _socket.create_connection((HOST, gw.port)) as sock:      # the one trial; its client leaves
+        sock.sendall(b"GET /trial HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert wait_for(lambda: any(r.path == "/trial" for r in a.requests))
+    a.delay = 0.0
+    assert gw.request("GET", "/x").json()["error"]["code"] == "circuit_open"   # its trial is out
+    # After another open_for without the trial's result, a new trial goes through and closes it.
+    assert wait_for(lambda: gw.request("GET", "/x").status == 200, timeout=3)
+    assert wait_for(lambda: targets(gw)[f"{HOST}:{a.port}"]["circuit"] == "closed", timeout=3)

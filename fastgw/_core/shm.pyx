@@ -100,7 +100,8 @@ cdef enum:
     T_CB_TRIALS = 15                    # half-open: trial requests let through so far
     T_CB_TRIAL_OK = 16                  # half-open: trials that succeeded
     T_CB_TRIAL_LIMIT = 17               # half-open: trials allowed (half_open_requests)
-    # 18..23 are kept for the balancer
+    T_CB_OPEN_NS = 18                   # open_for, for trials whose results never came back
+    # 19..23 are kept for the balancer
     T_DURATION = 24
     T_SUM = 40
     T_COUNT = 41
@@ -305,8 +306,14 @@ cdef bint target_available(int slot, unsigned long long now) noexcept:
     if circuit == CIRCUIT_OPEN:
         return fg_load(t + T_CB_OPEN_UNTIL) <= now      # time for trials: circuit_admit decides
     if circuit == CIRCUIT_HALF_OPEN:
-        return fg_load(t + T_CB_TRIALS) < fg_load(t + T_CB_TRIAL_LIMIT)
+        return fg_load(t + T_CB_TRIALS) < fg_load(t + T_CB_TRIAL_LIMIT) or _trials_stale(t, now)
     return True
+
+
+cdef inline bint _trials_stale(uint64_t* t, uint64_t now) noexcept:
+    """Half-open trials whose results never came (their clients went away): after another
+    open_for, a new round of trials may start."""
+    return now >= fg_load(t + T_CB_OPEN_UNTIL) + fg_load(t + T_CB_OPEN_NS)
 
 
 cdef unsigned long long target_up_since(int slot, unsigned long long now) noexcept:
@@ -339,7 +346,14 @@ cdef bint circuit_admit(int slot, unsigned long long now) noexcept:
         if fg_load(t + T_CB_OPEN_UNTIL) > now:
             return False
         fg_cas(t + T_CIRCUIT, &state, CIRCUIT_HALF_OPEN)    # whoever wins, it is half-open now
-    return fg_add(t + T_CB_TRIALS, 1) < fg_load(t + T_CB_TRIAL_LIMIT)
+    if fg_add(t + T_CB_TRIALS, 1) < fg_load(t + T_CB_TRIAL_LIMIT):
+        return True
+    if _trials_stale(t, now):
+        fg_store(t + T_CB_OPEN_UNTIL, now)                  # a new round of trials from now
+        fg_store(t + T_CB_TRIALS, 1)
+        fg_store(t + T_CB_TRIAL_OK, 0)
+        return True
+    return False
 
 
 cdef int circuit_record(int slot, unsigned long long now, bint failed, unsigned long long window_ns,
@@ -359,12 +373,12 @@ cdef int circuit_record(int slot, unsigned long long now, bint failed, unsigned 
         requests = fg_add(t + T_CB_REQUESTS, 1) + 1
         failures = fg_add(t + T_CB_FAILURES, 1) + 1 if failed else fg_load(t + T_CB_FAILURES)
         if requests >= min_requests and failures >= failure_ratio * requests:
-            _circuit_prepare_open(t, now + open_ns, trials)
+            _circuit_prepare_open(t, now, open_ns, trials)
             if fg_cas(t + T_CIRCUIT, &state, CIRCUIT_OPEN):
                 return CIRCUIT_OPEN
     elif state == CIRCUIT_HALF_OPEN:
         if failed:
-            _circuit_prepare_open(t, now + open_ns, trials)
+            _circuit_prepare_open(t, now, open_ns, trials)
             if fg_cas(t + T_CIRCUIT, &state, CIRCUIT_OPEN):
                 return CIRCUIT_OPEN
         elif fg_add(t + T_CB_TRIAL_OK, 1) + 1 >= trials:
@@ -376,8 +390,10 @@ cdef int circuit_record(int slot, unsigned long long now, bint failed, unsigned 
     return -1                             # open: late answers of requests sent before it opened
 
 
-cdef inline void _circuit_prepare_open(uint64_t* t, uint64_t until, uint64_t trials) noexcept:
-    fg_store(t + T_CB_OPEN_UNTIL, until)
+cdef inline void _circuit_prepare_open(uint64_t* t, uint64_t now, uint64_t open_ns,
+                                       uint64_t trials) noexcept:
+    fg_store(t + T_CB_OPEN_UNTIL, now + open_ns)
+    fg_store(t + T_CB_OPEN_NS, open_ns)
     fg_store(t + T_CB_TRIALS, 0)
     fg_store(t + T_CB_TRIAL_OK, 0)
     fg_store(t + T_CB_TRIAL_LIMIT, trials)
