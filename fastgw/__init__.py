@@ -1,7 +1,9 @@
 """fastgw: an API gateway and load balancer with a Cython data plane on uvloop and httptools."""
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "load_config"]
+__all__ = ["__version__", "Plugin", "Request", "Response", "load_config"]
+
+from fastgw.plugins.api import Plugin, Request, Response  # noqa: E402
 
 
 def load_config(path=None):

@@ -52,9 +52,25 @@ def _parser() -> argparse.ArgumentParser:
     reload.add_argument("--timeout", type=float, default=60.0)
     reload.set_defaults(command=_reload)
 
+    hashing = sub.add_parser("hash", help="hash an API key or a password for consumers[].credentials")
+    hashing.add_argument("kind", choices=["key", "password"])
+    hashing.add_argument("secret", nargs="?", help="the key or password (default: read a line from stdin)")
+    hashing.set_defaults(command=_hash)
+
     sub.add_parser("schema", help="print the config JSON Schema").set_defaults(command=_schema)
     sub.add_parser("version", help="print versions").set_defaults(command=_version)
     return parser
+
+
+def _hash(args: argparse.Namespace) -> int:
+    from fastgw.plugins.credentials import hash_key, hash_password
+
+    secret = args.secret if args.secret is not None else sys.stdin.readline().rstrip("\r\n")
+    if not secret:
+        print("fastgw hash: nothing to hash", file=sys.stderr)
+        return 2
+    print(hash_key(secret) if args.kind == "key" else hash_password(secret))
+    return 0
 
 
 def _workers(value: str) -> int | str:

@@ -6,6 +6,7 @@ cdef enum PauseReason:
     PAUSE_PIPELINE = 1        # a complete request waits behind the active one
     PAUSE_UPSTREAM = 2        # the upstream's write buffer is full (request body backpressure)
     PAUSE_FATAL = 4           # a later request was invalid: read nothing more
+    PAUSE_PLUGIN = 8          # an async plugin decides about the active request
 
 
 cdef class ListenerState:
@@ -87,13 +88,18 @@ cdef class Request:
     cdef bint chunked_out
     cdef long long bytes_out
     cdef str flags
+    # plugins (only on routes that have them)
+    cdef object view                      # the fastgw.Request plugins see
+    cdef bytes consumer                   # the consumer's name once a plugin identified it
+    cdef bint in_plugins                  # an async plugin runs: body bytes are held
 
 
 cdef class ClientConnection(Downstream):
     cdef object transport
     cdef ListenerState listener
     cdef object parser
-    cdef bytes client_ip
+    cdef bytes client_ip                  # the peer's, or the one a PROXY header gave
+    cdef bytes peer_ip                    # always the socket peer's
     cdef bytes proxy_head                 # an incomplete PROXY header (accept_proxy)
     cdef Request parsing                  # the request whose bytes are being parsed
     cdef Request active                   # the request being answered
@@ -122,6 +128,11 @@ cdef class ClientConnection(Downstream):
     cdef void _reject_pending(self)
     cdef void _dispatch(self, Request req)
     cdef bytes _read_proxy_header(self, data)
+    cdef void _answer_route(self, Request req)
+    cdef void _run_plugins(self, Request req)
+    cdef void _plugins_decided(self, Request req, object result)
+    cdef void _write_plugin_answer(self, Request req, object resp)
+    cdef list _response_plugins(self, Request req, int* status, list headers)
     cdef void _forward(self, Request req)
     cdef void _start_try(self, Request req, Service service, Target target,
                          UpstreamConnection conn, bint reused)

@@ -29,6 +29,7 @@ import socket
 import struct
 import sys
 import time
+import traceback
 from email.utils import formatdate
 from http import HTTPStatus
 
@@ -37,6 +38,7 @@ from httptools import (HttpParserError, HttpParserInvalidMethodError, HttpParser
                        HttpRequestParser)
 
 from fastgw._core.proxyproto import ProxyHeaderError, parse_proxy_header
+from fastgw.plugins.api import Headers, Request as PluginRequest, Response as PluginResponse
 from fastgw._core.router import normalize_path
 from fastgw._core.upstream import connection_tokens, drop_named
 
@@ -116,6 +118,20 @@ cdef class ListenerState:
             (<ClientConnection>conn).close_if_idle()
 
 
+cdef list _encode_fields(headers):
+    """Plugin headers (str pairs) back to the wire list; a field that could smuggle a line
+    break or is not a token is refused (ValueError)."""
+    cdef list out = []
+    for name, value in headers:
+        raw_name, raw_value = name.encode("latin-1"), value.encode("latin-1")
+        if not raw_name or any(c in raw_name for c in b" \t\r\n:\x00") or \
+                any(c in raw_value for c in b"\r\n\x00"):
+            raise ValueError(f"invalid header field {name!r} from a plugin")
+        out.append(raw_name)
+        out.append(raw_value)
+    return out
+
+
 cdef bint _any_circuit_open(list targets):
     for t in targets:
         if circuit_is_open((<Target>t).metric_slot):
@@ -174,7 +190,7 @@ cdef class ClientConnection(Downstream):
         listener.connections.add(self)
         self.loop = listener.loop
         peer = transport.get_extra_info("peername")
-        self.client_ip = peer[0].encode() if peer else b""
+        self.client_ip = self.peer_ip = peer[0].encode() if peer else b""
         if listener.accept_proxy:
             self.proxy_head = b""
         self.arm(monotonic() + listener.header_timeout)
@@ -369,8 +385,9 @@ cdef class ClientConnection(Downstream):
         elif n == 11 and ascii_ieq(s, n, b"traceparent", 11):
             req.traceparent = value
         elif (n == 17 and ascii_ieq(s, n, b"x-forwarded-proto", 17)) or \
-                (n == 16 and ascii_ieq(s, n, b"x-forwarded-host", 16)) or is_hop_by_hop(s, n):
-            pass                                  # the proxy writes its own
+                (n == 16 and ascii_ieq(s, n, b"x-forwarded-host", 16)) or is_hop_by_hop(s, n) or \
+                (n == 15 and ascii_ieq(s, n, b"x-consumer-name", 15)):
+            pass                                  # the proxy writes its own (a consumer: only after auth)
         else:
             if n == 10 and ascii_ieq(s, n, b"user-agent", 10):
                 req.user_agent = value
@@ -425,7 +442,8 @@ cdef class ClientConnection(Downstream):
                 if req.upstream.transport is None:
                     self._pause(PAUSE_UPSTREAM)       # until the upstream connection is made
                 return
-            if req.response_done or req.rule is None or req.rule.route.kind != ROUTE_ECHO:
+            if req.response_done or req.rule is None or \
+                    (req.rule.route.kind != ROUTE_ECHO and not req.in_plugins):
                 return                                # answered already: read and drop
         if req.body_buffer is None:
             req.body_buffer = []
@@ -559,18 +577,136 @@ cdef class ClientConnection(Downstream):
             self.closing = True           # the body is not read: the connection cannot be reused
             self._fail_request(req, 413, "payload_too_large", "request body too large")
             return
-        if rule.route.kind == ROUTE_RESPOND:
+        if rule.route.plugins is not None:
+            self._run_plugins(req)
+        else:
+            self._answer_route(req)
+
+    cdef void _answer_route(self, Request req):
+        cdef RouteEntry route = req.rule.route
+        if route.kind == ROUTE_RESPOND:
             req.body_buffer = None
-            req.status = rule.route.respond_status
+            req.status = route.respond_status
             self._write_respond(req)
             self._response_finished(req)
-        elif rule.route.kind == ROUTE_ECHO:
+        elif route.kind == ROUTE_ECHO:
             if req.body_done:
                 self._answer_echo(req)
             elif req.expect_continue:
                 self.transport.write(CONTINUE)
         else:
             self._forward(req)
+
+    # --- plugins (fastgw/plugins): only routes that have a chain come here -----------------------
+
+    cdef void _run_plugins(self, Request req):
+        req.view = PluginRequest(
+            req.method.decode("latin-1"), req.host.decode("latin-1"), req.path.decode("latin-1"),
+            req.query.decode("latin-1"),
+            Headers([(req.headers[i].decode("latin-1"), req.headers[i + 1].decode("latin-1"))
+                     for i in range(0, len(req.headers), 2)]),
+            self.client_ip.decode(), self.peer_ip.decode(), req.rule.route.name,
+            self._request_id(req).decode("latin-1"),
+            req.forwarded_for.decode("latin-1") if req.forwarded_for is not None else None,
+            self.transport.get_extra_info("peercert"))
+        try:
+            result = req.rule.route.plugins.run_request(req.view)
+        except Exception as exc:
+            self._plugins_decided(req, exc)
+            return
+        if result is None or isinstance(result, PluginResponse):
+            self._plugins_decided(req, result)
+            return
+        # An async plugin: hold the body (reads pause after one) until it decides.
+        req.in_plugins = True
+        self._pause(PAUSE_PLUGIN)
+        task = asyncio.ensure_future(result)
+        task.add_done_callback(lambda t, r=req: self._on_plugins_done(r, t))
+
+    def _on_plugins_done(self, Request req, task):
+        if task.cancelled() or self.closed or req is not self.active:
+            return                        # the client went away meanwhile
+        req.in_plugins = False
+        self._resume(PAUSE_PLUGIN)
+        exc = task.exception()
+        self._plugins_decided(req, exc if exc is not None else task.result())
+
+    cdef void _plugins_decided(self, Request req, object result):
+        """Go on to the route's answer with what the plugins changed, or answer as they said."""
+        view = req.view
+        if isinstance(result, BaseException):
+            print(f"fastgw: plugin failed on route {req.rule.route.name}: "
+                  f"{''.join(traceback.format_exception(result))}", file=sys.stderr, flush=True)
+            self._write_plugin_answer(req, PluginResponse.error(500, "plugin_error", "a plugin failed"))
+            return
+        if view.consumer is not None:
+            req.consumer = view.consumer.name.encode()
+        if result is not None:
+            self._write_plugin_answer(req, result)
+            return
+        try:
+            if view.headers.changed:
+                req.headers = _encode_fields(view.headers)
+            query = view.query.encode("latin-1")
+            if query != req.query:
+                if query and (query[0] != 0x3F or any(c <= 0x20 or c >= 0x7F for c in query)):
+                    raise ValueError(f"invalid query string {view.query!r} from a plugin")
+                req.query = query
+        except ValueError as exc:
+            self._plugins_decided(req, exc)
+            return
+        self._answer_route(req)
+
+    cdef void _write_plugin_answer(self, Request req, object resp):
+        """A plugin's local answer, after the response plugins saw it."""
+        cdef WriteBuffer o = self.out
+        cdef bytes body
+        cdef int status
+        req.body_buffer = None
+        if resp.status < 200 or resp.status > 599:
+            resp = PluginResponse.error(500, "plugin_error", f"a plugin answered status {resp.status}")
+        if resp.headers.get("content-type") == "application/json" and resp.body.startswith(b'{"error"'):
+            # Our error shape: the request id goes into the body as on every other error.
+            resp.body = resp.body[:-2] + b',"request_id":' + \
+                _json_encode(self._request_id(req).decode("latin-1")) + b"}}"
+        req.rule.route.plugins.run_response(req.view, resp)
+        try:
+            fields = _encode_fields(resp.headers)
+        except ValueError:
+            fields = []
+        status = resp.status
+        body = resp.body if req.method != b"HEAD" else b""
+        req.status = status
+        o.write_bytes(<bytes>STATUS_LINES[status])
+        o.write_bytes(_date_header())
+        write_fields(o, fields, None)
+        o.write(b"content-length: ", 16)
+        o.write_int(PyBytes_GET_SIZE(resp.body))
+        o.write(b"\r\nx-request-id: ", 16)
+        o.write_bytes(self._request_id(req))
+        o.write(b"\r\n", 2)
+        self._write_connection_header(req)
+        o.write(b"\r\n", 2)
+        o.write_bytes(body)
+        req.response_started = True
+        req.bytes_out += o.length
+        self._flush()
+        self._response_finished(req)
+
+    cdef list _response_plugins(self, Request req, int* status, list headers):
+        """The response plugins of the route look at (and may change) the upstream's answer."""
+        resp = PluginResponse(status[0], Headers([(headers[i].decode("latin-1"), headers[i + 1].decode("latin-1"))
+                                                   for i in range(0, len(headers), 2)]))
+        req.rule.route.plugins.run_response(req.view, resp)
+        if 200 <= resp.status <= 599:
+            status[0] = resp.status
+        if not resp.headers.changed:
+            return headers
+        try:
+            return _encode_fields(resp.headers)
+        except ValueError:
+            return headers
+
 
     cdef void _forward(self, Request req):
         cdef Service service = <Service>req.rule.route.service
@@ -667,7 +803,7 @@ cdef class ClientConnection(Downstream):
                 if key == name:
                     return value
             return None
-        return None                       # consumer: arrives with authentication
+        return req.consumer               # None before (or without) authentication
 
     cdef void _build_upstream_head(self, Request req):
         cdef WriteBuffer h = _scratch
@@ -694,6 +830,9 @@ cdef class ClientConnection(Downstream):
         h.write_bytes(req.host)
         h.write(b"\r\nvia: 1.1 fastgw\r\nx-request-id: ", 33)
         h.write_bytes(self._request_id(req))
+        if req.consumer is not None:
+            h.write(b"\r\nx-consumer-name: ", 19)
+            h.write_bytes(req.consumer)
         h.write(b"\r\ntraceparent: ", 15)
         self._write_traceparent(h, req)
         if req.chunked:
@@ -860,9 +999,11 @@ cdef class ClientConnection(Downstream):
                 and self._retry_elsewhere(req):
             conn.abort()                  # its answer is not wanted: drop it with the connection
             return 0
-        req.status = status
         req.upstream_status = status
         req.upstream_elapsed = monotonic() - req.upstream_started
+        if req.view is not None and req.rule.route.plugins.response_plugins:
+            headers = self._response_plugins(req, &status, headers)
+        req.status = status
         req.response_started = True
         o.write_bytes(<bytes>STATUS_LINES[status])
         write_fields(o, headers, edits)
@@ -1125,6 +1266,8 @@ cdef class ClientConnection(Downstream):
                        req.status, now - req.started if req.started else 0.0)
         if req.sampled and self.listener.tracer is not None:
             self._export_span(req, now)
+        if req.view is not None and route.plugins.log_plugins:
+            route.plugins.run_log(req.view, PluginResponse(req.status))
         if sink is None:
             return
         sink((time.time(), self._request_id(req).decode("latin-1"),
@@ -1140,7 +1283,8 @@ cdef class ClientConnection(Downstream):
               now - req.started if req.started else 0.0,
               req.upstream_elapsed if req.upstream_status else None,
               req.user_agent.decode("latin-1") if req.user_agent is not None else None,
-              req.profile))
+              req.profile,
+              req.consumer.decode() if req.consumer is not None else None))
 
     cdef void _export_span(self, Request req, double now):
         """Hand a sampled request to the tracer (fastgw/server/tracing.py); only sampled requests

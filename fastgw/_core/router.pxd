@@ -46,6 +46,7 @@ cdef class RouteEntry:
     cdef readonly bytes respond_body
     cdef readonly int metric_slot         # shared-memory counters (fastgw._core.shm), -1 = none
     cdef readonly tuple conditions        # header / query / profile conditions, None = none
+    cdef readonly object plugins          # fastgw.plugins.chain.Chain, None = no plugins at all
 
 
 cdef class PathRule:

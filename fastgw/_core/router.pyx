@@ -142,7 +142,7 @@ cdef class RouteEntry:
                  methods_mask=0, host_rewrite=None, strip_prefix=None, query_rewrite=None,
                  request_edits=None, response_edits=None, double timeout=0.0,
                  long long max_body=-1, int respond_status=0, respond_head=None,
-                 respond_body=None, int metric_slot=-1, conditions=None):
+                 respond_body=None, int metric_slot=-1, conditions=None, plugins=None):
         self.name = name
         self.index = index
         self.priority = priority
@@ -161,6 +161,7 @@ cdef class RouteEntry:
         self.respond_body = respond_body
         self.metric_slot = metric_slot
         self.conditions = tuple(conditions) if conditions else None
+        self.plugins = plugins
 
     def __repr__(self):
         return f"<RouteEntry {self.name!r}>"

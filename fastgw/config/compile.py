@@ -18,6 +18,7 @@ import msgspec
 
 from fastgw.config.errors import CompileError
 from fastgw.config.model import Config, HeaderEdits as HeaderEditsSpec, Route
+from fastgw.plugins.registry import build_chains
 
 
 @dataclass
@@ -28,6 +29,7 @@ class Runtime:
     router: object            # fastgw._core.router.Router
     services: dict            # name -> fastgw._core.upstream.Service
     compiled: dict = field(default_factory=dict)   # route name -> CompiledRoute (reused by reloads)
+    plugins: dict = field(default_factory=dict)    # plugin instances by their config entry (reused too)
 
     def route_table(self) -> list[dict]:
         rows = []
@@ -72,6 +74,10 @@ class Runtime:
         for target in self.targets():
             if id(target) not in kept:
                 target.retire()
+        kept_plugins = {id(p) for p in successor.plugins.values()} if successor is not None else set()
+        for plugin in self.plugins.values():
+            if id(plugin) not in kept_plugins and hasattr(plugin, "close"):
+                plugin.close()
 
 
 def _route_order_key(routes: list[Route]):
@@ -123,22 +129,26 @@ def _compile(config: Config, slots: dict | None, previous: Runtime | None) -> Ru
         except re.error as exc:
             problems.append((f"clients.{name}.match", f"invalid regex: {exc}"))
 
+    chains, plugin_instances = build_chains(
+        config, previous.plugins if previous is not None else {},
+        {name: c.chain for name, c in previous.compiled.items()} if previous is not None else {})
     compiled: dict[str, CompiledRoute] = {}
     before = previous.compiled if previous is not None else {}
     entries = []
     for i, route in enumerate(config.routes):
         service = services.get(route.service) if route.service else None
         slot = route_slots.get(route.name, -1)
+        chain = chains[route.name]
         done = before.get(route.name)
         if done is None or done.index != i or done.service is not service or done.slot != slot \
-                or done.spec != route:
-            done = _compile_route(route, i, service, slot, method_bits, problems)
+                or done.spec != route or done.chain is not chain:
+            done = _compile_route(route, i, service, slot, chain, method_bits, problems)
         compiled[route.name] = done
         entries.extend(done.rules)
     if problems:
         raise CompileError(problems)
     return Runtime(config=config, router=Router.build(entries, method_bits, profiles),
-                   services=services, compiled=compiled)
+                   services=services, compiled=compiled, plugins=plugin_instances)
 
 
 @dataclass
@@ -148,10 +158,11 @@ class CompiledRoute:
     index: int
     service: object               # the Service object its entry points to
     slot: int
+    chain: object                 # its plugin Chain, or None
     rules: list                   # [(PathRule, [host patterns])]
 
 
-def _compile_route(route: Route, i: int, service, slot: int, method_bits: dict,
+def _compile_route(route: Route, i: int, service, slot: int, chain, method_bits: dict,
                    problems: list) -> CompiledRoute:
     from fastgw._core.router import (ROUTE_ECHO_KIND, ROUTE_PROXY_KIND, ROUTE_RESPOND_KIND,
                                      HeaderEdits, PathRule, PatternError, RouteEntry)
@@ -188,6 +199,7 @@ def _compile_route(route: Route, i: int, service, slot: int, method_bits: dict,
         timeout=route.timeout or 0.0,
         max_body=route.max_body_bytes if route.max_body_bytes is not None else -1,
         metric_slot=slot,
+        plugins=chain,
     )
     if route.respond is not None:
         status, head, body = respond_bytes(route.respond)
@@ -204,7 +216,7 @@ def _compile_route(route: Route, i: int, service, slot: int, method_bits: dict,
             problems.append((f"{where}.match.paths[{j}]", f"invalid regex: {exc}"))
             continue
         rules.append((rule, list(match.hosts)))
-    return CompiledRoute(route, i, service, slot, rules)
+    return CompiledRoute(route, i, service, slot, chain, rules)
 
 
 def _conditions(headers, query, profiles):

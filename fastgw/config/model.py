@@ -266,6 +266,7 @@ class Route(_Base):
     max_body_bytes: Union[Size, None] = None
     respond: Union[Respond, None] = None
     deprecation: Union[Deprecation, None] = None
+    plugins: list[dict[str, Any]] = []             # {name: config}, see fastgw.plugins
 
 
 # --- consumers (identified callers; the authentication plugins use their credentials) -------------
@@ -326,6 +327,7 @@ class Config(_Base):
     log: Log = msgspec.field(default_factory=Log)
     tracing: Tracing = msgspec.field(default_factory=Tracing)
     services: dict[str, Service] = {}
+    plugins: list[dict[str, Any]] = []             # global: every route runs them before its own
     clients: dict[str, Client] = {}
     routes: list[Route] = []
     consumers: list[Consumer] = []

@@ -53,6 +53,8 @@ def parse_bind(value: str) -> tuple[str, int]:
 
 
 def semantic_problems(config: Config) -> list[ConfigProblem]:
+    from fastgw.plugins.registry import plugin_problems
+
     otel_problem = otel_missing() if config.tracing.otlp_endpoint else None
     return [
         *_listener_problems(config),
@@ -60,6 +62,7 @@ def semantic_problems(config: Config) -> list[ConfigProblem]:
         *_route_problems(config),
         *_consumer_problems(config),
         *_client_problems(config),
+        *(ConfigProblem(path, message) for path, message in plugin_problems(config)),
         *_failing([
             ("log.access.sample", 0.0 <= config.log.access.sample <= 1.0, "must be between 0 and 1"),
             ("tracing.sample_ratio", 0.0 <= config.tracing.sample_ratio <= 1.0, "must be between 0 and 1"),

@@ -13,7 +13,7 @@ import msgspec
 # Order of the tuple the data plane builds (fastgw/_core/protocol.pyx, ClientConnection._log).
 FIELDS = ("ts", "request_id", "trace_id", "client_ip", "method", "host", "path", "status",
           "flags", "route", "service", "upstream", "upstream_status", "attempts", "bytes_in",
-          "bytes_out", "duration_s", "upstream_duration_s", "user_agent", "profile")
+          "bytes_out", "duration_s", "upstream_duration_s", "user_agent", "profile", "consumer")
 FLUSH_INTERVAL = 0.2
 MAX_PENDING = 10000       # flush early rather than hold more lines than this
 # Every worker writes to the same stdout; a pipe keeps a write whole only up to PIPE_BUF bytes

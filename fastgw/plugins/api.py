@@ -1,0 +1,194 @@
+"""The plugin API (SPEC §6): what a plugin is, and the request and response it sees.
+
+A plugin runs in one phase:
+
+    rewrite   before access control: change the request (headers) before anyone judges it
+    access    authenticate, authorise, filter: may answer locally (401, 403, 429, a preflight)
+    response  the upstream's answer (or a local one) is about to go out: change its status line's
+              headers
+    log       the exchange is over: look at it (never changes anything; errors are only logged)
+
+Within a phase, a higher `priority` runs first; global plugins (top-level `plugins:`) run before a
+route's own at equal priority. `on_request` may be a coroutine function: the request waits for it
+without holding up any other connection (the client's reads pause meanwhile).
+
+A route without plugins (and no global ones) never creates any of these objects.
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar, Iterable, Iterator
+
+import msgspec
+
+PHASES = ("rewrite", "access", "response", "log")
+
+
+class Plugin:
+    """Base class of every plugin, built-in or user-written.
+
+    Subclasses set `name`, `phase` and `priority`, and may define a nested msgspec `Config` Struct:
+    the plugin's config mapping is decoded into it at config load (unknown keys are errors), and
+    the instance is built with it once per worker and config (kept across reloads while its config
+    does not change, so caches survive)."""
+
+    name: ClassVar[str] = ""
+    phase: ClassVar[str] = "access"
+    priority: ClassVar[int] = 0
+
+    class Config(msgspec.Struct, forbid_unknown_fields=True):
+        pass
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+
+    def on_request(self, req: "Request") -> "Response | None":
+        """rewrite/access phases: return a Response to answer locally (the upstream is not asked),
+        or None to go on. May be `async def`."""
+        return None
+
+    def on_response(self, req: "Request", resp: "Response") -> None:
+        """response phase: change `resp.status` / `resp.headers` of the answer about to go out."""
+
+    def on_log(self, req: "Request", resp: "Response") -> None:
+        """log phase: the exchange is over."""
+
+    def setup(self, context: "PluginContext") -> None:
+        """Called once after construction with what the plugin may need from the config (the
+        consumers, for authentication plugins)."""
+
+
+class PluginContext:
+    """What the compiled config offers plugins: consumers by credential."""
+
+    def __init__(self, consumers: list) -> None:
+        self.consumers = consumers                  # fastgw.config.model.Consumer
+
+
+class Headers:
+    """Header fields as (name, value) str pairs in order; names compare case-insensitively.
+    Changes are tracked so that only a changed list is written back to the request."""
+
+    __slots__ = ("_items", "changed")
+
+    def __init__(self, items: Iterable[tuple[str, str]] = ()) -> None:
+        self._items = list(items)
+        self.changed = False
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        name = name.lower()
+        for k, v in self._items:
+            if k.lower() == name:
+                return v
+        return default
+
+    def get_all(self, name: str) -> list[str]:
+        name = name.lower()
+        return [v for k, v in self._items if k.lower() == name]
+
+    def __contains__(self, name: str) -> bool:
+        return self.get(name) is not None
+
+    def __getitem__(self, name: str) -> str:
+        value = self.get(name)
+        if value is None:
+            raise KeyError(name)
+        return value
+
+    def __setitem__(self, name: str, value: str) -> None:
+        self.set(name, value)
+
+    def set(self, name: str, value: str) -> None:
+        """Replace every field of that name with one."""
+        self.remove(name)
+        self._items.append((name, value))
+        self.changed = True
+
+    def add(self, name: str, value: str) -> None:
+        self._items.append((name, value))
+        self.changed = True
+
+    def remove(self, name: str) -> None:
+        lower = name.lower()
+        kept = [(k, v) for k, v in self._items if k.lower() != lower]
+        if len(kept) != len(self._items):
+            self._items = kept
+            self.changed = True
+
+    def items(self) -> list[tuple[str, str]]:
+        return list(self._items)
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __repr__(self) -> str:
+        return f"Headers({self._items!r})"
+
+
+class Request:
+    """The request as plugins see it. `headers` are the ones sent upstream (Host is `host`;
+    X-Forwarded-For is `forwarded_for`, to which the gateway appends the client);
+    `client_ip` is the peer's address, or the one a PROXY header gave on a listener that accepts
+    it (`peer_ip` is always the socket's). `query` (with its "?") may be changed; so may
+    `headers`. Authentication plugins set `consumer`; any plugin may keep per-request state in
+    `ctx`."""
+
+    __slots__ = ("method", "host", "path", "query", "headers", "client_ip", "peer_ip", "route",
+                 "request_id", "forwarded_for", "consumer", "ctx", "tls_peer")
+
+    def __init__(self, method: str, host: str, path: str, query: str, headers: Headers,
+                 client_ip: str, peer_ip: str, route: str, request_id: str = "",
+                 forwarded_for: str | None = None, tls_peer: dict | None = None) -> None:
+        self.method, self.host, self.path, self.query = method, host, path, query
+        self.request_id = request_id
+        self.headers = headers
+        self.client_ip, self.peer_ip, self.route = client_ip, peer_ip, route
+        self.forwarded_for = forwarded_for          # the X-Forwarded-For chain the client sent
+        self.consumer = None                        # fastgw.config.model.Consumer once identified
+        self.ctx: dict = {}
+        self.tls_peer = tls_peer                    # the client certificate (ssl getpeercert()), mTLS
+
+    def query_params(self) -> dict[str, str]:
+        """The query string's parameters (first value of each), decoded."""
+        from urllib.parse import parse_qsl
+
+        params: dict[str, str] = {}
+        for key, value in parse_qsl(self.query[1:] if self.query.startswith("?") else self.query,
+                                    keep_blank_values=True):
+            params.setdefault(key, value)
+        return params
+
+    def cookie(self, name: str) -> str | None:
+        for header in self.headers.get_all("cookie"):
+            for part in header.split(";"):
+                key, _, value = part.strip().partition("=")
+                if key == name:
+                    return value
+        return None
+
+
+class Response:
+    """A local answer (returned from on_request) or the answer going out (on_response).
+    `json` is encoded when given; else `body` (bytes or str)."""
+
+    __slots__ = ("status", "headers", "body")
+
+    def __init__(self, status: int = 200, headers: Headers | dict | Iterable | None = None, *,
+                 body: bytes | str = b"", json: Any = msgspec.UNSET) -> None:
+        self.status = status
+        if isinstance(headers, Headers):
+            self.headers = headers
+        else:
+            self.headers = Headers(headers.items() if isinstance(headers, dict) else headers or ())
+        if json is not msgspec.UNSET:
+            body = msgspec.json.encode(json)
+            if "content-type" not in self.headers:
+                self.headers.add("content-type", "application/json")
+        self.body = body.encode() if isinstance(body, str) else body
+
+    @classmethod
+    def error(cls, status: int, code: str, message: str, headers: dict | None = None) -> "Response":
+        """The gateway's JSON error shape (SPEC §4); the request id is added when it is sent."""
+        return cls(status, headers, json={"error": {"status": status, "code": code, "message": message}})

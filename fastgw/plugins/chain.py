@@ -1,0 +1,76 @@
+"""A route's plugins, in the order they run, and running them.
+
+The data plane (fastgw/_core/protocol.pyx) calls `run_request` once per request on a route that has
+a chain; it gets None (go on), a Response (answer it), or an awaitable that resolves to one of those
+(some plugin is async: the rest of the chain runs in it).
+"""
+from __future__ import annotations
+
+import sys
+import traceback
+
+from fastgw.plugins.api import Response
+
+
+class Chain:
+    __slots__ = ("plugins", "request_plugins", "response_plugins", "log_plugins")
+
+    def __init__(self, plugins: tuple) -> None:
+        self.plugins = plugins
+        self.request_plugins = tuple(p for p in plugins if p.phase in ("rewrite", "access"))
+        self.response_plugins = tuple(p for p in plugins if p.phase == "response" or _overrides(p, "on_response"))
+        self.log_plugins = tuple(p for p in plugins if p.phase == "log" or _overrides(p, "on_log"))
+
+    def run_request(self, req):
+        for i, plugin in enumerate(self.request_plugins):
+            result = plugin.on_request(req)
+            if result is None:
+                continue
+            if isinstance(result, Response):
+                return result
+            if hasattr(result, "__await__"):
+                return self._finish_async(req, i, result)
+            raise TypeError(f"plugin {plugin.name}: on_request returned {type(result).__name__}, "
+                            f"not a Response or None")
+        return None
+
+    async def _finish_async(self, req, i: int, pending):
+        result = await pending
+        for plugin in self.request_plugins[i + 1:]:
+            if result is not None:
+                break
+            result = plugin.on_request(req)
+            if hasattr(result, "__await__"):
+                result = await result
+        if result is not None and not isinstance(result, Response):
+            raise TypeError(f"on_request returned {type(result).__name__}, not a Response or None")
+        return result
+
+    def run_response(self, req, resp: Response) -> None:
+        for plugin in self.response_plugins:
+            try:
+                plugin.on_response(req, resp)
+            except Exception:                      # the answer still goes out
+                _report(plugin, "on_response")
+
+    def run_log(self, req, resp: Response) -> None:
+        for plugin in self.log_plugins:
+            try:
+                plugin.on_log(req, resp)
+            except Exception:
+                _report(plugin, "on_log")
+
+    def __repr__(self) -> str:
+        return f"Chain({', '.join(p.name for p in self.plugins)})"
+
+
+def _overrides(plugin, method: str) -> bool:
+    """Plugins of the request phases may also look at the answer (CORS headers on it)."""
+    from fastgw.plugins.api import Plugin
+
+    return getattr(type(plugin), method) is not getattr(Plugin, method)
+
+
+def _report(plugin, where: str) -> None:
+    print(f"fastgw: plugin {plugin.name} failed in {where}:\n{traceback.format_exc()}",
+          file=sys.stderr, flush=True)

@@ -1,0 +1,82 @@
+"""key_auth: an API key from a header, a query parameter or a cookie identifies the consumer.
+
+Keys are kept as SHA-256 digests (`fastgw hash key`); the presented key is hashed and looked up,
+so neither the config nor memory holds a usable key, and the comparison of digests says nothing
+about the key. 401 with `WWW-Authenticate: Key` when the key is missing or unknown.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+from urllib.parse import parse_qsl, urlencode
+
+import msgspec
+
+from fastgw.plugins.api import Plugin, Response
+
+CHALLENGE = {"www-authenticate": 'Key realm="fastgw"'}
+
+
+class KeyAuth(Plugin):
+    name = "key_auth"
+    phase = "access"
+    priority = 1250
+
+    class Config(msgspec.Struct, forbid_unknown_fields=True):
+        header: str | None = "x-api-key"
+        query: str | None = None
+        cookie: str | None = None
+        hide_credentials: bool = False             # do not pass the key on to the upstream
+
+        def __post_init__(self):
+            if not (self.header or self.query or self.cookie):
+                raise ValueError("name at least one of header, query, cookie")
+
+    def setup(self, context):
+        self.by_digest = {}
+        for consumer in context.consumers:
+            for stored in consumer.credentials.api_keys:
+                self.by_digest[stored.partition(":")[2]] = (stored, consumer)
+
+    def _presented(self, req) -> tuple[str | None, str | None]:
+        """(key, where it was)."""
+        config = self.config
+        if config.header:
+            value = req.headers.get(config.header)
+            if value:
+                return value, "header"
+        if config.query and req.query:
+            value = req.query_params().get(config.query)
+            if value:
+                return value, "query"
+        if config.cookie:
+            value = req.cookie(config.cookie)
+            if value:
+                return value, "cookie"
+        return None, None
+
+    def on_request(self, req):
+        key, where = self._presented(req)
+        if key is None:
+            return Response.error(401, "unauthorized", "an API key is required", CHALLENGE)
+        digest = hashlib.sha256(key.encode()).hexdigest()
+        found = self.by_digest.get(digest)
+        if found is None or not hmac.compare_digest(found[0], "sha256:" + digest):
+            return Response.error(401, "unauthorized", "invalid API key", CHALLENGE)
+        req.consumer = found[1]
+        if self.config.hide_credentials:
+            self._hide(req, where)
+        return None
+
+    def _hide(self, req, where: str) -> None:
+        if where == "header":
+            req.headers.remove(self.config.header)
+        elif where == "query":
+            kept = [(k, v) for k, v in parse_qsl(req.query[1:], keep_blank_values=True) if k != self.config.query]
+            req.query = "?" + urlencode(kept) if kept else ""
+        else:
+            cookies = [part.strip() for header in req.headers.get_all("cookie") for part in header.split(";")
+                       if part.strip() and part.strip().partition("=")[0] != self.config.cookie]
+            req.headers.remove("cookie")
+            if cookies:
+                req.headers.set("cookie", "; ".join(cookies))
