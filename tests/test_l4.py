@@ -15,6 +15,7 @@ import pytest
 import redis
 
 from fastgw._core.proxyproto import ProxyHeaderError, build_proxy_header, parse_proxy_header
+from certs import make_ca_and_certs
 from upstreams import HOST, RecordingUpstream, describe_request, free_port, gateway_config, route, wait_for
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
@@ -359,54 +360,13 @@ def test_tcp_listener_config_errors(tmp_path):
     config, _ = tcp_config([free_port()])
     config["listeners"][0]["protocol"] = "https"
     code, text = check(config)
-    assert code != 0 and "listeners[0].tls.passthrough" in text and "not available yet" in text
+    assert code != 0 and "listeners[0].tls.certificates" in text and "needs at least one certificate" in text
     config["listeners"][0]["tls"] = {"passthrough": True, "sni_routes": {"Bad_Name": "db", "ok.test": "nope"}}
     code, text = check(config)
     assert "listeners[0].tls.sni_routes.Bad_Name" in text and "unknown service 'nope'" in text
 
 
 # --- TLS passthrough by SNI ----------------------------------------------------------------------
-
-def make_ca_and_certs(tmp_path, names):
-    """A CA and one server certificate per name, generated now (cryptography); returns the CA
-    file and {name: (cert file, key file)}."""
-    import datetime
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-
-    def cert(subject, issuer, key, signer, *, ca=False, san=None):
-        builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer)
-                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                   .not_valid_before(now - datetime.timedelta(minutes=5))
-                   .not_valid_after(now + datetime.timedelta(days=1))
-                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-        if san:
-            builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(san)]), critical=False)
-        return builder.sign(signer, hashes.SHA256())
-
-    def pem_key(key):
-        return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                 serialization.NoEncryption())
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fastgw test CA")])
-    ca_cert = cert(ca_name, ca_name, ca_key, ca_key, ca=True)
-    ca_file = tmp_path / "ca.pem"
-    ca_file.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    out = {}
-    for name in names:
-        key = ec.generate_private_key(ec.SECP256R1())
-        leaf = cert(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]), ca_name, key, ca_key, san=name)
-        cert_file, key_file = tmp_path / f"{name}.pem", tmp_path / f"{name}.key"
-        cert_file.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
-        key_file.write_bytes(pem_key(key))
-        out[name] = (cert_file, key_file)
-    return ca_file, out
-
 
 class TlsServer:
     """A TLS server (Python ssl) that answers every connection with its own name."""

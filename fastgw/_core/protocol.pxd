@@ -27,6 +27,7 @@ cdef class ListenerState:
     cdef public int max_connections
     cdef public int metric_slot           # shared-memory listener gauges, -1 = none
     cdef public bint accept_proxy         # a PROXY v1/v2 header starts every connection
+    cdef public bytes scheme              # b"http" or b"https" (X-Forwarded-Proto)
     cdef readonly int open_connections
     cdef readonly long long rejected_connections
     cdef readonly long long requests

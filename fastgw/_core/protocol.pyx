@@ -100,6 +100,7 @@ cdef class ListenerState:
         self.connections = set()
         self.metric_slot = -1
         self.accept_proxy = False
+        self.scheme = b"http"
         self.tracer = None
         self.trace_sample_ratio = 0.0
 
@@ -826,7 +827,9 @@ cdef class ClientConnection(Downstream):
             h.write_bytes(req.forwarded_for)
             h.write(b", ", 2)
         h.write_bytes(self.client_ip)
-        h.write(b"\r\nx-forwarded-proto: http\r\nx-forwarded-host: ", 45)
+        h.write(b"\r\nx-forwarded-proto: ", 21)
+        h.write_bytes(self.listener.scheme)
+        h.write(b"\r\nx-forwarded-host: ", 20)
         h.write_bytes(req.host)
         h.write(b"\r\nvia: 1.1 fastgw\r\nx-request-id: ", 33)
         h.write_bytes(self._request_id(req))

@@ -89,6 +89,8 @@ cdef class Service:
     cdef public int in_flight             # this worker's requests to the service
     cdef public int retries_in_flight     # ... of which are on a retry
     cdef public int send_proxy_protocol   # Layer 4: PROXY header version written to targets, 0 = none
+    cdef public object ssl_context        # scheme https: ssl.SSLContext for the targets, else None
+    cdef public str tls_server_name       # ... the name sent and verified (None: the target's host)
 
     cdef void record_result(self, Target target, bint failed)
     cdef bint retry_budget_allows(self)

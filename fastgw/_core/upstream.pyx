@@ -167,8 +167,14 @@ cdef class Target:
         self.open_connections += 1
         conn.downstream = down
         conn.arm(monotonic() + self.service.connect_timeout)
-        conn.connect_task = conn.loop.create_task(
-            conn.loop.create_connection(lambda: conn, self.host, self.port))
+        if self.service.ssl_context is None:
+            connecting = conn.loop.create_connection(lambda: conn, self.host, self.port)
+        else:
+            connecting = conn.loop.create_connection(
+                lambda: conn, self.host, self.port, ssl=self.service.ssl_context,
+                server_hostname=self.service.tls_server_name or self.host,
+                ssl_handshake_timeout=self.service.connect_timeout)
+        conn.connect_task = conn.loop.create_task(connecting)
         conn.connect_task.add_done_callback(conn._on_connect_done)
         return conn
 

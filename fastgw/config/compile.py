@@ -266,6 +266,11 @@ def _compile_services(config: Config, target_slots: dict, previous: Runtime | No
         service.per_try_timeout = retries.per_try_timeout or 0.0
         service.budget_ratio = retries.budget_ratio if retries.budget_ratio is not None else -1.0
         service.send_proxy_protocol = {"v1": 1, "v2": 2}.get(spec.send_proxy_protocol, 0)
+        if spec.scheme == "https":
+            from fastgw.server.tls import client_context
+
+            service.ssl_context = client_context(spec.tls)
+            service.tls_server_name = spec.tls.sni
         if spec.circuit_breaker is not None:
             breaker = spec.circuit_breaker
             service.circuit_window = breaker.window
@@ -384,7 +389,7 @@ def _reusable_targets(config: Config, previous: Runtime | None) -> dict:
 
 
 def _connection_settings(spec) -> tuple:
-    return (spec.kind, spec.scheme, spec.timeouts, spec.pool)
+    return (spec.kind, spec.scheme, spec.timeouts, spec.pool, spec.tls)
 
 
 def _strip_prefix(rewrite) -> bytes | None:

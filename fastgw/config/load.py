@@ -50,6 +50,7 @@ def load_text(text: str, name: str, fmt: str, path: str | None = None) -> Loaded
     src = _Source(name, text, fmt)
     document = src.parse()
     config = _decode(_substitute_env(document, src), src)
+    _resolve_files(config, os.path.dirname(os.path.abspath(path)) if path else None)
     problems = semantic_problems(config)
     # The compiler assumes references resolve, so it only sees configs that passed the checks.
     if not any(p.severity == "error" for p in problems):
@@ -60,6 +61,38 @@ def load_text(text: str, name: str, fmt: str, path: str | None = None) -> Loaded
     if errors:
         raise ConfigError(errors + warnings)
     return LoadedConfig(config, path, src.text, warnings, document, fmt)
+
+
+# File names in plugin configs, by plugin: resolved like the TLS ones.
+_PLUGIN_FILES = {"jwt": ("public_keys", "jwks_ca"), "oauth2_introspection": ("endpoint_ca",)}
+
+
+def _resolve_files(config: Config, base_dir: str | None) -> None:
+    """Relative file names (certificates, keys, CAs) are relative to the config file's directory:
+    made absolute here, in the decoded config only (the document written back keeps them as
+    written), so every process reads the same files whatever its working directory."""
+    if base_dir is None:
+        return
+
+    def absolute(name):
+        if isinstance(name, list):
+            return [absolute(n) for n in name]
+        return name if not isinstance(name, str) or os.path.isabs(name) else os.path.join(base_dir, name)
+    for listener in config.listeners:
+        if listener.tls is not None:
+            listener.tls.client_ca = absolute(listener.tls.client_ca)
+            for cert in listener.tls.certificates:
+                cert.cert, cert.key = absolute(cert.cert), absolute(cert.key)
+    for service in config.services.values():
+        tls = service.tls
+        tls.ca, tls.client_cert, tls.client_key = absolute(tls.ca), absolute(tls.client_cert), absolute(tls.client_key)
+    for entries in [config.plugins, *(route.plugins for route in config.routes)]:
+        for entry in entries:
+            if isinstance(entry, dict) and len(entry) == 1:
+                (name, settings), = entry.items()
+                for key in _PLUGIN_FILES.get(name, ()):
+                    if isinstance(settings, dict) and key in settings:
+                        settings[key] = absolute(settings[key])
 
 
 def _read(path: str) -> str:

@@ -85,12 +85,22 @@ class Limits(_Base):
     max_connections: int = 10000                   # beyond: accept and close immediately
 
 
+class Certificate(_Base):
+    cert: str                                      # PEM chain (relative paths: to the config file)
+    key: str
+    sni: list[str] = []                            # server names it is for ("*.example.com" too)
+
+
 class Tls(_Base):
-    """TLS on a listener. For now only passthrough: TLS is not terminated here, the ClientHello's
-    server name picks the service and the bytes go through untouched (termination, certificates
-    and mTLS come with the security work)."""
+    """TLS on an `https` listener: terminated here with `certificates` (the first without `sni` is
+    the default), optionally verifying client certificates (mTLS); or, with `passthrough`, not
+    terminated at all — the ClientHello's server name picks a service and the bytes go through."""
+    certificates: list[Certificate] = []
+    client_ca: Union[str, None] = None             # CA file that client certificates must chain to
+    client_auth: Literal["none", "optional", "required"] = "none"
+    min_version: Literal["1.2", "1.3"] = "1.2"
     passthrough: bool = False
-    sni_routes: dict[str, str] = {}                # "api.example.com" or "*.example.com" -> service
+    sni_routes: dict[str, str] = {}                # passthrough: "api.example.com" / "*.example.com" -> service
 
 
 class Listener(_Base):
@@ -116,6 +126,15 @@ class Target(_Base):
     drain: bool = False                            # takes no new requests; in-flight ones finish
     backup: bool = False                           # takes traffic only when no primary is up
     zone: Union[str, None] = None                  # locality: preferred when it is the service's zone
+
+
+class UpstreamTls(_Base):
+    """For `scheme: https` services: the targets' certificates are verified by default."""
+    verify: bool = True
+    ca: Union[str, None] = None                    # CA file (default: the system's)
+    sni: Union[str, None] = None                   # server name sent and verified (default: the target host)
+    client_cert: Union[str, None] = None           # PEM with our certificate, for targets that want mTLS
+    client_key: Union[str, None] = None
 
 
 class Timeouts(_Base):
@@ -192,7 +211,7 @@ class Locality(_Base):
 
 class Service(_Base):
     kind: Literal["proxy", "echo"] = "proxy"       # echo: built-in, answers with the request as JSON
-    scheme: Literal["http"] = "http"
+    scheme: Literal["http", "https"] = "http"
     targets: list[Target] = []
     balance: Balance = msgspec.field(default_factory=Balance)
     locality: Union[Locality, None] = None
@@ -203,6 +222,7 @@ class Service(_Base):
     send_proxy_protocol: Union[Literal["v1", "v2"], None] = None   # Layer 4: tell targets the client
     timeouts: Timeouts = msgspec.field(default_factory=Timeouts)
     pool: Pool = msgspec.field(default_factory=Pool)
+    tls: UpstreamTls = msgspec.field(default_factory=UpstreamTls)
 
 
 # --- routes --------------------------------------------------------------------------------------
@@ -281,10 +301,15 @@ class JwtCredential(_Base):
     subject: Union[str, None] = None
 
 
+class MtlsCredential(_Base):
+    subject: str                                   # a verified client certificate's CN or DNS/email SAN
+
+
 class Credentials(_Base):
     api_keys: list[str] = []                       # `fastgw hash key`: sha256:<64 hex>
     basic: list[BasicCredential] = []
     jwt: list[JwtCredential] = []
+    mtls: list[MtlsCredential] = []
 
 
 class Consumer(_Base):

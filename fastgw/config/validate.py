@@ -174,8 +174,9 @@ def _layer4_problems(config: Config, path: str, listener) -> Iterator[ConfigProb
         return None
     tls = listener.tls
     if listener.protocol == "https" and (tls is None or not tls.passthrough):
-        yield ConfigProblem(f"{path}.tls.passthrough", "https listeners only pass TLS through for now "
-                            "(tls.passthrough: true); TLS termination is not available yet")
+        yield from _tls_problems(f"{path}.tls", tls)
+        if listener.service is not None:
+            yield ConfigProblem(f"{path}.service", "an https listener that terminates TLS uses routes")
         return
     if listener.protocol == "http":
         if listener.service is not None:
@@ -200,6 +201,26 @@ def _layer4_problems(config: Config, path: str, listener) -> Iterator[ConfigProb
         problem = service_problem(where, service)
         if problem:
             yield problem
+
+
+def _tls_problems(path: str, tls) -> Iterator[ConfigProblem]:
+    """An https listener that terminates TLS: certificates that load, mTLS that can verify."""
+    from fastgw.server.tls import ServerTls, TlsFileError
+
+    if tls is None or not tls.certificates:
+        yield ConfigProblem(f"{path}.certificates", "an https listener needs at least one certificate "
+                            "(or tls.passthrough: true)")
+        return
+    if tls.sni_routes:
+        yield ConfigProblem(f"{path}.sni_routes", "only for tls.passthrough")
+    if tls.client_auth != "none" and not tls.client_ca:
+        yield ConfigProblem(f"{path}.client_ca", f"client_auth: {tls.client_auth} needs the CA that "
+                                                 "client certificates must chain to")
+        return
+    try:
+        ServerTls(tls)
+    except TlsFileError as exc:
+        yield ConfigProblem(f"{path}.{exc.path}", str(exc))
 
 
 def _bind_conflicts(binds: list[tuple[str, str]]) -> Iterator[ConfigProblem]:
@@ -343,8 +364,26 @@ def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+def _upstream_tls_problems(path: str, service: Service) -> Iterator[ConfigProblem]:
+    from fastgw.server.tls import TlsFileError, client_context
+
+    tls = service.tls
+    if service.scheme != "https":
+        if tls != type(tls)():
+            yield ConfigProblem(f"{path}.tls", "only for scheme: https")
+        return
+    if bool(tls.client_cert) != bool(tls.client_key):
+        yield ConfigProblem(f"{path}.tls.client_key", "client_cert and client_key go together")
+        return
+    try:
+        client_context(tls, where=f"{path}.tls")
+    except TlsFileError as exc:
+        yield ConfigProblem(exc.path, str(exc))
+
+
 def _one_service(path: str, service: Service) -> Iterator[ConfigProblem]:
     yield from _balance_problems(path, service)
+    yield from _upstream_tls_problems(path, service)
     yield from _resilience_problems(path, service)
     yield from _failing([
         (f"{path}.targets", not service.targets or any(not t.backup for t in service.targets),

@@ -24,6 +24,7 @@ BUILTIN = {
     "jwt": "fastgw.plugins.jwt_auth:JwtAuth",
     "oauth2_introspection": "fastgw.plugins.introspection:Introspection",
     "acl": "fastgw.plugins.acl:Acl",
+    "mtls_auth": "fastgw.plugins.mtls_auth:MtlsAuth",
 }
 
 

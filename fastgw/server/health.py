@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 
 from fastgw.server.log import log
+from fastgw.server.tls import client_context
 
 
 class HealthChecker:
@@ -22,31 +23,33 @@ class HealthChecker:
         wanted = {}
         for name, service in config.services.items():
             spec = service.health.active
+            tls = service.tls if service.scheme == "https" else None
             for target in service.targets if spec is not None else ():
                 slot = slots["targets"].get((name, target.address), -1)
                 if slot >= 0:
-                    wanted[(name, target.address)] = (spec, slot)
-        for key, (spec, slot, task) in list(self.tasks.items()):
-            if wanted.get(key) != (spec, slot):
+                    wanted[(name, target.address)] = (spec, slot, tls)
+        for key, (spec, slot, tls, task) in list(self.tasks.items()):
+            if wanted.get(key) != (spec, slot, tls):
                 task.cancel()
                 del self.tasks[key]
                 if key not in wanted:
                     self.segment.target_set_healthy(slot, True)   # unchecked targets count as up
-        for key, (spec, slot) in wanted.items():
+        for key, (spec, slot, tls) in wanted.items():
             if key not in self.tasks:
-                task = asyncio.get_running_loop().create_task(self._run(key[0], key[1], spec, slot))
-                self.tasks[key] = (spec, slot, task)
+                context = client_context(tls) if tls is not None and spec.type == "http" else None
+                task = asyncio.get_running_loop().create_task(self._run(key[0], key[1], spec, slot, context))
+                self.tasks[key] = (spec, slot, tls, task)
 
     def close(self) -> None:
-        for _, _, task in self.tasks.values():
+        for *_, task in self.tasks.values():
             task.cancel()
         self.tasks.clear()
 
-    async def _run(self, service: str, address: str, spec, slot: int) -> None:
+    async def _run(self, service: str, address: str, spec, slot: int, context) -> None:
         healthy = self.segment.target_stats(slot)["healthy"]
         streak = 0                        # successes (> 0) or failures (< 0) in a row
         while True:
-            ok, why = await probe(address, spec)
+            ok, why = await probe(address, spec, context)
             streak = (max(streak, 0) + 1) if ok else (min(streak, 0) - 1)
             if healthy and streak <= -spec.unhealthy_threshold:
                 healthy = False
@@ -60,12 +63,12 @@ class HealthChecker:
             await asyncio.sleep(spec.interval)
 
 
-async def probe(address: str, spec) -> tuple[bool, str]:
-    """(passed, what failed)."""
+async def probe(address: str, spec, context=None) -> tuple[bool, str]:
+    """(passed, what failed). `context`: TLS for an https service's HTTP check."""
     if spec.type == "grpc":
         return await asyncio.get_running_loop().run_in_executor(None, _grpc_check, address, spec)
     try:
-        line = await asyncio.wait_for(_exchange(address, spec), spec.timeout)
+        line = await asyncio.wait_for(_exchange(address, spec, context), spec.timeout)
     except asyncio.TimeoutError:
         return False, f"no answer within {spec.timeout:g}s"
     except OSError as exc:
@@ -79,10 +82,10 @@ async def probe(address: str, spec) -> tuple[bool, str]:
     return status in spec.expect_status, f"status {status}"
 
 
-async def _exchange(address: str, spec) -> bytes:
+async def _exchange(address: str, spec, context) -> bytes:
     """Connect; for an HTTP check send the request and return the status line."""
     host, _, port = address.rpartition(":")
-    reader, writer = await asyncio.open_connection(host.strip("[]"), int(port))
+    reader, writer = await asyncio.open_connection(host.strip("[]"), int(port), ssl=context)
     try:
         if spec.type == "tcp":
             return b""

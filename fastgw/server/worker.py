@@ -24,6 +24,7 @@ from fastgw.config.validate import parse_bind
 from fastgw.server.accesslog import open_access_log
 from fastgw.server.control import WORKER_DRAINING, WORKER_RUNNING, ControlChannel
 from fastgw.server.log import log, set_log_level, set_prefix
+from fastgw.server.tls import ServerTls
 from fastgw.server.tracing import open_tracer
 
 HEARTBEAT_INTERVAL = 1.0
@@ -32,8 +33,9 @@ HEARTBEAT_INTERVAL = 1.0
 @dataclass
 class OpenListener:
     spec: object                  # config.model.Listener
-    state: object                 # fastgw._core.protocol.ListenerState
+    state: object                 # fastgw._core.protocol.ListenerState, or tcp.TcpListenerState
     server: asyncio.AbstractServer
+    tls: ServerTls | None = None  # https listeners that terminate TLS
 
 
 @dataclass
@@ -44,6 +46,14 @@ class Pending:
     runtime: Runtime
     slots: dict
     opened: dict                  # name -> OpenListener bound for this config
+    certificates: dict            # name -> certificate set loaded for a kept https listener
+
+
+def _kind(spec) -> str:
+    """What serves a listener: http (plain or TLS-terminating) or Layer 4 (tcp, TLS passthrough)."""
+    if spec.protocol == "tcp" or (spec.tls is not None and spec.tls.passthrough):
+        return "l4"
+    return spec.protocol
 
 
 class Worker:
@@ -131,34 +141,42 @@ class Worker:
     async def _prepare(self, version: int, config, slots: dict) -> Pending:
         runtime = compile_config(config, slots=slots, previous=self.runtime)
         opened: dict[str, OpenListener] = {}
+        certificates: dict[str, tuple] = {}
         try:
             for spec in config.listeners:
                 current = self.listeners.get(spec.name)
-                if current is None or current.spec.bind != spec.bind or \
-                        current.spec.protocol != spec.protocol:
+                if current is None or current.spec.bind != spec.bind or _kind(current.spec) != _kind(spec):
                     opened[spec.name] = await self._open(spec, runtime, slots)
+                elif current.tls is not None:
+                    # Certificate files are read again on every reload (SIGHUP after renewing them).
+                    certificates[spec.name] = ServerTls.prepare(spec.tls)
         except BaseException:
             for item in opened.values():
                 item.server.close()
             runtime.close(successor=self.runtime)
             raise
-        return Pending(version, config, runtime, slots, opened)
+        return Pending(version, config, runtime, slots, opened, certificates)
 
     async def _open(self, spec, runtime: Runtime, slots: dict) -> OpenListener:
         from fastgw._core.protocol import ListenerState
         from fastgw._core.tcp import TcpListenerState
 
         host, port = parse_bind(spec.bind)
-        if spec.protocol != "http":           # tcp, or https passed through by SNI
+        tls = None
+        if _kind(spec) == "l4":               # tcp, or https passed through by SNI
             state = TcpListenerState(spec.name, None, loop=self.loop)
         else:
             state = ListenerState(spec.name, runtime.router, loop=self.loop)
+            if spec.protocol == "https":
+                tls = ServerTls(spec.tls)
+                state.scheme = b"https"
         _configure(state, spec, slots)
         # Not serving until commit: a prepared config that is aborted never takes a connection.
         server = await self.loop.create_server(
             state.protocol_factory, host or None, port, reuse_port=True, backlog=4096,
-            start_serving=False)
-        return OpenListener(spec, state, server)
+            start_serving=False, ssl=tls.outer if tls is not None else None,
+            ssl_handshake_timeout=spec.limits.header_timeout if tls is not None else None)
+        return OpenListener(spec, state, server, tls)
 
     def _commit(self, pending: Pending) -> None:
         config, runtime = pending.config, pending.runtime
@@ -181,7 +199,9 @@ class Worker:
         for name, spec in wanted.items():
             item = self.listeners.get(name) or pending.opened[name]
             item.spec = spec
-            if spec.protocol != "http":
+            if name in pending.certificates:
+                item.tls.apply(pending.certificates[name])
+            if _kind(spec) == "l4":
                 item.state.service = runtime.services.get(spec.service)
                 item.state.route_sni(spec.tls.sni_routes if spec.tls else {}, runtime.services)
             else:
