@@ -56,6 +56,7 @@ for _code in range(100, 600):
 
 cdef frozenset IDEMPOTENT = frozenset([b"GET", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"TRACE"])
 cdef bytes CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+cdef bytes HTTP_SCHEME = b"http"
 cdef const char* HEXDIGITS = b"0123456789abcdef"
 
 # Upstream heads and chunk headers are built here and taken at once, with no callback in
@@ -100,7 +101,7 @@ cdef class ListenerState:
         self.connections = set()
         self.metric_slot = -1
         self.accept_proxy = False
-        self.scheme = b"http"
+        self.scheme = HTTP_SCHEME
         self.tracer = None
         self.trace_sample_ratio = 0.0
 
@@ -603,13 +604,11 @@ cdef class ClientConnection(Downstream):
     cdef void _run_plugins(self, Request req):
         req.view = PluginRequest(
             req.method.decode("latin-1"), req.host.decode("latin-1"), req.path.decode("latin-1"),
-            req.query.decode("latin-1"),
-            Headers([(req.headers[i].decode("latin-1"), req.headers[i + 1].decode("latin-1"))
-                     for i in range(0, len(req.headers), 2)]),
+            req.query.decode("latin-1"), Headers(raw=req.headers),
             self.client_ip.decode(), self.peer_ip.decode(), req.rule.route.name,
             self._request_id(req).decode("latin-1"),
             req.forwarded_for.decode("latin-1") if req.forwarded_for is not None else None,
-            self.transport.get_extra_info("peercert"))
+            self.transport.get_extra_info("peercert") if self.listener.scheme is not HTTP_SCHEME else None)
         try:
             result = req.rule.route.plugins.run_request(req.view)
         except Exception as exc:

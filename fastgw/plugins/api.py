@@ -66,15 +66,35 @@ class PluginContext:
 
 class Headers:
     """Header fields as (name, value) str pairs in order; names compare case-insensitively.
-    Changes are tracked so that only a changed list is written back to the request."""
 
-    __slots__ = ("_items", "changed")
+    Built from the data plane's raw list ([name, value, ...] bytes) and decoded only when a plugin
+    first needs more than a lookup, so a plugin that reads one header pays for one. Changes are
+    tracked so that only a changed list is written back to the request."""
 
-    def __init__(self, items: Iterable[tuple[str, str]] = ()) -> None:
-        self._items = list(items)
+    __slots__ = ("_raw", "_items", "changed")
+
+    def __init__(self, items: Iterable[tuple[str, str]] = (), raw: list | None = None) -> None:
+        self._raw = raw                             # undecoded, until _pairs() is needed
+        self._items = None if raw is not None else list(items)
         self.changed = False
 
+    def _pairs(self) -> list:
+        if self._items is None:
+            raw = self._raw
+            self._items = [(raw[i].decode("latin-1"), raw[i + 1].decode("latin-1"))
+                           for i in range(0, len(raw), 2)]
+            self._raw = None
+        return self._items
+
     def get(self, name: str, default: str | None = None) -> str | None:
+        if self._items is None:                     # straight off the raw list
+            wanted = name.lower().encode("latin-1")
+            size = len(wanted)
+            raw = self._raw
+            for i in range(0, len(raw), 2):
+                if len(raw[i]) == size and raw[i].lower() == wanted:
+                    return raw[i + 1].decode("latin-1")
+            return default
         name = name.lower()
         for k, v in self._items:
             if k.lower() == name:
@@ -83,7 +103,7 @@ class Headers:
 
     def get_all(self, name: str) -> list[str]:
         name = name.lower()
-        return [v for k, v in self._items if k.lower() == name]
+        return [v for k, v in self._pairs() if k.lower() == name]
 
     def __contains__(self, name: str) -> bool:
         return self.get(name) is not None
@@ -100,31 +120,32 @@ class Headers:
     def set(self, name: str, value: str) -> None:
         """Replace every field of that name with one."""
         self.remove(name)
-        self._items.append((name, value))
+        self._pairs().append((name, value))
         self.changed = True
 
     def add(self, name: str, value: str) -> None:
-        self._items.append((name, value))
+        self._pairs().append((name, value))
         self.changed = True
 
     def remove(self, name: str) -> None:
         lower = name.lower()
-        kept = [(k, v) for k, v in self._items if k.lower() != lower]
-        if len(kept) != len(self._items):
+        items = self._pairs()
+        kept = [(k, v) for k, v in items if k.lower() != lower]
+        if len(kept) != len(items):
             self._items = kept
             self.changed = True
 
     def items(self) -> list[tuple[str, str]]:
-        return list(self._items)
+        return list(self._pairs())
 
     def __iter__(self) -> Iterator[tuple[str, str]]:
-        return iter(self._items)
+        return iter(self._pairs())
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self._pairs())
 
     def __repr__(self) -> str:
-        return f"Headers({self._items!r})"
+        return f"Headers({self._pairs()!r})"
 
 
 class Request:

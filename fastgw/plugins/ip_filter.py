@@ -13,6 +13,8 @@ import msgspec
 
 from fastgw.plugins.api import Plugin, Response
 
+DECISIONS_KEPT = 65536
+
 
 def _networks(cidrs: list[str]) -> tuple:
     return tuple(ipaddress.ip_network(c, strict=False) for c in cidrs)
@@ -49,6 +51,7 @@ class IpFilter(Plugin):
         super().__init__(config)
         self.allow, self.deny = _networks(config.allow), _networks(config.deny)
         self.trusted = _networks(config.trusted_proxies)
+        self.decisions: dict[tuple, bool] = {}
 
     def _trusted(self, address) -> bool:
         return address is not None and any(address in net for net in self.trusted)
@@ -64,9 +67,20 @@ class IpFilter(Plugin):
             address = _address(hops.pop())
         return address
 
-    def on_request(self, req):
+    def allowed(self, req) -> bool:
         address = self.client_address(req)
-        if address is None or any(address in net for net in self.deny) or \
-                (self.allow and not any(address in net for net in self.allow)):
+        return address is not None and not any(address in net for net in self.deny) and \
+            (not self.allow or any(address in net for net in self.allow))
+
+    def on_request(self, req):
+        # Parsing addresses and walking networks takes microseconds; the same client comes back
+        # again and again, so the answer is remembered per (peer, PROXY address, X-Forwarded-For).
+        key = (req.peer_ip, req.client_ip, req.forwarded_for)
+        allowed = self.decisions.get(key)
+        if allowed is None:
+            if len(self.decisions) >= DECISIONS_KEPT:
+                self.decisions.clear()
+            allowed = self.decisions[key] = self.allowed(req)
+        if not allowed:
             return Response.error(403, "forbidden", "your address may not use this route")
         return None
