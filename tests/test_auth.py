@@ -7,6 +7,8 @@ import concurrent.futures
 import socket
 import time
 
+import pytest
+
 from fastgw._core.proxyproto import build_proxy_header
 from fastgw.plugins.credentials import hash_key, hash_password
 from upstreams import HOST, free_port, gateway_config, parse_responses, route
@@ -17,6 +19,12 @@ CONSUMERS = [
                      "basic": [{"username": "acme", "password_hash": hash_password("s3cret")}]}},
     {"name": "bob", "groups": ["public"], "credentials": {"api_keys": [hash_key("bob-key")]}},
 ]
+
+
+# key_auth from a header, ip_filter and acl run as data-plane checks (fastgw/_core/native.pyx)
+# when a route has nothing else; next to a plugin without one (request_id) the whole chain runs in
+# Python: both paths must decide alike.
+PATHS = {"native": [], "python": [{"request_id": {"echo_downstream": False}}]}
 
 
 def auth_config(upstream, plugins, *, consumers=CONSUMERS, listener=None):
@@ -55,8 +63,9 @@ def test_key_auth_header_query_cookie_and_hidden_credentials(gateway, upstream):
     assert [line["consumer"] for line in gw.access_log_lines(6)] == [None, None, "acme", "bob", "acme", "bob"]
 
 
-def test_key_auth_and_acl_groups(gateway, upstream):
-    gw = gateway(auth_config(upstream, [{"key_auth": {}}, {"acl": {"allow_groups": ["partners"]}}]))
+@pytest.mark.parametrize("path", list(PATHS))
+def test_key_auth_and_acl_groups(gateway, upstream, path):
+    gw = gateway(auth_config(upstream, [{"key_auth": {}}, {"acl": {"allow_groups": ["partners"]}}, *PATHS[path]]))
     assert gw.request("GET", "/api/x", headers={"x-api-key": "acme-key"}).status == 200
     resp = gw.request("GET", "/api/x", headers={"x-api-key": "bob-key"})
     assert resp.status == 403 and "bob" in resp.json()["error"]["message"]
@@ -106,18 +115,20 @@ def test_ip_filter_allow_and_deny(gateway, upstream):
     assert only_v6.request("GET", "/api/x").status == 403
 
 
-def test_ip_filter_believes_forwarded_addresses_only_from_trusted_proxies(gateway, upstream):
+@pytest.mark.parametrize("path", list(PATHS))
+def test_ip_filter_believes_forwarded_addresses_only_from_trusted_proxies(gateway, upstream, path):
     rules = {"deny": ["203.0.113.0/24"]}
-    untrusting = gateway(auth_config(upstream, [{"ip_filter": rules}]))
+    extra = PATHS[path]
+    untrusting = gateway(auth_config(upstream, [{"ip_filter": rules}, *extra]))
     # The peer (127.0.0.1) is not a trusted proxy: a spoofed X-Forwarded-For changes nothing.
     assert untrusting.request("GET", "/api/x", headers={"x-forwarded-for": "203.0.113.5"}).status == 200
-    trusting = gateway(auth_config(upstream, [{"ip_filter": {**rules, "trusted_proxies": ["127.0.0.1/32"]}}],
+    trusting = gateway(auth_config(upstream, [{"ip_filter": {**rules, "trusted_proxies": ["127.0.0.1/32"]}}, *extra],
                                    listener={"bind": f"{HOST}:{free_port()}"}))
     assert trusting.request("GET", "/api/x", headers={"x-forwarded-for": "203.0.113.5"}).status == 403
     # Read from the right: the client cannot hide behind a left-most entry it wrote itself.
     assert trusting.request("GET", "/api/x", headers={"x-forwarded-for": "203.0.113.5, 198.51.100.7"}).status == 200
     assert trusting.request("GET", "/api/x", headers={"x-forwarded-for": "198.51.100.7, 203.0.113.5"}).status == 403
-    proxied = gateway(auth_config(upstream, [{"ip_filter": {**rules, "trusted_proxies": ["127.0.0.1/32"]}}],
+    proxied = gateway(auth_config(upstream, [{"ip_filter": {**rules, "trusted_proxies": ["127.0.0.1/32"]}}, *extra],
                                   listener={"bind": f"{HOST}:{free_port()}", "proxy_protocol": True}))
     for source, status in (("203.0.113.9", 403), ("198.51.100.9", 200)):
         sock = socket.create_connection((HOST, proxied.port))

@@ -131,6 +131,7 @@ cdef class ClientConnection(Downstream):
     cdef bytes _read_proxy_header(self, data)
     cdef void _answer_route(self, Request req)
     cdef void _run_plugins(self, Request req)
+    cdef void _run_native_checks(self, Request req, tuple natives)
     cdef void _plugins_decided(self, Request req, object result)
     cdef void _write_plugin_answer(self, Request req, object resp)
     cdef list _response_plugins(self, Request req, int* status, list headers)

@@ -12,6 +12,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 from libc.string cimport memchr, memcmp
 
 from fastgw._core.balancer cimport Balancer
+from fastgw._core.native cimport NativeCheck
 from fastgw._core.buffer cimport WriteBuffer, ascii_ieq, ascii_lower, monotonic, random64
 from fastgw._core.router cimport (ROUTE_ECHO, ROUTE_RESPOND, HeaderEdits, PathRule, RouteEntry,
                                   Router, write_fields)
@@ -602,6 +603,10 @@ cdef class ClientConnection(Downstream):
     # --- plugins (fastgw/plugins): only routes that have a chain come here -----------------------
 
     cdef void _run_plugins(self, Request req):
+        natives = req.rule.route.plugins.native
+        if natives is not None:
+            self._run_native_checks(req, natives)
+            return
         req.view = PluginRequest(
             req.method.decode("latin-1"), req.host.decode("latin-1"), req.path.decode("latin-1"),
             req.query.decode("latin-1"), Headers(raw=req.headers),
@@ -622,6 +627,24 @@ cdef class ClientConnection(Downstream):
         self._pause(PAUSE_PLUGIN)
         task = asyncio.ensure_future(result)
         task.add_done_callback(lambda t, r=req: self._on_plugins_done(r, t))
+
+    cdef void _run_native_checks(self, Request req, tuple natives):
+        """Every plugin of the route has a data-plane check (fastgw/_core/native.pyx)."""
+        for check in natives:
+            try:
+                result = (<NativeCheck>check).run(req.headers, self.peer_ip, self.client_ip,
+                                                  req.forwarded_for, req.consumer)
+            except Exception as exc:
+                self._plugins_decided(req, exc)
+                return
+            if result is None:
+                continue
+            if type(result) is bytes:
+                req.consumer = result
+                continue
+            self._write_plugin_answer(req, result)
+            return
+        self._answer_route(req)
 
     def _on_plugins_done(self, Request req, task):
         if task.cancelled() or self.closed or req is not self.active:

@@ -19,12 +19,22 @@ class Acl(Plugin):
             if not self.allow_groups and not self.deny_groups:
                 raise ValueError("name allow_groups or deny_groups")
 
-    def on_request(self, req):
-        consumer = req.consumer
-        if consumer is None:
+    def setup(self, context):
+        self.groups = {c.name: frozenset(c.groups) for c in context.consumers}
+        self.allow, self.deny = frozenset(self.config.allow_groups), frozenset(self.config.deny_groups)
+
+    def native(self):
+        from fastgw._core.native import AclCheck
+
+        return AclCheck(self)
+
+    def decide(self, name: str | None):
+        if name is None:
             return Response.error(401, "unauthorized", "this route needs an identified consumer")
-        groups = set(consumer.groups)
-        if groups & set(self.config.deny_groups) or \
-                (self.config.allow_groups and not groups & set(self.config.allow_groups)):
-            return Response.error(403, "forbidden", f"consumer {consumer.name} may not use this route")
+        groups = self.groups.get(name, frozenset())
+        if groups & self.deny or (self.allow and not groups & self.allow):
+            return Response.error(403, "forbidden", f"consumer {name} may not use this route")
         return None
+
+    def on_request(self, req):
+        return self.decide(req.consumer.name if req.consumer is not None else None)

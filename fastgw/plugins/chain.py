@@ -13,13 +13,18 @@ from fastgw.plugins.api import Response
 
 
 class Chain:
-    __slots__ = ("plugins", "request_plugins", "response_plugins", "log_plugins")
+    __slots__ = ("plugins", "request_plugins", "response_plugins", "log_plugins", "native")
 
     def __init__(self, plugins: tuple) -> None:
         self.plugins = plugins
         self.request_plugins = tuple(p for p in plugins if p.phase in ("rewrite", "access"))
         self.response_plugins = tuple(p for p in plugins if p.phase == "response" or _overrides(p, "on_response"))
         self.log_plugins = tuple(p for p in plugins if p.phase == "log" or _overrides(p, "on_log"))
+        # When every plugin has a data-plane check (fastgw/_core/native.pyx) and none looks at the
+        # answer, the data plane runs those checks and no Python request is ever built.
+        natives = [p.native() if hasattr(p, "native") else None for p in self.request_plugins]
+        self.native = tuple(natives) if natives and all(natives) and \
+            not self.response_plugins and not self.log_plugins else None
 
     def run_request(self, req):
         for i, plugin in enumerate(self.request_plugins):

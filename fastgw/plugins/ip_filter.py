@@ -56,21 +56,30 @@ class IpFilter(Plugin):
     def _trusted(self, address) -> bool:
         return address is not None and any(address in net for net in self.trusted)
 
-    def client_address(self, req):
-        address = _address(req.peer_ip)
+    def client_address(self, peer_ip: str, client_ip: str, forwarded_for: str | None):
+        address = _address(peer_ip)
         if not self._trusted(address):
             return address
-        if req.client_ip != req.peer_ip:           # a PROXY header from a trusted balancer
-            address = _address(req.client_ip)
-        hops = [h for h in (req.forwarded_for or "").split(",") if h.strip()]
+        if client_ip != peer_ip:                   # a PROXY header from a trusted balancer
+            address = _address(client_ip)
+        hops = [h for h in (forwarded_for or "").split(",") if h.strip()]
         while hops and self._trusted(address):
             address = _address(hops.pop())
         return address
 
-    def allowed(self, req) -> bool:
-        address = self.client_address(req)
+    def allowed_for(self, peer_ip: str, client_ip: str, forwarded_for: str | None) -> bool:
+        address = self.client_address(peer_ip, client_ip, forwarded_for)
         return address is not None and not any(address in net for net in self.deny) and \
             (not self.allow or any(address in net for net in self.allow))
+
+    def native(self):
+        from fastgw._core.native import IpFilterCheck
+
+        return IpFilterCheck(self)
+
+    @staticmethod
+    def refuse():
+        return Response.error(403, "forbidden", "your address may not use this route")
 
     def on_request(self, req):
         # Parsing addresses and walking networks takes microseconds; the same client comes back
@@ -80,7 +89,5 @@ class IpFilter(Plugin):
         if allowed is None:
             if len(self.decisions) >= DECISIONS_KEPT:
                 self.decisions.clear()
-            allowed = self.decisions[key] = self.allowed(req)
-        if not allowed:
-            return Response.error(403, "forbidden", "your address may not use this route")
-        return None
+            allowed = self.decisions[key] = self.allowed_for(*key)
+        return None if allowed else self.refuse()

@@ -33,10 +33,27 @@ class KeyAuth(Plugin):
                 raise ValueError("name at least one of header, query, cookie")
 
     def setup(self, context):
-        self.by_digest = {}
+        self.by_digest = {}                        # hex digest -> (stored form, consumer)
+        self.by_raw_digest = {}                    # digest bytes -> (digest, name bytes): the native check's
         for consumer in context.consumers:
             for stored in consumer.credentials.api_keys:
-                self.by_digest[stored.partition(":")[2]] = (stored, consumer)
+                hexdigest = stored.partition(":")[2]
+                self.by_digest[hexdigest] = (stored, consumer)
+                self.by_raw_digest[bytes.fromhex(hexdigest)] = (bytes.fromhex(hexdigest), consumer.name.encode())
+
+    def native(self):
+        """The data plane does the header case itself (fastgw/_core/native.pyx)."""
+        if self.config.query or self.config.cookie or self.config.hide_credentials or not self.config.header:
+            return None
+        from fastgw._core.native import KeyAuthCheck
+
+        return KeyAuthCheck(self, self.config.header)
+
+    def missing(self):
+        return Response.error(401, "unauthorized", "an API key is required", CHALLENGE)
+
+    def invalid(self):
+        return Response.error(401, "unauthorized", "invalid API key", CHALLENGE)
 
     def _presented(self, req) -> tuple[str | None, str | None]:
         """(key, where it was)."""
@@ -58,11 +75,12 @@ class KeyAuth(Plugin):
     def on_request(self, req):
         key, where = self._presented(req)
         if key is None:
-            return Response.error(401, "unauthorized", "an API key is required", CHALLENGE)
-        digest = hashlib.sha256(key.encode()).hexdigest()
+            return self.missing()
+        # Hashed as the bytes that came in (latin-1 round trip), as the native check does.
+        digest = hashlib.sha256(key.encode("latin-1", "replace")).hexdigest()
         found = self.by_digest.get(digest)
         if found is None or not hmac.compare_digest(found[0], "sha256:" + digest):
-            return Response.error(401, "unauthorized", "invalid API key", CHALLENGE)
+            return self.invalid()
         req.consumer = found[1]
         if self.config.hide_credentials:
             self._hide(req, where)
