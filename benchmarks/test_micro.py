@@ -219,3 +219,23 @@ def test_balancer_pick(benchmark, algorithm):
 
     benchmark(run)
     seg.close()
+
+
+@pytest.mark.parametrize("algorithm", ["gcra", "sliding_window", "fixed_window", "concurrency"])
+def test_rate_limit_decision(benchmark, algorithm):
+    """1,000 decisions over 100 keys in the shared-memory table, through the Python entry point
+    `check` (subtract test_python_call_baseline): the decision itself is a hash, a probe and one CAS."""
+    from fastgw._core import shm
+    from fastgw._core.ratelimit import Policy
+
+    seg = shm.Segment.create(workers=1, routes=1, targets=1, listeners=1, ratelimit_entries=65536)
+    seg.activate()
+    policy = Policy(algorithm, 1_000_000_000, 1.0)
+    keys = [f"consumer-{i % 100}".encode() for i in range(1000)]
+
+    def run():
+        for key in keys:
+            policy.check(key)
+
+    benchmark(run)
+    seg.close()

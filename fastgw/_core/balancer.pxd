@@ -3,9 +3,6 @@ from libc.stdint cimport uint64_t
 from fastgw._core.upstream cimport Target
 
 
-cdef uint64_t hash64(const char* data, Py_ssize_t n) noexcept
-
-
 cdef class Balancer:
     cdef readonly list targets
     cdef Py_ssize_t count

@@ -11,7 +11,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.stdint cimport int64_t, uint64_t
 
-from fastgw._core.buffer cimport random64
+from fastgw._core.buffer cimport hash64, random64
 from fastgw._core.shm cimport (monotonic_ns, target_active, target_available, target_ewma_ns,
                                target_up_since)
 from fastgw._core.upstream cimport Target
@@ -22,21 +22,6 @@ VNODES_PER_WEIGHT = 160        # ring points per unit of weight (Ketama uses 160
 DEFAULT_EWMA_NS = 1000000      # when neither of two targets has a latency sample yet
 SLOW_START_FLOOR = 0.1         # a target just back gets at least this share of its weight
 NEAREST_PROBE_EVERY = 32       # nearest: one pick in this many measures another target
-
-
-cdef uint64_t hash64(const char* data, Py_ssize_t n) noexcept:
-    cdef uint64_t h = 14695981039346656037ULL
-    cdef Py_ssize_t i
-    for i in range(n):
-        h ^= <unsigned char>data[i]
-        h *= 1099511628211ULL
-    # splitmix64 finaliser: FNV's low bits are weak, ring positions need all 64 mixed
-    h ^= h >> 30
-    h *= 0xbf58476d1ce4e5b9ULL
-    h ^= h >> 27
-    h *= 0x94d049bb133111ebULL
-    h ^= h >> 31
-    return h
 
 
 def hash_key(bytes key):

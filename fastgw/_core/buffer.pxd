@@ -20,3 +20,4 @@ cdef double monotonic() noexcept nogil
 cdef unsigned long long random64() noexcept
 cdef bint ascii_ieq(const char* a, Py_ssize_t alen, const char* lower_b, Py_ssize_t blen) noexcept
 cdef bytes ascii_lower(bytes value)
+cdef unsigned long long hash64(const char* data, Py_ssize_t n) noexcept

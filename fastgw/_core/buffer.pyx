@@ -140,3 +140,20 @@ cdef class WriteBuffer:
         cdef bytes out = PyBytes_FromStringAndSize(self.data, self.length)
         self.length = 0
         return out
+
+
+# FNV-1a folded through the splitmix64 finaliser: a fixed 64-bit hash (never Python's per-process
+# randomised one), so every worker and every host agrees (ring positions, rate-limit keys).
+cdef unsigned long long hash64(const char* data, Py_ssize_t n) noexcept:
+    cdef unsigned long long h = 14695981039346656037ULL
+    cdef Py_ssize_t i
+    for i in range(n):
+        h ^= <unsigned char>data[i]
+        h *= 1099511628211ULL
+    # splitmix64 finaliser: FNV's low bits are weak, ring positions need all 64 mixed
+    h ^= h >> 30
+    h *= 0xbf58476d1ce4e5b9ULL
+    h ^= h >> 27
+    h *= 0x94d049bb133111ebULL
+    h ^= h >> 31
+    return h

@@ -1,5 +1,6 @@
 from fastgw._core.buffer cimport WriteBuffer
 from fastgw._core.router cimport Captures, PathRule, Router
+from fastgw._core.ratelimit cimport Policy
 from fastgw._core.upstream cimport Downstream, Service, Target, UpstreamConnection
 
 cdef enum PauseReason:
@@ -93,6 +94,10 @@ cdef class Request:
     cdef object view                      # the fastgw.Request plugins see
     cdef bytes consumer                   # the consumer's name once a plugin identified it
     cdef bint in_plugins                  # an async plugin runs: body bytes are held
+    # rate limits
+    cdef bytes limit_headers              # RateLimit(-Policy) lines for the answer, or None
+    cdef list limit_release               # concurrency entries (addresses) to release at the end
+    cdef int retry_after                  # seconds, for a 429
 
 
 cdef class ClientConnection(Downstream):
@@ -130,6 +135,8 @@ cdef class ClientConnection(Downstream):
     cdef void _dispatch(self, Request req)
     cdef bytes _read_proxy_header(self, data)
     cdef void _answer_route(self, Request req)
+    cdef bint _rate_limited(self, Request req)
+    cdef bytes _limit_key(self, Request req, Policy policy)
     cdef void _run_plugins(self, Request req)
     cdef void _run_native_checks(self, Request req, tuple natives)
     cdef void _plugins_decided(self, Request req, object result)
@@ -162,4 +169,4 @@ cdef class ClientConnection(Downstream):
     cdef void _resume(self, int reason)
     cdef void _close(self)
     cdef void _abort_client(self)
-    cdef void _write_simple(self, Request req, int status, bytes content_type, bytes body, bint retry_after=*)
+    cdef void _write_simple(self, Request req, int status, bytes content_type, bytes body, int retry_after=*)

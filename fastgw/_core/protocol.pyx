@@ -9,10 +9,13 @@ upstream request (SPEC §4).
 """
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from libc.stdint cimport uint64_t
 from libc.string cimport memchr, memcmp
 
 from fastgw._core.balancer cimport Balancer
 from fastgw._core.native cimport NativeCheck
+from fastgw._core.ratelimit cimport Decision, Policy, release
+from fastgw._core.ratelimit import ALG_CONCURRENCY
 from fastgw._core.buffer cimport WriteBuffer, ascii_ieq, ascii_lower, monotonic, random64
 from fastgw._core.router cimport (ROUTE_ECHO, ROUTE_RESPOND, HeaderEdits, PathRule, RouteEntry,
                                   Router, write_fields)
@@ -119,6 +122,21 @@ cdef class ListenerState:
         """Drain: close every connection that is not answering a request right now."""
         for conn in list(self.connections):
             (<ClientConnection>conn).close_if_idle()
+
+
+cdef bytes _header_value(list headers, bytes lower_name):
+    for i in range(0, len(headers), 2):
+        if ascii_lower(<bytes>headers[i]) == lower_name:
+            return <bytes>headers[i + 1]
+    return b""
+
+
+cdef bytes _query_value(bytes query, bytes name):
+    for part in query[1:].split(b"&"):
+        key, _, value = part.partition(b"=")
+        if key == name:
+            return value
+    return b""
 
 
 cdef list _encode_fields(headers):
@@ -587,6 +605,8 @@ cdef class ClientConnection(Downstream):
 
     cdef void _answer_route(self, Request req):
         cdef RouteEntry route = req.rule.route
+        if route.plugins is not None and route.plugins.ratelimits and self._rate_limited(req):
+            return
         if route.kind == ROUTE_RESPOND:
             req.body_buffer = None
             req.status = route.respond_status
@@ -599,6 +619,62 @@ cdef class ClientConnection(Downstream):
                 self.transport.write(CONTINUE)
         else:
             self._forward(req)
+
+    # --- rate limits (fastgw/_core/ratelimit.pyx) --------------------------------------------------
+
+    cdef bint _rate_limited(self, Request req):
+        """Decide the route's rate limits; True when the request was refused (answered 429)."""
+        cdef Policy policy
+        cdef Decision d
+        cdef long long limit
+        cdef unsigned long long window_ns
+        cdef str route_name = req.rule.route.name
+        for p in req.rule.route.plugins.ratelimits:
+            policy = <Policy>p
+            limit, window_ns = policy.limit, policy.window_ns
+            if req.consumer is not None and policy.plans:
+                plan = policy.plans.get(req.consumer)
+                if plan is not None:
+                    limit, window_ns = plan
+            policy.decide(self._limit_key(req, policy), limit, window_ns, &d)
+            if policy.headers:
+                lines = policy.header_lines(route_name, limit, window_ns, &d)
+                req.limit_headers = lines if req.limit_headers is None else req.limit_headers + lines
+            if not d.admitted:
+                req.flags = "RL"
+                req.retry_after = <int>(d.retry_after + 0.999) or 1
+                self._fail_request(req, 429, "rate_limited", "rate limit exceeded")
+                return True
+            if policy.algorithm == ALG_CONCURRENCY and d.entry != NULL:
+                if req.limit_release is None:
+                    req.limit_release = []
+                req.limit_release.append(<size_t>d.entry)
+        return False
+
+    cdef bytes _limit_key(self, Request req, Policy policy):
+        """The parts of the request the policy counts by, NUL-separated."""
+        cdef list parts = []
+        for kind, name in policy.key_parts:
+            if kind == "consumer":
+                parts.append(req.consumer if req.consumer is not None else b"ip:" + self.client_ip)
+            elif kind == "ip":
+                parts.append(self.client_ip)
+            elif kind == "route":
+                parts.append(req.rule.route.name.encode())
+            elif kind == "service":
+                service = req.rule.route.service
+                parts.append(service.name.encode() if service is not None else b"")
+            elif kind == "header":
+                parts.append(_header_value(req.headers, name))
+            elif kind == "query":
+                parts.append(_query_value(req.query, name))
+            elif kind == "profile":
+                parts.append(req.profile.encode() if req.profile is not None else b"")
+            else:                                 # claim: from the jwt plugin, when it ran
+                claims = req.view.ctx.get("jwt_claims") if req.view is not None else None
+                value = claims.get(name.decode()) if claims else None
+                parts.append(b"" if value is None else str(value).encode())
+        return b"\0".join(parts)
 
     # --- plugins (fastgw/plugins): only routes that have a chain come here -----------------------
 
@@ -952,6 +1028,8 @@ cdef class ClientConnection(Downstream):
         self._flush()
 
     cdef void _write_connection_header(self, Request req):
+        if req.limit_headers is not None:     # every answer of a rate-limited route says its quota
+            self.out.write_bytes(req.limit_headers)
         if not req.body_done and not _can_discard(req):
             self.closing = True           # its body will not be read to the end
         if self.closing or not req.keep_alive:
@@ -987,10 +1065,11 @@ cdef class ClientConnection(Downstream):
         cdef bytes rid = self._request_id(req)
         body = _json_encode({"error": {"status": status, "code": code, "message": message,
                                        "request_id": rid.decode("latin-1")}})
-        self._write_simple(req, status, b"application/json", body, status == 503)
+        self._write_simple(req, status, b"application/json", body,
+                           1 if status == 503 else req.retry_after if status == 429 else 0)
 
     cdef void _write_simple(self, Request req, int status, bytes content_type, bytes body,
-                            bint retry_after=False):
+                            int retry_after=0):
         cdef WriteBuffer o = self.out
         o.write_bytes(<bytes>STATUS_LINES[status])
         o.write_bytes(_date_header())
@@ -1001,8 +1080,10 @@ cdef class ClientConnection(Downstream):
         o.write(b"\r\nx-request-id: ", 16)
         o.write_bytes(self._request_id(req))
         o.write(b"\r\n", 2)
-        if retry_after:
-            o.write(b"retry-after: 1\r\n", 16)
+        if retry_after > 0:
+            o.write(b"retry-after: ", 13)
+            o.write_int(retry_after)
+            o.write(b"\r\n", 2)
         self._write_connection_header(req)
         o.write(b"\r\n", 2)
         if req.method != b"HEAD":
@@ -1281,6 +1362,10 @@ cdef class ClientConnection(Downstream):
             # Failed: no response head came, or the body was cut short.
             target_end(req.target.metric_slot, now - req.upstream_started,
                        req.upstream_status == 0 or req.flags == "UC")
+        if req.limit_release is not None:
+            for entry in req.limit_release:
+                release(<uint64_t*><size_t>entry)
+            req.limit_release = None
         if req.service_counted:
             req.service_counted = False
             (<Service>route.service).in_flight -= 1

@@ -146,6 +146,8 @@ cdef uint64_t* _targets = NULL
 cdef int _n_listeners = 0
 cdef int _n_routes = 0
 cdef int _n_targets = 0
+cdef uint64_t* _ratelimit = NULL
+cdef Py_ssize_t _n_ratelimit = 0
 cdef uint64_t* _my_requests = NULL
 
 
@@ -445,6 +447,12 @@ cdef bint target_draining(int slot) noexcept:
     return fg_load(_targets + <Py_ssize_t>slot * TARGET_WORDS + T_DRAINING) != 0
 
 
+cdef uint64_t* ratelimit_table(Py_ssize_t* entries) noexcept:
+    """The rate-limit region of the active segment (RATELIMIT_WORDS words per entry), or NULL."""
+    entries[0] = _n_ratelimit
+    return _ratelimit
+
+
 cdef inline Py_ssize_t _aligned(Py_ssize_t words) noexcept:
     return (words + 7) & ~7                 # 8 words = 64 bytes
 
@@ -554,24 +562,25 @@ cdef class Segment:
     def activate(self, int worker_index=-1):
         """Make this the segment the data plane of this process records into."""
         global _base, _workers, _listeners, _routes, _targets, _n_listeners, _n_routes, _n_targets
-        global _my_requests
+        global _my_requests, _ratelimit, _n_ratelimit
         cdef uint64_t* h = self.base
         _workers = h + h[H_OFF_WORKERS]
         _listeners = h + h[H_OFF_LISTENERS]
         _routes = h + h[H_OFF_ROUTES]
         _targets = h + h[H_OFF_TARGETS]
         _n_listeners, _n_routes, _n_targets = h[H_LISTENERS], h[H_ROUTES], h[H_TARGETS]
+        _ratelimit, _n_ratelimit = h + h[H_OFF_RATELIMIT], h[H_RATELIMIT]
         _my_requests = self._worker(worker_index) + W_REQUESTS if worker_index >= 0 else NULL
         _base = h
 
     def close(self):
         global _base, _workers, _listeners, _routes, _targets, _n_listeners, _n_routes, _n_targets
-        global _my_requests
+        global _my_requests, _ratelimit, _n_ratelimit
         if self.base == NULL:
             return
         if _base == self.base:
-            _base = _workers = _listeners = _routes = _targets = _my_requests = NULL
-            _n_listeners = _n_routes = _n_targets = 0
+            _base = _workers = _listeners = _routes = _targets = _my_requests = _ratelimit = NULL
+            _n_listeners = _n_routes = _n_targets = _n_ratelimit = 0
         self.base = NULL
         try:
             self._map.close()

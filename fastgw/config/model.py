@@ -312,11 +312,17 @@ class Credentials(_Base):
     mtls: list[MtlsCredential] = []
 
 
+class RateLimitPlan(_Base):
+    limit: int                                     # this consumer's limit, instead of the plugin's
+    window: Duration = 1.0
+
+
 class Consumer(_Base):
     name: str
     profile: Union[str, None] = None
     groups: list[str] = []
     credentials: Credentials = msgspec.field(default_factory=Credentials)
+    rate_limit: Union[RateLimitPlan, None] = None  # used by rate_limit plugins keyed on consumer
 
 
 # --- logging, tracing and the whole file ---------------------------------------------------------

@@ -13,18 +13,21 @@ from fastgw.plugins.api import Response
 
 
 class Chain:
-    __slots__ = ("plugins", "request_plugins", "response_plugins", "log_plugins", "native")
+    __slots__ = ("plugins", "request_plugins", "response_plugins", "log_plugins", "native", "ratelimits")
 
     def __init__(self, plugins: tuple) -> None:
         self.plugins = plugins
-        self.request_plugins = tuple(p for p in plugins if p.phase in ("rewrite", "access"))
+        # rate_limit is decided by the data plane once the request plugins let the request through.
+        self.ratelimits = tuple(p.policy for p in plugins if getattr(p, "data_plane", False))
+        self.request_plugins = tuple(p for p in plugins if p.phase in ("rewrite", "access")
+                                     and not getattr(p, "data_plane", False))
         self.response_plugins = tuple(p for p in plugins if p.phase == "response" or _overrides(p, "on_response"))
         self.log_plugins = tuple(p for p in plugins if p.phase == "log" or _overrides(p, "on_log"))
         # When every plugin has a data-plane check (fastgw/_core/native.pyx) and none looks at the
         # answer, the data plane runs those checks and no Python request is ever built.
         natives = [p.native() if hasattr(p, "native") else None for p in self.request_plugins]
-        self.native = tuple(natives) if natives and all(natives) and \
-            not self.response_plugins and not self.log_plugins else None
+        self.native = tuple(natives) if all(natives) and not self.response_plugins and not self.log_plugins \
+            else None
 
     def run_request(self, req):
         for i, plugin in enumerate(self.request_plugins):

@@ -25,6 +25,7 @@ BUILTIN = {
     "oauth2_introspection": "fastgw.plugins.introspection:Introspection",
     "acl": "fastgw.plugins.acl:Acl",
     "mtls_auth": "fastgw.plugins.mtls_auth:MtlsAuth",
+    "rate_limit": "fastgw.plugins.rate_limit:RateLimit",
 }
 
 
@@ -100,12 +101,17 @@ def build_chains(config, previous_instances: dict, previous_chains: dict) -> tup
     context = PluginContext(config.consumers)
     instances: dict = {}
 
-    def instance(entry) -> Plugin:
-        key = msgspec.json.encode(entry)
+    def instance(entry, route: str = "") -> Plugin:
+        # Plugins whose state is per route (rate limits) get an instance per route; the others
+        # are shared by every entry written the same (one JWKS cache for all routes).
+        scoped = route if isinstance(entry, dict) and "rate_limit" in entry else ""
+        key = msgspec.json.encode(entry) + scoped.encode()
         found = instances.get(key) or previous_instances.get(key)
         if found is None:
             _, cls, decoded = resolve(entry)
             found = cls(decoded)
+            if scoped:
+                found.scope_to(scoped)
             found.setup(context)
         elif found not in instances.values():
             found.setup(context)                   # consumers may have changed
@@ -115,7 +121,7 @@ def build_chains(config, previous_instances: dict, previous_chains: dict) -> tup
     global_plugins = [instance(e) for e in config.plugins]
     chains = {}
     for route in config.routes:
-        plugins = global_plugins + [instance(e) for e in route.plugins]
+        plugins = global_plugins + [instance(e, route.name) for e in route.plugins]
         if not plugins:
             chains[route.name] = None
             continue

@@ -1,0 +1,27 @@
+from libc.stdint cimport int64_t, uint64_t
+
+
+cdef struct Decision:
+    bint admitted
+    int64_t remaining          # requests left in the current quota after this one
+    double reset               # seconds until the quota is whole again
+    double retry_after         # refused: seconds until a request would be admitted
+    uint64_t* entry            # concurrency: the entry to release when the request ends
+
+
+cdef class Policy:
+    cdef readonly str name               # for the RateLimit headers; None: the route's name
+    cdef readonly int algorithm
+    cdef readonly long long limit
+    cdef readonly uint64_t window_ns
+    cdef readonly long long burst
+    cdef readonly tuple key_parts        # ((kind, name bytes or None), ...)
+    cdef readonly int headers            # HEADERS_NONE / HEADERS_DRAFT / HEADERS_LEGACY
+    cdef public bytes prefix             # makes this policy's keys its own
+    cdef public dict plans               # consumer name (bytes) -> (limit, window_ns)
+
+    cdef int decide(self, bytes key, long long limit, uint64_t window_ns, Decision* d) except -1
+    cdef bytes header_lines(self, str name, long long limit, uint64_t window_ns, Decision* d)
+
+
+cdef void release(uint64_t* entry) noexcept

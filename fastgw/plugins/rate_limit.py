@@ -1,0 +1,76 @@
+"""rate_limit: limits decided in the data plane (fastgw/_core/ratelimit.pyx) over the shared-memory
+table, so a limit holds for the host as a whole, whatever the number of workers.
+
+Runs after authentication (priority 910), so `consumer` keys and per-consumer plans
+(`consumers[].rate_limit`) see the identified consumer. A request without a consumer is keyed by
+its client address instead. Every answer of a limited route carries `RateLimit-Policy` and
+`RateLimit` (IETF httpapi draft), or `X-RateLimit-*` with `headers: legacy`; a refused request gets
+429 `rate_limited` with `Retry-After`.
+"""
+from __future__ import annotations
+
+import re
+from typing import Literal, Union
+
+import msgspec
+
+from fastgw.config.model import Duration
+from fastgw.plugins.api import Plugin
+
+_KEY = re.compile(r"^(consumer|ip|route|service|profile|(header|query|claim):[!#$%&'*+\-.^_`|~0-9A-Za-z]+)$")
+
+
+class RateLimit(Plugin):
+    name = "rate_limit"
+    phase = "access"
+    priority = 910
+    data_plane = True                              # decided by the protocol, not in the Python chain
+
+    class Config(msgspec.Struct, forbid_unknown_fields=True):
+        limit: int
+        window: Duration = 1.0
+        burst: int = 0                             # gcra: at most this many at once (default: limit)
+        algorithm: Literal["gcra", "sliding_window", "fixed_window", "concurrency"] = "gcra"
+        key: list[str] = msgspec.field(default_factory=lambda: ["consumer"])
+        headers: Union[bool, Literal["legacy"]] = True
+        name: Union[str, None] = None              # in the RateLimit headers (default: the route's name)
+
+        def __post_init__(self):
+            if self.limit < 1:
+                raise ValueError("limit must be at least 1")
+            if self.window <= 0:
+                raise ValueError("window must be greater than 0")
+            if self.burst < 0:
+                raise ValueError("burst must not be negative")
+            if self.algorithm == "sliding_window" and self.limit > (1 << 24) - 1:
+                raise ValueError("sliding_window counts up to 16777215 per window")
+            if not self.key:
+                raise ValueError("key needs at least one part")
+            for part in self.key:
+                if not _KEY.match(part):
+                    raise ValueError(f"key part {part!r} is not consumer, ip, route, service, profile, "
+                                     "header:NAME, query:NAME or claim:NAME")
+
+    def __init__(self, config):
+        super().__init__(config)
+        from fastgw._core.ratelimit import HEADERS_DRAFT, HEADERS_LEGACY, HEADERS_NONE, Policy
+
+        parts = []
+        for part in config.key:
+            kind, _, name = part.partition(":")
+            parts.append((kind, name.lower().encode() if kind == "header" else name.encode() or None))
+        headers = HEADERS_LEGACY if config.headers == "legacy" else HEADERS_DRAFT if config.headers else HEADERS_NONE
+        self.policy = Policy(config.algorithm, config.limit, config.window, config.burst, key_parts=tuple(parts),
+                             headers=headers, name=config.name)
+        self.scope_to("")
+
+    def scope_to(self, route: str) -> None:
+        """Keys of this limit are its own: a route's rate_limit counts for that route alone (a
+        global one, scope "", for all routes together unless its key has `route`)."""
+        config = self.config
+        self.policy.prefix = msgspec.json.encode(
+            [route, config.limit, float(config.window), config.burst, config.algorithm, config.key]) + b"\0"
+
+    def setup(self, context):
+        self.policy.plans = {c.name.encode(): (c.rate_limit.limit, int(c.rate_limit.window * 1e9))
+                             for c in context.consumers if c.rate_limit is not None}
