@@ -280,3 +280,19 @@ def pytest_runtest_makereport(item, call):
                 text = gw.stderr_text()
                 if text:
                     report.sections.append((f"gateway stderr ({gw.workdir.name})", text[-4000:]))
+
+
+@pytest.fixture
+def redis_servers():
+    """Start real redis-server processes: `start(port=0)`; all are killed at the end."""
+    from redis_server import RedisServer
+
+    started: list[RedisServer] = []
+
+    def start(port: int = 0) -> RedisServer:
+        server = RedisServer(port)
+        started.append(server)
+        return server
+    yield start
+    for server in started:
+        server.stop()

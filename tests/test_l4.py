@@ -4,7 +4,6 @@ PROXY protocol accepted from clients (tcp and http listeners) and sent to target
 from __future__ import annotations
 
 import collections
-import shutil
 import socket
 import struct
 import subprocess
@@ -19,42 +18,6 @@ from certs import make_ca_and_certs
 from upstreams import HOST, RecordingUpstream, describe_request, free_port, gateway_config, route, wait_for
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
-
-
-class RedisServer:
-    """A real redis-server on a free loopback port, stopped by PID."""
-
-    def __init__(self, port: int = 0):
-        self.port = port or free_port()
-        self.process = subprocess.Popen(
-            [shutil.which("redis-server") or "redis-server", "--port", str(self.port), "--bind", HOST,
-             "--save", "", "--appendonly", "no", "--protected-mode", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        assert wait_for(self._answers, timeout=10), "redis-server did not start"
-
-    def _answers(self) -> bool:
-        try:
-            return redis.Redis(host=HOST, port=self.port, socket_timeout=1).ping()
-        except redis.RedisError:
-            return False
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(5)
-
-
-@pytest.fixture
-def redis_servers():
-    started: list[RedisServer] = []
-
-    def start(port: int = 0) -> RedisServer:
-        server = RedisServer(port)
-        started.append(server)
-        return server
-    yield start
-    for server in started:
-        server.stop()
 
 
 class LineServer:

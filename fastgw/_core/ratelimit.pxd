@@ -17,6 +17,8 @@ cdef class Policy:
     cdef readonly long long burst
     cdef readonly tuple key_parts        # ((kind, name bytes or None), ...)
     cdef readonly int headers            # HEADERS_NONE / HEADERS_DRAFT / HEADERS_LEGACY
+    cdef readonly bint cluster           # shared by several hosts through Redis
+    cdef readonly int on_store_error     # cluster, Redis away: 0 local, 1 allow, 2 deny
     cdef public bytes prefix             # makes this policy's keys its own
     cdef public dict plans               # consumer name (bytes) -> (limit, window_ns)
 

@@ -16,13 +16,16 @@ from libc.stdint cimport UINT64_MAX
 from libc.stdlib cimport calloc
 
 from fastgw._core.buffer cimport hash64
-from fastgw._core.shm cimport fg_add, fg_cas, fg_load, fg_store, monotonic_ns, ratelimit_table
+from fastgw._core.shm cimport (cluster_down, cluster_nodes, fg_add, fg_cas, fg_load, fg_store,
+                               monotonic_ns, ratelimit_table)
+from posix.time cimport CLOCK_REALTIME, clock_gettime, timespec
 
 cdef enum:
     PROBE = 16
     WORDS = 4
     W_KEY = 0
     W_STATE = 1
+    W_CLUSTER = 2                # cluster entries: (window ms << 32) | (limit << 8) | 1
     W_IDLE_AFTER = 3
     LOCAL_ENTRIES = 4096
 
@@ -30,6 +33,8 @@ ALG_GCRA, ALG_SLIDING, ALG_FIXED, ALG_CONCURRENCY = 0, 1, 2, 3
 ALGORITHMS = {"gcra": ALG_GCRA, "sliding_window": ALG_SLIDING, "fixed_window": ALG_FIXED,
               "concurrency": ALG_CONCURRENCY}
 HEADERS_NONE, HEADERS_DRAFT, HEADERS_LEGACY = 0, 1, 2
+STORE_ERROR = {"local": 0, "allow": 1, "deny": 2}
+CLUSTER_MAX = (1 << 24) - 1      # cluster limits pack used and allowed counts in 24 bits each
 SLIDING_MAX = (1 << 24) - 1      # sliding_window packs two 24-bit counts into the state word
 
 cdef uint64_t* _local = NULL
@@ -89,8 +94,11 @@ cdef class Policy:
     """One `rate_limit` plugin entry, compiled: its algorithm, limit and how keys are made."""
 
     def __init__(self, str algorithm, long long limit, double window, long long burst=0, *,
-                 tuple key_parts=(), int headers=HEADERS_DRAFT, str name=None, bytes prefix=b""):
+                 tuple key_parts=(), int headers=HEADERS_DRAFT, str name=None, bytes prefix=b"",
+                 bint cluster=False, str on_store_error="local"):
         self.algorithm = ALGORITHMS[algorithm]
+        self.cluster = cluster
+        self.on_store_error = STORE_ERROR[on_store_error]
         self.limit = limit
         self.window_ns = <uint64_t>(window * 1e9)
         self.burst = burst if burst > 0 else limit
@@ -121,7 +129,9 @@ cdef class Policy:
         if e == NULL:                          # every nearby entry busy with a live key: let it pass
             d.admitted, d.remaining, d.reset, d.retry_after = True, limit, 0, 0
             return 0
-        if self.algorithm == ALG_GCRA:
+        if self.cluster:
+            _cluster_fixed(e, now, limit, window_ns, self.on_store_error, d)
+        elif self.algorithm == ALG_GCRA:
             _gcra(e, now, limit, window_ns, self.burst if limit == self.limit else limit, d)
         elif self.algorithm == ALG_FIXED:
             _fixed(e, now, limit, window_ns, d)
@@ -250,3 +260,108 @@ cdef void _concurrency(uint64_t* e, long long limit, Decision* d) noexcept:
     d.remaining = limit - <long long>old - 1
     d.reset = 0
     d.retry_after = 0
+
+
+# --- cluster scope (several hosts through Redis; fastgw/server/cluster.py syncs) ---------------
+# A cluster limit is a fixed window on the wall clock (the same on every host). Redis counts what
+# the hosts have *reserved* of each window; a host admits only from its own reserve, so together
+# they never pass the limit. A host starts a window with an implicit share, limit / nodes, which
+# its syncer reserves in Redis at the next sync (giving back what the window no longer has), and
+# reserves more, a share of what is left, whenever its reserve runs low. So a share that an idle
+# host never claims goes to the busy ones. While Redis is unreachable, `on_store_error` decides:
+# local (limit / nodes per window, the implicit share alone), allow or deny.
+# State word: window number (16 bits) | admitted since the syncer last looked (24) | reserve left (24).
+
+cdef inline uint64_t _realtime_ns() noexcept:
+    cdef timespec ts
+    clock_gettime(CLOCK_REALTIME, &ts)
+    return <uint64_t>ts.tv_sec * 1000000000ULL + <uint64_t>ts.tv_nsec
+
+
+cdef void _cluster_fixed(uint64_t* e, uint64_t mono_now, long long limit, uint64_t window_ns,
+                         int on_store_error, Decision* d) noexcept:
+    cdef uint64_t now = _realtime_ns()
+    cdef uint64_t number = now // window_ns
+    cdef uint64_t index = number & 0xFFFF
+    cdef uint64_t end = (number + 1) * window_ns
+    cdef uint64_t nodes = cluster_nodes()
+    cdef uint64_t marker = ((window_ns // 1000000) << 32) | (<uint64_t>limit << 8) | 1
+    cdef uint64_t old, used, reserve
+    if nodes == 0:
+        nodes = 1
+    if fg_load(e + W_CLUSTER) != marker:
+        fg_store(e + W_CLUSTER, marker)
+    d.reset = _seconds(end - now)
+    if cluster_down() and on_store_error != 0:
+        d.admitted = on_store_error == 1           # allow / deny while the store is away
+        d.remaining = limit if d.admitted else 0
+        d.retry_after = 0 if d.admitted else 1
+        return
+    old = fg_load(e + W_STATE)
+    while True:
+        if (old >> 48) == index and old != 0:
+            used, reserve = (old >> 24) & 0xFFFFFF, old & 0xFFFFFF
+        else:
+            used, reserve = 0, <uint64_t>limit // nodes   # a new window: the implicit share
+        if reserve == 0:
+            d.admitted = False
+            d.remaining = 0
+            d.retry_after = d.reset
+            return
+        if fg_cas(e + W_STATE, &old, (index << 48) | ((used + 1) << 24) | (reserve - 1)):
+            break
+    fg_store(e + W_IDLE_AFTER, mono_now + (end - now) + window_ns)
+    d.admitted = True
+    d.remaining = <int64_t>(reserve - 1)
+    d.retry_after = 0
+
+
+def cluster_take():
+    """For the syncer: every cluster entry of the current window, with what it admitted since the
+    last look (zeroed here) and its reserve left:
+    [(entry index, key hash, window ms, limit, window number, admitted, reserve)]."""
+    cdef Py_ssize_t n, i
+    cdef uint64_t* table = _table(&n)
+    cdef uint64_t* e
+    cdef uint64_t marker, h, old, used, reserve, window_ns, number, index, now = _realtime_ns()
+    out = []
+    for i in range(n):
+        e = table + i * WORDS
+        marker = fg_load(e + W_CLUSTER)
+        h = fg_load(e + W_KEY)
+        if marker & 1 == 0 or h == 0 or marker >> 32 == 0:
+            continue
+        window_ns = (marker >> 32) * 1000000
+        number = now // window_ns
+        old = fg_load(e + W_STATE)
+        while True:
+            index, used, reserve = old >> 48, (old >> 24) & 0xFFFFFF, old & 0xFFFFFF
+            if used == 0 or fg_cas(e + W_STATE, &old, (index << 48) | reserve):
+                break
+        if index != (number & 0xFFFF) or old == 0:
+            continue                               # not in this window (yet): nothing to settle
+        out.append((i, h, marker >> 32, (marker >> 8) & 0xFFFFFF, number, used, reserve))
+    return out
+
+
+def cluster_grant(Py_ssize_t i, uint64_t h, uint64_t number, long long change):
+    """Add `change` (negative: give back) to an entry's reserve, if it still holds that key and
+    window; the reserve never goes below zero."""
+    cdef Py_ssize_t n
+    cdef uint64_t* table = _table(&n)
+    cdef uint64_t* e
+    cdef uint64_t old, reserve
+    cdef long long updated
+    if i < 0 or i >= n:
+        return
+    e = table + i * WORDS
+    old = fg_load(e + W_STATE)
+    while fg_load(e + W_KEY) == h and (old >> 48) == (number & 0xFFFF) and old != 0:
+        reserve = old & 0xFFFFFF
+        updated = <long long>reserve + change
+        if updated < 0:
+            updated = 0
+        if updated > CLUSTER_MAX:
+            updated = CLUSTER_MAX
+        if fg_cas(e + W_STATE, &old, (old & ~(<uint64_t>0xFFFFFF)) | <uint64_t>updated):
+            return

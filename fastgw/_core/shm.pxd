@@ -27,6 +27,8 @@ cdef void target_end(int slot, double seconds, bint failed) noexcept
 cdef void target_release(int slot) noexcept
 cdef bint target_draining(int slot) noexcept
 cdef uint64_t* ratelimit_table(Py_ssize_t* entries) noexcept
+cdef uint64_t cluster_nodes() noexcept
+cdef bint cluster_down() noexcept
 cdef long long target_active(int slot) noexcept      # -1: not tracked
 cdef unsigned long long target_ewma_ns(int slot) noexcept   # 0: no sample or not tracked
 # Health: the supervisor's active checks write `healthy`; passive ejection is decided in the data

@@ -58,6 +58,8 @@ cdef enum:
     H_OFF_RATELIMIT = 12
     H_CONFIG_VERSION = 13
     H_CREATED = 14
+    H_CLUSTER_NODES = 15                # nodes sharing cluster rate limits (0: not clustered)
+    H_CLUSTER_DOWN = 16                 # 1 while the cluster store (Redis) cannot be reached
 
     WORKER_WORDS = 8
     W_PID = 0
@@ -447,6 +449,14 @@ cdef bint target_draining(int slot) noexcept:
     return fg_load(_targets + <Py_ssize_t>slot * TARGET_WORDS + T_DRAINING) != 0
 
 
+cdef uint64_t cluster_nodes() noexcept:
+    return fg_load(_base + H_CLUSTER_NODES) if _base != NULL else 0
+
+
+cdef bint cluster_down() noexcept:
+    return _base != NULL and fg_load(_base + H_CLUSTER_DOWN) != 0
+
+
 cdef uint64_t* ratelimit_table(Py_ssize_t* entries) noexcept:
     """The rate-limit region of the active segment (RATELIMIT_WORDS words per entry), or NULL."""
     entries[0] = _n_ratelimit
@@ -618,6 +628,22 @@ cdef class Segment:
     @config_version.setter
     def config_version(self, uint64_t value):
         fg_store(self.base + H_CONFIG_VERSION, value)
+
+    @property
+    def cluster_nodes(self):
+        return fg_load(self.base + H_CLUSTER_NODES)
+
+    @cluster_nodes.setter
+    def cluster_nodes(self, uint64_t value):
+        fg_store(self.base + H_CLUSTER_NODES, value)
+
+    @property
+    def cluster_down(self):
+        return fg_load(self.base + H_CLUSTER_DOWN) != 0
+
+    @cluster_down.setter
+    def cluster_down(self, bint value):
+        fg_store(self.base + H_CLUSTER_DOWN, value)
 
     def worker_set(self, int index, *, uint64_t pid, uint64_t config_version, uint64_t state,
                    generation=None):

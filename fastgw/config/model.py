@@ -344,6 +344,13 @@ class Tracing(_Base):
     otlp_endpoint: Union[str, None] = None         # OTLP/HTTP traces URL, e.g. http://collector:4318/v1/traces
 
 
+class Cluster(_Base):
+    """Several hosts sharing state through Redis: `scope: cluster` rate limits."""
+    redis: str                                     # redis://host:port/db (rediss:// for TLS)
+    key_prefix: str = "fastgw:"
+    timeout: Duration = 0.5                        # one sync round trip; slower counts as Redis away
+
+
 class Drain(_Base):
     delay: Duration = 0.0                  # not ready at once; stop accepting after this long
     timeout: Duration = 30.0               # in-flight requests get this long to finish
@@ -354,6 +361,7 @@ class Config(_Base):
     workers: Union[int, Literal["auto"]] = 1       # auto = the CPUs this process may run on
     listeners: list[Listener] = []
     admin: Union[Admin, None] = None
+    cluster: Union[Cluster, None] = None
     drain: Drain = msgspec.field(default_factory=Drain)
     log: Log = msgspec.field(default_factory=Log)
     tracing: Tracing = msgspec.field(default_factory=Tracing)

@@ -69,6 +69,10 @@ def semantic_problems(config: Config) -> list[ConfigProblem]:
             ("tracing.otlp_endpoint", not otel_problem, otel_problem),
             ("workers", config.workers == "auto" or 1 <= config.workers <= 1024,
              "must be 'auto' or a number from 1 to 1024"),
+            ("cluster.redis", config.cluster is None or _installed("redis"),
+             "cluster mode needs the redis package: pip install 'fastgw[cluster]'"),
+            ("cluster.redis", config.cluster is None or config.cluster.redis.startswith(("redis://", "rediss://", "unix://")),
+             "must be a redis://host:port/db URL (rediss:// for TLS, unix:// for a socket)"),
         ]),
     ]
 

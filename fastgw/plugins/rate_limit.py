@@ -34,6 +34,9 @@ class RateLimit(Plugin):
         key: list[str] = msgspec.field(default_factory=lambda: ["consumer"])
         headers: Union[bool, Literal["legacy"]] = True
         name: Union[str, None] = None              # in the RateLimit headers (default: the route's name)
+        scope: Literal["local", "cluster"] = "local"
+        sync_interval: Duration = 0.1              # cluster: how often hosts settle their counts in Redis
+        on_store_error: Literal["local", "allow", "deny"] = "local"
 
         def __post_init__(self):
             if self.limit < 1:
@@ -46,6 +49,15 @@ class RateLimit(Plugin):
                 raise ValueError("sliding_window counts up to 16777215 per window")
             if not self.key:
                 raise ValueError("key needs at least one part")
+            if self.scope == "cluster":
+                if self.algorithm != "fixed_window":
+                    raise ValueError("scope: cluster counts fixed windows on the wall clock: "
+                                     "algorithm must be fixed_window")
+                if self.sync_interval < 0.01:
+                    raise ValueError("sync_interval must be at least 10ms (per-request Redis calls, "
+                                     "sync_interval: 0, are not available yet)")
+                if self.limit > (1 << 24) - 1 or self.window < 0.001:
+                    raise ValueError("a cluster limit is at most 16777215 per window of at least 1ms")
             for part in self.key:
                 if not _KEY.match(part):
                     raise ValueError(f"key part {part!r} is not consumer, ip, route, service, profile, "
@@ -61,7 +73,8 @@ class RateLimit(Plugin):
             parts.append((kind, name.lower().encode() if kind == "header" else name.encode() or None))
         headers = HEADERS_LEGACY if config.headers == "legacy" else HEADERS_DRAFT if config.headers else HEADERS_NONE
         self.policy = Policy(config.algorithm, config.limit, config.window, config.burst, key_parts=tuple(parts),
-                             headers=headers, name=config.name)
+                             headers=headers, name=config.name, cluster=config.scope == "cluster",
+                             on_store_error=config.on_store_error)
         self.scope_to("")
 
     def scope_to(self, route: str) -> None:
@@ -70,6 +83,11 @@ class RateLimit(Plugin):
         config = self.config
         self.policy.prefix = msgspec.json.encode(
             [route, config.limit, float(config.window), config.burst, config.algorithm, config.key]) + b"\0"
+
+    @classmethod
+    def check(cls, config, full_config):
+        if config.scope == "cluster" and full_config.cluster is None:
+            yield "scope", "scope: cluster needs cluster.redis (the store the hosts share)"
 
     def setup(self, context):
         self.policy.plans = {c.name.encode(): (c.rate_limit.limit, int(c.rate_limit.window * 1e9))

@@ -23,6 +23,7 @@ from fastgw.config.errors import ConfigError, ConfigProblem, ConfigWriteError
 from fastgw.config.load import LoadedConfig
 from fastgw.config.store import ConfigStore
 from fastgw.server import systemd
+from fastgw.server.cluster import ClusterSync, cluster_interval
 from fastgw.server.control import WORKER_RUNNING, WORKER_STARTING, ControlChannel
 from fastgw.server.health import HealthChecker
 from fastgw.server.log import log, set_log_level
@@ -115,6 +116,7 @@ class Supervisor:
         self.exit_code = 0
         self.admin = None
         self.health = HealthChecker(self.segment)
+        self.cluster: ClusterSync | None = None
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -134,6 +136,7 @@ class Supervisor:
             self.exit_code = 1
         else:
             self.health.apply(self.store.loaded.config, self.current_slots)
+            self._apply_cluster(self.store.loaded.config)
             await self._start_admin()
             log(f"{self.count} worker{'s' if self.count > 1 else ''} running config version "
                 f"{self.store.version}")
@@ -141,10 +144,26 @@ class Supervisor:
             self.loop.create_task(self._watch_heartbeats())
         await self.done.wait()
         self.health.close()
+        if self.cluster is not None:
+            await self.cluster.close()
         if self.admin is not None:
             await self.admin.close()
         self.segment.close()
         return self.exit_code
+
+    def _apply_cluster(self, config) -> None:
+        """Start, restart or stop the cluster rate-limit sync to match `config`."""
+        interval = cluster_interval(config)
+        current = self.cluster
+        if current is not None and interval is not None and current.interval == interval and \
+                current.spec == config.cluster:
+            return
+        if current is not None:
+            self.loop.create_task(current.close())
+            self.cluster = None
+        if interval is not None:
+            self.cluster = ClusterSync(self.segment, config.cluster, interval)
+            self.cluster.start()
 
     async def _start_admin(self) -> None:
         spec = self.store.loaded.config.admin
@@ -298,6 +317,7 @@ class Supervisor:
             self.current_slots = slots
             self.segment.config_version = version
             self.health.apply(loaded.config, slots)
+            self._apply_cluster(loaded.config)
             set_log_level(loaded.config.log.level)
             if self.admin is not None:
                 self.admin.configure(loaded.config.admin)

@@ -1,0 +1,128 @@
+"""Cluster scope: the supervisor of each host settles its `scope: cluster` rate-limit reserves with
+Redis every `sync_interval` (the smallest one configured), in one pipelined round trip:
+
+- ZADD/ZREMRANGEBYSCORE/ZCARD on `<prefix>nodes`: this host is alive, and how many are;
+- per key of the current window: INCRBY `<prefix>rl:<key hash>:<window ms>:<window number>` by
+  the host's implicit share (the first time in a window) or by a new share of what is left (when
+  its reserve runs low), and PEXPIRE it; the answer is what all hosts have reserved so far.
+
+What the window no longer had is taken back from (or not added to) the host's reserve in the
+shared-memory table the workers decide against (fastgw/_core/ratelimit.pyx), so the hosts together
+never admit more than the limit. A round trip that
+fails or takes longer than `cluster.timeout` marks the store down in shared memory, so the workers
+apply `on_store_error`; the next one that succeeds brings every node back in step, without a restart.
+The data plane never waits for Redis.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+
+from fastgw.server.log import log
+
+NODE_TTL = 5.0            # a node that has not synced for this long no longer counts
+
+
+def cluster_interval(config) -> float | None:
+    """The sync interval the config asks for, or None when nothing has cluster scope."""
+    intervals = [settings.get("sync_interval", 0.1)
+                 for entries in [config.plugins, *(r.plugins for r in config.routes)]
+                 for entry in entries if isinstance(entry, dict) and "rate_limit" in entry
+                 for settings in [entry["rate_limit"] or {}] if settings.get("scope") == "cluster"]
+    if config.cluster is None or not intervals:
+        return None
+    from fastgw.config.model import parse_duration
+
+    return min(float(parse_duration(i)) for i in intervals)
+
+
+class ClusterSync:
+    def __init__(self, segment, cluster, interval: float):
+        import redis.asyncio as aioredis
+
+        self.segment = segment
+        segment.activate()                        # cluster_take/grant work on the active segment's table
+        self.spec = cluster
+        self.prefix = cluster.key_prefix
+        self.timeout = cluster.timeout
+        self.interval = interval
+        self.node = f"{socket.gethostname()}:{os.getpid()}"
+        self.redis = aioredis.from_url(cluster.redis, socket_timeout=cluster.timeout,
+                                       socket_connect_timeout=cluster.timeout)
+        self.down = False
+        self.reserved: set[tuple[int, int]] = set()    # (key hash, window) whose share is in Redis
+        self.totals: dict[tuple[int, int], int] = {}   # the window's reserved total, last seen
+        self.task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    async def close(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+        await self.redis.aclose()
+
+    async def _run(self) -> None:
+        while True:
+            started = time.monotonic()
+            try:
+                await asyncio.wait_for(self.sync_once(), self.timeout)
+            except Exception as exc:                   # noqa: BLE001 - Redis errors, timeouts, refusals
+                self._mark_down(exc)
+            else:
+                self._mark_up()
+            await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - started)))
+
+    async def sync_once(self) -> None:
+        from fastgw._core.ratelimit import cluster_grant, cluster_take
+
+        taken = cluster_take()
+        now = time.time()
+        nodes = max(self.segment.cluster_nodes, 1)
+        nodes_key = self.prefix + "nodes"
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zadd(nodes_key, {self.node: now})
+        pipe.zremrangebyscore(nodes_key, 0, now - NODE_TTL)
+        pipe.zcard(nodes_key)
+        asked = []                                 # (entry, amount reserved now)
+        for entry in taken:
+            _, key_hash, window_ms, limit, number, admitted, reserve = entry
+            first = (key_hash, number) not in self.reserved
+            if first:
+                amount = limit // nodes            # the implicit share this host started with
+            elif reserve * 4 < max(limit // nodes, 1) and admitted:
+                amount = max(1, (limit - self.totals.get((key_hash, number), 0)) // nodes)
+            else:
+                continue                           # enough left: nothing to ask
+            key = f"{self.prefix}rl:{key_hash:016x}:{window_ms}:{number}"
+            pipe.incrby(key, amount)
+            pipe.pexpire(key, 2 * window_ms)
+            asked.append((entry, amount, first))
+        results = await pipe.execute()
+        self.segment.cluster_nodes = max(int(results[2]), 1)
+        for k, ((index, key_hash, _, limit, number, _, _), amount, first) in enumerate(asked):
+            total = int(results[3 + 2 * k])
+            self.reserved.add((key_hash, number))
+            self.totals[(key_hash, number)] = total
+            over = max(0, total - limit)           # what the window no longer has of this amount
+            # The implicit share was spent already (or is being spent): take back what is over;
+            # a new amount is granted minus what is over.
+            cluster_grant(index, key_hash, number, -min(over, amount) if first else amount - min(over, amount))
+        current = {(e[1], e[4]) for e in taken}
+        self.reserved &= current                   # forget windows that are over
+        self.totals = {k: v for k, v in self.totals.items() if k in current}
+
+    def _mark_down(self, exc: BaseException) -> None:
+        self.segment.cluster_down = True
+        if not self.down:
+            self.down = True
+            log(f"cluster store unreachable ({type(exc).__name__}: {exc}); cluster rate limits "
+                f"follow on_store_error until it is back", "warning")
+
+    def _mark_up(self) -> None:
+        self.segment.cluster_down = False
+        if self.down:
+            self.down = False
+            log("cluster store reachable again: cluster rate limits are shared again")
