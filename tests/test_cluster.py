@@ -55,6 +55,7 @@ def hammer_all(nodes, seconds):
 
 
 def test_three_nodes_admit_the_cluster_limit_together(gateway, upstream, redis_servers):
+    """Batched: every 50 ms each node settles its reserve with Redis."""
     store = redis_servers()
     nodes = start_nodes(gateway, upstream, store.port)
     time.sleep(0.3)                                    # every node has registered itself
@@ -70,6 +71,26 @@ def test_three_nodes_admit_the_cluster_limit_together(gateway, upstream, redis_s
     admitted = sum(c[200] for c in per_node.values())
     print(f"cluster 300/4s, 2 of 3 nodes busy: admitted {admitted} ({[c[200] for c in per_node.values()]})")
     assert 0.95 * 300 <= admitted <= 300, per_node
+
+
+def test_per_request_decisions_are_exact(gateway, upstream, redis_servers):
+    """sync_interval 0: one atomic Redis count per request, so the cluster admits the limit exactly,
+    whichever node a request reaches."""
+    store = redis_servers()
+    nodes = start_nodes(gateway, upstream, store.port, sync_interval=0)
+    time.sleep(0.3)
+    next_window_start()
+    per_node = hammer_all(nodes[:2], 2.0)
+    admitted = sum(c[200] for c in per_node.values())
+    print(f"\ncluster 300/4s per request, 2 of 3 nodes busy: admitted {admitted}")
+    assert admitted == 300, per_node
+    resp = nodes[2].request("GET", "/api/x")
+    assert resp.status == 429 and resp.header("ratelimit").startswith('"api";r=0;')
+    store.stop()                                      # away: local shares (limit / nodes) each
+    assert wait_for(lambda: "cluster store unreachable" in nodes[0].stderr_text(), timeout=5)
+    next_window_start()
+    per_node = hammer_all(nodes, 2.0)
+    assert [c[200] for c in per_node.values()] == [100, 100, 100], per_node
 
 
 @pytest.mark.parametrize("on_error", ["local", "allow", "deny"])

@@ -1,6 +1,6 @@
 from fastgw._core.buffer cimport WriteBuffer
 from fastgw._core.router cimport Captures, PathRule, Router
-from fastgw._core.ratelimit cimport Policy
+from fastgw._core.ratelimit cimport Decision, Policy
 from fastgw._core.upstream cimport Downstream, Service, Target, UpstreamConnection
 
 cdef enum PauseReason:
@@ -98,6 +98,8 @@ cdef class Request:
     cdef bytes limit_headers              # RateLimit(-Policy) lines for the answer, or None
     cdef list limit_release               # concurrency entries (addresses) to release at the end
     cdef int retry_after                  # seconds, for a 429
+    cdef bint limits_done                 # the route's rate limits were decided
+    cdef list remote_limits               # (policy, key, limit, window) waiting for Redis
 
 
 cdef class ClientConnection(Downstream):
@@ -136,6 +138,8 @@ cdef class ClientConnection(Downstream):
     cdef bytes _read_proxy_header(self, data)
     cdef void _answer_route(self, Request req)
     cdef bint _rate_limited(self, Request req)
+    cdef bint _limit_decided(self, Request req, Policy policy, long long limit,
+                             unsigned long long window_ns, Decision* d)
     cdef bytes _limit_key(self, Request req, Policy policy)
     cdef void _run_plugins(self, Request req)
     cdef void _run_native_checks(self, Request req, tuple natives)

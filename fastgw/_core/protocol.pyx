@@ -124,6 +124,12 @@ cdef class ListenerState:
             (<ClientConnection>conn).close_if_idle()
 
 
+async def _remote_decisions(list remote):
+    """Per-request cluster decisions, all at once; a failure is returned, not raised."""
+    return await asyncio.gather(*(policy.remote(key, limit, window_ns)
+                                  for policy, key, limit, window_ns in remote), return_exceptions=True)
+
+
 cdef bytes _header_value(list headers, bytes lower_name):
     for i in range(0, len(headers), 2):
         if ascii_lower(<bytes>headers[i]) == lower_name:
@@ -605,8 +611,10 @@ cdef class ClientConnection(Downstream):
 
     cdef void _answer_route(self, Request req):
         cdef RouteEntry route = req.rule.route
-        if route.plugins is not None and route.plugins.ratelimits and self._rate_limited(req):
-            return
+        if route.plugins is not None and route.plugins.ratelimits and not req.limits_done:
+            req.limits_done = True
+            if self._rate_limited(req):
+                return                            # refused, or waiting for Redis
         if route.kind == ROUTE_RESPOND:
             req.body_buffer = None
             req.status = route.respond_status
@@ -623,12 +631,13 @@ cdef class ClientConnection(Downstream):
     # --- rate limits (fastgw/_core/ratelimit.pyx) --------------------------------------------------
 
     cdef bint _rate_limited(self, Request req):
-        """Decide the route's rate limits; True when the request was refused (answered 429)."""
+        """Decide the route's rate limits. True when the request was refused (answered 429), or
+        waits for Redis (limits with per-request cluster decisions; it goes on from there)."""
         cdef Policy policy
         cdef Decision d
         cdef long long limit
         cdef unsigned long long window_ns
-        cdef str route_name = req.rule.route.name
+        cdef list remote = None
         for p in req.rule.route.plugins.ratelimits:
             policy = <Policy>p
             limit, window_ns = policy.limit, policy.window_ns
@@ -636,19 +645,61 @@ cdef class ClientConnection(Downstream):
                 plan = policy.plans.get(req.consumer)
                 if plan is not None:
                     limit, window_ns = plan
-            policy.decide(self._limit_key(req, policy), limit, window_ns, &d)
-            if policy.headers:
-                lines = policy.header_lines(route_name, limit, window_ns, &d)
-                req.limit_headers = lines if req.limit_headers is None else req.limit_headers + lines
-            if not d.admitted:
-                req.flags = "RL"
-                req.retry_after = <int>(d.retry_after + 0.999) or 1
-                self._fail_request(req, 429, "rate_limited", "rate limit exceeded")
+            key = self._limit_key(req, policy)
+            if policy.remote is not None:
+                if remote is None:
+                    remote = []
+                remote.append((policy, key, limit, window_ns))
+                continue
+            policy.decide(key, limit, window_ns, &d)
+            if self._limit_decided(req, policy, limit, window_ns, &d):
                 return True
-            if policy.algorithm == ALG_CONCURRENCY and d.entry != NULL:
-                if req.limit_release is None:
-                    req.limit_release = []
-                req.limit_release.append(<size_t>d.entry)
+        if remote is None:
+            return False
+        req.in_plugins = True                    # hold the body meanwhile, read no more
+        self._pause(PAUSE_PLUGIN)
+        req.remote_limits = remote
+        task = asyncio.ensure_future(_remote_decisions(remote))
+        task.add_done_callback(lambda t, r=req: self._on_limits_decided(r, t))
+        return True
+
+    def _on_limits_decided(self, Request req, task):
+        cdef Decision d
+        cdef Policy policy
+        if task.cancelled() or self.closed or req is not self.active:
+            return
+        req.in_plugins = False
+        self._resume(PAUSE_PLUGIN)
+        for (p, key, limit, window_ns), result in zip(req.remote_limits, task.result()):
+            policy = <Policy>p
+            if isinstance(result, BaseException):
+                # Redis away or too slow: on_store_error (local: this host's share, in shared memory).
+                if policy.on_store_error == 0:
+                    policy.decide(key, limit, window_ns, &d)
+                else:
+                    d.admitted = policy.on_store_error == 1
+                    d.remaining, d.reset, d.retry_after = (limit if d.admitted else 0), 0, 1
+            else:
+                d.admitted, d.remaining, d.reset, d.retry_after = result
+            if self._limit_decided(req, policy, limit, window_ns, &d):
+                return
+        self._answer_route(req)
+
+    cdef bint _limit_decided(self, Request req, Policy policy, long long limit,
+                             unsigned long long window_ns, Decision* d):
+        """Headers for one decision; True when it refused the request (answered 429)."""
+        if policy.headers:
+            lines = policy.header_lines(req.rule.route.name, limit, window_ns, d)
+            req.limit_headers = lines if req.limit_headers is None else req.limit_headers + lines
+        if not d.admitted:
+            req.flags = "RL"
+            req.retry_after = <int>(d.retry_after + 0.999) or 1
+            self._fail_request(req, 429, "rate_limited", "rate limit exceeded")
+            return True
+        if policy.algorithm == ALG_CONCURRENCY and d.entry != NULL:
+            if req.limit_release is None:
+                req.limit_release = []
+            req.limit_release.append(<size_t>d.entry)
         return False
 
     cdef bytes _limit_key(self, Request req, Policy policy):

@@ -21,6 +21,8 @@ cdef class Policy:
     cdef readonly int on_store_error     # cluster, Redis away: 0 local, 1 allow, 2 deny
     cdef public bytes prefix             # makes this policy's keys its own
     cdef public dict plans               # consumer name (bytes) -> (limit, window_ns)
+    cdef public object remote            # cluster, sync_interval 0: async (key, limit, window_ns) ->
+                                         # (admitted, remaining, reset, retry_after), else None
 
     cdef int decide(self, bytes key, long long limit, uint64_t window_ns, Decision* d) except -1
     cdef bytes header_lines(self, str name, long long limit, uint64_t window_ns, Decision* d)

@@ -107,12 +107,18 @@ cdef class Policy:
         self.name = name
         self.prefix = prefix
         self.plans = {}
+        self.remote = None
 
     def check(self, bytes key):
         """Python entry point (tests, benchmarks): (admitted, remaining, reset, retry_after)."""
         cdef Decision d
         self.decide(key, self.limit, self.window_ns, &d)
         return d.admitted, d.remaining, d.reset, d.retry_after
+
+    def key_hash(self, bytes key):
+        """The 64-bit hash a key is stored under (and named by in Redis)."""
+        cdef bytes full = self.prefix + key
+        return hash64(PyBytes_AS_STRING(full), PyBytes_GET_SIZE(full))
 
     def done(self, bytes key):
         """Python entry point: end one request counted by a concurrency limit."""

@@ -58,10 +58,11 @@ class Plugin:
 
 
 class PluginContext:
-    """What the compiled config offers plugins: consumers by credential."""
+    """What the compiled config offers plugins: the consumers, and the cluster settings."""
 
-    def __init__(self, consumers: list) -> None:
+    def __init__(self, consumers: list, cluster=None) -> None:
         self.consumers = consumers                  # fastgw.config.model.Consumer
+        self.cluster = cluster                      # fastgw.config.model.Cluster or None
 
 
 class Headers:

@@ -10,6 +10,7 @@ its client address instead. Every answer of a limited route carries `RateLimit-P
 from __future__ import annotations
 
 import re
+import time
 from typing import Literal, Union
 
 import msgspec
@@ -53,9 +54,8 @@ class RateLimit(Plugin):
                 if self.algorithm != "fixed_window":
                     raise ValueError("scope: cluster counts fixed windows on the wall clock: "
                                      "algorithm must be fixed_window")
-                if self.sync_interval < 0.01:
-                    raise ValueError("sync_interval must be at least 10ms (per-request Redis calls, "
-                                     "sync_interval: 0, are not available yet)")
+                if 0 < self.sync_interval < 0.01:
+                    raise ValueError("sync_interval must be 0 (a Redis call per request) or at least 10ms")
                 if self.limit > (1 << 24) - 1 or self.window < 0.001:
                     raise ValueError("a cluster limit is at most 16777215 per window of at least 1ms")
             for part in self.key:
@@ -90,5 +90,18 @@ class RateLimit(Plugin):
             yield "scope", "scope: cluster needs cluster.redis (the store the hosts share)"
 
     def setup(self, context):
+        if self.config.scope == "cluster" and self.config.sync_interval == 0 and context.cluster is not None:
+            from fastgw.server.cluster import RequestStore
+
+            if getattr(self, "store", None) is None or self.store.spec != context.cluster:
+                self.store = RequestStore(context.cluster)
+            self.policy.remote = self.decide_in_redis
         self.policy.plans = {c.name.encode(): (c.rate_limit.limit, int(c.rate_limit.window * 1e9))
                              for c in context.consumers if c.rate_limit is not None}
+
+    async def decide_in_redis(self, key: bytes, limit: int, window_ns: int):
+        """sync_interval 0: one atomic count in Redis per request (exact across hosts)."""
+        count, number = await self.store.count(self.policy.key_hash(key), window_ns)
+        reset = ((number + 1) * window_ns - time.time_ns()) / 1e9
+        admitted = count <= limit
+        return admitted, max(0, limit - count), reset, 0 if admitted else reset

@@ -98,7 +98,7 @@ def build_chains(config, previous_instances: dict, previous_chains: dict) -> tup
     so is a chain whose instances are all the same."""
     from fastgw.plugins.api import PluginContext
 
-    context = PluginContext(config.consumers)
+    context = PluginContext(config.consumers, config.cluster)
     instances: dict = {}
 
     def instance(entry, route: str = "") -> Plugin:

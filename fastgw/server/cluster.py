@@ -26,16 +26,17 @@ NODE_TTL = 5.0            # a node that has not synced for this long no longer c
 
 
 def cluster_interval(config) -> float | None:
-    """The sync interval the config asks for, or None when nothing has cluster scope."""
-    intervals = [settings.get("sync_interval", 0.1)
+    """The sync interval the config asks for, or None when nothing has cluster scope. Limits
+    decided per request (sync_interval 0) still need the node count: a sync every second."""
+    from fastgw.config.model import parse_duration
+
+    intervals = [float(parse_duration(settings.get("sync_interval", 0.1)))
                  for entries in [config.plugins, *(r.plugins for r in config.routes)]
                  for entry in entries if isinstance(entry, dict) and "rate_limit" in entry
                  for settings in [entry["rate_limit"] or {}] if settings.get("scope") == "cluster"]
     if config.cluster is None or not intervals:
         return None
-    from fastgw.config.model import parse_duration
-
-    return min(float(parse_duration(i)) for i in intervals)
+    return min([i for i in intervals if i > 0] or [1.0])
 
 
 class ClusterSync:
@@ -126,3 +127,50 @@ class ClusterSync:
         if self.down:
             self.down = False
             log("cluster store reachable again: cluster rate limits are shared again")
+
+
+# Per-request decisions (sync_interval: 0): one atomic script per request, in the worker.
+_COUNT = """
+local n = redis.call('INCR', KEYS[1])
+if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+return n
+"""
+MAX_IN_FLIGHT = 256       # Redis calls one worker has waiting; beyond that, on_store_error at once
+
+
+class StoreBusy(Exception):
+    pass
+
+
+class RequestStore:
+    """A worker's Redis client for per-request rate-limit decisions, made at first use (in the
+    worker's loop). Each call is bounded by `cluster.timeout` and by MAX_IN_FLIGHT calls waiting,
+    so a slow Redis costs a request at most the timeout and never piles up."""
+
+    def __init__(self, cluster):
+        self.spec = cluster
+        self.prefix = cluster.key_prefix
+        self.redis = None
+        self.script = None
+        self.in_flight = 0
+
+    async def count(self, key_hash: int, window_ns: int) -> tuple[int, int]:
+        """(the window's count after this request, the window number)."""
+        if self.in_flight >= MAX_IN_FLIGHT:
+            raise StoreBusy(f"{MAX_IN_FLIGHT} Redis calls already waiting")
+        if self.redis is None:
+            import redis.asyncio as aioredis
+
+            self.redis = aioredis.from_url(self.spec.redis, socket_timeout=self.spec.timeout,
+                                           socket_connect_timeout=self.spec.timeout)
+            self.script = self.redis.register_script(_COUNT)
+        window_ms = window_ns // 1_000_000
+        number = time.time_ns() // window_ns
+        self.in_flight += 1
+        try:
+            count = await asyncio.wait_for(
+                self.script(keys=[f"{self.prefix}rl:{key_hash:016x}:{window_ms}:{number}"],
+                            args=[2 * window_ms]), self.spec.timeout)
+        finally:
+            self.in_flight -= 1
+        return int(count), number
