@@ -132,3 +132,32 @@ def test_cluster_scope_config_errors(tmp_path, upstream):
     assert out.returncode == 1
     assert "routes[0].plugins[0].rate_limit.scope" in text and "cluster.redis" in text
     assert "routes[0].plugins[1].rate_limit" in text and "fixed_window" in text
+
+
+def test_config_sync_spreads_admin_changes_to_every_node(gateway, upstream, redis_servers):
+    store = redis_servers()
+    prefix = f"cs{free_port()}:"
+
+    def node_config():
+        config = gateway_config({"up": {"targets": [{"address": f"{HOST}:{upstream.port}"}]}},
+                                [route("api", ["/api/**"], "up")])
+        config["listeners"] = [{"name": "public", "bind": f"{HOST}:{free_port()}"}]
+        config["admin"] = {"bind": f"{HOST}:{free_port()}"}
+        config["cluster"] = {"redis": f"redis://{HOST}:{store.port}/0", "key_prefix": prefix, "config_sync": True}
+        return config
+    a, b = gateway(node_config()), gateway(node_config())
+    assert b.request("GET", "/new/x").status == 404
+    resp = a.admin("PUT", "/routes/new", {"name": "new", "match": {"paths": ["/new/**"]},
+                                          "respond": {"status": 200, "body": "everywhere"}})
+    assert resp.status == 200, resp.body
+    changed = time.monotonic()
+    assert wait_for(lambda: b.request("GET", "/new/x").status == 200, timeout=3)
+    print(f"\nconfig_sync: node b serves the new route {time.monotonic() - changed:.2f} s after the change")
+    assert time.monotonic() - changed < 1.5
+    assert "new" in [r["name"] for r in __import__("yaml").safe_load(b.config_path.read_text())["routes"]]
+    late = gateway(node_config())                       # starts after the change: picks it up
+    assert wait_for(lambda: late.request("GET", "/new/x").status == 200, timeout=3)
+    store.stop()                                         # Redis away: every node keeps its config
+    assert wait_for(lambda: "cluster config store unreachable" in b.stderr_text(), timeout=3)
+    assert [n.request("GET", "/new/x").status for n in (a, b, late)] == [200, 200, 200]
+    assert a.request("GET", "/api/x").status == 200

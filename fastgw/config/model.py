@@ -349,6 +349,7 @@ class Cluster(_Base):
     redis: str                                     # redis://host:port/db (rediss:// for TLS)
     key_prefix: str = "fastgw:"
     timeout: Duration = 0.5                        # one sync round trip; slower counts as Redis away
+    config_sync: bool = False                      # admin changes reach every node through Redis
 
 
 class Drain(_Base):

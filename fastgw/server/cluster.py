@@ -174,3 +174,89 @@ class RequestStore:
         finally:
             self.in_flight -= 1
         return int(count), number
+
+
+# --- config distribution (cluster.config_sync) -------------------------------------------------
+
+SHARED_SECTIONS = ("services", "routes", "consumers", "plugins", "clients")   # not listeners, admin, workers
+CONFIG_POLL = 0.25
+
+
+class ConfigSync:
+    """cluster.config_sync: an admin change on any node is stored in Redis under a cluster-wide
+    version (`<prefix>config:version`, `<prefix>config:document`, written together in one MULTI)
+    and every node, polling every 250 ms, applies a newer version through its own two-phase apply
+    and writes it to its config file. Only the API sections are shared (services, routes,
+    consumers, plugins, clients): listeners, admin, workers and cluster stay each node's own. A node
+    that starts later applies the current version at once; a node that loses Redis keeps serving
+    its last config and catches up when Redis is back."""
+
+    def __init__(self, supervisor, cluster):
+        import redis.asyncio as aioredis
+
+        self.supervisor = supervisor
+        self.version_key = cluster.key_prefix + "config:version"
+        self.document_key = cluster.key_prefix + "config:document"
+        self.redis = aioredis.from_url(cluster.redis, socket_timeout=cluster.timeout,
+                                       socket_connect_timeout=cluster.timeout)
+        self.applied = 0                           # the cluster version this node runs
+        self.down = False
+        self.task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    async def close(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+        await self.redis.aclose()
+
+    async def publish(self, document: dict) -> None:
+        """After a local admin change: make it the cluster's current version."""
+        import json
+
+        shared = json.dumps({k: document[k] for k in SHARED_SECTIONS if k in document})
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                version, _ = await pipe.incr(self.version_key).set(self.document_key, shared).execute()
+        except Exception as exc:                   # noqa: BLE001 - the change stays applied here
+            log(f"config change not shared with the cluster ({type(exc).__name__}: {exc})", "warning")
+            return
+        self.applied = int(version)
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self._catch_up()
+                if self.down:
+                    self.down = False
+                    log("cluster config store reachable again")
+            except Exception as exc:               # noqa: BLE001 - Redis away: keep serving
+                if not self.down:
+                    self.down = True
+                    log(f"cluster config store unreachable ({type(exc).__name__}: {exc}); "
+                        f"serving config version {self.supervisor.store.version}", "warning")
+            await asyncio.sleep(CONFIG_POLL)
+
+    async def _catch_up(self) -> None:
+        import json
+
+        from fastgw.config.errors import ConfigError
+
+        version = await self.redis.get(self.version_key)
+        if version is None or int(version) <= self.applied:
+            return
+        async with self.redis.pipeline(transaction=True) as pipe:
+            version, shared = await pipe.get(self.version_key).get(self.document_key).execute()
+        version = int(version)
+        document = self.supervisor.store.document
+        document.update(json.loads(shared))
+        try:
+            async with self.supervisor.change_lock:
+                loaded = self.supervisor.store.validate(document)
+                await self.supervisor.apply(loaded)
+        except ConfigError as exc:
+            log(f"cluster config version {version} refused here:\n{exc}", "error")
+        else:
+            log(f"applied cluster config version {version}")
+        self.applied = version                     # refused or not: do not try it again

@@ -23,7 +23,7 @@ from fastgw.config.errors import ConfigError, ConfigProblem, ConfigWriteError
 from fastgw.config.load import LoadedConfig
 from fastgw.config.store import ConfigStore
 from fastgw.server import systemd
-from fastgw.server.cluster import ClusterSync, cluster_interval
+from fastgw.server.cluster import ClusterSync, ConfigSync, cluster_interval
 from fastgw.server.control import WORKER_RUNNING, WORKER_STARTING, ControlChannel
 from fastgw.server.health import HealthChecker
 from fastgw.server.log import log, set_log_level
@@ -117,6 +117,7 @@ class Supervisor:
         self.admin = None
         self.health = HealthChecker(self.segment)
         self.cluster: ClusterSync | None = None
+        self.config_sync: ConfigSync | None = None
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -137,6 +138,10 @@ class Supervisor:
         else:
             self.health.apply(self.store.loaded.config, self.current_slots)
             self._apply_cluster(self.store.loaded.config)
+            cluster = self.store.loaded.config.cluster
+            if cluster is not None and cluster.config_sync:
+                self.config_sync = ConfigSync(self, cluster)
+                self.config_sync.start()
             await self._start_admin()
             log(f"{self.count} worker{'s' if self.count > 1 else ''} running config version "
                 f"{self.store.version}")
@@ -146,6 +151,8 @@ class Supervisor:
         self.health.close()
         if self.cluster is not None:
             await self.cluster.close()
+        if self.config_sync is not None:
+            await self.config_sync.close()
         if self.admin is not None:
             await self.admin.close()
         self.segment.close()
@@ -357,6 +364,8 @@ class Supervisor:
                 raise
         self._record_reload(True, None)
         log(f"config changed through the admin API: version {version}")
+        if self.config_sync is not None:
+            await self.config_sync.publish(self.store.document)
         return version
 
     def _record_reload(self, ok: bool, error: str | None) -> None:
