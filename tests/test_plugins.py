@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from upstreams import HOST, RecordingUpstream, describe_request, gateway_config, route, wait_for
+from upstreams import HOST, gateway_config, route, wait_for
 
 TESTS = str(Path(__file__).resolve().parent)
 

@@ -27,7 +27,6 @@ def small_table():
 
 
 def test_algorithms_admit_their_limit(small_table):
-    assert [Policy("gcra", 5, 1.0).check(b"a")[0] for _ in range(1)] == [True]
     gcra = Policy("gcra", 5, 1.0)
     assert [gcra.check(b"k")[0] for _ in range(7)] == [True] * 5 + [False] * 2
     admitted, remaining, reset, retry_after = gcra.check(b"k")
@@ -198,3 +197,16 @@ def test_rate_limit_config_errors(tmp_path, upstream):
     assert "routes[0].plugins[0].rate_limit" in text and "limit must be at least 1" in text
     assert "routes[0].plugins[1].rate_limit" in text and "cookie:x" in text
     assert "routes[0].plugins[2].rate_limit" in text and "leaky" in text
+
+
+def test_claim_key_counts_per_token_subject(gateway, upstream):
+    import jwt
+
+    def token(sub):
+        return jwt.encode({"sub": sub, "exp": int(time.time()) + 300}, "k" * 32, algorithm="HS256")
+    gw = gateway(limited_config(upstream, [{"jwt": {"algorithms": ["HS256"], "secret": "k" * 32}},
+                                           {"rate_limit": {"limit": 2, "window": "1m", "algorithm": "fixed_window",
+                                                           "key": ["claim:sub"]}}]))
+    statuses = [gw.request("GET", "/api/x", headers={"authorization": f"Bearer {token(sub)}"}).status
+                for sub in ("alice", "alice", "bob", "alice", "bob", "bob")]
+    assert statuses == [200, 200, 200, 429, 200, 429]
