@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 import traceback
 
-from fastgw.plugins.api import Response
+from fastgw.plugins.api import Plugin, Response
 
 
 class Chain:
@@ -74,8 +74,6 @@ class Chain:
 
 def _overrides(plugin, method: str) -> bool:
     """Plugins of the request phases may also look at the answer (CORS headers on it)."""
-    from fastgw.plugins.api import Plugin
-
     return getattr(type(plugin), method) is not getattr(Plugin, method)
 
 
