@@ -19,7 +19,7 @@ from fastgw._core.ratelimit import ALG_CONCURRENCY
 from fastgw._core.buffer cimport WriteBuffer, ascii_ieq, ascii_lower, monotonic, random64
 from fastgw._core.router cimport (ROUTE_ECHO, ROUTE_RESPOND, HeaderEdits, PathRule, RouteEntry,
                                   Router, write_fields)
-from fastgw._core.shm cimport (circuit_admit, circuit_is_open, listener_admit, listener_closed,
+from fastgw._core.shm cimport (circuit_admit, circuit_is_open, listener_admits, listener_closed,
                                method_index, monotonic_ns, record_request, target_available,
                                target_begin, target_end)
 from fastgw._core.upstream cimport (
@@ -204,10 +204,7 @@ cdef class ClientConnection(Downstream):
         self.transport = transport
         # max_connections holds for the listener as a whole, across workers, when it has a
         # shared-memory slot; else for this worker alone.
-        cdef int admitted = listener_admit(listener.metric_slot, listener.max_connections)
-        if admitted < 0:
-            admitted = listener.open_connections < listener.max_connections
-        if not admitted:
+        if not listener_admits(listener.metric_slot, listener.max_connections, listener.open_connections):
             listener.rejected_connections += 1
             self.closed = True
             transport.abort()

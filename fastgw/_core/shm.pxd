@@ -19,6 +19,7 @@ cdef enum:
 cdef int method_index(const char* method, Py_ssize_t n) noexcept
 cdef void record_request(int route_slot, int method, int status, double seconds) noexcept
 cdef int listener_admit(int slot, long long limit) noexcept
+cdef bint listener_admits(int slot, long long limit, long long open_here) noexcept
 cdef void listener_opened(int slot) noexcept
 cdef void listener_closed(int slot) noexcept
 cdef void listener_rejected(int slot) noexcept

@@ -211,6 +211,13 @@ cdef void record_request(int route_slot, int method, int status, double seconds)
         fg_add(_my_requests, 1)
 
 
+cdef bint listener_admits(int slot, long long limit, long long open_here) noexcept:
+    """May a new connection in? Over all workers when the listener has a slot (listener_admit),
+    else by this worker's own count of open connections."""
+    cdef int admitted = listener_admit(slot, limit)
+    return open_here < limit if admitted < 0 else admitted == 1
+
+
 cdef int listener_admit(int slot, long long limit) noexcept:
     """Count a new connection if the listener, over all workers, has fewer than `limit` open:
     1 admitted, 0 refused (counted as rejected), -1 not tracked here. Add first, then check:

@@ -11,7 +11,7 @@ resets, or after the listener's `idle_timeout` without a byte either way.
 """
 from fastgw._core.balancer cimport Balancer
 from fastgw._core.buffer cimport monotonic
-from fastgw._core.shm cimport (circuit_admit, listener_admit, listener_closed, monotonic_ns,
+from fastgw._core.shm cimport (circuit_admit, listener_admits, listener_closed, monotonic_ns,
                                target_available, target_begin, target_release)
 from fastgw._core.timer cimport TimedProtocol
 from fastgw._core.upstream cimport Service, Target
@@ -84,11 +84,8 @@ cdef class TcpClient(TimedProtocol):
 
     def connection_made(self, transport):
         cdef TcpListenerState listener = self.listener
-        cdef int admitted = listener_admit(listener.metric_slot, listener.max_connections)
         self.transport = transport
-        if admitted < 0:
-            admitted = listener.open_connections < listener.max_connections
-        if not admitted:
+        if not listener_admits(listener.metric_slot, listener.max_connections, listener.open_connections):
             listener.rejected_connections += 1
             self.closed = True
             transport.abort()

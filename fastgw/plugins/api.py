@@ -65,6 +65,23 @@ class PluginContext:
         self.cluster = cluster                      # fastgw.config.model.Cluster or None
 
 
+def token_consumers(consumers: list) -> dict:
+    """(issuer, subject) -> consumer, from `credentials.jwt` (JWT and introspected tokens alike)."""
+    return {(c.issuer, c.subject): consumer for consumer in consumers for c in consumer.credentials.jwt}
+
+
+def accept_token(req, fields: dict, forward: dict, consumers: dict) -> None:
+    """A verified token's fields: `forward` copies some into request headers (JSON unless a
+    string), and the consumer its issuer and subject name becomes the request's."""
+    for field, header in forward.items():
+        value = fields.get(field)
+        if value is not None:
+            req.headers.set(header, value if isinstance(value, str) else msgspec.json.encode(value).decode())
+    consumer = consumers.get((fields.get("iss"), fields.get("sub")))
+    if consumer is not None:
+        req.consumer = consumer
+
+
 class Headers:
     """Header fields as (name, value) str pairs in order; names compare case-insensitively.
 

@@ -18,7 +18,7 @@ from urllib.parse import quote, urlencode
 import msgspec
 
 from fastgw.config.model import Duration
-from fastgw.plugins.api import Plugin, Response
+from fastgw.plugins.api import Plugin, Response, accept_token, token_consumers
 from fastgw.plugins.fetch import FetchError, fetch
 
 CHALLENGE = {"www-authenticate": 'Bearer realm="fastgw"'}
@@ -53,8 +53,7 @@ class Introspection(Plugin):
         self.by_subject: dict = {}
 
     def setup(self, context):
-        self.by_subject = {(c.issuer, c.subject): consumer for consumer in context.consumers
-                           for c in consumer.credentials.jwt}
+        self.by_subject = token_consumers(context.consumers)
 
     def on_request(self, req):
         value = req.headers.get(self.config.header) or ""
@@ -110,12 +109,6 @@ class Introspection(Plugin):
         exp = answer.get("exp")
         if isinstance(exp, (int, float)) and exp <= time.time():
             return Response.error(401, "unauthorized", "the token has expired", CHALLENGE)
-        for field, header in self.config.forward.items():
-            value = answer.get(field)
-            if value is not None:
-                req.headers.set(header, value if isinstance(value, str) else msgspec.json.encode(value).decode())
+        accept_token(req, answer, self.config.forward, self.by_subject)
         req.ctx["introspection"] = answer
-        consumer = self.by_subject.get((answer.get("iss"), answer.get("sub")))
-        if consumer is not None:
-            req.consumer = consumer
         return None

@@ -26,7 +26,7 @@ import msgspec
 from jwt.algorithms import get_default_algorithms
 
 from fastgw.config.model import Duration
-from fastgw.plugins.api import Plugin, Response
+from fastgw.plugins.api import Plugin, Response, accept_token, token_consumers
 from fastgw.plugins.fetch import FetchError, fetch
 
 HMAC = ("HS256", "HS384", "HS512")
@@ -97,8 +97,7 @@ class JwtAuth(Plugin):
         self.by_subject: dict = {}
 
     def setup(self, context):
-        self.by_subject = {(c.issuer, c.subject): consumer for consumer in context.consumers
-                           for c in consumer.credentials.jwt}
+        self.by_subject = token_consumers(context.consumers)
 
     # --- the request ---------------------------------------------------------------------------
 
@@ -174,14 +173,8 @@ class JwtAuth(Plugin):
             self.verified.popitem(last=False)
 
     def _accept(self, req, claims: dict):
-        for claim, header in self.config.forward_claims.items():
-            value = claims.get(claim)
-            if value is not None:
-                req.headers.set(header, value if isinstance(value, str) else msgspec.json.encode(value).decode())
+        accept_token(req, claims, self.config.forward_claims, self.by_subject)
         req.ctx["jwt_claims"] = claims
-        consumer = self.by_subject.get((claims.get("iss"), claims.get("sub")))
-        if consumer is not None:
-            req.consumer = consumer
         return None
 
     @staticmethod

@@ -39,22 +39,20 @@ def cluster_interval(config) -> float | None:
     return min([i for i in intervals if i > 0] or [1.0])
 
 
-class ClusterSync:
-    def __init__(self, segment, cluster, interval: float):
-        import redis.asyncio as aioredis
+def redis_client(cluster):
+    """A redis.asyncio client whose every call gives up after `cluster.timeout`."""
+    import redis.asyncio as aioredis
 
-        self.segment = segment
-        segment.activate()                        # cluster_take/grant work on the active segment's table
-        self.spec = cluster
-        self.prefix = cluster.key_prefix
-        self.timeout = cluster.timeout
-        self.interval = interval
-        self.node = f"{socket.gethostname()}:{os.getpid()}"
-        self.redis = aioredis.from_url(cluster.redis, socket_timeout=cluster.timeout,
-                                       socket_connect_timeout=cluster.timeout)
+    return aioredis.from_url(cluster.redis, socket_timeout=cluster.timeout,
+                             socket_connect_timeout=cluster.timeout)
+
+
+class _RedisLoop:
+    """A supervisor task that talks to the cluster's Redis until closed."""
+
+    def __init__(self, cluster):
+        self.redis = redis_client(cluster)
         self.down = False
-        self.reserved: set[tuple[int, int]] = set()    # (key hash, window) whose share is in Redis
-        self.totals: dict[tuple[int, int], int] = {}   # the window's reserved total, last seen
         self.task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -64,6 +62,23 @@ class ClusterSync:
         if self.task is not None:
             self.task.cancel()
         await self.redis.aclose()
+
+    async def _run(self) -> None:
+        raise NotImplementedError
+
+
+class ClusterSync(_RedisLoop):
+    def __init__(self, segment, cluster, interval: float):
+        super().__init__(cluster)
+        self.segment = segment
+        segment.activate()                        # cluster_take/grant work on the active segment's table
+        self.spec = cluster
+        self.prefix = cluster.key_prefix
+        self.timeout = cluster.timeout
+        self.interval = interval
+        self.node = f"{socket.gethostname()}:{os.getpid()}"
+        self.reserved: set[tuple[int, int]] = set()    # (key hash, window) whose share is in Redis
+        self.totals: dict[tuple[int, int], int] = {}   # the window's reserved total, last seen
 
     async def _run(self) -> None:
         while True:
@@ -159,10 +174,7 @@ class RequestStore:
         if self.in_flight >= MAX_IN_FLIGHT:
             raise StoreBusy(f"{MAX_IN_FLIGHT} Redis calls already waiting")
         if self.redis is None:
-            import redis.asyncio as aioredis
-
-            self.redis = aioredis.from_url(self.spec.redis, socket_timeout=self.spec.timeout,
-                                           socket_connect_timeout=self.spec.timeout)
+            self.redis = redis_client(self.spec)
             self.script = self.redis.register_script(_COUNT)
         window_ms = window_ns // 1_000_000
         number = time.time_ns() // window_ns
@@ -182,7 +194,7 @@ SHARED_SECTIONS = ("services", "routes", "consumers", "plugins", "clients")   # 
 CONFIG_POLL = 0.25
 
 
-class ConfigSync:
+class ConfigSync(_RedisLoop):
     """cluster.config_sync: an admin change on any node is stored in Redis under a cluster-wide
     version (`<prefix>config:version`, `<prefix>config:document`, written together in one MULTI)
     and every node, polling every 250 ms, applies a newer version through its own two-phase apply
@@ -192,24 +204,11 @@ class ConfigSync:
     its last config and catches up when Redis is back."""
 
     def __init__(self, supervisor, cluster):
-        import redis.asyncio as aioredis
-
+        super().__init__(cluster)
         self.supervisor = supervisor
         self.version_key = cluster.key_prefix + "config:version"
         self.document_key = cluster.key_prefix + "config:document"
-        self.redis = aioredis.from_url(cluster.redis, socket_timeout=cluster.timeout,
-                                       socket_connect_timeout=cluster.timeout)
         self.applied = 0                           # the cluster version this node runs
-        self.down = False
-        self.task: asyncio.Task | None = None
-
-    def start(self) -> None:
-        self.task = asyncio.get_running_loop().create_task(self._run())
-
-    async def close(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
-        await self.redis.aclose()
 
     async def publish(self, document: dict) -> None:
         """After a local admin change: make it the cluster's current version."""
