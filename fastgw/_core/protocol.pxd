@@ -8,6 +8,7 @@ cdef enum PauseReason:
     PAUSE_UPSTREAM = 2        # the upstream's write buffer is full (request body backpressure)
     PAUSE_FATAL = 4           # a later request was invalid: read nothing more
     PAUSE_PLUGIN = 8          # an async plugin decides about the active request
+    PAUSE_UPGRADE = 16        # an upgrade request waits for its 101: the next bytes are not HTTP
 
 
 cdef class ListenerState:
@@ -48,6 +49,8 @@ cdef class Request:
     cdef unsigned long long span_id       # ours: the parent id sent upstream
     cdef bint sampled                     # the trace flags say sampled: export a span
     cdef bytes user_agent
+    cdef bytes upgrade                    # Upgrade header of a request whose Connection names it
+    cdef bint tunnel_counted              # after its 101: the target counts the tunnel as active
     cdef list connection_tokens
     cdef int connection                   # ConnectionOption bits of the request
     cdef long long content_length         # -1: none
@@ -127,6 +130,12 @@ cdef class ClientConnection(Downstream):
     cdef str fatal_code
     cdef str fatal_message
     cdef bint in_finish_loop
+    # protocol upgrades (WebSocket, any 101): raw bytes both ways once the upstream agrees
+    cdef Request upgrading                # the upgrade request waiting for its answer
+    cdef list upgrade_rest                # client bytes after that request's head
+    cdef UpstreamConnection tunnel        # after the 101
+    cdef bint tunnel_client_eof
+    cdef bint tunnel_upstream_eof
 
     cdef void _feed(self, data)
     cdef void _dispatch_ready(self)
@@ -159,6 +168,8 @@ cdef class ClientConnection(Downstream):
     cdef void _write_connection_header(self, Request req)
     cdef void _answer_echo(self, Request req)
     cdef void _fail_request(self, Request req, int status, str code, str message)
+    cdef void _start_tunnel(self, Request req, UpstreamConnection conn, list headers)
+    cdef void _end_tunnel(self)
     cdef void _send_error(self, Request req, int status, str code, str message)
     cdef void _retry_fresh(self, Request req)
     cdef bint _may_retry(self, Request req, Service service)

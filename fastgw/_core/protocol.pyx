@@ -21,12 +21,12 @@ from fastgw._core.router cimport (ROUTE_ECHO, ROUTE_RESPOND, HeaderEdits, PathRu
                                   Router, write_fields)
 from fastgw._core.shm cimport (circuit_admit, circuit_is_open, listener_admits, listener_closed,
                                method_index, monotonic_ns, record_request, target_available,
-                               target_begin, target_end)
+                               target_begin, target_end, target_release)
 from fastgw._core.upstream cimport (
     FRAMING_CHUNKED, FRAMING_CLOSE, FRAMING_LENGTH, FRAMING_NONE, UPSTREAM_CONNECT_FAILED,
     UPSTREAM_CONNECT_TIMEOUT, UPSTREAM_INVALID, UPSTREAM_POOL_FULL, UPSTREAM_RESET,
     UPSTREAM_TIMEOUT, Downstream, Service, Target, UpstreamConnection, is_hop_by_hop,
-    parse_content_length, CONN_CLOSE, CONN_KEEP_ALIVE, CONN_NAMES, connection_flags)
+    parse_content_length, CONN_CLOSE, CONN_KEEP_ALIVE, CONN_NAMES, CONN_UPGRADE, connection_flags)
 
 import asyncio
 import socket
@@ -228,6 +228,8 @@ cdef class ClientConnection(Downstream):
         listener_closed(self.listener.metric_slot)
         self.listener.connections.discard(self)
         self.disarm()
+        if self.tunnel is not None:
+            self._end_tunnel()
         cdef Request req = self.active
         if req is not None:
             if req.upstream is not None:
@@ -243,6 +245,12 @@ cdef class ClientConnection(Downstream):
     def data_received(self, data):
         cdef ListenerState listener = self.listener
         if self.closed or self.fatal_status or self.lingering:
+            return
+        if self.tunnel is not None:
+            self.tunnel.tunnel_send(data)
+            return
+        if self.upgrading is not None:
+            self.upgrade_rest.append(bytes(data))     # reads are paused; at most one read
             return
         if self.proxy_head is not None:
             data = self._read_proxy_header(data)
@@ -285,11 +293,20 @@ cdef class ClientConnection(Downstream):
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as exc:
-            # An Upgrade request (forwarded as a plain request for now): llhttp stops after the
-            # head; the bytes after it are parsed as the next request.
+            # llhttp stops after the head of a request that asks to switch protocols.
             offset = exc.args[0]
             if self.parsing is not None:
                 self._on_message_done()
+            if self.upgrading is not None:
+                # What follows is the new protocol's, not HTTP: hold it until the upstream's
+                # answer says whether the connection becomes a tunnel.
+                self.upgrade_rest = [bytes(data[offset:])] if offset < len(data) else []
+                self._pause(PAUSE_UPGRADE)
+                self._dispatch_ready()
+                self._flush()
+                return
+            # Not an upgrade we pass on (HTTP/1.0, no Upgrade field): the bytes after the head
+            # are parsed as the next request.
             if offset < len(data):
                 self._feed(memoryview(data)[offset:])
             else:
@@ -318,6 +335,13 @@ cdef class ClientConnection(Downstream):
         # A client that half-closes after a complete request still gets its answer; one that
         # stops in the middle of a request has gone away.
         self.closing = True
+        if self.tunnel is not None:
+            self.tunnel_client_eof = True
+            if self.tunnel_upstream_eof:
+                self._end_tunnel()
+                return False
+            self.tunnel.tunnel_write_eof()
+            return True                   # half-closed: the upstream may still answer
         if self.active is None or self.lingering or self.parsing is not None:
             if self.active is not None and self.active.upstream is not None:
                 self.active.flags = "DC"
@@ -408,6 +432,8 @@ cdef class ClientConnection(Downstream):
                 req.request_id = value
         elif n == 11 and ascii_ieq(s, n, b"traceparent", 11):
             req.traceparent = value
+        elif n == 7 and ascii_ieq(s, n, b"upgrade", 7):
+            req.upgrade = value                   # forwarded only when Connection names it
         elif (n == 17 and ascii_ieq(s, n, b"x-forwarded-proto", 17)) or \
                 (n == 16 and ascii_ieq(s, n, b"x-forwarded-host", 16)) or is_hop_by_hop(s, n) or \
                 (n == 15 and ascii_ieq(s, n, b"x-consumer-name", 15)):
@@ -446,6 +472,11 @@ cdef class ClientConnection(Downstream):
             req.host = b""
         if req.connection_tokens:
             req.headers = drop_named(req.headers, req.connection_tokens)
+        if req.upgrade is not None:
+            if req.http11 and req.connection & CONN_UPGRADE and self.upgrading is None:
+                self.upgrading = req
+            else:
+                req.upgrade = None
         if req.method == b"CONNECT":
             self._reject(501, "not_implemented", "CONNECT is not supported")
         if self.active is None:
@@ -925,6 +956,7 @@ cdef class ClientConnection(Downstream):
                 (deadline == 0 or req.upstream_started + service.per_try_timeout < deadline):
             deadline = req.upstream_started + service.per_try_timeout
         conn.begin(self, req.method == b"HEAD", deadline)
+        conn.upgrade_expected = req.upgrade is not None
 
     cdef bytes _hash_key(self, Request req, tuple hash_on):
         """The consistent-hash key of a request, or None (then a random target)."""
@@ -984,6 +1016,9 @@ cdef class ClientConnection(Downstream):
             h.write_bytes(req.consumer)
         h.write(b"\r\ntraceparent: ", 15)
         self._write_traceparent(h, req)
+        if req.upgrade is not None:
+            h.write(b"\r\nconnection: upgrade\r\nupgrade: ", 32)
+            h.write_bytes(req.upgrade)
         if req.chunked:
             h.write(b"\r\ntransfer-encoding: chunked\r\n\r\n", 32)
         elif req.content_length > 0:
@@ -1078,8 +1113,10 @@ cdef class ClientConnection(Downstream):
     cdef void _write_connection_header(self, Request req):
         if req.limit_headers is not None:     # every answer of a rate-limited route says its quota
             self.out.write_bytes(req.limit_headers)
-        if not req.body_done and not _can_discard(req):
-            self.closing = True           # its body will not be read to the end
+        if not req.body_done and not _can_discard(req) or req.upgrade is not None:
+            # Its body will not be read to the end, or an upgrade was refused: what the client
+            # sends next may not be HTTP.
+            self.closing = True
         if self.closing or not req.keep_alive:
             self.closing = True
             self.out.write(b"connection: close\r\n", 19)
@@ -1155,6 +1192,9 @@ cdef class ClientConnection(Downstream):
             return 0
         req.upstream_status = status
         req.upstream_elapsed = monotonic() - req.upstream_started
+        if status == 101:
+            self._start_tunnel(req, conn, headers)
+            return 0
         if req.view is not None and req.rule.route.plugins.response_plugins:
             headers = self._response_plugins(req, &status, headers)
         req.status = status
@@ -1177,6 +1217,70 @@ cdef class ClientConnection(Downstream):
             o.write(b"transfer-encoding: chunked\r\n", 28)
         self._write_connection_header(req)
         o.write(b"\r\n", 2)
+        return 0
+
+    cdef void _start_tunnel(self, Request req, UpstreamConnection conn, list headers):
+        """The upstream switched protocols (SPEC §4): pass its 101 on, then bytes both ways as
+        they come, with each side's backpressure holding the other's reads."""
+        cdef WriteBuffer o = self.out
+        cdef Service service = <Service>req.rule.route.service
+        req.status = 101
+        req.response_started = True
+        o.write_bytes(<bytes>STATUS_LINES[101])
+        write_fields(o, headers, req.rule.route.response_edits)
+        o.write(b"connection: upgrade\r\nupgrade: ", 30)
+        o.write_bytes(conn.upgrade)
+        o.write(b"\r\n\r\n", 4)
+        # The handshake is the request's latency sample; the tunnel stays an active connection
+        # of the target (least_conn balances WebSockets by how many are open).
+        if req.target_counted:
+            req.target_counted = False
+            target_end(req.target.metric_slot, req.upstream_elapsed, False)
+            target_begin(req.target.metric_slot)
+            req.tunnel_counted = True
+        if req.service_counted:
+            req.service_counted = False
+            service.in_flight -= 1
+            if req.retry_counted:
+                service.retries_in_flight -= 1
+        self.tunnel = conn
+        self.upgrading = None
+        self.queued = []                  # nothing after the upgrade request is HTTP
+        self._flush()
+        for chunk in self.upgrade_rest or ():
+            conn.tunnel_send(chunk)
+        self.upgrade_rest = None
+        self._resume(PAUSE_UPGRADE)
+
+    cdef void _end_tunnel(self):
+        """Either side closed, or the tunnel was idle for timeouts.read: close both."""
+        cdef UpstreamConnection conn = self.tunnel
+        cdef Request req = self.active
+        self.tunnel = None
+        conn.abort()
+        if req is not None:
+            req.upstream = None
+            if req.tunnel_counted:
+                req.tunnel_counted = False
+                target_release(req.target.metric_slot)
+            req.response_done = True
+            self._log(req)
+            self.active = None
+        self._close()
+
+    cdef int upstream_tunnel_eof(self) except -1:
+        self.tunnel_upstream_eof = True
+        if self.tunnel_client_eof:
+            self._end_tunnel()
+        else:
+            self._flush()
+            if not self.closed and self.transport.can_write_eof():
+                self.transport.write_eof()
+        return 0
+
+    cdef int upstream_tunnel_closed(self) except -1:
+        if self.tunnel is not None:
+            self._end_tunnel()
         return 0
 
     cdef int upstream_body(self, object data) except -1:
@@ -1220,6 +1324,9 @@ cdef class ClientConnection(Downstream):
     cdef int upstream_failed(self, UpstreamConnection conn, int error) except -1:
         cdef Request req = self.active
         if req is None or req.upstream is not conn:
+            return 0
+        if conn is self.tunnel:
+            self._end_tunnel()            # idle for timeouts.read, or gone
             return 0
         req.upstream = None
         if error == UPSTREAM_RESET and req.upstream_reused and req.attempts == 1 and \

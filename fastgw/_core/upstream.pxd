@@ -21,6 +21,7 @@ cdef enum ConnectionOption:
     CONN_CLOSE = 1
     CONN_KEEP_ALIVE = 2
     CONN_NAMES = 4                  # the Connection header names other fields
+    CONN_UPGRADE = 8                # ... among them Upgrade: the client asks to switch protocols
 
 cdef enum ConnState:
     CONN_CONNECTING = 0
@@ -43,6 +44,8 @@ cdef class Downstream(TimedProtocol):
     cdef bint upstream_complete(self, UpstreamConnection conn) except -1
     cdef int upstream_failed(self, UpstreamConnection conn, int error) except -1
     cdef int upstream_writable(self, bint writable) except -1
+    cdef int upstream_tunnel_eof(self) except -1      # after a 101: the upstream half-closed
+    cdef int upstream_tunnel_closed(self) except -1   # after a 101: the upstream connection is gone
 
 
 cdef class Target:
@@ -135,11 +138,16 @@ cdef class UpstreamConnection(TimedProtocol):
     cdef object connect_task
     cdef double head_deadline       # route timeout: the response head must arrive by then
     cdef double last_activity
+    cdef public bint upgrade_expected   # the request asked to switch protocols: 101 is valid
+    cdef readonly bint tunneling        # a 101 came: raw bytes both ways from now on
+    cdef bytes upgrade                  # the 101's Upgrade header
 
     cdef int begin(self, Downstream down, bint head_request, double head_deadline) except -1
     cdef int send(self, object data) except -1
     cdef int send_many(self, list chunks) except -1
     cdef void set_reading(self, bint reading)
+    cdef int tunnel_send(self, object data) except -1
+    cdef void tunnel_write_eof(self)
     cdef void abort(self)
     cdef void _close_idle(self)
     cdef bint _starts_pass_through(self, Py_ssize_t unparsed) except -1

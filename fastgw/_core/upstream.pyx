@@ -18,7 +18,7 @@ import sys
 
 cdef int MIN_RETRY_CONCURRENCY = 3      # retries always allowed in flight, whatever the budget
 
-from httptools import HttpParserError, HttpResponseParser
+from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
 
 cdef class Downstream:
@@ -39,6 +39,12 @@ cdef class Downstream:
         return 0
 
     cdef int upstream_writable(self, bint writable) except -1:
+        return 0
+
+    cdef int upstream_tunnel_eof(self) except -1:
+        return 0
+
+    cdef int upstream_tunnel_closed(self) except -1:
         return 0
 
 
@@ -110,6 +116,8 @@ cdef int connection_flags(bytes value):
         elif ascii_ieq(s + start, end - start, b"keep-alive", 10):
             flags |= CONN_KEEP_ALIVE
         else:
+            if ascii_ieq(s + start, end - start, b"upgrade", 7):
+                flags |= CONN_UPGRADE
             flags |= CONN_NAMES
     return flags
 
@@ -328,6 +336,8 @@ cdef class UpstreamConnection:
         self.peeked_version = 0
         self.headers = []
         self.connection_tokens = None
+        self.upgrade_expected = False
+        self.upgrade = None
         self.last_activity = monotonic()
         self.target.active += 1
         self.arm(self.due())
@@ -348,6 +358,18 @@ cdef class UpstreamConnection:
         else:
             self.pending.extend(chunks)
         return 0
+
+    cdef int tunnel_send(self, object data) except -1:
+        """Client bytes after a 101: written as they are (activity in either direction keeps
+        the tunnel open for another timeouts.read)."""
+        self.last_activity = monotonic()
+        if self.transport is not None:
+            self.transport.write(data)
+        return 0
+
+    cdef void tunnel_write_eof(self):
+        if self.transport is not None and self.transport.can_write_eof():
+            self.transport.write_eof()
 
     cdef void set_reading(self, bint reading):
         self.paused_by_client = not reading
@@ -465,6 +487,10 @@ cdef class UpstreamConnection:
             self._close_idle()
             return
         self.last_activity = monotonic()
+        if self.tunneling:
+            self.downstream.upstream_body(data)
+            self.downstream.upstream_flush()
+            return
         if self.body_left > 0:
             self._pass_body(data)
             return
@@ -487,6 +513,12 @@ cdef class UpstreamConnection:
                     self.parser.feed_data(memoryview(data)[head_end:])
             else:
                 self.parser.feed_data(data)
+        except HttpParserUpgrade as exc:
+            # The 101's head is out (on_headers_complete): what follows it is the new protocol.
+            if self.tunneling and exc.args[0] < n:
+                self.downstream.upstream_body(data[exc.args[0]:])
+            self.downstream.upstream_flush()
+            return
         except (HttpParserError, _InvalidResponse):
             self._fail(UPSTREAM_INVALID)
             return
@@ -532,6 +564,10 @@ cdef class UpstreamConnection:
         return 0
 
     def eof_received(self):
+        if self.tunneling:
+            if self.downstream is not None:
+                self.downstream.upstream_tunnel_eof()
+            return True                   # half-closed: the client may still send
         if self.state == CONN_BUSY:
             if not self.head_done:
                 self._fail(UPSTREAM_RESET)
@@ -549,7 +585,16 @@ cdef class UpstreamConnection:
         return False
 
     def connection_lost(self, exc):
-        if self.state == CONN_BUSY:
+        cdef Downstream down = self.downstream
+        if self.tunneling:
+            self.tunneling = False
+            if self.state == CONN_BUSY:   # not aborted by us already
+                self.target.active -= 1
+                self.state = CONN_CLOSED
+                self.downstream = None
+                if down is not None:
+                    down.upstream_tunnel_closed()
+        elif self.state == CONN_BUSY:
             self.eof_received()
         elif self.state == CONN_IDLE:
             self._close_idle()
@@ -594,6 +639,8 @@ cdef class UpstreamConnection:
             self.connection |= connection_flags(value)
             if self.connection & CONN_NAMES:
                 self.connection_tokens = (self.connection_tokens or []) + connection_tokens(value)
+        elif n == 7 and self.upgrade_expected and ascii_ieq(s, n, b"upgrade", 7):
+            self.upgrade = value
         elif not is_hop_by_hop(s, n):
             if n == 4 and ascii_ieq(s, n, b"date", 4):
                 self.has_date = True
@@ -613,7 +660,15 @@ cdef class UpstreamConnection:
             raise _InvalidResponse("both Content-Length and Transfer-Encoding")
         if 100 <= status < 200:
             if status == 101:
-                raise _InvalidResponse("101 Switching Protocols without an upgrade request")
+                if not self.upgrade_expected or self.upgrade is None:
+                    raise _InvalidResponse("101 Switching Protocols without an upgrade request")
+                # SPEC §4: the connection becomes a raw tunnel; it never returns to the pool.
+                self.tunneling = True
+                self.head_done = True
+                self.keep_alive = False
+                if self.downstream is not None:
+                    self.downstream.upstream_head(self, 101, self.headers, FRAMING_NONE, -1)
+                return
             # RFC 9110 §15.2: interim responses are not the answer; wait for the final one.
             self.interim = True
             self.headers = []
@@ -659,7 +714,8 @@ cdef class UpstreamConnection:
         if self.interim:
             self.interim = False
             return
-        self.complete = True
+        if not self.tunneling:
+            self.complete = True
 
 
 def drop_named(list headers, list names):
