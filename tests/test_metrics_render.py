@@ -40,6 +40,8 @@ def text():
     shm._record_request(1, b"POST", 503, 45.0)              # +Inf only
     shm._record_request(2, b"DELETE", 204, 0.0001)
     shm._record_request(0, b"GET", 404, 0.0002)             # no route matched
+    for event in ["cache_hit"] * 5 + ["cache_miss"] * 2 + ["ratelimit_allowed"] * 3 + ["ratelimit_rejected"]:
+        shm._record_route_event(1, event)
     for i in range(10):
         shm._target_begin(0)
         shm._target_end(0, 0.02, i % 5 == 0)                # 8 ok (le=0.025), 2 failures
@@ -89,13 +91,24 @@ def test_families_types_and_one_help_each(text, families):
         "fastgw_config_version": "gauge",
         "fastgw_workers": "gauge",
         "fastgw_build_info": "gauge",
+        "fastgw_ratelimit_decisions": "counter",
+        "fastgw_cache_requests": "counter",
     }
     assert {name: f.type for name, f in families.items()} == expected
     helps = [line.split()[2] for line in text.splitlines() if line.startswith("# HELP")]
     types = [line.split()[2] for line in text.splitlines() if line.startswith("# TYPE")]
     assert len(helps) == len(set(helps)) == len(types) == len(set(types)) == len(expected)
-    assert "ratelimit" not in text and "cache" not in text        # left out until they count
     assert text.endswith("\n")
+
+
+def test_cache_and_ratelimit_counters(families):
+    assert samples(families, "fastgw_cache_requests") == {
+        frozenset({"route": "users", "result": "hit"}.items()): 5,
+        frozenset({"route": "users", "result": "miss"}.items()): 2,
+        frozenset({"route": "users", "result": "stale"}.items()): 0}
+    assert samples(families, "fastgw_ratelimit_decisions") == {
+        frozenset({"route": "users", "result": "allowed"}.items()): 3,
+        frozenset({"route": "users", "result": "rejected"}.items()): 1}   # routes that never counted: no lines
 
 
 def test_request_counters(families):

@@ -1,5 +1,6 @@
 from fastgw._core.buffer cimport WriteBuffer
-from fastgw._core.router cimport Captures, PathRule, Router
+from fastgw._core.cache cimport CachedResponse, ResponseCache
+from fastgw._core.router cimport Captures, HeaderEdits, PathRule, Router
 from fastgw._core.ratelimit cimport Decision, Policy
 from fastgw._core.upstream cimport Downstream, Service, Target, UpstreamConnection
 
@@ -30,6 +31,8 @@ cdef class ListenerState:
     cdef public int metric_slot           # shared-memory listener gauges, -1 = none
     cdef public bint accept_proxy         # a PROXY v1/v2 header starts every connection
     cdef public bytes scheme              # b"http" or b"https" (X-Forwarded-Proto)
+    cdef public bint internal             # requests made by the gateway itself (aggregation):
+                                          # their x-consumer-name is believed
     cdef readonly int open_connections
     cdef readonly long long rejected_connections
     cdef readonly long long requests
@@ -96,7 +99,24 @@ cdef class Request:
     # plugins (only on routes that have them)
     cdef object view                      # the fastgw.Request plugins see
     cdef bytes consumer                   # the consumer's name once a plugin identified it
-    cdef bint in_plugins                  # an async plugin runs: body bytes are held
+    cdef bint in_plugins                  # an async plugin or a handler runs: body bytes are held
+    cdef bint answer_ready                # echo/handler routes: answer once the body is complete
+    # a JSON answer reshaped for the client's profile: the upstream's response held whole
+    cdef object collect                   # fastgw.handlers.shape.Shape, or None
+    cdef int collect_status
+    cdef list collect_headers
+    cdef list collect_parts
+    cdef long long collect_bytes
+    # response cache (routes with the cache plugin)
+    cdef bint cache_checked               # looked up once, after plugins and rate limits
+    cdef bytes cache_key                  # set when the cache was consulted
+    cdef bint cache_fill                  # this request fetches the key; others wait for it
+    cdef CachedResponse cache_stale       # an expired entry that stale_if_error may still serve
+    cdef list cache_parts                 # the answer's body as it streams past, while storable
+    cdef long long cache_bytes
+    cdef int cache_status
+    cdef list cache_headers
+    cdef double cache_ttl
     # rate limits
     cdef bytes limit_headers              # RateLimit(-Policy) lines for the answer, or None
     cdef list limit_release               # concurrency entries (addresses) to release at the end
@@ -154,6 +174,16 @@ cdef class ClientConnection(Downstream):
     cdef void _run_native_checks(self, Request req, tuple natives)
     cdef void _plugins_decided(self, Request req, object result)
     cdef void _write_plugin_answer(self, Request req, object resp)
+    cdef void _write_answer(self, Request req, int status, list fields, bytes body, HeaderEdits edits)
+    cdef object _plugin_view(self, Request req)
+    cdef void _run_handler(self, Request req)
+    cdef bytes _outgoing_traceparent(self, Request req)
+    cdef void _answer_collected(self, Request req)
+    cdef bint _from_cache(self, Request req, ResponseCache cache)
+    cdef void _write_cached(self, Request req, CachedResponse entry, bytes state, double now)
+    cdef bint _serve_stale(self, Request req)
+    cdef void _cache_begin(self, Request req, int status, list headers)
+    cdef void _cache_store(self, Request req, bytes body)
     cdef list _response_plugins(self, Request req, int* status, list headers)
     cdef void _forward(self, Request req)
     cdef void _start_try(self, Request req, Service service, Target target,

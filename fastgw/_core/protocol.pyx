@@ -17,9 +17,11 @@ from fastgw._core.native cimport NativeCheck
 from fastgw._core.ratelimit cimport Decision, Policy, release
 from fastgw._core.ratelimit import ALG_CONCURRENCY
 from fastgw._core.buffer cimport WriteBuffer, ascii_ieq, ascii_lower, monotonic, random64
-from fastgw._core.router cimport (ROUTE_ECHO, ROUTE_RESPOND, HeaderEdits, PathRule, RouteEntry,
-                                  Router, write_fields)
-from fastgw._core.shm cimport (circuit_admit, circuit_is_open, listener_admits, listener_closed,
+from fastgw._core.cache cimport CachedResponse, ResponseCache
+from fastgw._core.router cimport (ROUTE_ECHO, ROUTE_HANDLER, ROUTE_PROXY, ROUTE_RESPOND, HeaderEdits,
+                                  PathRule, RouteEntry, Router, write_fields)
+from fastgw._core.shm cimport (EV_CACHE_HIT, EV_CACHE_MISS, EV_CACHE_STALE, EV_RATELIMIT_ALLOWED,
+                               EV_RATELIMIT_REJECTED, record_route_event, circuit_admit, circuit_is_open, listener_admits, listener_closed,
                                method_index, monotonic_ns, record_request, target_available,
                                target_begin, target_end, target_release)
 from fastgw._core.upstream cimport (
@@ -66,6 +68,8 @@ cdef const char* HEXDIGITS = b"0123456789abcdef"
 # Upstream heads and chunk headers are built here and taken at once, with no callback in
 # between, so every connection of the worker can share it.
 cdef WriteBuffer _scratch = WriteBuffer()
+# A JSON answer reshaped for a client profile is held whole up to this size; larger is a 502.
+DEF COLLECT_LIMIT = 8 * 1024 * 1024
 
 _json_encode = msgspec.json.Encoder().encode
 _LINGER_RESET = struct.pack("ii", 1, 0)
@@ -106,6 +110,7 @@ cdef class ListenerState:
         self.metric_slot = -1
         self.accept_proxy = False
         self.scheme = HTTP_SCHEME
+        self.internal = False
         self.tracer = None
         self.trace_sample_ratio = 0.0
 
@@ -434,10 +439,13 @@ cdef class ClientConnection(Downstream):
             req.traceparent = value
         elif n == 7 and ascii_ieq(s, n, b"upgrade", 7):
             req.upgrade = value                   # forwarded only when Connection names it
+        elif n == 15 and ascii_ieq(s, n, b"x-consumer-name", 15):
+            if self.listener.internal:            # an aggregation call passes its caller's identity
+                req.consumer = value
+            # else dropped: the proxy writes its own, only after authentication
         elif (n == 17 and ascii_ieq(s, n, b"x-forwarded-proto", 17)) or \
-                (n == 16 and ascii_ieq(s, n, b"x-forwarded-host", 16)) or is_hop_by_hop(s, n) or \
-                (n == 15 and ascii_ieq(s, n, b"x-consumer-name", 15)):
-            pass                                  # the proxy writes its own (a consumer: only after auth)
+                (n == 16 and ascii_ieq(s, n, b"x-forwarded-host", 16)) or is_hop_by_hop(s, n):
+            pass                                  # the proxy writes its own
         else:
             if n == 10 and ascii_ieq(s, n, b"user-agent", 10):
                 req.user_agent = value
@@ -498,7 +506,7 @@ cdef class ClientConnection(Downstream):
                     self._pause(PAUSE_UPSTREAM)       # until the upstream connection is made
                 return
             if req.response_done or req.rule is None or \
-                    (req.rule.route.kind != ROUTE_ECHO and not req.in_plugins):
+                    (not _answers_locally(req.rule.route) and not req.in_plugins):
                 return                                # answered already: read and drop
         if req.body_buffer is None:
             req.body_buffer = []
@@ -518,8 +526,11 @@ cdef class ClientConnection(Downstream):
             if req.chunked:
                 req.upstream.send(b"0\r\n\r\n")
                 self._keep_for_replay(req, b"0\r\n\r\n")
-        elif req.rule is not None and req.rule.route.kind == ROUTE_ECHO:
-            self._answer_echo(req)
+        elif req.answer_ready:
+            if req.rule.route.kind == ROUTE_ECHO:
+                self._answer_echo(req)
+            else:
+                self._run_handler(req)
         if req.response_done:
             self._finish(req)
 
@@ -643,18 +654,130 @@ cdef class ClientConnection(Downstream):
             req.limits_done = True
             if self._rate_limited(req):
                 return                            # refused, or waiting for Redis
+        if route.plugins is not None and route.plugins.cache is not None and not req.cache_checked and \
+                (route.kind == ROUTE_PROXY or route.kind == ROUTE_HANDLER):
+            req.cache_checked = True
+            if self._from_cache(req, <ResponseCache>route.plugins.cache):
+                return                            # answered from the cache, or waiting for a fill
         if route.kind == ROUTE_RESPOND:
             req.body_buffer = None
             req.status = route.respond_status
             self._write_respond(req)
             self._response_finished(req)
-        elif route.kind == ROUTE_ECHO:
-            if req.body_done:
+        elif route.kind == ROUTE_ECHO or route.kind == ROUTE_HANDLER:
+            if not req.body_done:
+                req.answer_ready = True           # _on_message_done answers
+                if req.expect_continue:
+                    self.transport.write(CONTINUE)
+            elif route.kind == ROUTE_ECHO:
                 self._answer_echo(req)
-            elif req.expect_continue:
-                self.transport.write(CONTINUE)
+            else:
+                self._run_handler(req)
         else:
             self._forward(req)
+
+    # --- the response cache (fastgw/_core/cache.pyx, the `cache` plugin) ------------------------
+
+    cdef bint _from_cache(self, Request req, ResponseCache cache):
+        """Answer `req` from the cache, or park it until the request fetching its key is done;
+        False: it goes upstream (and, a GET, fills the key)."""
+        cdef CachedResponse entry
+        cdef double now = monotonic()
+        if req.method != b"GET" and req.method != b"HEAD":
+            return False
+        if req.consumer is None and _header_value(req.headers, b"authorization"):
+            return False                  # someone's credentials we did not check: not shared
+        req.cache_key = cache.key_for(req.method, req.host, req.path, req.query, req.headers,
+                                      req.consumer)
+        entry = cache.lookup(req.cache_key, now)
+        if entry is not None and now < entry.fresh_until:
+            cache.hits += 1
+            self._write_cached(req, entry, b"HIT", now)
+            return True
+        waiting = cache.filling.get(req.cache_key)
+        if waiting is not None:
+            waiting.append((self, req))   # coalesced: one upstream fetch per key (per worker)
+            req.in_plugins = True
+            self._pause(PAUSE_PLUGIN)
+            return True
+        cache.misses += 1
+        record_route_event(req.rule.route.metric_slot, EV_CACHE_MISS)
+        req.cache_stale = entry
+        if req.method == b"GET":
+            cache.filling[req.cache_key] = []
+            req.cache_fill = True
+        return False
+
+    def _cache_wake(self, Request req, ResponseCache cache):
+        """The fill this request waited for is over: a hit now, or upstream on its own."""
+        cdef double now = monotonic()
+        if self.closed or req is not self.active:
+            return
+        req.in_plugins = False
+        self._resume(PAUSE_PLUGIN)
+        entry = cache.lookup(req.cache_key, now)
+        if entry is not None and now < (<CachedResponse>entry).fresh_until:
+            cache.hits += 1
+            self._write_cached(req, entry, b"HIT", now)
+        else:
+            cache.misses += 1
+            record_route_event(req.rule.route.metric_slot, EV_CACHE_MISS)
+            req.cache_stale = entry
+            self._answer_route(req)
+
+    cdef void _write_cached(self, Request req, CachedResponse entry, bytes state, double now):
+        cdef WriteBuffer o = self.out
+        record_route_event(req.rule.route.metric_slot, EV_CACHE_HIT if state == b"HIT" else EV_CACHE_STALE)
+        cdef list headers = entry.headers
+        cdef int status = entry.status
+        if req.view is not None and req.rule.route.plugins.response_plugins:
+            headers = self._response_plugins(req, &status, headers)
+        req.status = status
+        o.write_bytes(<bytes>STATUS_LINES[status])
+        write_fields(o, headers, req.rule.route.response_edits)
+        o.write_bytes(_date_header())
+        o.write(b"age: ", 5)
+        o.write_int(<long long>(now - entry.stored))
+        o.write(b"\r\nx-cache: ", 11)
+        o.write_bytes(state)
+        o.write(b"\r\ncontent-length: ", 18)
+        o.write_int(PyBytes_GET_SIZE(entry.body))
+        o.write(b"\r\nx-request-id: ", 16)
+        o.write_bytes(self._request_id(req))
+        o.write(b"\r\n", 2)
+        self._write_connection_header(req)
+        o.write(b"\r\n", 2)
+        if req.method != b"HEAD":
+            o.write_bytes(entry.body)
+        req.response_started = True
+        req.bytes_out += o.length
+        self._flush()
+        self._response_finished(req)
+
+    cdef bint _serve_stale(self, Request req):
+        """stale_if_error: the upstream failed; an expired entry still within its grace answers."""
+        cdef double now = monotonic()
+        if req.cache_stale is None or req.response_started or now >= req.cache_stale.stale_until:
+            return False
+        (<ResponseCache>req.rule.route.plugins.cache).stale_hits += 1
+        self._write_cached(req, req.cache_stale, b"STALE", now)
+        return True
+
+    cdef void _cache_begin(self, Request req, int status, list headers):
+        """The answer that fills the key has its head: keep its body as it passes, if storable."""
+        cdef ResponseCache cache = <ResponseCache>req.rule.route.plugins.cache
+        req.cache_ttl = cache.storable_ttl(status, headers)
+        if req.cache_ttl > 0:
+            req.cache_status = status
+            req.cache_headers = headers
+            req.cache_parts = []
+            req.cache_bytes = 0
+
+    cdef void _cache_store(self, Request req, bytes body):
+        req.cache_parts = None
+        (<ResponseCache>req.rule.route.plugins.cache).store(
+            req.cache_key, req.host, req.path, req.query, req.cache_status, req.cache_headers, body,
+            req.cache_ttl, monotonic())
 
     # --- rate limits (fastgw/_core/ratelimit.pyx) --------------------------------------------------
 
@@ -719,6 +842,8 @@ cdef class ClientConnection(Downstream):
         if policy.headers:
             lines = policy.header_lines(req.rule.route.name, limit, window_ns, d)
             req.limit_headers = lines if req.limit_headers is None else req.limit_headers + lines
+        record_route_event(req.rule.route.metric_slot,
+                           EV_RATELIMIT_ALLOWED if d.admitted else EV_RATELIMIT_REJECTED)
         if not d.admitted:
             req.flags = "RL"
             req.retry_after = <int>(d.retry_after + 0.999) or 1
@@ -762,13 +887,7 @@ cdef class ClientConnection(Downstream):
         if natives is not None:
             self._run_native_checks(req, natives)
             return
-        req.view = PluginRequest(
-            req.method.decode("latin-1"), req.host.decode("latin-1"), req.path.decode("latin-1"),
-            req.query.decode("latin-1"), Headers(raw=req.headers),
-            self.client_ip.decode(), self.peer_ip.decode(), req.rule.route.name,
-            self._request_id(req).decode("latin-1"),
-            req.forwarded_for.decode("latin-1") if req.forwarded_for is not None else None,
-            self.transport.get_extra_info("peercert") if self.listener.scheme is not HTTP_SCHEME else None)
+        req.view = self._plugin_view(req)
         try:
             result = req.rule.route.plugins.run_request(req.view)
         except Exception as exc:
@@ -782,6 +901,16 @@ cdef class ClientConnection(Downstream):
         self._pause(PAUSE_PLUGIN)
         task = asyncio.ensure_future(result)
         task.add_done_callback(lambda t, r=req: self._on_plugins_done(r, t))
+
+    cdef object _plugin_view(self, Request req):
+        """The fastgw.Request that plugins and handlers see."""
+        return PluginRequest(
+            req.method.decode("latin-1"), req.host.decode("latin-1"), req.path.decode("latin-1"),
+            req.query.decode("latin-1"), Headers(raw=req.headers),
+            self.client_ip.decode(), self.peer_ip.decode(), req.rule.route.name,
+            self._request_id(req).decode("latin-1"),
+            req.forwarded_for.decode("latin-1") if req.forwarded_for is not None else None,
+            self.transport.get_extra_info("peercert") if self.listener.scheme is not HTTP_SCHEME else None)
 
     cdef void _run_native_checks(self, Request req, tuple natives):
         """Every plugin of the route has a data-plane check (fastgw/_core/native.pyx)."""
@@ -847,29 +976,144 @@ cdef class ClientConnection(Downstream):
             # Our error shape: the request id goes into the body as on every other error.
             resp.body = resp.body[:-2] + b',"request_id":' + \
                 _json_encode(self._request_id(req).decode("latin-1")) + b"}}"
-        req.rule.route.plugins.run_response(req.view, resp)
+        if req.view is not None and req.rule.route.plugins is not None:
+            req.rule.route.plugins.run_response(req.view, resp)
         try:
             fields = _encode_fields(resp.headers)
         except ValueError:
             fields = []
-        status = resp.status
-        body = resp.body if req.method != b"HEAD" else b""
+        if req.cache_key is not None and req.rule.route.kind == ROUTE_HANDLER:
+            if resp.status >= 500 and self._serve_stale(req):
+                return
+            if req.cache_fill:
+                self._cache_begin(req, resp.status, fields)
+                if req.cache_parts is not None:
+                    self._cache_store(req, resp.body)
+            fields += [b"x-cache", b"MISS"]
+        # A handler's answer is the route's: its response_headers edits apply, as to a proxied one.
+        self._write_answer(req, resp.status, fields, resp.body,
+                           req.rule.route.response_edits if req.rule.route.kind == ROUTE_HANDLER else None)
+
+    cdef void _write_answer(self, Request req, int status, list fields, bytes body, HeaderEdits edits):
+        """A whole answer made here (plugin, handler, reshaped JSON): head, length, body; the
+        request is finished."""
+        cdef WriteBuffer o = self.out
         req.status = status
         o.write_bytes(<bytes>STATUS_LINES[status])
         o.write_bytes(_date_header())
-        write_fields(o, fields, None)
+        write_fields(o, fields, edits)
         o.write(b"content-length: ", 16)
-        o.write_int(PyBytes_GET_SIZE(resp.body))
+        o.write_int(PyBytes_GET_SIZE(body))
         o.write(b"\r\nx-request-id: ", 16)
         o.write_bytes(self._request_id(req))
         o.write(b"\r\n", 2)
         self._write_connection_header(req)
         o.write(b"\r\n", 2)
-        o.write_bytes(body)
+        if req.method != b"HEAD":
+            o.write_bytes(body)
         req.response_started = True
         req.bytes_out += o.length
         self._flush()
         self._response_finished(req)
+
+    # --- handler routes (aggregation, gRPC): Python answers with the whole request at hand ------
+
+    cdef void _run_handler(self, Request req):
+        req.answer_ready = False
+        if req.view is None:
+            req.view = self._plugin_view(req)
+        body = b"".join(req.body_buffer) if req.body_buffer else b""
+        req.body_buffer = None
+        forward = {"x-request-id": self._request_id(req).decode("latin-1"),
+                   "traceparent": self._outgoing_traceparent(req).decode("latin-1")}
+        if req.consumer is not None:
+            forward["x-consumer-name"] = req.consumer.decode("latin-1")
+        try:
+            work = req.rule.route.handler.handle(req.view, req.rule.params(req.path, &req.caps),
+                                                 body, forward, req.profile)
+        except Exception as exc:
+            self._handler_done(req, exc)
+            return
+        req.in_plugins = True
+        self._pause(PAUSE_PLUGIN)
+        task = asyncio.ensure_future(work)
+        task.add_done_callback(lambda t, r=req: self._on_handler_done(r, t))
+
+    def _on_handler_done(self, Request req, task):
+        if task.cancelled() or self.closed or req is not self.active:
+            return                        # the client went away meanwhile
+        req.in_plugins = False
+        self._resume(PAUSE_PLUGIN)
+        exc = task.exception()
+        self._handler_done(req, exc if exc is not None else task.result())
+
+    def _handler_done(self, Request req, result):
+        if isinstance(result, BaseException):
+            print(f"fastgw: handler of route {req.rule.route.name} failed: "
+                  f"{''.join(traceback.format_exception(result))}", file=sys.stderr, flush=True)
+            result = PluginResponse.error(500, "handler_error", "the route's handler failed")
+        elif not isinstance(result, PluginResponse):
+            result = PluginResponse.error(500, "handler_error", "the route's handler answered nothing")
+        if result.stream is not None:
+            self._write_stream_head(req, result)
+        else:
+            self._write_plugin_answer(req, result)
+
+    def _write_stream_head(self, Request req, resp):
+        """A handler's streamed answer (gRPC server streaming as NDJSON): the head now, each
+        chunk as the handler's iterator yields it (_pump_stream)."""
+        cdef WriteBuffer o = self.out
+        if req.view is not None and req.rule.route.plugins is not None:
+            req.rule.route.plugins.run_response(req.view, resp)
+        try:
+            fields = _encode_fields(resp.headers)
+        except ValueError:
+            fields = []
+        req.status = resp.status
+        o.write_bytes(<bytes>STATUS_LINES[resp.status])
+        o.write_bytes(_date_header())
+        write_fields(o, fields, req.rule.route.response_edits)
+        o.write(b"x-request-id: ", 14)
+        o.write_bytes(self._request_id(req))
+        o.write(b"\r\n", 2)
+        if req.http11:
+            o.write(b"transfer-encoding: chunked\r\n", 28)
+            req.chunked_out = req.method != b"HEAD"
+        else:
+            self.closing = True           # HTTP/1.0: the body ends when we close
+        self._write_connection_header(req)
+        o.write(b"\r\n", 2)
+        req.response_started = True
+        req.bytes_out += o.length
+        self._flush()
+        asyncio.ensure_future(_pump_stream(self, req, resp.stream))
+
+    def _stream_chunk(self, Request req, bytes chunk):
+        """False when the client is gone (the handler's stream is then closed)."""
+        if self.closed or req is not self.active:
+            return False
+        if req.method != b"HEAD":
+            self.upstream_body(chunk)
+            self._flush()
+        return True
+
+    def _stream_end(self, Request req, bint complete):
+        if self.closed or req is not self.active:
+            return
+        if not complete:
+            req.flags = "UC"              # cut short: the client must not see a complete body
+            self._log(req)
+            self._abort_client()
+            return
+        if req.chunked_out:
+            self.out.write(b"0\r\n\r\n", 5)
+        self._flush()
+        self._response_finished(req)
+
+    cdef bytes _outgoing_traceparent(self, Request req):
+        cdef WriteBuffer h = _scratch
+        self._write_traceparent(h, req)
+        return h.take()
 
     cdef list _response_plugins(self, Request req, int* status, list headers):
         """The response plugins of the route look at (and may change) the upstream's answer."""
@@ -951,6 +1195,7 @@ cdef class ClientConnection(Downstream):
         target_begin(target.metric_slot)
         req.upstream = conn
         req.upstream_reused = reused
+        req.collect = None                # a retry's answer starts afresh
         req.attempts += 1
         if service.per_try_timeout > 0 and \
                 (deadline == 0 or req.upstream_started + service.per_try_timeout < deadline):
@@ -1195,12 +1440,30 @@ cdef class ClientConnection(Downstream):
         if status == 101:
             self._start_tunnel(req, conn, headers)
             return 0
+        if req.cache_key is not None:
+            if status >= 500 and req.cache_stale is not None and self._serve_stale(req):
+                conn.abort()
+                return 0
+            if req.cache_fill:
+                self._cache_begin(req, status, headers)
+        if req.rule.route.shapes is not None and req.profile is not None and \
+                req.method != b"HEAD" and _is_json(headers):
+            req.collect = req.rule.route.shapes.get(req.profile)
+            if req.collect is not None:
+                # Reshaped for the client's profile: held whole, answered at the end.
+                req.collect_status = status
+                req.collect_headers = headers
+                req.collect_parts = []
+                req.collect_bytes = 0
+                return 0
         if req.view is not None and req.rule.route.plugins.response_plugins:
             headers = self._response_plugins(req, &status, headers)
         req.status = status
         req.response_started = True
         o.write_bytes(<bytes>STATUS_LINES[status])
         write_fields(o, headers, edits)
+        if req.cache_key is not None:
+            o.write(b"x-cache: MISS\r\n", 15)
         if not conn.has_date:
             o.write_bytes(_date_header())     # RFC 9110 §6.6.1: a proxy with a clock adds it
         if framing == FRAMING_LENGTH or (framing == FRAMING_NONE and length >= 0):
@@ -1288,6 +1551,22 @@ cdef class ClientConnection(Downstream):
         cdef Request req = self.active
         cdef WriteBuffer o = self.out
         cdef Py_ssize_t n = len(data)
+        if req.collect is not None:
+            req.collect_bytes += n
+            if req.collect_bytes > COLLECT_LIMIT:
+                req.collect = None
+                req.upstream.abort()
+                req.upstream = None
+                self._fail_request(req, 502, "upstream_error", "the JSON answer to reshape is too large")
+                return 0
+            req.collect_parts.append(bytes(data))
+            return 0
+        if req.cache_parts is not None:
+            req.cache_bytes += n
+            if req.cache_bytes > (<ResponseCache>req.rule.route.plugins.cache).max_entry_bytes:
+                req.cache_parts = None    # too large to keep: passed through only
+            else:
+                req.cache_parts.append(bytes(data))
         req.bytes_out += n
         if req.chunked_out:
             if n == 0:
@@ -1314,12 +1593,35 @@ cdef class ClientConnection(Downstream):
 
     cdef bint upstream_complete(self, UpstreamConnection conn) except -1:
         cdef Request req = self.active
+        if req.collect is not None:
+            req.upstream = None
+            self._answer_collected(req)
+            return req.body_done
         if req.chunked_out:
             self.out.write(b"0\r\n\r\n", 5)
         req.upstream = None
+        if req.cache_parts is not None:
+            self._cache_store(req, b"".join(req.cache_parts))
         self._flush()
         self._response_finished(req)
         return req.body_done
+
+    cdef void _answer_collected(self, Request req):
+        """The held JSON answer, reshaped for the client's profile."""
+        cdef int status = req.collect_status
+        cdef list headers = req.collect_headers
+        shape, req.collect = req.collect, None
+        try:
+            body = shape.apply_json(b"".join(req.collect_parts))
+        except ValueError as exc:
+            req.collect_parts = None
+            self._fail_request(req, 502, "upstream_error", f"cannot reshape the answer: {exc}")
+            return
+        req.collect_parts = None
+        if req.view is not None and req.rule.route.plugins is not None and \
+                req.rule.route.plugins.response_plugins:
+            headers = self._response_plugins(req, &status, headers)
+        self._write_answer(req, status, headers, body, req.rule.route.response_edits)
 
     cdef int upstream_failed(self, UpstreamConnection conn, int error) except -1:
         cdef Request req = self.active
@@ -1354,8 +1656,11 @@ cdef class ClientConnection(Downstream):
         if req.response_started:
             # Part of the answer is out: the client must see it cut short, never "complete".
             req.flags = "UC"
+            req.cache_parts = None
             self._log(req)
             self._abort_client()
+            return 0
+        if self._serve_stale(req):
             return 0
         if error == UPSTREAM_CONNECT_FAILED:
             req.flags = "UF"
@@ -1517,6 +1822,11 @@ cdef class ClientConnection(Downstream):
             # Failed: no response head came, or the body was cut short.
             target_end(req.target.metric_slot, now - req.upstream_started,
                        req.upstream_status == 0 or req.flags == "UC")
+        if req.cache_fill:
+            req.cache_fill = False
+            waiting = (<ResponseCache>route.plugins.cache).filling.pop(req.cache_key, None)
+            if waiting:
+                self.loop.call_soon(_wake_cache_waiters, waiting, route.plugins.cache)
         if req.limit_release is not None:
             for entry in req.limit_release:
                 release(<uint64_t*><size_t>entry)
@@ -1531,7 +1841,7 @@ cdef class ClientConnection(Downstream):
                        req.status, now - req.started if req.started else 0.0)
         if req.sampled and self.listener.tracer is not None:
             self._export_span(req, now)
-        if req.view is not None and route.plugins.log_plugins:
+        if req.view is not None and route.plugins is not None and route.plugins.log_plugins:
             route.plugins.run_log(req.view, PluginResponse(req.status))
         if sink is None:
             return
@@ -1704,3 +2014,37 @@ cdef inline bint _can_discard(Request req):
     if req.chunked:
         return False
     return (req.content_length if req.content_length > 0 else 0) - req.body_bytes <= DISCARD_LIMIT
+
+
+cdef inline bint _answers_locally(RouteEntry route):
+    """Echo and handler routes answer here once they hold the whole request body."""
+    return route.kind == ROUTE_ECHO or route.kind == ROUTE_HANDLER
+
+
+cdef bint _is_json(list headers):
+    cdef Py_ssize_t i
+    for i in range(0, len(headers), 2):
+        if ascii_lower(<bytes>headers[i]) == b"content-type":
+            return b"json" in ascii_lower(<bytes>headers[i + 1])
+    return False
+
+
+async def _pump_stream(conn, req, stream):
+    complete = False
+    try:
+        async for chunk in stream:
+            if not conn._stream_chunk(req, chunk):
+                break
+        else:
+            complete = True
+    except Exception as exc:
+        print(f"fastgw: a handler's stream failed: {exc!r}", file=sys.stderr, flush=True)
+    finally:
+        if hasattr(stream, "aclose"):
+            await stream.aclose()
+    conn._stream_end(req, complete)
+
+
+def _wake_cache_waiters(list waiting, cache):
+    for conn, req in waiting:
+        conn._cache_wake(req, cache)

@@ -7,6 +7,7 @@ cdef enum RouteKind:
     ROUTE_PROXY = 0
     ROUTE_RESPOND = 1
     ROUTE_ECHO = 2
+    ROUTE_HANDLER = 3               # answered by Python (aggregation, gRPC): body held, then handler
 
 cdef struct Captures:
     int count
@@ -47,6 +48,8 @@ cdef class RouteEntry:
     cdef readonly int metric_slot         # shared-memory counters (fastgw._core.shm), -1 = none
     cdef readonly tuple conditions        # header / query / profile conditions, None = none
     cdef readonly object plugins          # fastgw.plugins.chain.Chain, None = no plugins at all
+    cdef readonly object handler          # ROUTE_HANDLER: async handle(view, params, body, forward)
+    cdef readonly dict shapes             # client profile -> fastgw.handlers.shape.Shape, or None
 
 
 cdef class PathRule:
@@ -58,6 +61,7 @@ cdef class PathRule:
     cdef list segments                    # parse_pattern(pattern), None for a regex
 
     cdef int write_path(self, WriteBuffer buf, const char* path, Py_ssize_t n, Captures* caps) except -1
+    cdef dict params(self, bytes path, Captures* caps)
 
 
 cdef class PathNode:

@@ -142,7 +142,8 @@ cdef class RouteEntry:
                  methods_mask=0, host_rewrite=None, strip_prefix=None, query_rewrite=None,
                  request_edits=None, response_edits=None, double timeout=0.0,
                  long long max_body=-1, int respond_status=0, respond_head=None,
-                 respond_body=None, int metric_slot=-1, conditions=None, plugins=None):
+                 respond_body=None, int metric_slot=-1, conditions=None, plugins=None,
+                 handler=None, shapes=None):
         self.name = name
         self.index = index
         self.priority = priority
@@ -162,6 +163,8 @@ cdef class RouteEntry:
         self.metric_slot = metric_slot
         self.conditions = tuple(conditions) if conditions else None
         self.plugins = plugins
+        self.handler = handler
+        self.shapes = shapes or None
 
     def __repr__(self):
         return f"<RouteEntry {self.name!r}>"
@@ -214,6 +217,16 @@ cdef class PathRule:
                 return 0
         buf.write(path, n)
         return 0
+
+    cdef dict params(self, bytes path, Captures* caps):
+        """{name: value} of the named captures of a match (handlers and Router.lookup)."""
+        cdef dict params = {}
+        cdef int i
+        for i in range(caps.count):
+            name = self.capture_names[i] if i < len(self.capture_names) else None
+            if name is not None:
+                params[name] = path[caps.start[i]:caps.end[i]].decode("latin-1")
+        return params
 
     def __repr__(self):
         return f"<PathRule {self.route.name!r} {self.pattern!r}>"
@@ -556,12 +569,7 @@ cdef class Router:
         rule = self.match(bmethod, bhost, len(bhost), bpath, len(bpath), &caps, hlist, bquery, profile)
         if rule is None:
             return None
-        params = {}
-        for i in range(caps.count):
-            name = (<PathRule>rule).capture_names[i] if i < len((<PathRule>rule).capture_names) else None
-            if name is not None:
-                params[name] = bpath[caps.start[i]:caps.end[i]].decode("latin-1")
-        return rule, params
+        return rule, (<PathRule>rule).params(bpath, &caps)
 
     def classify_request(self, headers=None, query=b""):
         """Python entry point for `classify`."""
@@ -641,3 +649,4 @@ def normalize_path(bytes path):
 ROUTE_PROXY_KIND = ROUTE_PROXY
 ROUTE_RESPOND_KIND = ROUTE_RESPOND
 ROUTE_ECHO_KIND = ROUTE_ECHO
+ROUTE_HANDLER_KIND = ROUTE_HANDLER

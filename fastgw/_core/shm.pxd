@@ -13,11 +13,20 @@ cdef enum:
     CIRCUIT_OPEN = 1
     CIRCUIT_HALF_OPEN = 2
 
+# Per-route event counters (words of a route's slot, after its request counters and histogram).
+cdef enum RouteEvent:
+    EV_CACHE_HIT = 354
+    EV_CACHE_MISS = 355
+    EV_CACHE_STALE = 356
+    EV_RATELIMIT_ALLOWED = 357
+    EV_RATELIMIT_REJECTED = 358
+
 
 # What the data plane records. Each is a no-op when this process has no active segment or the
 # slot is -1 (not tracked) or out of range, so compiled tables without slots cost nothing extra.
 cdef int method_index(const char* method, Py_ssize_t n) noexcept
 cdef void record_request(int route_slot, int method, int status, double seconds) noexcept
+cdef void record_route_event(int route_slot, int event) noexcept
 cdef int listener_admit(int slot, long long limit) noexcept
 cdef bint listener_admits(int slot, long long limit, long long open_here) noexcept
 cdef void listener_opened(int slot) noexcept

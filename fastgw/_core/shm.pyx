@@ -82,6 +82,7 @@ cdef enum:
     R_DURATION = 336                    # N_METHODS * N_CODES
     R_SUM = 352                         # R_DURATION + N_BUCKETS
     R_COUNT = 353
+    # 354..358: RouteEvent counters (shm.pxd)
     ROUTE_WORDS = 360
 
     T_HEALTHY = 0
@@ -209,6 +210,11 @@ cdef void record_request(int route_slot, int method, int status, double seconds)
     _observe(r + R_DURATION, _ns(seconds))
     if _my_requests != NULL:
         fg_add(_my_requests, 1)
+
+
+cdef void record_route_event(int route_slot, int event) noexcept:
+    if _routes != NULL and 0 <= route_slot < _n_routes:
+        fg_add(_routes + <Py_ssize_t>route_slot * ROUTE_WORDS + event, 1)
 
 
 cdef bint listener_admits(int slot, long long limit, long long open_here) noexcept:
@@ -702,6 +708,14 @@ cdef class Segment:
                     out.append((METHOD_NAMES[m], CODE_LABELS[c], n))
         return out
 
+    def route_events(self, int slot):
+        """Cache results and rate-limit decisions of a route."""
+        cdef uint64_t* r = self._route(slot)
+        return {"cache": {"hit": fg_load(r + EV_CACHE_HIT), "miss": fg_load(r + EV_CACHE_MISS),
+                          "stale": fg_load(r + EV_CACHE_STALE)},
+                "ratelimit": {"allowed": fg_load(r + EV_RATELIMIT_ALLOWED),
+                              "rejected": fg_load(r + EV_RATELIMIT_REJECTED)}}
+
     def route_duration(self, int slot):
         return _histogram(self._route(slot) + R_DURATION)
 
@@ -762,6 +776,11 @@ cdef tuple _histogram(uint64_t* h):
 
 def _record_request(int route_slot, bytes method, int status, double seconds):
     record_request(route_slot, method_index(method, len(method)), status, seconds)
+
+def _record_route_event(int route_slot, str event):
+    record_route_event(route_slot, {"cache_hit": EV_CACHE_HIT, "cache_miss": EV_CACHE_MISS,
+                                    "cache_stale": EV_CACHE_STALE, "ratelimit_allowed": EV_RATELIMIT_ALLOWED,
+                                    "ratelimit_rejected": EV_RATELIMIT_REJECTED}[event])
 
 def _listener_admit(int slot, long long limit):
     return listener_admit(slot, limit)

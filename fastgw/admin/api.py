@@ -95,6 +95,19 @@ def build_app(sup, token: str | None) -> AdminApp:
             return _config_error(exc)
         return {"config_version": version}
 
+    @app.route("POST", "/cache/purge")
+    async def purge_cache(req):
+        spec = _object(req)
+        if set(spec) == {"key"} and isinstance(spec["key"], str) and spec["key"].count(" ") >= 2:
+            pass
+        elif spec and set(spec) <= {"host", "path_prefix"} and all(isinstance(v, str) for v in spec.values()) \
+                and spec.get("path_prefix", "/").startswith("/"):
+            pass
+        else:
+            raise HTTPError(400, "bad_request", 'give {"key": "GET host /path?query"} or '
+                                                '{"host": "...", "path_prefix": "/..."}')
+        return {"purged": await sup.purge_cache(spec)}
+
     # --- the whole config ------------------------------------------------------------------------
 
     @app.route("GET", "/config")

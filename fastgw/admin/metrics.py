@@ -2,9 +2,7 @@
 by construction: every worker adds into the same words. Rendered on scrape, in the supervisor;
 the data plane makes no Python call to count.
 
-Left out until their issues add the counters behind them: fastgw_ratelimit_decisions_total and
-fastgw_cache_requests_total (SPEC §9). A family announced with no samples would look like a feature
-that counts nothing. Request counters and histograms are written only for cells and slots that
+Request counters and histograms are written only for cells and slots that
 have counted something, so 10,000 idle routes do not cost 10,000 histograms per scrape."""
 from __future__ import annotations
 
@@ -60,6 +58,18 @@ def render(segment, labels: dict) -> str:
         buckets, total, count = segment.route_duration(slot)
         if count:
             w.histogram("http_request_duration_seconds", buckets, total, count, route=route, service=service)
+
+    events = [(route, segment.route_events(slot)) for slot, route, _ in routes if route]
+    w.family("ratelimit_decisions_total", "counter", "Rate-limit decisions, by route and result.")
+    for route, e in events:
+        if any(e["ratelimit"].values()):
+            for result, n in e["ratelimit"].items():
+                w.sample("ratelimit_decisions_total", n, route=route, result=result)
+    w.family("cache_requests_total", "counter", "Cache lookups, by route and result (hit, miss, stale).")
+    for route, e in events:
+        if any(e["cache"].values()):
+            for result, n in e["cache"].items():
+                w.sample("cache_requests_total", n, route=route, result=result)
 
     stats = [(service, target, segment.target_stats(slot)) for slot, service, target in targets]
     w.family("upstream_request_duration_seconds", "histogram",

@@ -6,6 +6,7 @@ the data plane does no per-request work that depends only on the config.
 """
 from __future__ import annotations
 
+import asyncio
 import gc
 import re
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ class Runtime:
     services: dict            # name -> fastgw._core.upstream.Service
     compiled: dict = field(default_factory=dict)   # route name -> CompiledRoute (reused by reloads)
     plugins: dict = field(default_factory=dict)    # plugin instances by their config entry (reused too)
+    grpc_clients: object = None                    # fastgw.handlers.grpc_route.GrpcClients (reused too)
 
     def route_table(self) -> list[dict]:
         rows = []
@@ -78,6 +80,13 @@ class Runtime:
         for plugin in self.plugins.values():
             if id(plugin) not in kept_plugins and hasattr(plugin, "close"):
                 plugin.close()
+        if self.grpc_clients is not None and self.grpc_clients.clients:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return                            # never used outside a worker's loop
+            loop.create_task(self.grpc_clients.close_unused(
+                successor.grpc_clients if successor is not None else None))
 
 
 def _route_order_key(routes: list[Route]):
@@ -115,7 +124,10 @@ def _compile(config: Config, slots: dict | None, previous: Runtime | None) -> Ru
     # Method bits are kept from the previous table so that unchanged routes' masks stay valid.
     method_bits: dict[bytes, int] = dict(previous.router.method_bits) if previous is not None else {}
     for route in config.routes:
-        for method in route.match.methods:
+        # Routes from google.api.http annotations match the methods the annotations name.
+        methods = _ANNOTATION_METHODS if route.grpc is not None and route.grpc.method is None \
+            else route.match.methods
+        for method in methods:
             method_bits.setdefault(method.upper().encode(), 1 << len(method_bits))
     if len(method_bits) > 63 and previous is not None:
         return _compile(config, slots, None)          # stale bits from old configs: start afresh
@@ -134,21 +146,114 @@ def _compile(config: Config, slots: dict | None, previous: Runtime | None) -> Ru
         {name: c.chain for name, c in previous.compiled.items()} if previous is not None else {})
     compiled: dict[str, CompiledRoute] = {}
     before = previous.compiled if previous is not None else {}
+    handlers = _Handlers(config, services, previous)
     entries = []
     for i, route in enumerate(config.routes):
         service = services.get(route.service) if route.service else None
         slot = route_slots.get(route.name, -1)
         chain = chains[route.name]
         done = before.get(route.name)
+        # Handler routes hold the services they call: compiled afresh with them.
         if done is None or done.index != i or done.service is not service or done.slot != slot \
-                or done.spec != route or done.chain is not chain:
-            done = _compile_route(route, i, service, slot, chain, method_bits, problems)
+                or done.spec != route or done.chain is not chain or _has_handler(route):
+            done = _compile_route(route, i, service, slot, chain, method_bits, problems, handlers)
         compiled[route.name] = done
         entries.extend(done.rules)
     if problems:
         raise CompileError(problems)
     return Runtime(config=config, router=Router.build(entries, method_bits, profiles),
-                   services=services, compiled=compiled, plugins=plugin_instances)
+                   services=services, compiled=compiled, plugins=plugin_instances,
+                   grpc_clients=handlers.grpc_clients)
+
+
+_ANNOTATION_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
+
+
+def _has_handler(route: Route) -> bool:
+    return route.aggregate is not None or route.grpc is not None
+
+
+class _Handlers:
+    """What handler routes (aggregation, gRPC) of one config share: the loopback client into the
+    data plane and the gRPC clients, both made on first need."""
+
+    def __init__(self, config: Config, services: dict, previous: Runtime | None):
+        self.config, self.services = config, services
+        self._loopback = None
+        self._previous_grpc = previous.grpc_clients if previous is not None else None
+        self._grpc_clients = None
+
+    def loopback(self):
+        if self._loopback is None:
+            from fastgw.handlers.loopback import LoopbackClient, internal_routes
+
+            self._loopback = LoopbackClient(internal_routes(self.services))
+        return self._loopback
+
+    @property
+    def grpc_clients(self):
+        return self._grpc_clients
+
+    def grpc(self, name: str):
+        """(Descriptors, GrpcClient) of gRPC service `name`."""
+        from fastgw.handlers.grpc_route import GrpcClients
+
+        if self._grpc_clients is None:
+            self._grpc_clients = GrpcClients(self._previous_grpc)
+        metadata = frozenset(h.lower() for r in self.config.routes
+                             if r.grpc is not None and r.grpc.service == name for h in r.grpc.metadata)
+        return self._grpc_clients.get(name, self.config.services[name], metadata)
+
+
+def _shapes(route: Route, where: str, problems: list) -> dict | None:
+    from fastgw.handlers.shape import Shape
+
+    shapes = {}
+    for name, spec in route.profiles.items():
+        try:
+            shapes[name] = Shape(spec.allow, spec.deny, spec.rename)
+        except ValueError as exc:
+            problems.append((f"{where}.profiles.{name}", str(exc)))
+    return shapes or None
+
+
+def _aggregator(route: Route, where: str, shapes, handlers: _Handlers, problems: list):
+    from fastgw.handlers.aggregate import Aggregator
+
+    try:
+        return Aggregator(route.aggregate, handlers.loopback(), shapes, route.timeout,
+                          set(handlers.services))
+    except ValueError as exc:
+        key, _, message = str(exc).partition(": ")
+        problems.append((f"{where}.aggregate.{key}", message))
+        return None
+
+
+def _grpc_handlers(route: Route, where: str, handlers: _Handlers, problems: list) -> list:
+    """[(path pattern or None for the route's own paths, HTTP method or None, handler)]."""
+    from fastgw.handlers.grpc import GrpcConfigError
+    from fastgw.handlers.grpc_route import GrpcRouteHandler
+
+    spec = route.grpc
+    service = handlers.services[spec.service]
+    timeout = route.timeout or handlers.config.services[spec.service].timeouts.read
+    try:
+        descriptors, client = handlers.grpc(spec.service)
+        if spec.method is not None:
+            return [(None, None, GrpcRouteHandler(
+                service, client, descriptors.method(spec.method), body_field=None, response_body=None,
+                params={}, stream=spec.stream, timeout=timeout))]
+        rules = descriptors.http_rules()
+        if not rules:
+            raise GrpcConfigError(f"{spec.service}'s descriptors have no google.api.http annotations: "
+                                  "name the method")
+        return [(rule.pattern, rule.http_method, GrpcRouteHandler(
+            service, client, descriptors.method(rule.grpc_method), body_field=rule.body,
+            response_body=rule.response_body, params=rule.params, stream=spec.stream, timeout=timeout))
+            for rule in rules]
+    except GrpcConfigError as exc:
+        problems.append((f"{where}.grpc", str(exc)))
+        return []
 
 
 @dataclass
@@ -163,9 +268,10 @@ class CompiledRoute:
 
 
 def _compile_route(route: Route, i: int, service, slot: int, chain, method_bits: dict,
-                   problems: list) -> CompiledRoute:
-    from fastgw._core.router import (ROUTE_ECHO_KIND, ROUTE_PROXY_KIND, ROUTE_RESPOND_KIND,
-                                     HeaderEdits, PathRule, PatternError, RouteEntry)
+                   problems: list, handlers: _Handlers) -> CompiledRoute:
+    from fastgw._core.router import (ROUTE_ECHO_KIND, ROUTE_HANDLER_KIND, ROUTE_PROXY_KIND,
+                                     ROUTE_RESPOND_KIND, HeaderEdits, PathRule, PatternError,
+                                     RouteEntry)
 
     where = f"routes[{i}]"
     match = route.match
@@ -180,8 +286,11 @@ def _compile_route(route: Route, i: int, service, slot: int, chain, method_bits:
     except ValueError as exc:
         problems.append((f"{where}.deprecation", str(exc)))
         response_edits = None
+    shapes = _shapes(route, where, problems)
     if route.respond is not None:
         kind = ROUTE_RESPOND_KIND
+    elif _has_handler(route):
+        kind = ROUTE_HANDLER_KIND
     elif service is not None and service.kind == ROUTE_ECHO_KIND:
         kind = ROUTE_ECHO_KIND
     else:
@@ -200,15 +309,28 @@ def _compile_route(route: Route, i: int, service, slot: int, chain, method_bits:
         max_body=route.max_body_bytes if route.max_body_bytes is not None else -1,
         metric_slot=slot,
         plugins=chain,
+        shapes=shapes,
     )
     if route.respond is not None:
         status, head, body = respond_bytes(route.respond)
         entry_args.update(respond_status=status, respond_head=head, respond_body=body)
+    if route.aggregate is not None:
+        entry_args["handler"] = _aggregator(route, where, shapes, handlers, problems)
+    patterns = [(j, pattern, None) for j, pattern in enumerate(match.paths or ["/**"])]
+    if route.grpc is not None:
+        grpc = _grpc_handlers(route, where, handlers, problems)
+        if grpc and grpc[0][0] is None:
+            entry_args["handler"] = grpc[0][2]
+        elif grpc:
+            # One entry per annotated method: its path, its HTTP method, its handler.
+            patterns = [(j, pattern, RouteEntry(**{**entry_args, "handler": handler, "methods_mask":
+                                                  method_bits.setdefault(method.encode(), 1 << len(method_bits))}))
+                        for j, (pattern, method, handler) in enumerate(grpc)]
     entry = RouteEntry(**entry_args)
     rules = []
-    for j, pattern in enumerate(match.paths or ["/**"]):
+    for j, pattern, own_entry in patterns:
         try:
-            rule = PathRule(entry, pattern, rewrite.path if rewrite else None)
+            rule = PathRule(own_entry or entry, pattern, rewrite.path if rewrite else None)
         except (PatternError, ValueError) as exc:
             problems.append((f"{where}.match.paths[{j}]", str(exc)))
             continue

@@ -86,6 +86,8 @@ def _resolve_files(config: Config, base_dir: str | None) -> None:
     for service in config.services.values():
         tls = service.tls
         tls.ca, tls.client_cert, tls.client_key = absolute(tls.ca), absolute(tls.client_cert), absolute(tls.client_key)
+        if service.grpc is not None:
+            service.grpc.descriptors = absolute(service.grpc.descriptors)
     for entries in [config.plugins, *(route.plugins for route in config.routes)]:
         for entry in entries:
             if isinstance(entry, dict) and len(entry) == 1:

@@ -209,9 +209,15 @@ class Locality(_Base):
     spill_over_below: float = 0.7                  # use every zone while less of ours is up
 
 
+class ServiceGrpc(_Base):
+    descriptors: str                               # FileDescriptorSet (protoc --include_imports
+                                                   # --descriptor_set_out); relative: to the config file
+
+
 class Service(_Base):
     kind: Literal["proxy", "echo"] = "proxy"       # echo: built-in, answers with the request as JSON
-    scheme: Literal["http", "https"] = "http"
+    scheme: Literal["http", "https", "grpc"] = "http"
+    grpc: Union[ServiceGrpc, None] = None          # scheme grpc: the services' descriptors
     targets: list[Target] = []
     balance: Balance = msgspec.field(default_factory=Balance)
     locality: Union[Locality, None] = None
@@ -274,6 +280,40 @@ class Respond(_Base):
     body: Union[str, None] = None                  # text body
 
 
+class AggregateBackend(_Base):
+    service: str
+    path: str                                      # "/prices/{id}" (route params), "/stock/{product.sku}"
+                                                   # (a field of the backend whose `into` is product)
+    method: str = "GET"
+    into: Union[str, None] = None                  # key of its result in the answer; absent = merged flat
+    allow: list[str] = []                          # dotted field paths kept (default: all)
+    deny: list[str] = []                           # dotted field paths removed
+    rename: dict[str, str] = {}                    # dotted path -> new field name
+    optional: bool = False                         # failing leaves its key out (X-Fastgw-Completed: false)
+    headers: list[str] = []                        # client headers passed on besides the default ones
+    pass_query: bool = False                       # append the client's query string
+    pass_body: bool = False                        # send the client's body
+
+
+class Aggregate(_Base):
+    timeout: Union[Duration, None] = None          # for all calls together (default: route timeout, 10s)
+    max_body_bytes: Size = 1024 * 1024             # per backend answer; larger is that backend failing
+    backends: list[AggregateBackend] = []
+
+
+class Shape(_Base):
+    allow: list[str] = []                          # dotted field paths kept
+    deny: list[str] = []
+    rename: dict[str, str] = {}
+
+
+class GrpcRoute(_Base):
+    service: str                                   # a service with scheme grpc
+    method: Union[str, None] = None                # "pkg.Service/Method"; None: google.api.http routes it
+    stream: Literal["json_array", "ndjson"] = "json_array"   # server-streaming answers
+    metadata: list[str] = []                       # request headers sent as metadata (besides the defaults)
+
+
 class Route(_Base):
     name: str
     match: Match = msgspec.field(default_factory=Match)
@@ -285,6 +325,9 @@ class Route(_Base):
     timeout: Union[Duration, None] = None          # time until the upstream response head arrives
     max_body_bytes: Union[Size, None] = None
     respond: Union[Respond, None] = None
+    aggregate: Union[Aggregate, None] = None       # several backends, one JSON answer
+    grpc: Union[GrpcRoute, None] = None            # HTTP/JSON -> gRPC
+    profiles: dict[str, Shape] = {}                # client profile -> how its JSON answers are reshaped
     deprecation: Union[Deprecation, None] = None
     plugins: list[dict[str, Any]] = []             # {name: config}, see fastgw.plugins
 

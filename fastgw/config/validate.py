@@ -274,6 +274,8 @@ def _limit_problems(path: str, limits: Limits) -> Iterator[ConfigProblem]:
 
 def _service_problems(config: Config) -> Iterator[ConfigProblem]:
     by_routes = {route.service for route in config.routes}
+    by_routes |= {b.service for route in config.routes if route.aggregate for b in route.aggregate.backends}
+    by_routes |= {route.grpc.service for route in config.routes if route.grpc}
     used = by_routes | {listener.service for listener in config.listeners if listener.protocol != "http"}
     used |= {svc for listener in config.listeners if listener.tls for svc in listener.tls.sni_routes.values()}
     for name, service in config.services.items():
@@ -395,6 +397,10 @@ def _one_service(path: str, service: Service) -> Iterator[ConfigProblem]:
     ])
     yield from _health_problems(path, service)
     yield from _failing([
+        (f"{path}.grpc", (service.scheme == "grpc") == (service.grpc is not None),
+         "scheme: grpc and a `grpc: {descriptors: FILE}` section go together"),
+        (f"{path}.scheme", service.scheme != "grpc" or (_installed("grpc") and _installed("google.api")),
+         "HTTP/JSON to gRPC needs grpcio and protobuf: pip install 'fastgw[grpc]'"),
         (f"{path}.targets", service.kind != "proxy" or bool(service.targets),
          "a proxy service needs at least one target"),
         (f"{path}.targets", service.kind != "echo" or not service.targets,
@@ -426,9 +432,11 @@ def _route_problems(config: Config) -> Iterator[ConfigProblem]:
 
 
 def _one_route(path: str, route: Route, config: Config) -> Iterator[ConfigProblem]:
-    has_service, has_respond = route.service is not None, route.respond is not None
+    has_service = route.service is not None
+    answers = [key for key in ("service", "respond", "aggregate", "grpc") if getattr(route, key) is not None]
     yield from _failing([
-        (path, has_service != has_respond, "set exactly one of `service` or `respond`"),
+        (path, len(answers) == 1, "set exactly one of `service`, `respond`, `aggregate` or `grpc`"
+         + (f" (it sets {', '.join(answers)})" if answers else "")),
         (f"{path}.service", not has_service or route.service in config.services,
          f"unknown service {route.service!r} (defined: {', '.join(sorted(config.services)) or 'none'})"),
         (f"{path}.timeout", route.timeout is None or route.timeout > 0, "must be greater than 0"),
@@ -444,6 +452,29 @@ def _one_route(path: str, route: Route, config: Config) -> Iterator[ConfigProble
     for j, host in enumerate(route.match.hosts):
         yield from _failing([(f"{path}.match.hosts[{j}]", bool(_HOST_PATTERN.match(host)),
                               f"{host!r} is not a host name, *.wildcard, or either with :port")])
+    for name in route.profiles:
+        yield from _failing([(f"{path}.profiles.{name}", name in config.clients,
+                              f"unknown client profile {name!r} (defined: {', '.join(sorted(config.clients)) or 'none'})")])
+    if route.aggregate is not None:
+        yield from _failing([(f"{path}.aggregate.backends", bool(route.aggregate.backends),
+                              "at least one backend")])
+        for j, backend in enumerate(route.aggregate.backends):
+            yield from _failing([
+                (f"{path}.aggregate.backends[{j}].service", backend.service in config.services and
+                 config.services[backend.service].scheme != "grpc",
+                 f"unknown HTTP service {backend.service!r}"),
+                (f"{path}.aggregate.backends[{j}].method", bool(_TOKEN.match(backend.method)),
+                 f"{backend.method!r} is not a valid HTTP method token"),
+                (f"{path}.aggregate.backends[{j}].path", backend.path.startswith("/"), "must start with /"),
+            ])
+    if route.grpc is not None:
+        target = config.services.get(route.grpc.service)
+        yield from _failing([
+            (f"{path}.grpc.service", target is not None and target.scheme == "grpc",
+             f"{route.grpc.service!r} is not a service with scheme: grpc"),
+            (f"{path}.match.paths", route.grpc.method is not None or not route.match.paths,
+             "without grpc.method the google.api.http annotations give the paths: set no paths"),
+        ])
     if route.respond is not None:
         respond = route.respond
         yield from _failing([

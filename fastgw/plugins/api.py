@@ -210,9 +210,10 @@ class Request:
 
 class Response:
     """A local answer (returned from on_request) or the answer going out (on_response).
-    `json` is encoded when given; else `body` (bytes or str)."""
+    `json` is encoded when given; else `body` (bytes or str). A route handler may instead set
+    `stream`, an async iterator of body chunks, sent chunked as they come."""
 
-    __slots__ = ("status", "headers", "body")
+    __slots__ = ("status", "headers", "body", "stream")
 
     def __init__(self, status: int = 200, headers: Headers | dict | Iterable | None = None, *,
                  body: bytes | str = b"", json: Any = msgspec.UNSET) -> None:
@@ -226,6 +227,7 @@ class Response:
             if "content-type" not in self.headers:
                 self.headers.add("content-type", "application/json")
         self.body = body.encode() if isinstance(body, str) else body
+        self.stream = None
 
     @classmethod
     def error(cls, status: int, code: str, message: str, headers: dict | None = None) -> "Response":

@@ -13,12 +13,15 @@ from fastgw.plugins.api import Plugin, Response
 
 
 class Chain:
-    __slots__ = ("plugins", "request_plugins", "response_plugins", "log_plugins", "native", "ratelimits")
+    __slots__ = ("plugins", "request_plugins", "response_plugins", "log_plugins", "native", "ratelimits",
+                 "cache")
 
     def __init__(self, plugins: tuple) -> None:
         self.plugins = plugins
-        # rate_limit is decided by the data plane once the request plugins let the request through.
-        self.ratelimits = tuple(p.policy for p in plugins if getattr(p, "data_plane", False))
+        # rate_limit and cache are the data plane's, once the request plugins let the request through.
+        data_plane = [p for p in plugins if getattr(p, "data_plane", False)]
+        self.ratelimits = tuple(p.policy for p in data_plane if hasattr(p, "policy"))
+        self.cache = next((p.response_cache for p in data_plane if hasattr(p, "response_cache")), None)
         self.request_plugins = tuple(p for p in plugins if p.phase in ("rewrite", "access")
                                      and not getattr(p, "data_plane", False))
         self.response_plugins = tuple(p for p in plugins if p.phase == "response" or _overrides(p, "on_response"))

@@ -26,6 +26,7 @@ BUILTIN = {
     "acl": "fastgw.plugins.acl:Acl",
     "mtls_auth": "fastgw.plugins.mtls_auth:MtlsAuth",
     "rate_limit": "fastgw.plugins.rate_limit:RateLimit",
+    "cache": "fastgw.plugins.cache:Cache",
 }
 
 

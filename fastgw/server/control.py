@@ -2,8 +2,10 @@
 length-prefixed pickled messages (both ends are this package, in processes the supervisor
 started, so pickle is a trusted format here and keeps msgspec Structs as they are).
 
-Supervisor -> worker: ("start" | "prepare", version, config, slots), ("commit", version), ("abort", version)
-Worker -> supervisor: ("ready" | "prepared" | "applied", version), ("failed" | "rejected", version, message)
+Supervisor -> worker: ("start" | "prepare", version, config, slots), ("commit", version), ("abort", version),
+                      ("purge", 0, {"key": ...} | {"host": ..., "path_prefix": ...})
+Worker -> supervisor: ("ready" | "prepared" | "applied", version), ("failed" | "rejected", version, message),
+                      ("purged", 0, entries removed)
 """
 from __future__ import annotations
 

@@ -330,6 +330,15 @@ class Supervisor:
                 self.admin.configure(loaded.config.admin)
             return version
 
+    async def purge_cache(self, spec: dict) -> int:
+        """Remove cached answers in every worker (POST /cache/purge) -> how many entries."""
+        async with self.apply_lock:           # replies come back in order, not among a config's
+            live = [w for w in self.workers if w.running]
+            for w in live:
+                w.channel.send("purge", 0, spec)
+            replies = await asyncio.gather(*(self._reply(w, APPLY_TIMEOUT) for w in live))
+        return sum(r[2] for r in replies if r is not None and r[0] == "purged")
+
     def _abort(self, live: list[WorkerHandle], version: int) -> None:
         for w in live:
             if w.running:

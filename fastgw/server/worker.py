@@ -132,9 +132,16 @@ class Worker:
                 pending, self.pending = self.pending, None
                 self._commit(pending)
                 self.channel.send("applied", version)
+            elif kind == "purge":
+                self.channel.send("purged", version, self._purge_cache(message[2]))
             elif kind == "abort" and self.pending is not None and self.pending.version == version:
                 self._discard(self.pending)
                 self.pending = None
+
+    def _purge_cache(self, spec: dict) -> int:
+        caches = {id(p.response_cache): p.response_cache for p in self.runtime.plugins.values()
+                  if hasattr(p, "response_cache")} if self.runtime is not None else {}
+        return sum(cache.purge(**spec) for cache in caches.values())
 
     # --- applying a config -----------------------------------------------------------------------
 
