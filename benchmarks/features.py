@@ -59,6 +59,35 @@ DELAY_SERVER = textwrap.dedent("""
 """)
 
 
+GRPC_SERVER = textwrap.dedent("""
+    # The tests' shop.v1.Inventory grpc.aio server in its own process (grpc and fork do not mix):
+    # prints its address, serves until killed.
+    import sys, time
+    sys.path.insert(0, sys.argv[1])
+    from grpc_fixtures import running_inventory_server
+    with running_inventory_server(sys.argv[2]) as server:
+        print(server.address, flush=True)
+        while True:
+            time.sleep(3600)
+""")
+
+
+def start_grpc_server(procs: e2e.Processes, workdir: Path, descriptors: str) -> str:
+    src = workdir / "grpc_server.py"
+    src.write_text(GRPC_SERVER)
+    started = procs.start("grpc", [sys.executable, str(src), str(HERE.parent / "tests"), descriptors],
+                          workdir, 0, e2e.LOAD_CPU, {})
+    deadline = time.monotonic() + e2e.START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        address = (workdir / "stdout.log").read_text().strip()
+        if address:
+            return address
+        if started.proc.poll() is not None:
+            raise e2e.StartError(f"the gRPC server exited: {started.stderr_tail()}")
+        time.sleep(0.1)
+    raise e2e.StartError("the gRPC server did not start")
+
+
 def json_origin(workdir: Path, port: int) -> Path:
     (workdir / "www").mkdir()
     (workdir / "www" / "item.json").write_bytes(BODY_1K)
@@ -169,11 +198,10 @@ def main() -> int:
     os.sched_setaffinity(0, {int(e2e.LOAD_CPU)})     # this script, its clients and the gRPC server
     procs = e2e.Processes()
     results: dict[str, list] = {}
-    grpc_server = None
     try:
         with tempfile.TemporaryDirectory(prefix="fastgw-features-") as tmp:
             root = Path(tmp)
-            for name in ("origin", "static", "delay", "fastgw"):
+            for name in ("origin", "static", "delay", "fastgw", "grpc"):
                 (root / name).mkdir()
             origin_port, static_port, delay_port, port = (e2e.free_port() for _ in range(4))
             item = e2e.Workload("item", "/item.json", len(BODY_1K))
@@ -187,10 +215,9 @@ def main() -> int:
                               delay_port, e2e.LOAD_CPU, {}, [])
             grpc = None
             if "grpc" in parts:
-                from grpc_fixtures import build_inventory_descriptors, running_inventory_server
+                from grpc_fixtures import build_inventory_descriptors
                 descriptors = build_inventory_descriptors(root / "protos")
-                grpc_server = running_inventory_server(descriptors)
-                grpc = (grpc_server.__enter__().address, descriptors)
+                grpc = (start_grpc_server(procs, root / "grpc", descriptors), descriptors)
             conf = fastgw_config(root / "fastgw", port, origin_port, delay_port, grpc)
             e2e.start_service(procs, "fastgw", [*prefix, "-c", str(conf)], root / "fastgw", port,
                               e2e.PROXY_CPU, env, [e2e.Workload("cached", "/cached", len(BODY_1K))])
@@ -222,8 +249,6 @@ def main() -> int:
                     results.setdefault("grpc wrk", []).append(r)
                     print(f"round {rnd + 1}: grpc translated: {r['rps']:,.0f} req/s, p50 {r['p50_ms']:.2f} ms", flush=True)
     finally:
-        if grpc_server is not None:
-            grpc_server.__exit__(None, None, None)
         procs.stop_all()
     print(f"\nMedians of {args.rounds} rounds ({args.duration} s wrk runs, {args.connections} connections):\n")
     if "cache" in parts:

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import re
-import time
 from urllib.parse import quote
 
 import msgspec
 
-from fastgw.handlers.loopback import Answer, CallFailed, LoopbackClient
+from fastgw.handlers.loopback import Answer, CallFailed, Exchange, LoopbackClient
 from fastgw.handlers.shape import Shape
 from fastgw.plugins.api import Response
 
@@ -114,26 +113,39 @@ class Aggregator:
         self.max_bytes = spec.max_body_bytes
         self.loopback = loopback
         self.shapes = shapes
+        self.header_names = sorted({h for b in self.backends for h in b.headers})
 
     async def handle(self, view, params: dict[str, str], body: bytes, forward: dict[str, str],
                      profile: str | None) -> Response:
-        deadline = time.monotonic() + self.timeout
+        loop = asyncio.get_running_loop()
         headers = dict(forward)
-        for name in {h for b in self.backends for h in b.headers}:
+        for name in self.header_names:
             value = view.headers.get(name) if name != "x-forwarded-for" else view.forwarded_for
             if value is not None:
                 headers[name] = value
+        lines = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
         by_label: dict[str, object] = {}          # `into` key -> result, for chained paths
         outcome: dict[int, object] = {}           # backend index -> result or BackendFailed
-        for stage in self.stages:
-            calls = [self._call(self.backends[i], view, params, headers, body, by_label, outcome,
-                                deadline) for i in stage]
-            for i, result in zip(stage, await asyncio.gather(*calls, return_exceptions=True)):
-                if isinstance(result, BaseException) and not isinstance(result, BackendFailed):
-                    raise result
-                outcome[i] = result
-                if self.backends[i].spec.into and not isinstance(result, BackendFailed):
-                    by_label[self.backends[i].spec.into] = result
+        running: dict[int, Exchange] = {}
+        # One timer for all the calls: at the deadline, whatever has not answered fails.
+        timer = loop.call_later(self.timeout, _expire, running, self.timeout)
+        try:
+            for stage in self.stages:
+                for i in stage:
+                    try:
+                        running[i] = self._start(loop, self.backends[i], view, params, lines, body,
+                                                 by_label, outcome)
+                    except BackendFailed as exc:
+                        outcome[i] = exc
+                for i in stage:
+                    if i in running:
+                        outcome[i] = await self._result(self.backends[i], running[i])
+                        del running[i]
+                        if self.backends[i].spec.into and not isinstance(outcome[i], BackendFailed):
+                            by_label[self.backends[i].spec.into] = outcome[i]
+        finally:
+            timer.cancel()
+            _expire(running, self.timeout)        # the client went away: drop what still runs
         merged: dict = {}
         complete = True
         for i, backend in enumerate(self.backends):
@@ -154,34 +166,37 @@ class Aggregator:
         return Response(200, {"content-type": "application/json",
                               "x-fastgw-completed": "true" if complete else "false"}, json=merged)
 
-    async def _call(self, backend: Backend, view, params, headers, body, by_label, outcome, deadline):
+    def _start(self, loop, backend: Backend, view, params, headers: str, body, by_label, outcome):
         for needed in backend.needs:
             if isinstance(outcome[needed], BackendFailed):
                 raise BackendFailed(f"it needs backend {self.backends[needed].label}, which failed")
         target = backend.target(params, by_label, "?" + view.query if view.query else "")
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise BackendFailed("no time left")
-        method = backend.spec.method
+        return self.loopback.start(loop, backend.spec.service, backend.spec.method, target, host=view.host,
+                                   client_ip=view.client_ip, headers=headers,
+                                   body=body if backend.spec.pass_body else b"", max_bytes=self.max_bytes)
+
+    @staticmethod
+    async def _result(backend: Backend, exchange: Exchange):
+        """The backend's filtered JSON, or BackendFailed saying why not."""
         try:
-            answer: Answer = await self.loopback.request(
-                backend.spec.service, method, target, host=view.host, client_ip=view.client_ip,
-                headers=headers, body=body if backend.spec.pass_body else b"",
-                timeout=remaining, max_bytes=self.max_bytes)
-        except asyncio.TimeoutError:
-            raise BackendFailed(f"no answer within {self.timeout:g}s") from None
+            answer: Answer = await exchange.done
         except CallFailed as exc:
-            raise BackendFailed(str(exc)) from None
+            return BackendFailed(str(exc))
         if not 200 <= answer.status < 300:
-            raise BackendFailed(f"status {answer.status}")
+            return BackendFailed(f"status {answer.status}")
         if "json" not in answer.headers.get("content-type", ""):
-            raise BackendFailed("the answer is not JSON (content-type)")
+            return BackendFailed("the answer is not JSON (content-type)")
         try:
             value = _decode(answer.body)
         except msgspec.DecodeError:
-            raise BackendFailed("the answer is not valid JSON") from None
+            return BackendFailed("the answer is not valid JSON")
         if backend.shape is not None:
             value = backend.shape.apply(value)
         if not backend.spec.into and not isinstance(value, dict):
-            raise BackendFailed("a backend without `into` must answer a JSON object")
+            return BackendFailed("a backend without `into` must answer a JSON object")
         return value
+
+
+def _expire(running: dict, timeout: float) -> None:
+    for exchange in running.values():
+        exchange.cancel(CallFailed(f"no answer within {timeout:g}s"))

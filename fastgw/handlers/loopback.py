@@ -45,16 +45,18 @@ def internal_routes(services: dict) -> list:
     return entries
 
 
-class _Exchange(asyncio.Transport):
-    """The transport under one internal request: writes are the answer, parsed as they come."""
+class Exchange(asyncio.Transport):
+    """The transport under one internal request: writes are the answer, parsed as they come.
+    `done` resolves to the Answer (or fails with CallFailed)."""
 
-    def __init__(self, peer: str, max_bytes: int):
+    def __init__(self, loop, peer: str, max_bytes: int):
         super().__init__()
+        self.loop = loop
         self.peer = peer
         self.max_bytes = max_bytes
         self.protocol = None
         self.closed = False
-        self.done = asyncio.get_running_loop().create_future()
+        self.done = loop.create_future()
         self.parser = httptools.HttpResponseParser(self)
         self.headers: dict[str, str] = {}
         self.body: list[bytes] = []
@@ -94,10 +96,18 @@ class _Exchange(asyncio.Transport):
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            asyncio.get_running_loop().call_soon(self.protocol.connection_lost, None)
+            self.loop.call_soon(self.protocol.connection_lost, None)
             self._finish(CallFailed("the connection closed before the answer was complete"))
 
     abort = close
+
+    def cancel(self, exc: Exception) -> None:
+        """Give up on the answer (the caller's deadline): the internal connection goes away,
+        taking its upstream exchange with it."""
+        self._finish(exc)
+        if not self.closed:
+            self.closed = True
+            self.protocol.connection_lost(None)
 
     # httptools callbacks
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -140,22 +150,16 @@ class LoopbackClient:
             self._listener = state
         return self._listener
 
-    async def request(self, service: str, method: str, target: str, *, host: str, client_ip: str,
-                      headers: dict[str, str], body: bytes = b"", timeout: float,
-                      max_bytes: int) -> Answer:
-        """`target` is path and query. Raises CallFailed, or TimeoutError after `timeout`."""
-        state = self._state()
-        exchange = _Exchange(client_ip, max_bytes)
-        protocol = state.protocol_factory()
+    def start(self, loop, service: str, method: str, target: str, *, host: str, client_ip: str,
+              headers: str, body: bytes = b"", max_bytes: int) -> Exchange:
+        """Send one request (`target`: path and query; `headers`: "name: value\r\n" lines) and
+        return its Exchange at once: calls started one after the other run concurrently, with no
+        task of their own. The caller awaits `exchange.done`, or cancels it."""
+        exchange = Exchange(loop, client_ip, max_bytes)
+        protocol = self._state().protocol_factory()
         exchange.protocol = protocol
         protocol.connection_made(exchange)
-        lines = [f"{method} {target} HTTP/1.1", f"host: {host}", f"{SERVICE_HEADER}: {service}",
-                 "connection: close", f"content-length: {len(body)}"]
-        lines += [f"{name}: {value}" for name, value in headers.items()]
-        protocol.data_received(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
-        try:
-            return await asyncio.wait_for(exchange.done, timeout)
-        finally:
-            if not exchange.closed:         # timed out or cancelled: drop the upstream exchange
-                exchange.closed = True
-                protocol.connection_lost(None)
+        head = (f"{method} {target} HTTP/1.1\r\nhost: {host}\r\n{SERVICE_HEADER}: {service}\r\n"
+                f"connection: close\r\ncontent-length: {len(body)}\r\n{headers}\r\n")
+        protocol.data_received(head.encode("latin-1") + body)
+        return exchange
