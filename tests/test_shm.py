@@ -241,7 +241,8 @@ def test_worker_slots_and_header():
     before = time.time()
     seg = Segment.create(workers=3, routes=1, targets=1, listeners=1)
     assert seg.workers() == []
-    assert seg.capacity == {"workers": 3, "routes": 1, "targets": 1, "listeners": 1, "ratelimit": 65536}
+    assert seg.capacity == {"workers": 3, "routes": 1, "targets": 1, "listeners": 1, "ratelimit": 65536,
+                            "analytics": 1024}
     assert seg.size % 64 == 0 and seg.size == os.fstat(seg.fd).st_size
     seg.worker_set(1, pid=1234, config_version=3, state=1, generation=0)
     [w] = seg.workers()

@@ -21,7 +21,8 @@ from fastgw._core.cache cimport CachedResponse, ResponseCache
 from fastgw._core.router cimport (ROUTE_ECHO, ROUTE_HANDLER, ROUTE_PROXY, ROUTE_RESPOND, HeaderEdits,
                                   PathRule, RouteEntry, Router, write_fields)
 from fastgw._core.shm cimport (EV_CACHE_HIT, EV_CACHE_MISS, EV_CACHE_STALE, EV_RATELIMIT_ALLOWED,
-                               EV_RATELIMIT_REJECTED, record_route_event, circuit_admit, circuit_is_open, listener_admits, listener_closed,
+                               EV_RATELIMIT_REJECTED, consumer_analytics_key, record_analytics,
+                               record_route_event, circuit_admit, circuit_is_open, listener_admits, listener_closed,
                                method_index, monotonic_ns, record_request, target_available,
                                target_begin, target_end, target_release)
 from fastgw._core.upstream cimport (
@@ -1836,9 +1837,16 @@ cdef class ClientConnection(Downstream):
             (<Service>route.service).in_flight -= 1
             if req.retry_counted:
                 (<Service>route.service).retries_in_flight -= 1
+        elapsed = now - req.started if req.started else 0.0
         record_request((<RouteEntry>route).metric_slot if route is not None else 0,
                        method_index(PyBytes_AS_STRING(req.method), PyBytes_GET_SIZE(req.method)),
-                       req.status, now - req.started if req.started else 0.0)
+                       req.status, elapsed)
+        if route is not None and not self.listener.internal:
+            # GET /analytics: usage per route, service and consumer over the last hour.
+            record_analytics((<RouteEntry>route).analytics_route, elapsed, req.status >= 500)
+            if (<RouteEntry>route).analytics_service:
+                record_analytics((<RouteEntry>route).analytics_service, elapsed, req.status >= 500)
+            record_analytics(consumer_analytics_key(req.consumer), elapsed, req.status >= 500)
         if req.sampled and self.listener.tracer is not None:
             self._export_span(req, now)
         if req.view is not None and route.plugins is not None and route.plugins.log_plugins:

@@ -50,6 +50,8 @@ cdef class RouteEntry:
     cdef readonly object plugins          # fastgw.plugins.chain.Chain, None = no plugins at all
     cdef readonly object handler          # ROUTE_HANDLER: async handle(view, params, body, forward)
     cdef readonly dict shapes             # client profile -> fastgw.handlers.shape.Shape, or None
+    cdef readonly unsigned long long analytics_route     # shm.analytics_key of the route (0: none)
+    cdef readonly unsigned long long analytics_service   # ... and of its service
 
 
 cdef class PathRule:

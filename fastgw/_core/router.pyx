@@ -143,7 +143,8 @@ cdef class RouteEntry:
                  request_edits=None, response_edits=None, double timeout=0.0,
                  long long max_body=-1, int respond_status=0, respond_head=None,
                  respond_body=None, int metric_slot=-1, conditions=None, plugins=None,
-                 handler=None, shapes=None):
+                 handler=None, shapes=None, unsigned long long analytics_route=0,
+                 unsigned long long analytics_service=0):
         self.name = name
         self.index = index
         self.priority = priority
@@ -165,6 +166,8 @@ cdef class RouteEntry:
         self.plugins = plugins
         self.handler = handler
         self.shapes = shapes or None
+        self.analytics_route = analytics_route
+        self.analytics_service = analytics_service
 
     def __repr__(self):
         return f"<RouteEntry {self.name!r}>"

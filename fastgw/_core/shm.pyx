@@ -60,6 +60,8 @@ cdef enum:
     H_CREATED = 14
     H_CLUSTER_NODES = 15                # nodes sharing cluster rate limits (0: not clustered)
     H_CLUSTER_DOWN = 16                 # 1 while the cluster store (Redis) cannot be reached
+    H_ANALYTICS = 17
+    H_OFF_ANALYTICS = 18
 
     WORKER_WORDS = 8
     W_PID = 0
@@ -116,6 +118,14 @@ cdef enum:
     # updated with CAS so every worker enforces the same limit.
     RATELIMIT_WORDS = 4                 # key hash, word a, word b, word c
 
+    # Analytics (GET /analytics): per key (a route, service or consumer) the last 60 minutes in
+    # one-minute buckets. An entry: its key hash, then per bucket the minute it holds (monotonic
+    # minutes), requests, 5xx answers and a latency histogram. Open addressing, like rate limits.
+    A_MINUTES = 60
+    A_BUCKET_WORDS = 19                 # minute, requests, errors, N_BUCKETS histogram words
+    A_PROBES = 16
+    ANALYTICS_WORDS = 1144              # 1 + A_MINUTES * A_BUCKET_WORDS, rounded up to 8
+
 METHOD_NAMES = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "OTHER")
 EXACT_CODES = (100, 101, 200, 201, 202, 204, 206, 301, 302, 303, 304, 307, 308, 400, 401, 403,
                404, 405, 406, 408, 409, 410, 412, 413, 414, 415, 416, 421, 422, 429, 431, 499,
@@ -152,6 +162,8 @@ cdef int _n_targets = 0
 cdef uint64_t* _ratelimit = NULL
 cdef Py_ssize_t _n_ratelimit = 0
 cdef uint64_t* _my_requests = NULL
+cdef uint64_t* _analytics = NULL
+cdef Py_ssize_t _n_analytics = 0
 
 
 cdef inline uint64_t _ns(double seconds) noexcept:
@@ -210,6 +222,73 @@ cdef void record_request(int route_slot, int method, int status, double seconds)
     _observe(r + R_DURATION, _ns(seconds))
     if _my_requests != NULL:
         fg_add(_my_requests, 1)
+
+
+cdef uint64_t* _analytics_entry(uint64_t key, bint create) noexcept:
+    cdef Py_ssize_t i, start
+    cdef uint64_t* e
+    cdef uint64_t seen
+    if _analytics == NULL or _n_analytics == 0:
+        return NULL
+    start = <Py_ssize_t>(key % <uint64_t>_n_analytics)
+    for i in range(A_PROBES):
+        e = _analytics + ((start + i) % _n_analytics) * ANALYTICS_WORDS
+        seen = fg_load(e)
+        if seen == key:
+            return e
+        if seen == 0:
+            if not create:
+                return NULL
+            if fg_cas(e, &seen, key) or seen == key:
+                return e
+    return NULL                         # the table is full around this key: not counted
+
+
+cdef void record_analytics(uint64_t key, double seconds, bint error) noexcept:
+    """One finished request under `key` (analytics_key(kind, name)). A bucket that still holds an
+    older minute is taken over by the first worker to see the new minute; a request counted by
+    another worker in that instant may be lost, which a usage view can afford."""
+    cdef uint64_t* e = _analytics_entry(key, True)
+    cdef uint64_t minute, old
+    cdef uint64_t* b
+    cdef int i
+    if e == NULL:
+        return
+    minute = _monotonic_ns() // 60000000000ULL
+    b = e + 1 + <Py_ssize_t>(minute % A_MINUTES) * A_BUCKET_WORDS
+    old = fg_load(b)
+    if old != minute and fg_cas(b, &old, minute):
+        for i in range(1, A_BUCKET_WORDS):
+            fg_store(b + i, 0)
+    fg_add(b + 1, 1)
+    if error:
+        fg_add(b + 2, 1)
+    fg_add(b + 3 + _bucket(_ns(seconds)), 1)
+
+
+cdef uint64_t _fnv(uint64_t h, const char* s, Py_ssize_t n) noexcept:
+    """FNV-1a over `s`, continued from `h`."""
+    cdef Py_ssize_t i
+    for i in range(n):
+        h = (h ^ <unsigned char>s[i]) * 1099511628211ULL
+    return h
+
+
+cdef uint64_t _FNV_BASIS = 14695981039346656037ULL
+cdef uint64_t _CONSUMER_SEED = _fnv(_FNV_BASIS, b"consumer\x00", 9)
+cdef uint64_t _ANONYMOUS = _fnv(_CONSUMER_SEED, b"-", 1) or 1
+
+
+def analytics_key(str kind, str name):
+    """The key a route, service or consumer is counted under (never 0: 0 marks a free entry)."""
+    cdef bytes data = (kind + "\x00" + name).encode()
+    return _fnv(_FNV_BASIS, data, len(data)) or 1
+
+
+cdef uint64_t consumer_analytics_key(bytes name) noexcept:
+    if name is None:
+        return _ANONYMOUS
+    return _fnv(_CONSUMER_SEED, name, len(name)) or 1
 
 
 cdef void record_route_event(int route_slot, int event) noexcept:
@@ -481,8 +560,8 @@ cdef inline Py_ssize_t _aligned(Py_ssize_t words) noexcept:
 
 
 def _layout(Py_ssize_t workers, Py_ssize_t routes, Py_ssize_t targets, Py_ssize_t listeners,
-            Py_ssize_t ratelimit_entries):
-    """(offsets of workers, listeners, routes, targets, ratelimit in words, size in bytes).
+            Py_ssize_t ratelimit_entries, Py_ssize_t analytics_entries):
+    """(offsets of workers, listeners, routes, targets, ratelimit, analytics in words, size in bytes).
     `attach` recomputes it from the header's capacities, so a header that does not describe a
     segment of its own size is refused before any slot address is derived from it."""
     off_workers = HEADER_WORDS
@@ -490,8 +569,9 @@ def _layout(Py_ssize_t workers, Py_ssize_t routes, Py_ssize_t targets, Py_ssize_
     off_routes = _aligned(off_listeners + listeners * LISTENER_WORDS)
     off_targets = _aligned(off_routes + routes * ROUTE_WORDS)
     off_ratelimit = _aligned(off_targets + targets * TARGET_WORDS)
-    words = _aligned(off_ratelimit + ratelimit_entries * RATELIMIT_WORDS)
-    return off_workers, off_listeners, off_routes, off_targets, off_ratelimit, words * 8
+    off_analytics = _aligned(off_ratelimit + ratelimit_entries * RATELIMIT_WORDS)
+    words = _aligned(off_analytics + analytics_entries * ANALYTICS_WORDS)
+    return off_workers, off_listeners, off_routes, off_targets, off_ratelimit, off_analytics, words * 8
 
 
 cdef uint64_t _monotonic_ns() noexcept:
@@ -506,11 +586,11 @@ cdef class Segment:
 
     @staticmethod
     def create(*, int workers, int routes, int targets, int listeners,
-               int ratelimit_entries=65536):
-        if min(workers, routes, targets, listeners, ratelimit_entries) < 1:
+               int ratelimit_entries=65536, int analytics_entries=1024):
+        if min(workers, routes, targets, listeners, ratelimit_entries, analytics_entries) < 1:
             raise ValueError("every capacity must be at least 1")
-        off_workers, off_listeners, off_routes, off_targets, off_ratelimit, size = _layout(
-            workers, routes, targets, listeners, ratelimit_entries)
+        off_workers, off_listeners, off_routes, off_targets, off_ratelimit, off_analytics, size = _layout(
+            workers, routes, targets, listeners, ratelimit_entries, analytics_entries)
         if hasattr(os, "memfd_create"):
             fd = os.memfd_create("fastgw-shm", 0)
             file = open(fd, "r+b", buffering=0)
@@ -525,6 +605,7 @@ cdef class Segment:
         h[H_LISTENERS], h[H_RATELIMIT] = listeners, ratelimit_entries
         h[H_OFF_WORKERS], h[H_OFF_LISTENERS], h[H_OFF_ROUTES] = off_workers, off_listeners, off_routes
         h[H_OFF_TARGETS], h[H_OFF_RATELIMIT] = off_targets, off_ratelimit
+        h[H_ANALYTICS], h[H_OFF_ANALYTICS] = analytics_entries, off_analytics
         h[H_CREATED] = time.time_ns()
         for slot in range(targets):
             seg._target(slot)[T_HEALTHY] = 1
@@ -550,11 +631,11 @@ cdef class Segment:
             raise ValueError(f"fd {fd} is a fastgw shared-memory segment of layout version "
                              f"{version}, this build reads {LAYOUT_VERSION} (mixed fastgw versions?)")
         expected = (h[H_OFF_WORKERS], h[H_OFF_LISTENERS], h[H_OFF_ROUTES], h[H_OFF_TARGETS],
-                    h[H_OFF_RATELIMIT], h[H_SIZE])
+                    h[H_OFF_RATELIMIT], h[H_OFF_ANALYTICS], h[H_SIZE])
         if h[H_SIZE] != <uint64_t>size or max(h[H_WORKERS], h[H_ROUTES], h[H_TARGETS],
-                                               h[H_LISTENERS], h[H_RATELIMIT]) >= 1 << 31 \
+                                               h[H_LISTENERS], h[H_RATELIMIT], h[H_ANALYTICS]) >= 1 << 31 \
                 or _layout(h[H_WORKERS], h[H_ROUTES], h[H_TARGETS], h[H_LISTENERS],
-                           h[H_RATELIMIT]) != expected:
+                           h[H_RATELIMIT], h[H_ANALYTICS]) != expected:
             recorded = h[H_SIZE]
             seg.close()
             raise ValueError(f"fd {fd} is a fastgw shared-memory segment of {size} bytes whose "
@@ -576,7 +657,8 @@ cdef class Segment:
     def _read_capacity(self):
         cdef uint64_t* h = self.base
         self.capacity = {"workers": h[H_WORKERS], "routes": h[H_ROUTES], "targets": h[H_TARGETS],
-                         "listeners": h[H_LISTENERS], "ratelimit": h[H_RATELIMIT]}
+                         "listeners": h[H_LISTENERS], "ratelimit": h[H_RATELIMIT],
+                         "analytics": h[H_ANALYTICS]}
 
     @property
     def fd(self):
@@ -585,8 +667,9 @@ cdef class Segment:
     def activate(self, int worker_index=-1):
         """Make this the segment the data plane of this process records into."""
         global _base, _workers, _listeners, _routes, _targets, _n_listeners, _n_routes, _n_targets
-        global _my_requests, _ratelimit, _n_ratelimit
+        global _my_requests, _ratelimit, _n_ratelimit, _analytics, _n_analytics
         cdef uint64_t* h = self.base
+        _analytics, _n_analytics = h + h[H_OFF_ANALYTICS], h[H_ANALYTICS]
         _workers = h + h[H_OFF_WORKERS]
         _listeners = h + h[H_OFF_LISTENERS]
         _routes = h + h[H_OFF_ROUTES]
@@ -598,12 +681,13 @@ cdef class Segment:
 
     def close(self):
         global _base, _workers, _listeners, _routes, _targets, _n_listeners, _n_routes, _n_targets
-        global _my_requests, _ratelimit, _n_ratelimit
+        global _my_requests, _ratelimit, _n_ratelimit, _analytics, _n_analytics
         if self.base == NULL:
             return
         if _base == self.base:
             _base = _workers = _listeners = _routes = _targets = _my_requests = _ratelimit = NULL
-            _n_listeners = _n_routes = _n_targets = _n_ratelimit = 0
+            _analytics = NULL
+            _n_listeners = _n_routes = _n_targets = _n_ratelimit = _n_analytics = 0
         self.base = NULL
         try:
             self._map.close()
@@ -708,6 +792,41 @@ cdef class Segment:
                     out.append((METHOD_NAMES[m], CODE_LABELS[c], n))
         return out
 
+    def analytics(self, keys, int minutes):
+        """{label: (requests, errors, histogram)} over the last `minutes` (the current one
+        included) for `keys` [(analytics_key, label)] that have counted something."""
+        cdef uint64_t* h = self.base
+        cdef uint64_t* table = h + h[H_OFF_ANALYTICS]
+        cdef Py_ssize_t n = h[H_ANALYTICS], i, start
+        cdef uint64_t* e
+        cdef uint64_t* b
+        cdef uint64_t now = _monotonic_ns() // 60000000000ULL, minute
+        cdef int m, k
+        out = {}
+        for key, label in keys:
+            start = <Py_ssize_t>(<uint64_t>key % <uint64_t>n)
+            e = NULL
+            for i in range(A_PROBES):
+                if fg_load(table + ((start + i) % n) * ANALYTICS_WORDS) == <uint64_t>key:
+                    e = table + ((start + i) % n) * ANALYTICS_WORDS
+                    break
+            if e == NULL:
+                continue
+            requests = errors = 0
+            hist = [0] * N_BUCKETS
+            for m in range(A_MINUTES):
+                b = e + 1 + m * A_BUCKET_WORDS
+                minute = fg_load(b)
+                if minute + <uint64_t>minutes <= now or minute > now:
+                    continue
+                requests += fg_load(b + 1)
+                errors += fg_load(b + 2)
+                for k in range(N_BUCKETS):
+                    hist[k] += fg_load(b + 3 + k)
+            if requests:
+                out[label] = (requests, errors, hist)
+        return out
+
     def route_events(self, int slot):
         """Cache results and rate-limit decisions of a route."""
         cdef uint64_t* r = self._route(slot)
@@ -776,6 +895,9 @@ cdef tuple _histogram(uint64_t* h):
 
 def _record_request(int route_slot, bytes method, int status, double seconds):
     record_request(route_slot, method_index(method, len(method)), status, seconds)
+
+def _record_analytics(uint64_t key, double seconds, bint error):
+    record_analytics(key, seconds, error)
 
 def _record_route_event(int route_slot, str event):
     record_route_event(route_slot, {"cache_hit": EV_CACHE_HIT, "cache_miss": EV_CACHE_MISS,

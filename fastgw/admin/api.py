@@ -7,18 +7,26 @@ validate it exactly as `fastgw check` would, let every worker prepare it, persis
 from __future__ import annotations
 
 import platform
+from pathlib import Path
 
 import msgspec
 
 from fastgw import __version__
 from fastgw.admin.http import AdminApp, AdminServer, HTTPError, Response
+from fastgw.admin.live import MAX_ANALYTICS_MINUTES, LiveStats, analytics
 from fastgw.admin.metrics import render
 from fastgw.config.errors import ConfigError, ConfigWriteError, ConflictError
+from fastgw.config.model import parse_duration
 from fastgw.config.validate import parse_bind
 
 KINDS = ("services", "routes", "consumers")
 # Probes (load balancers, Kubernetes) cannot always send a token: liveness and readiness are open.
-PUBLIC = {("GET", "/status"), ("GET", "/status/ready")}
+PUBLIC = {("GET", "/status"), ("GET", "/status/ready"),
+          # the dashboard's files hold no data: the page asks for the token before any API call
+          ("GET", "/"), ("GET", "/dashboard.css"), ("GET", "/dashboard.js")}
+STATIC = Path(__file__).parent / "static"
+STATIC_TYPES = {"index.html": "text/html; charset=utf-8", "dashboard.css": "text/css; charset=utf-8",
+                "dashboard.js": "text/javascript; charset=utf-8"}
 
 
 class Admin:
@@ -68,9 +76,37 @@ def build_app(sup, token: str | None) -> AdminApp:
             raise HTTPError(400, "bad_request", str(exc)) from None
         return Response.json({"config_version": version, "persisted": store.persistable})
 
-    @app.route("GET", "/")
+    live = LiveStats(sup)
+
+    def static(name: str):
+        async def serve(req):
+            return Response(200, (STATIC / name).read_bytes(), {"cache-control": "no-cache"},
+                            STATIC_TYPES[name])
+        return serve
+
+    app.route("GET", "/")(static("index.html"))
+    app.route("GET", "/dashboard.css")(static("dashboard.css"))
+    app.route("GET", "/dashboard.js")(static("dashboard.js"))
+
+    @app.route("GET", "/api")
     async def index(req):
         return {"fastgw": __version__, "endpoints": sorted({f"{m} {p}" for m, p in app.routes()})}
+
+    @app.route("GET", "/events")
+    async def events(req):
+        return Response.stream(live.events())
+
+    @app.route("GET", "/analytics")
+    async def usage(req):
+        by = req.query.get("by", "route")
+        window = req.query.get("window", "15m")
+        try:
+            minutes = -(-parse_duration(window) // 60)
+        except ValueError:
+            minutes = 0
+        if by not in ("route", "service", "consumer") or not 1 <= minutes <= MAX_ANALYTICS_MINUTES:
+            raise HTTPError(400, "bad_request", "by: route | service | consumer; window: 1m to 60m (e.g. 15m)")
+        return analytics(sup, by, int(minutes))
 
     @app.route("GET", "/status")
     async def status(req):

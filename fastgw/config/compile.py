@@ -272,6 +272,7 @@ def _compile_route(route: Route, i: int, service, slot: int, chain, method_bits:
     from fastgw._core.router import (ROUTE_ECHO_KIND, ROUTE_HANDLER_KIND, ROUTE_PROXY_KIND,
                                      ROUTE_RESPOND_KIND, HeaderEdits, PathRule, PatternError,
                                      RouteEntry)
+    from fastgw._core.shm import analytics_key
 
     where = f"routes[{i}]"
     match = route.match
@@ -310,6 +311,8 @@ def _compile_route(route: Route, i: int, service, slot: int, chain, method_bits:
         metric_slot=slot,
         plugins=chain,
         shapes=shapes,
+        analytics_route=analytics_key("route", route.name),
+        analytics_service=analytics_key("service", route.service) if route.service else 0,
     )
     if route.respond is not None:
         status, head, body = respond_bytes(route.respond)

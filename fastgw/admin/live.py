@@ -1,0 +1,171 @@
+"""Live figures for the dashboard, read from shared memory in the supervisor: the one-per-second
+snapshots of `GET /events` and the per-key usage of `GET /analytics`.
+
+Snapshots: the cumulative counters (per route: requests by status, latency histogram, cache and
+rate-limit events; per target: requests) are sampled once a second while someone listens; rates
+and percentiles are the differences over the last WINDOW seconds. Percentiles are interpolated
+inside the histogram's buckets, so they are estimates of the bucket resolution (0.5 ms ... 30 s).
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+
+import msgspec
+
+from fastgw._core.shm import BUCKETS, analytics_key
+
+WINDOW = 10                      # seconds that rates and percentiles cover
+MAX_ANALYTICS_MINUTES = 60
+
+
+def percentile(hist: list[int], q: float) -> float | None:
+    """The q-quantile (0..1) in ms of a BUCKETS histogram (the last bucket is +Inf)."""
+    total = sum(hist)
+    if not total:
+        return None
+    rank, seen, lower = q * total, 0, 0.0
+    for count, upper in zip(hist, [*BUCKETS, BUCKETS[-1] * 2]):
+        if count and seen + count >= rank:
+            return round((lower + (upper - lower) * (rank - seen) / count) * 1000, 3)
+        seen += count
+        lower = upper
+    return round(BUCKETS[-1] * 1000, 3)
+
+
+def _ratio(part: float, whole: float) -> float | None:
+    return round(part / whole, 4) if whole else None
+
+
+class LiveStats:
+    def __init__(self, sup):
+        self.sup = sup
+        self.samples: deque = deque(maxlen=WINDOW + 1)
+        self.listeners = 0
+        self.fresh = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    # --- sampling --------------------------------------------------------------------------------
+
+    def _sample(self) -> dict:
+        seg, slots, config = self.sup.segment, self.sup.current_slots, self.sup.store.loaded.config
+        routes = {}
+        for route in config.routes:
+            slot = slots["routes"].get(route.name, -1)
+            if slot < 0:
+                continue
+            cells = seg.route_requests(slot)
+            hist, _, _ = seg.route_duration(slot)
+            routes[route.name] = {
+                "service": route.service or "",
+                "requests": sum(n for _, _, n in cells),
+                "errors": sum(n for _, code, n in cells if code.startswith("5")),
+                "hist": hist, "events": seg.route_events(slot)}
+        unrouted = seg.route_requests(0)
+        targets = {key: seg.target_stats(slot) for key, slot in slots["targets"].items() if slot >= 0}
+        return {"t": time.monotonic(), "routes": routes, "targets": targets,
+                "unrouted": (sum(n for _, _, n in unrouted), seg.route_duration(0)[0])}
+
+    async def _run(self) -> None:
+        while self.listeners:
+            self.samples.append(self._sample())
+            self.fresh.set()
+            self.fresh = asyncio.Event()
+            await asyncio.sleep(1.0)
+        self._task = None
+
+    async def events(self):
+        """The SSE stream: a snapshot now and then one per second, for as long as the client reads."""
+        self.listeners += 1
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+        try:
+            while True:
+                await self.fresh.wait()
+                yield b"data: " + msgspec.json.encode(self.snapshot()) + b"\n\n"
+        finally:
+            self.listeners -= 1
+
+    # --- one snapshot ----------------------------------------------------------------------------
+
+    def snapshot(self) -> dict:
+        old, new = self.samples[0], self.samples[-1]
+        dt = max(new["t"] - old["t"], 1e-9) if len(self.samples) > 1 else None
+        rate = (lambda n: round(n / dt, 2)) if dt else (lambda n: 0.0)
+        sup = self.sup
+        status = sup.status()
+        routes = []
+        # Totals start with the requests that matched no route (404s), counted in slot 0.
+        all_requests = new["unrouted"][0] - old["unrouted"][0]
+        all_hist = [a - b for a, b in zip(new["unrouted"][1], old["unrouted"][1])]
+        all_errors = hits = misses = 0
+        for name, now in new["routes"].items():
+            before = old["routes"].get(name, now)
+            requests = now["requests"] - before["requests"]
+            errors = now["errors"] - before["errors"]
+            hist = [a - b for a, b in zip(now["hist"], before["hist"])]
+            cache = {k: now["events"]["cache"][k] - before["events"]["cache"][k] for k in ("hit", "miss", "stale")}
+            limited = now["events"]["ratelimit"]["rejected"] - before["events"]["ratelimit"]["rejected"]
+            all_requests, all_errors = all_requests + requests, all_errors + errors
+            all_hist = [a + b for a, b in zip(all_hist, hist)]
+            hits, misses = hits + cache["hit"] + cache["stale"], misses + cache["miss"]
+            routes.append({
+                "name": name, "service": now["service"], "requests": now["requests"],
+                "rps": rate(requests), "error_rate": _ratio(errors, requests) or 0.0,
+                "p50_ms": percentile(hist, 0.5), "p95_ms": percentile(hist, 0.95),
+                "p99_ms": percentile(hist, 0.99), "rate_limited": rate(limited),
+                "cache_hit_ratio": _ratio(cache["hit"] + cache["stale"], sum(cache.values()))})
+        return {
+            "ts": round(time.time(), 3),
+            "config_version": status["config_version"],
+            "workers": status["workers"],
+            "totals": {"rps": rate(all_requests), "error_rate": _ratio(all_errors, all_requests) or 0.0,
+                       "p50_ms": percentile(all_hist, 0.5), "p95_ms": percentile(all_hist, 0.95),
+                       "p99_ms": percentile(all_hist, 0.99),
+                       "requests": sum(r["requests"] for r in new["routes"].values()) + new["unrouted"][0]},
+            "routes": routes,
+            "services": self._services(old, new, rate),
+            "cache": {"hit_ratio": _ratio(hits, hits + misses), "hits_per_s": rate(hits),
+                      "misses_per_s": rate(misses)},
+            "reload": status["reload"],
+        }
+
+    def _services(self, old: dict, new: dict, rate) -> list[dict]:
+        config = self.sup.store.loaded.config
+        services = []
+        for name, spec in config.services.items():
+            rows, traffic = [], {}
+            for t in spec.targets:
+                now = new["targets"].get((name, t.address))
+                before = old["targets"].get((name, t.address), now)
+                traffic[t.address] = now["requests"] - before["requests"] if now else 0
+                rows.append({
+                    "address": t.address,
+                    "healthy": now["healthy"] if now else True,
+                    "ejected": now["ejected"] if now else False,
+                    "circuit": now["circuit"] if now else "closed",
+                    "active": now["active"] if now else 0,
+                    "ewma_ms": round(now["ewma_ms"], 3) if now else None,
+                    "weight": t.weight, "draining": t.drain,
+                    "rps": rate(traffic[t.address])})
+            total = sum(traffic.values())
+            for row in rows:
+                row["share"] = _ratio(traffic[row["address"]], total)
+            services.append({"name": name, "targets": rows})
+        return services
+
+
+def analytics(sup, by: str, minutes: int) -> dict:
+    """Requests, 5xx errors and latency percentiles per route, service or consumer over the last
+    `minutes` (one-minute resolution, the current minute included)."""
+    config = sup.store.loaded.config
+    names = {"route": [r.name for r in config.routes], "service": list(config.services),
+             "consumer": [c.name for c in config.consumers] + ["-"]}[by]
+    found = sup.segment.analytics([(analytics_key(by, n), n) for n in names], minutes)
+    rows = [{"key": key, "requests": requests, "errors": errors,
+             "error_rate": _ratio(errors, requests), "p50_ms": percentile(hist, 0.5),
+             "p95_ms": percentile(hist, 0.95), "p99_ms": percentile(hist, 0.99)}
+            for key, (requests, errors, hist) in found.items()]
+    rows.sort(key=lambda r: -r["requests"])
+    return {"by": by, "window_s": minutes * 60, "rows": rows}
