@@ -34,6 +34,12 @@ def test_sdist_to_wheel_to_fresh_venv_runs_the_gateway(tmp_path):
     src = next((tmp_path / "src").glob("fastgw-*"))
     _run(sys.executable, "-m", "build", "--wheel", "--outdir", str(dist), str(src))
     wheel = next(dist.glob("fastgw-*.whl"))
+    if sys.platform.startswith("linux"):
+        # What cibuildwheel does on Linux: auditwheel repair gives the wheel a manylinux tag.
+        _run(sys.executable, "-m", "auditwheel", "repair", "-w", str(tmp_path / "repaired"), str(wheel))
+        wheel = next((tmp_path / "repaired").glob("fastgw-*manylinux*.whl"))
+        shown = _run(sys.executable, "-m", "auditwheel", "show", str(wheel)).stdout
+        assert "manylinux" in shown, shown
 
     venv = tmp_path / "venv"
     _run(sys.executable, "-m", "venv", str(venv))
@@ -65,6 +71,8 @@ def test_sdist_to_wheel_to_fresh_venv_runs_the_gateway(tmp_path):
         # (which starts once every worker serves, so it may come a moment after the listener).
         metrics = _get_when_up(f"http://127.0.0.1:{admin_port}/metrics", proc, deadline)
         assert b"fastgw_http_requests_total" in metrics
+        page = _get_when_up(f"http://127.0.0.1:{admin_port}/dashboard.js", proc, deadline)
+        assert b"/events" in page                  # the dashboard's files are in the wheel
     finally:
         proc.terminate()
         proc.wait(10)
