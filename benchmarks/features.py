@@ -35,6 +35,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 import e2e  # noqa: E402
+import plugins  # noqa: E402  (its wrk runner)
 
 BODY_1K = b'{"items": [' + b",".join(b'{"id": %d, "name": "item"}' % i for i in range(40)) + b"]}"
 
@@ -140,12 +141,7 @@ services:
 
 
 def wrk(port: int, path: str, connections: int, duration: int) -> dict:
-    argv = ["taskset", "-c", e2e.LOAD_CPU, "wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency",
-            f"http://127.0.0.1:{port}{path}"]
-    result = e2e.parse_wrk(e2e.run_wrk(argv, duration))
-    if result["non_2xx_3xx"]:
-        raise RuntimeError(f"{path}: {result['non_2xx_3xx']} answers were not 2xx")
-    return result
+    return plugins.wrk(port, path, [], connections, duration)
 
 
 def sequential_ms(port: int, path: str, n: int) -> list[float]:

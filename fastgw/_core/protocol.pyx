@@ -741,18 +741,8 @@ cdef class ClientConnection(Downstream):
         o.write_int(<long long>(now - entry.stored))
         o.write(b"\r\nx-cache: ", 11)
         o.write_bytes(state)
-        o.write(b"\r\ncontent-length: ", 18)
-        o.write_int(PyBytes_GET_SIZE(entry.body))
-        o.write(b"\r\nx-request-id: ", 16)
-        o.write_bytes(self._request_id(req))
         o.write(b"\r\n", 2)
-        self._write_connection_header(req)
-        o.write(b"\r\n", 2)
-        if req.method != b"HEAD":
-            o.write_bytes(entry.body)
-        req.response_started = True
-        req.bytes_out += o.length
-        self._flush()
+        self._finish_head_and_body(req, entry.body, 0)
         self._response_finished(req)
 
     cdef bint _serve_stale(self, Request req):
@@ -1003,18 +993,7 @@ cdef class ClientConnection(Downstream):
         o.write_bytes(<bytes>STATUS_LINES[status])
         o.write_bytes(_date_header())
         write_fields(o, fields, edits)
-        o.write(b"content-length: ", 16)
-        o.write_int(PyBytes_GET_SIZE(body))
-        o.write(b"\r\nx-request-id: ", 16)
-        o.write_bytes(self._request_id(req))
-        o.write(b"\r\n", 2)
-        self._write_connection_header(req)
-        o.write(b"\r\n", 2)
-        if req.method != b"HEAD":
-            o.write_bytes(body)
-        req.response_started = True
-        req.bytes_out += o.length
-        self._flush()
+        self._finish_head_and_body(req, body, 0)
         self._response_finished(req)
 
     # --- handler routes (aggregation, gRPC): Python answers with the whole request at hand ------
@@ -1406,7 +1385,14 @@ cdef class ClientConnection(Downstream):
         o.write_bytes(_date_header())
         o.write(b"content-type: ", 14)
         o.write_bytes(content_type)
-        o.write(b"\r\ncontent-length: ", 18)
+        o.write(b"\r\n", 2)
+        self._finish_head_and_body(req, body, retry_after)
+
+    cdef void _finish_head_and_body(self, Request req, bytes body, int retry_after):
+        """The end of an answer made here: its length, request id, Retry-After, connection
+        header, the blank line and the body (none for HEAD), written out."""
+        cdef WriteBuffer o = self.out
+        o.write(b"content-length: ", 16)
         o.write_int(PyBytes_GET_SIZE(body))
         o.write(b"\r\nx-request-id: ", 16)
         o.write_bytes(self._request_id(req))

@@ -13,7 +13,7 @@ import msgspec
 
 from fastgw import __version__
 from fastgw.admin.http import AdminApp, AdminServer, HTTPError, Response
-from fastgw.admin.live import MAX_ANALYTICS_MINUTES, LiveStats, analytics
+from fastgw.admin.live import MAX_ANALYTICS_MINUTES, LiveStats, analytics, target_health
 from fastgw.admin.metrics import render
 from fastgw.config.errors import ConfigError, ConfigWriteError, ConflictError
 from fastgw.config.model import parse_duration
@@ -134,12 +134,10 @@ def build_app(sup, token: str | None) -> AdminApp:
     @app.route("POST", "/cache/purge")
     async def purge_cache(req):
         spec = _object(req)
-        if set(spec) == {"key"} and isinstance(spec["key"], str) and spec["key"].count(" ") >= 2:
-            pass
-        elif spec and set(spec) <= {"host", "path_prefix"} and all(isinstance(v, str) for v in spec.values()) \
-                and spec.get("path_prefix", "/").startswith("/"):
-            pass
-        else:
+        by_key = set(spec) == {"key"} and isinstance(spec["key"], str) and spec["key"].count(" ") >= 2
+        by_prefix = bool(spec) and set(spec) <= {"host", "path_prefix"} and \
+            all(isinstance(v, str) for v in spec.values()) and spec.get("path_prefix", "/").startswith("/")
+        if not (by_key or by_prefix):
             raise HTTPError(400, "bad_request", 'give {"key": "GET host /path?query"} or '
                                                 '{"host": "...", "path_prefix": "/..."}')
         return {"purged": await sup.purge_cache(spec)}
@@ -201,21 +199,10 @@ def build_app(sup, token: str | None) -> AdminApp:
         if service is None:
             raise HTTPError(404, "not_found", f"no service named {name!r}")
         slots = sup.current_slots["targets"]
-        targets = []
-        for t in service.targets:
-            stats = sup.segment.target_stats(slots[(name, t.address)]) \
-                if slots.get((name, t.address), -1) >= 0 else None
-            targets.append({
-                "address": t.address,
-                "healthy": stats["healthy"] if stats else True,
-                "ejected": stats["ejected"] if stats else False,
-                "circuit": stats["circuit"] if stats else "closed",
-                "active": stats["active"] if stats else 0,
-                "ewma_ms": round(stats["ewma_ms"], 3) if stats else None,
-                "weight": t.weight,
-                "draining": t.drain,
-            })
-        return {"service": name, "targets": targets}
+        return {"service": name, "targets": [
+            target_health(t, sup.segment.target_stats(slots[(name, t.address)])
+                          if slots.get((name, t.address), -1) >= 0 else None)
+            for t in service.targets]}
 
     return app
 

@@ -34,6 +34,21 @@ def percentile(hist: list[int], q: float) -> float | None:
     return round(BUCKETS[-1] * 1000, 3)
 
 
+def target_health(target, stats: dict | None) -> dict:
+    """A target's row of GET /services/{name}/health (and of the snapshots): its config entry and
+    its shared-memory stats (None: not tracked)."""
+    return {
+        "address": target.address,
+        "healthy": stats["healthy"] if stats else True,
+        "ejected": stats["ejected"] if stats else False,
+        "circuit": stats["circuit"] if stats else "closed",
+        "active": stats["active"] if stats else 0,
+        "ewma_ms": round(stats["ewma_ms"], 3) if stats else None,
+        "weight": target.weight,
+        "draining": target.drain,
+    }
+
+
 def _ratio(part: float, whole: float) -> float | None:
     return round(part / whole, 4) if whole else None
 
@@ -140,15 +155,7 @@ class LiveStats:
                 now = new["targets"].get((name, t.address))
                 before = old["targets"].get((name, t.address), now)
                 traffic[t.address] = now["requests"] - before["requests"] if now else 0
-                rows.append({
-                    "address": t.address,
-                    "healthy": now["healthy"] if now else True,
-                    "ejected": now["ejected"] if now else False,
-                    "circuit": now["circuit"] if now else "closed",
-                    "active": now["active"] if now else 0,
-                    "ewma_ms": round(now["ewma_ms"], 3) if now else None,
-                    "weight": t.weight, "draining": t.drain,
-                    "rps": rate(traffic[t.address])})
+                rows.append({**target_health(t, now), "rps": rate(traffic[t.address])})
             total = sum(traffic.values())
             for row in rows:
                 row["share"] = _ratio(traffic[row["address"]], total)
