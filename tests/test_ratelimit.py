@@ -117,6 +117,10 @@ def test_a_fixed_window_limit_holds_for_all_workers_together(gateway, upstream, 
     statuses = collections.Counter(status for _, status in results)
     assert statuses[200] == 60, statuses                         # exactly the limit, not workers x 60
     assert statuses[429] > 100
+    # Every worker counted its decisions into the same shared-memory words.
+    metrics = gw.admin("GET", "/metrics").body.decode()
+    assert f'fastgw_ratelimit_decisions_total{{route="api",result="allowed"}} 60' in metrics
+    assert f'fastgw_ratelimit_decisions_total{{route="api",result="rejected"}} {statuses[429]}' in metrics
 
 
 def test_gcra_admits_the_rate_over_a_sustained_run_with_four_workers(gateway, upstream):
