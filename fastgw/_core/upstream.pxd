@@ -61,6 +61,7 @@ cdef class Target:
     cdef bint retired                     # its service was replaced: released connections close
 
     cdef UpstreamConnection acquire(self, Downstream down, bint* reused)
+    cdef UpstreamConnection _connect(self, Downstream down)
     cdef void release(self, UpstreamConnection conn)
 
 

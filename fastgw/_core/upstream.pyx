@@ -171,7 +171,12 @@ cdef class Target:
         reused[0] = False
         if self.service.max_connections and self.open_connections >= self.service.max_connections:
             return None
-        conn = UpstreamConnection(self)
+        return self._connect(down)
+
+    cdef UpstreamConnection _connect(self, Downstream down):
+        # Apart from acquire: the lambdas below make Cython allocate a closure scope on every
+        # call of the function that holds them, and acquire's pooled path needs none.
+        cdef UpstreamConnection conn = UpstreamConnection(self)
         self.open_connections += 1
         conn.downstream = down
         conn.arm(monotonic() + self.service.connect_timeout)
