@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -232,3 +233,18 @@ def test_invalid_aggregate_config_names_the_key(tmp_path):
     assert out.returncode != 0
     assert "routes[0].aggregate.backends[0].path" in out.stdout + out.stderr
     assert "no backend has into: missing" in out.stdout + out.stderr
+
+
+def test_backend_calls_carry_each_callers_address(gateway, shop):
+    """Internal connections are reused across callers: the address travels with each call."""
+    catalog, pricing, stock = shop
+    gw = gateway(product_page(*shop))
+    for source in ("127.0.0.5", "127.0.0.6", "127.0.0.5"):
+        with socket.create_connection((HOST, gw.port), source_address=(source, 0)) as sock:
+            sock.sendall(b"GET /products/7 HTTP/1.1\r\nHost: shop\r\nConnection: close\r\n\r\n")
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    assert [r.header("x-forwarded-for") for r in catalog.requests] == ["127.0.0.5", "127.0.0.6", "127.0.0.5"]
+    assert all(r.header("x-fastgw-client-ip") is None for r in catalog.requests + pricing.requests)

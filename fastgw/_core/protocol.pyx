@@ -443,6 +443,8 @@ cdef class ClientConnection(Downstream):
         elif n == 15 and ascii_ieq(s, n, b"x-consumer-name", 15):
             if self.listener.internal:            # an aggregation call passes its caller's identity
                 req.consumer = value
+        elif n == 18 and self.listener.internal and ascii_ieq(s, n, b"x-fastgw-client-ip", 18):
+            self.client_ip = value                # ... and its client (internal connections are reused)
             # else dropped: the proxy writes its own, only after authentication
         elif (n == 17 and ascii_ieq(s, n, b"x-forwarded-proto", 17)) or \
                 (n == 16 and ascii_ieq(s, n, b"x-forwarded-host", 16)) or is_hop_by_hop(s, n):

@@ -18,7 +18,7 @@ from urllib.parse import quote
 
 import msgspec
 
-from fastgw.handlers.loopback import Answer, CallFailed, Exchange, LoopbackClient
+from fastgw.handlers.loopback import Answer, Call, CallFailed, LoopbackClient
 from fastgw.handlers.shape import Shape
 from fastgw.plugins.api import Response
 
@@ -126,7 +126,7 @@ class Aggregator:
         lines = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
         by_label: dict[str, object] = {}          # `into` key -> result, for chained paths
         outcome: dict[int, object] = {}           # backend index -> result or BackendFailed
-        running: dict[int, Exchange] = {}
+        running: dict[int, Call] = {}
         # One timer for all the calls: at the deadline, whatever has not answered fails.
         timer = loop.call_later(self.timeout, _expire, running, self.timeout)
         try:
@@ -176,10 +176,10 @@ class Aggregator:
                                    body=body if backend.spec.pass_body else b"", max_bytes=self.max_bytes)
 
     @staticmethod
-    async def _result(backend: Backend, exchange: Exchange):
+    async def _result(backend: Backend, call: Call):
         """The backend's filtered JSON, or BackendFailed saying why not."""
         try:
-            answer: Answer = await exchange.done
+            answer: Answer = await call.done
         except CallFailed as exc:
             return BackendFailed(str(exc))
         if not 200 <= answer.status < 300:
@@ -198,5 +198,5 @@ class Aggregator:
 
 
 def _expire(running: dict, timeout: float) -> None:
-    for exchange in running.values():
-        exchange.cancel(CallFailed(f"no answer within {timeout:g}s"))
+    for call in running.values():
+        call.cancel(CallFailed(f"no answer within {timeout:g}s"))

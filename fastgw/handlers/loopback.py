@@ -2,7 +2,7 @@
 
 A call is written, as HTTP/1.1 bytes, into a ClientConnection of an internal listener whose
 routing table has one route per proxied service; the answer is parsed back from what that
-connection writes. So an aggregation call gets exactly what a client request to the service
+connection writes (keep-alive: idle internal connections are reused). So an aggregation call gets exactly what a client request to the service
 gets: the balancer, pooled keep-alive connections, health and ejection, the circuit breaker,
 retries with their budget, timeouts, and the shared-memory counters. It costs one parse of the
 request and one of the answer, in memory, with no socket in between.
@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import httptools
 
 SERVICE_HEADER = "x-fastgw-service"        # picks the internal route; removed before the upstream
+CLIENT_IP_HEADER = "x-fastgw-client-ip"    # the caller's client address (read, never forwarded)
+MAX_IDLE = 256                             # internal keep-alive connections kept for reuse
 
 
 @dataclass
@@ -45,38 +47,69 @@ def internal_routes(services: dict) -> list:
     return entries
 
 
-class Exchange(asyncio.Transport):
-    """The transport under one internal request: writes are the answer, parsed as they come.
-    `done` resolves to the Answer (or fails with CallFailed)."""
+class Call:
+    """One request on an internal connection: `done` resolves to its Answer (or fails with
+    CallFailed)."""
 
-    def __init__(self, loop, peer: str, max_bytes: int):
+    __slots__ = ("done", "conn")
+
+    def __init__(self, done, conn: "InternalConnection"):
+        self.done, self.conn = done, conn
+
+    def cancel(self, exc: Exception) -> None:
+        """Give up on the answer (the caller's deadline): the connection goes away, taking its
+        upstream exchange with it."""
+        if not self.done.done():
+            self.done.set_exception(exc)
+            self.conn.drop()
+
+
+class InternalConnection(asyncio.Transport):
+    """A keep-alive connection into the internal listener: what its ClientConnection writes is
+    the answer to the current call, parsed as it comes. Idle ones are kept for the next call, so
+    a call costs no new ClientConnection."""
+
+    def __init__(self, loop, client: "LoopbackClient"):
         super().__init__()
-        self.loop = loop
-        self.peer = peer
-        self.max_bytes = max_bytes
-        self.protocol = None
+        self.loop, self.client = loop, client
         self.closed = False
-        self.done = loop.create_future()
+        self.call: Call | None = None
         self.parser = httptools.HttpResponseParser(self)
+        self.protocol = client._state().protocol_factory()
+        self.protocol.connection_made(self)
+
+    def send(self, request: bytes, max_bytes: int) -> Call:
+        self.call = Call(self.loop.create_future(), self)
         self.headers: dict[str, str] = {}
         self.body: list[bytes] = []
-        self.size = 0
+        self.size, self.max_bytes = 0, max_bytes
+        self.protocol.data_received(request)
+        return self.call
+
+    def drop(self) -> None:
+        """Close at once: an answer that will not be read to the end leaves the connection out of step."""
+        if not self.closed:
+            self.closed = True
+            self.protocol.connection_lost(None)
+        self._fail(CallFailed("the internal connection was dropped"))
 
     # what ClientConnection uses of its transport
     def write(self, data) -> None:
-        if self.done.done():
+        if self.call is None:
             return
         try:
             self.parser.feed_data(bytes(data))
         except httptools.HttpParserError as exc:
-            self._finish(CallFailed(f"invalid answer: {exc}"))
+            self._fail(CallFailed(f"invalid answer: {exc}"))
+            self.drop()
 
     def writelines(self, chunks) -> None:
         for chunk in chunks:
             self.write(chunk)
 
     def get_extra_info(self, name, default=None):
-        return (self.peer, 0) if name == "peername" else default
+        # The client's address travels with each request (CLIENT_IP_HEADER).
+        return ("127.0.0.1", 0) if name == "peername" else default
 
     def pause_reading(self) -> None:
         pass
@@ -97,17 +130,9 @@ class Exchange(asyncio.Transport):
         if not self.closed:
             self.closed = True
             self.loop.call_soon(self.protocol.connection_lost, None)
-            self._finish(CallFailed("the connection closed before the answer was complete"))
+        self._fail(CallFailed("the connection closed before the answer was complete"))
 
     abort = close
-
-    def cancel(self, exc: Exception) -> None:
-        """Give up on the answer (the caller's deadline): the internal connection goes away,
-        taking its upstream exchange with it."""
-        self._finish(exc)
-        if not self.closed:
-            self.closed = True
-            self.protocol.connection_lost(None)
 
     # httptools callbacks
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -116,20 +141,22 @@ class Exchange(asyncio.Transport):
     def on_body(self, data: bytes) -> None:
         self.size += len(data)
         if self.size > self.max_bytes:
-            self._finish(CallFailed(f"answer larger than {self.max_bytes} bytes"))
+            self._fail(CallFailed(f"answer larger than {self.max_bytes} bytes"))
+            self.drop()
         else:
             self.body.append(data)
 
     def on_message_complete(self) -> None:
-        self._finish(Answer(self.parser.get_status_code(), self.headers, b"".join(self.body)))
+        call, self.call = self.call, None
+        if call is not None and not call.done.done():
+            call.done.set_result(Answer(self.parser.get_status_code(), self.headers, b"".join(self.body)))
+        if not self.closed:
+            self.client.release(self)
 
-    def _finish(self, result) -> None:
-        if self.done.done():
-            return
-        if isinstance(result, Exception):
-            self.done.set_exception(result)
-        else:
-            self.done.set_result(result)
+    def _fail(self, exc: Exception) -> None:
+        call, self.call = self.call, None
+        if call is not None and not call.done.done():
+            call.done.set_exception(exc)
 
 
 class LoopbackClient:
@@ -137,6 +164,7 @@ class LoopbackClient:
 
     def __init__(self, entries: list):
         self.entries = entries
+        self.idle: list[InternalConnection] = []
         self._listener = None
 
     def _state(self):
@@ -151,15 +179,23 @@ class LoopbackClient:
         return self._listener
 
     def start(self, loop, service: str, method: str, target: str, *, host: str, client_ip: str,
-              headers: str, body: bytes = b"", max_bytes: int) -> Exchange:
+              headers: str, body: bytes = b"", max_bytes: int) -> Call:
         """Send one request (`target`: path and query; `headers`: "name: value\r\n" lines) and
-        return its Exchange at once: calls started one after the other run concurrently, with no
-        task of their own. The caller awaits `exchange.done`, or cancels it."""
-        exchange = Exchange(loop, client_ip, max_bytes)
-        protocol = self._state().protocol_factory()
-        exchange.protocol = protocol
-        protocol.connection_made(exchange)
+        return its Call at once: calls started one after the other run concurrently, with no
+        task of their own. The caller awaits `call.done`, or cancels it."""
+        conn = None
+        while self.idle and conn is None:
+            conn = self.idle.pop()
+            if conn.closed:                       # the internal listener's idle timeout closed it
+                conn = None
+        if conn is None:
+            conn = InternalConnection(loop, self)
         head = (f"{method} {target} HTTP/1.1\r\nhost: {host}\r\n{SERVICE_HEADER}: {service}\r\n"
-                f"connection: close\r\ncontent-length: {len(body)}\r\n{headers}\r\n")
-        protocol.data_received(head.encode("latin-1") + body)
-        return exchange
+                f"{CLIENT_IP_HEADER}: {client_ip}\r\ncontent-length: {len(body)}\r\n{headers}\r\n")
+        return conn.send(head.encode("latin-1") + body, max_bytes)
+
+    def release(self, conn: InternalConnection) -> None:
+        if len(self.idle) < MAX_IDLE:
+            self.idle.append(conn)
+        else:
+            conn.close()
