@@ -248,3 +248,15 @@ def test_backend_calls_carry_each_callers_address(gateway, shop):
         assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
     assert [r.header("x-forwarded-for") for r in catalog.requests] == ["127.0.0.5", "127.0.0.6", "127.0.0.5"]
     assert all(r.header("x-fastgw-client-ip") is None for r in catalog.requests + pricing.requests)
+
+
+def test_aggregation_keeps_working_across_reloads(gateway, shop):
+    catalog, pricing, stock = shop
+    config = product_page(*shop)
+    config["admin"] = {"bind": f"{HOST}:{free_port()}"}
+    gw = gateway(config)
+    assert gw.request("GET", "/products/7").status == 200
+    for _ in range(2):                     # the old config's idle internal connections are closed
+        assert gw.admin("POST", "/reload").status == 200
+        assert gw.request("GET", "/products/7").json()["price"]["currency"] == "EUR"
+    assert len(pricing.requests) == 3

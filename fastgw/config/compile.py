@@ -32,6 +32,7 @@ class Runtime:
     compiled: dict = field(default_factory=dict)   # route name -> CompiledRoute (reused by reloads)
     plugins: dict = field(default_factory=dict)    # plugin instances by their config entry (reused too)
     grpc_clients: object = None                    # fastgw.handlers.grpc_route.GrpcClients (reused too)
+    loopback: object = None                        # fastgw.handlers.loopback.LoopbackClient, or None
 
     def route_table(self) -> list[dict]:
         rows = []
@@ -80,6 +81,8 @@ class Runtime:
         for plugin in self.plugins.values():
             if id(plugin) not in kept_plugins and hasattr(plugin, "close"):
                 plugin.close()
+        if self.loopback is not None:
+            self.loopback.close()
         if self.grpc_clients is not None and self.grpc_clients.clients:
             try:
                 loop = asyncio.get_running_loop()
@@ -163,7 +166,7 @@ def _compile(config: Config, slots: dict | None, previous: Runtime | None) -> Ru
         raise CompileError(problems)
     return Runtime(config=config, router=Router.build(entries, method_bits, profiles),
                    services=services, compiled=compiled, plugins=plugin_instances,
-                   grpc_clients=handlers.grpc_clients)
+                   grpc_clients=handlers.grpc_clients, loopback=handlers.loopback_client)
 
 
 _ANNOTATION_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
@@ -193,6 +196,10 @@ class _Handlers:
     @property
     def grpc_clients(self):
         return self._grpc_clients
+
+    @property
+    def loopback_client(self):
+        return self._loopback
 
     def grpc(self, name: str):
         """(Descriptors, GrpcClient) of gRPC service `name`."""

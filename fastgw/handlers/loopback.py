@@ -2,8 +2,8 @@
 
 A call is written, as HTTP/1.1 bytes, into a ClientConnection of an internal listener whose
 routing table has one route per proxied service; the answer is parsed back from what that
-connection writes (keep-alive: idle internal connections are reused). So an aggregation call gets exactly what a client request to the service
-gets: the balancer, pooled keep-alive connections, health and ejection, the circuit breaker,
+connection writes (keep-alive: idle internal connections are reused). So an aggregation call
+gets exactly what a client request to the service gets: the balancer, pooled keep-alive connections, health and ejection, the circuit breaker,
 retries with their budget, timeouts, and the shared-memory counters. It costs one parse of the
 request and one of the answer, in memory, with no socket in between.
 """
@@ -198,4 +198,10 @@ class LoopbackClient:
         if len(self.idle) < MAX_IDLE:
             self.idle.append(conn)
         else:
+            conn.close()
+
+    def close(self) -> None:
+        """The config was replaced: its idle internal connections go (busy ones finish first)."""
+        idle, self.idle = self.idle, []
+        for conn in idle:
             conn.close()
