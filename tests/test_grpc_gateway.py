@@ -142,3 +142,19 @@ def test_config_errors_name_the_key(tmp_path, descriptors):
     code, text = check(grpc_config(f"{HOST}:1", descriptors,
                                    route("i", ["/i"], grpc={"service": "inventory", "method": "shop.v1.Inventory/Upload"})))
     assert code != 0 and "stream" in text.lower(), text
+
+
+def test_failing_target_is_ejected_like_a_proxied_one(gateway, inventory, descriptors):
+    config = grpc_config(inventory.address, descriptors,
+                         route("i", ["/i/{sku}"], grpc={"service": "inventory", "method": "shop.v1.Inventory/GetItem"}))
+    dead = f"{HOST}:{free_port()}"
+    config["services"]["inventory"].update(
+        targets=[{"address": dead}, {"address": inventory.address}], balance={"algorithm": "round_robin"},
+        health={"passive": {"consecutive_failures": 2, "ejection_time": "30s"}})
+    config["admin"] = {"bind": f"{HOST}:{free_port()}"}
+    gw = gateway(config)
+    statuses = [gw.request("GET", "/i/abc").status for _ in range(12)]
+    assert statuses.count(503) == 2 and statuses[-6:] == [200] * 6, statuses
+    health = {t["address"]: t for t in gw.admin("GET", "/services/inventory/health").json()["targets"]}
+    assert health[dead]["ejected"] and not health[inventory.address]["ejected"]
+    assert health[inventory.address]["ewma_ms"] > 0                # gRPC calls feed the latency EWMA

@@ -10,8 +10,9 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from libc.string cimport memcmp
 
 from fastgw._core.buffer cimport ascii_ieq, ascii_lower, monotonic
-from fastgw._core.shm cimport (CIRCUIT_CLOSED, CIRCUIT_OPEN, circuit_record, monotonic_ns,
-                               target_available, target_eject, target_failure, target_success)
+from fastgw._core.shm cimport (CIRCUIT_CLOSED, CIRCUIT_OPEN, circuit_admit, circuit_record,
+                               monotonic_ns, target_available, target_begin, target_eject, target_end,
+                               target_failure, target_success)
 
 import asyncio
 import sys
@@ -204,6 +205,21 @@ cdef class Target:
         conn.last_activity = monotonic()
         conn.arm(conn.last_activity + self.service.idle_timeout)
         self.idle.append(conn)
+
+    # --- calls made by other clients than UpstreamConnection (gRPC) -----------------------------
+
+    def call_admitted(self):
+        """Begin a call to this target: False when its circuit breaker refuses it."""
+        if not circuit_admit(self.metric_slot, monotonic_ns()):
+            return False
+        target_begin(self.metric_slot)
+        return True
+
+    def call_finished(self, double seconds, bint failed):
+        """The call's result counts like a proxied request's: latency EWMA, the circuit breaker,
+        passive health."""
+        target_end(self.metric_slot, seconds, failed)
+        self.service.record_result(self, failed)
 
     def retire(self):
         """Its service was replaced by a reload: close the idle pool, and close busy connections

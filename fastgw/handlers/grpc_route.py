@@ -1,12 +1,17 @@
 """Routes that answer by calling a gRPC method (`routes[].grpc`): the handler between the data
 plane and the transcoding engine (fastgw/handlers/grpc.py).
 
+The service's balancer picks the target of each call; its result counts in the target's shared
+memory like a proxied request's (EWMA latency, circuit breaker, passive ejection). Calls are not
+retried on another target.
+
 A route names its method (`grpc: {service, method}`; path parameters and query fill fields of the
 same name, the body is the whole request message), or leaves it out and the service's
 `google.api.http` annotations become the route's paths, one per annotated method.
 """
 from __future__ import annotations
 
+import time
 from urllib.parse import unquote
 
 from fastgw.plugins.api import Response
@@ -62,13 +67,22 @@ class GrpcRouteHandler:
             target = self.service.backup_balancer.choose(None)
         if target is None:
             return Response.error(503, "no_healthy_upstream", "no target of the service is up")
+        if not target.call_admitted():
+            return Response.error(503, "circuit_open", "the circuit breaker of the target is open",
+                                  {"retry-after": "1"})
         headers = list(view.headers.items()) + list(forward.items())   # the client keeps its allow-list
-        answer = await self.client.call(
-            target.address, self.method, body=body,
-            body_field=self.body_field if self.body_field is not None else ("*" if body else None),
-            path_params={self.params.get(k, k): unquote(v) for k, v in params.items()},
-            query=view.query[1:], headers=headers, timeout=self.timeout,
-            response_body=self.response_body, stream_format=self.stream)
+        started, failed = time.monotonic(), True
+        try:
+            answer = await self.client.call(
+                target.address, self.method, body=body,
+                body_field=self.body_field if self.body_field is not None else ("*" if body else None),
+                path_params={self.params.get(k, k): unquote(v) for k, v in params.items()},
+                query=view.query[1:], headers=headers, timeout=self.timeout,
+                response_body=self.response_body, stream_format=self.stream)
+            # The target failing, not the request: unreachable, overloaded, too slow, broken.
+            failed = answer.status in (500, 503, 504)
+        finally:
+            target.call_finished(time.monotonic() - started, failed)
         response = Response(answer.status, answer.headers, body=answer.body)
         response.stream = answer.stream
         return response
