@@ -218,22 +218,21 @@ def main() -> int:
             e2e.start_service(procs, "fastgw", [*prefix, "-c", str(conf)], root / "fastgw", port,
                               e2e.PROXY_CPU, env, [e2e.Workload("cached", "/cached", len(BODY_1K))])
             for rnd in range(args.rounds):
+                def throughput(label: str, p: int, path: str) -> None:
+                    wrk(p, path, args.connections, 1)                  # warm-up
+                    r = wrk(p, path, args.connections, args.duration)
+                    results.setdefault(label, []).append(r)
+                    print(f"round {rnd + 1}: {label}: {r['rps']:,.0f} req/s, p99 {r['p99_ms']:.2f} ms", flush=True)
+
                 if "cache" in parts:
-                    for label, p, path in (("fastgw cache hit", port, "/cached"),
-                                           ("nginx static file", static_port, "/item.json")):
-                        wrk(p, path, args.connections, 1)
-                        r = wrk(p, path, args.connections, args.duration)
-                        results.setdefault(label, []).append(r)
-                        print(f"round {rnd + 1}: {label}: {r['rps']:,.0f} req/s, p99 {r['p99_ms']:.2f} ms", flush=True)
+                    throughput("fastgw cache hit", port, "/cached")
+                    throughput("nginx static file", static_port, "/item.json")
                 if "aggregate" in parts:
                     sequential_ms(port, "/agg-slow/1", 20)
                     results.setdefault("agg-slow", []).append(median(sequential_ms(port, "/agg-slow/1", args.samples)))
                     results.setdefault("slow", []).append(median(sequential_ms(port, "/slow", args.samples)))
-                    for label, path in (("bare proxy", "/bare"), ("aggregate of 3", "/agg-fast/1")):
-                        wrk(port, path, args.connections, 1)
-                        r = wrk(port, path, args.connections, args.duration)
-                        results.setdefault(label, []).append(r)
-                        print(f"round {rnd + 1}: {label}: {r['rps']:,.0f} req/s", flush=True)
+                    throughput("bare proxy", port, "/bare")
+                    throughput("aggregate of 3", port, "/agg-fast/1")
                 if "grpc" in parts:
                     sequential_ms(port, "/inventory/abc", 20)
                     results.setdefault("grpc via fastgw", []).append(

@@ -173,6 +173,8 @@ cdef class ClientConnection(Downstream):
     cdef void _run_plugins(self, Request req)
     cdef void _run_native_checks(self, Request req, tuple natives)
     cdef void _plugins_decided(self, Request req, object result)
+    cdef void _await(self, Request req, object work, int then)
+    cdef void _remote_limits_decided(self, Request req, object results)
     cdef void _write_plugin_answer(self, Request req, object resp)
     cdef void _write_answer(self, Request req, int status, list fields, bytes body, HeaderEdits edits)
     cdef object _plugin_view(self, Request req)

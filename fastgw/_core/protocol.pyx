@@ -69,6 +69,11 @@ cdef const char* HEXDIGITS = b"0123456789abcdef"
 # Upstream heads and chunk headers are built here and taken at once, with no callback in
 # between, so every connection of the worker can share it.
 cdef WriteBuffer _scratch = WriteBuffer()
+
+cdef enum:                          # where the result of ClientConnection._await goes
+    AWAIT_PLUGINS = 0
+    AWAIT_LIMITS = 1
+    AWAIT_HANDLER = 2
 # A JSON answer reshaped for a client profile is held whole up to this size; larger is a 502.
 DEF COLLECT_LIMIT = 8 * 1024 * 1024
 
@@ -800,21 +805,16 @@ cdef class ClientConnection(Downstream):
                 return True
         if remote is None:
             return False
-        req.in_plugins = True                    # hold the body meanwhile, read no more
-        self._pause(PAUSE_PLUGIN)
         req.remote_limits = remote
-        task = asyncio.ensure_future(_remote_decisions(remote))
-        task.add_done_callback(lambda t, r=req: self._on_limits_decided(r, t))
+        self._await(req, _remote_decisions(remote), AWAIT_LIMITS)
         return True
 
-    def _on_limits_decided(self, Request req, task):
+    cdef void _remote_limits_decided(self, Request req, object results):
         cdef Decision d
         cdef Policy policy
-        if task.cancelled() or self.closed or req is not self.active:
-            return
-        req.in_plugins = False
-        self._resume(PAUSE_PLUGIN)
-        for (p, key, limit, window_ns), result in zip(req.remote_limits, task.result()):
+        if isinstance(results, BaseException):   # not expected (failures come back one by one)
+            results = [results] * len(req.remote_limits)
+        for (p, key, limit, window_ns), result in zip(req.remote_limits, results):
             policy = <Policy>p
             if isinstance(result, BaseException):
                 # Redis away or too slow: on_store_error (local: this host's share, in shared memory).
@@ -889,11 +889,7 @@ cdef class ClientConnection(Downstream):
         if result is None or isinstance(result, PluginResponse):
             self._plugins_decided(req, result)
             return
-        # An async plugin: hold the body (reads pause after one) until it decides.
-        req.in_plugins = True
-        self._pause(PAUSE_PLUGIN)
-        task = asyncio.ensure_future(result)
-        task.add_done_callback(lambda t, r=req: self._on_plugins_done(r, t))
+        self._await(req, result, AWAIT_PLUGINS)      # an async plugin
 
     cdef object _plugin_view(self, Request req):
         """The fastgw.Request that plugins and handlers see."""
@@ -923,13 +919,28 @@ cdef class ClientConnection(Downstream):
             return
         self._answer_route(req)
 
-    def _on_plugins_done(self, Request req, task):
+    cdef void _await(self, Request req, object work, int then):
+        """Run `work` (an awaitable: an async plugin, Redis limits, a handler) for `req`: reads
+        pause and the body is held (at most one read) until it is done; then its result (or
+        exception) goes on to `then`, unless the client went away meanwhile."""
+        req.in_plugins = True
+        self._pause(PAUSE_PLUGIN)
+        task = asyncio.ensure_future(work)
+        task.add_done_callback(lambda t, r=req, k=then: self._awaited(r, t, k))
+
+    def _awaited(self, Request req, task, int then):
         if task.cancelled() or self.closed or req is not self.active:
-            return                        # the client went away meanwhile
+            return
         req.in_plugins = False
         self._resume(PAUSE_PLUGIN)
         exc = task.exception()
-        self._plugins_decided(req, exc if exc is not None else task.result())
+        result = exc if exc is not None else task.result()
+        if then == AWAIT_PLUGINS:
+            self._plugins_decided(req, result)
+        elif then == AWAIT_LIMITS:
+            self._remote_limits_decided(req, result)
+        else:
+            self._handler_done(req, result)
 
     cdef void _plugins_decided(self, Request req, object result):
         """Go on to the route's answer with what the plugins changed, or answer as they said."""
@@ -1016,18 +1027,7 @@ cdef class ClientConnection(Downstream):
         except Exception as exc:
             self._handler_done(req, exc)
             return
-        req.in_plugins = True
-        self._pause(PAUSE_PLUGIN)
-        task = asyncio.ensure_future(work)
-        task.add_done_callback(lambda t, r=req: self._on_handler_done(r, t))
-
-    def _on_handler_done(self, Request req, task):
-        if task.cancelled() or self.closed or req is not self.active:
-            return                        # the client went away meanwhile
-        req.in_plugins = False
-        self._resume(PAUSE_PLUGIN)
-        exc = task.exception()
-        self._handler_done(req, exc if exc is not None else task.result())
+        self._await(req, work, AWAIT_HANDLER)
 
     def _handler_done(self, Request req, result):
         if isinstance(result, BaseException):
