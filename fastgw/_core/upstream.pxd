@@ -151,6 +151,7 @@ cdef class UpstreamConnection(TimedProtocol):
     cdef void tunnel_write_eof(self)
     cdef void abort(self)
     cdef void _close_idle(self)
+    cdef bint _simple_response(self, bytes data, Py_ssize_t head_end) except -1
     cdef bint _starts_pass_through(self, Py_ssize_t unparsed) except -1
     cdef int _pass_body(self, object data) except -1
     cdef int _fail(self, int error) except -1

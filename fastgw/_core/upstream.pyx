@@ -2,12 +2,14 @@
 """Upstream side: services, targets, keep-alive pools and one HTTP/1.1 exchange per connection.
 
 An UpstreamConnection parses responses with httptools and reports to its Downstream (the client
-connection) through C-level calls. Responses get the same strictness as requests: anything that
+connection) through C-level calls. The common answer (a whole head in the first read, plain
+fields, a Content-Length body) is read by a single scan here instead (`_simple_response`), which
+hands anything it does not fully validate to httptools. Responses get the same strictness as requests: anything that
 is not valid HTTP/1.x, or whose framing is ambiguous, fails the exchange and discards the
 connection (SPEC §4).
 """
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
-from libc.string cimport memcmp
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from libc.string cimport memchr, memcmp
 
 from fastgw._core.buffer cimport ascii_ieq, ascii_lower, monotonic
 from fastgw._core.shm cimport (CIRCUIT_CLOSED, CIRCUIT_OPEN, circuit_admit, circuit_record,
@@ -63,8 +65,27 @@ cdef Py_ssize_t _head_end(bytes data):
     return (found - s) + 4 if found is not NULL else -1
 
 
+# RFC 9110 §5.6.2 tchar: the bytes a field name may hold.
+cdef bint TCHAR[256]
+for _c in bytearray(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"):
+    TCHAR[_c] = True
+
+
+cdef inline bint _plain_text(const unsigned char* s, Py_ssize_t n) noexcept:
+    """RFC 9110 §5.5 field-vchar / SP / HTAB (and the reason phrase's same set): no controls."""
+    cdef Py_ssize_t i
+    for i in range(n):
+        if (s[i] < 0x20 and s[i] != 0x09) or s[i] == 0x7f:
+            return False
+    return True
+
+
 class _InvalidResponse(Exception):
     """Raised inside parser callbacks to stop llhttp on a response we refuse."""
+
+
+cdef inline bint _field_is(bytes name, const char* lower, Py_ssize_t n) noexcept:
+    return PyBytes_GET_SIZE(name) == n and ascii_ieq(PyBytes_AS_STRING(name), n, lower, n)
 
 
 cdef long long parse_content_length(bytes value) except -2:
@@ -519,8 +540,12 @@ cdef class UpstreamConnection:
         cdef Py_ssize_t head_end = -1
         if self.received == 0:
             self.peeked_version = status_line(data, &self.peeked_status)
-            if n > PASS_THROUGH_MIN:
+            if self.peeked_version:
                 head_end = _head_end(data)
+                if head_end > 0 and self._simple_response(<bytes>data, head_end):
+                    return
+                if n <= PASS_THROUGH_MIN:
+                    head_end = -1
         self.received += n
         try:
             if head_end > 0:
@@ -550,6 +575,104 @@ cdef class UpstreamConnection:
             self.downstream.upstream_flush()
         if self.complete:
             self._finish()
+
+    cdef bint _simple_response(self, bytes data, Py_ssize_t head_end) except -1:
+        """Read the head of `data` (it ends at `head_end`) in one scan, without llhttp and a
+        Python callback per field, when it is the common case: a final status other than
+        204/304 to a request that is not HEAD and asked for no upgrade, fields that are plain
+        tokens and text on CRLF lines, one Content-Length, no Transfer-Encoding and no
+        Connection header naming other fields, and no more bytes than that body. The body then
+        passes through as read. Anything else returns False with nothing changed, and the
+        parser reads the response (and refuses it if it is invalid)."""
+        cdef const unsigned char* s = <const unsigned char*>PyBytes_AS_STRING(data)
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(data), pos, eol, colon, vstart, vend
+        cdef const unsigned char* nl
+        cdef int status = self.peeked_status, connection = 0
+        cdef long long length = -1
+        cdef bint has_date = False, keep_alive
+        cdef list headers = []
+        cdef bytes name, value
+        if status < 200 or status == 204 or status == 304 or self.head_request or \
+                self.upgrade_expected:
+            return False
+        # The status line: "HTTP/1.x NNN " was checked by status_line(); then the reason.
+        nl = <const unsigned char*>memchr(s, b'\n', head_end)
+        eol = nl - s
+        if eol < 13 or s[eol - 1] != b'\r' or not _plain_text(s + 13, eol - 14):
+            return False
+        pos = eol + 1
+        while pos < head_end - 2:
+            nl = <const unsigned char*>memchr(s + pos, b'\n', head_end - pos)
+            if nl == NULL:
+                return False
+            eol = nl - s
+            if s[eol - 1] != b'\r':
+                return False                  # a bare LF
+            colon = pos
+            while colon < eol and TCHAR[s[colon]]:
+                colon += 1
+            if colon == pos or s[colon] != b':':
+                return False                  # obs-fold, space before the colon, a bad name
+            vstart = colon + 1
+            while vstart < eol - 1 and (s[vstart] == b' ' or s[vstart] == b'\t'):
+                vstart += 1
+            vend = eol - 1
+            while vend > vstart and (s[vend - 1] == b' ' or s[vend - 1] == b'\t'):
+                vend -= 1
+            if not _plain_text(s + vstart, vend - vstart):
+                return False
+            name = PyBytes_FromStringAndSize(<const char*>s + pos, colon - pos)
+            value = PyBytes_FromStringAndSize(<const char*>s + vstart, vend - vstart)
+            pos = eol + 1
+            if _field_is(name, b"content-length", 14):
+                if length != -1:
+                    return False
+                length = parse_content_length(value)
+                if length < 0:
+                    return False
+            elif _field_is(name, b"transfer-encoding", 17):
+                return False
+            elif _field_is(name, b"connection", 10):
+                connection |= connection_flags(value)
+                if connection & CONN_NAMES:
+                    return False
+            elif not is_hop_by_hop(PyBytes_AS_STRING(name), PyBytes_GET_SIZE(name)):
+                if _field_is(name, b"date", 4):
+                    has_date = True
+                headers.append(name)
+                headers.append(value)
+        if length < 0 or n - head_end > length:
+            return False
+        # The same state as the parser's callbacks would leave (on_header, on_headers_complete).
+        self.received = head_end
+        self.peeked_status = 0
+        self.headers = headers
+        self.content_length = length
+        self.connection = connection
+        self.has_date = has_date
+        self.framing = FRAMING_LENGTH
+        self.head_done = True
+        if self.peeked_version == 11:
+            keep_alive = not (connection & CONN_CLOSE)
+        else:
+            keep_alive = bool(connection & CONN_KEEP_ALIVE) and not (connection & CONN_CLOSE)
+        self.keep_alive = keep_alive
+        self.body_left = length
+        if self.downstream is not None:
+            self.downstream.upstream_head(self, status, headers, FRAMING_LENGTH, length)
+        if self.state != CONN_BUSY:
+            return True                       # the head ended the exchange (a retry elsewhere)
+        if n > head_end:
+            self._pass_body(memoryview(data)[head_end:] if n - head_end > PASS_THROUGH_MIN
+                            else data[head_end:])
+        elif length == 0:
+            self.complete = True
+            if self.downstream is not None:
+                self.downstream.upstream_flush()
+            self._finish()
+        elif self.downstream is not None:
+            self.downstream.upstream_flush()
+        return True
 
     cdef bint _starts_pass_through(self, Py_ssize_t unparsed) except -1:
         """Switch to passing a long Content-Length body through as read, without the parser's
