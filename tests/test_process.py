@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import http.client
 import os
+import resource
 import signal
 import socket
+import sys
 import threading
 import time
 
@@ -369,3 +371,27 @@ def test_reload_keeps_pooled_upstream_connections(gateway, upstream):
     assert get() == 200
     assert upstream.connections_accepted == 2
     conn.close()
+
+
+def _open_files_limits(pid: int) -> tuple[int, int]:
+    for line in open(f"/proc/{pid}/limits"):
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return int(soft), int(hard)
+    raise AssertionError("no open files line")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_workers_get_the_hard_open_files_limit(gateway, upstream):
+    """Started with a low soft limit (a shell's usual 1,024), the workers may still hold as many
+    connections as the hard limit allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard <= 1024 or hard == resource.RLIM_INFINITY:
+        pytest.skip("no finite hard limit above the usual soft one")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+    try:
+        gw = gateway(with_admin({**proxy_config(upstream.port), "workers": 2}))
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert [_open_files_limits(pid) for pid in gw.worker_pids()] == [(hard, hard)] * 2
+    assert gw.request("GET", "/x").status == 200

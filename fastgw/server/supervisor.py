@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -469,9 +470,25 @@ def _describe(code: int | None) -> str:
     return f"exit code {code}"
 
 
+def raise_open_files_limit() -> int:
+    """Every client and upstream connection is a file descriptor, and the usual soft limit (1,024)
+    would cap a worker far below `limits.max_connections`. Raise the soft limit to the hard one,
+    as HAProxy does; the workers inherit it. The hard limit stays the administrator's choice
+    (systemd's LimitNOFILE). Returns the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass          # macOS: an unlimited hard limit is refused above OPEN_MAX; keep the soft one
+    return soft
+
+
 def serve(loaded: LoadedConfig, workers=None) -> int:
     """Run the gateway until a stop signal; returns the exit code."""
     set_log_level(loaded.config.log.level)
+    log(f"open files limit: {raise_open_files_limit()}", "debug")
 
     async def main() -> int:
         return await Supervisor(loaded, workers).run()
