@@ -8,6 +8,7 @@ import socket
 import time
 
 import pytest
+import yaml
 
 from fastgw._core.proxyproto import build_proxy_header
 from fastgw.plugins.credentials import hash_key, hash_password
@@ -61,6 +62,20 @@ def test_key_auth_header_query_cookie_and_hidden_credentials(gateway, upstream):
     gw.request("GET", "/api/x", headers={"x-api-key": "bob-key", "x-consumer-name": "acme"})
     assert upstream.requests[-1].header("x-consumer-name") == "bob"
     assert [line["consumer"] for line in gw.access_log_lines(6)] == [None, None, "acme", "bob", "acme", "bob"]
+
+
+def test_a_revoked_key_is_refused_after_reload_though_it_was_verified_before(gateway, upstream):
+    """The data plane remembers verified keys (native.pyx); a reload that removes one forgets it."""
+    config = auth_config(upstream, [{"key_auth": {}}])
+    config["admin"] = {"bind": f"{HOST}:{free_port()}", "token": "t"}
+    gw = gateway(config)
+    for _ in range(3):
+        assert gw.request("GET", "/api/x", headers={"x-api-key": "bob-key"}).status == 200
+    config["consumers"] = CONSUMERS[:1]
+    gw.config_path.write_text(yaml.safe_dump(config))
+    assert gw.admin("POST", "/reload").status == 200
+    assert gw.request("GET", "/api/x", headers={"x-api-key": "bob-key"}).status == 401
+    assert gw.request("GET", "/api/x", headers={"x-api-key": "acme-key"}).status == 200
 
 
 @pytest.mark.parametrize("path", list(PATHS))

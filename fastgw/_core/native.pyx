@@ -15,6 +15,7 @@ import hashlib
 from hmac import compare_digest
 
 cdef object _sha256 = hashlib.sha256
+cdef Py_ssize_t VERIFIED_MAX = 65536      # key_auth: verified keys remembered per worker
 
 
 cdef class NativeCheck:
@@ -46,10 +47,20 @@ cdef class KeyAuthCheck(NativeCheck):
         cdef bytes key = _header(headers, self.header)
         if not key:
             return self.plugin.missing()
+        plugin = self.plugin
+        hasher = plugin.verified_hasher.copy()
+        hasher.update(key)
+        seen = hasher.digest()
+        name = plugin.verified.get(seen)
+        if name is not None:
+            return name
         digest = _sha256(key).digest()
-        found = self.plugin.by_raw_digest.get(digest)
+        found = plugin.by_raw_digest.get(digest)
         if found is None or not compare_digest(found[0], digest):
-            return self.plugin.invalid()
+            return plugin.invalid()
+        if len(plugin.verified) >= VERIFIED_MAX:
+            plugin.verified.clear()
+        plugin.verified[seen] = found[1]
         return found[1]
 
 

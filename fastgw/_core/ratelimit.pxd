@@ -24,8 +24,14 @@ cdef class Policy:
     cdef public object remote            # cluster, sync_interval 0: async (key, limit, window_ns) ->
                                          # (admitted, remaining, reset, retry_after), else None
 
+    cdef str lines_for_route             # header_lines: the last route, quota and window ...
+    cdef long long lines_for_limit
+    cdef uint64_t lines_for_window
+    cdef bytes lines_head                # ... and the fields made for them
+
     cdef int decide(self, bytes key, long long limit, uint64_t window_ns, Decision* d) except -1
     cdef bytes header_lines(self, str name, long long limit, uint64_t window_ns, Decision* d)
+    cdef bytes _lines_head(self, str name, long long limit, uint64_t window_ns)
 
 
 cdef void release(uint64_t* entry) noexcept

@@ -11,9 +11,10 @@ changes only by CAS, so two workers deciding at once can never both take the las
 
 Without an active segment (`fastgw check`, in-process tests) a process-local table is used.
 """
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.stdint cimport UINT64_MAX
 from libc.stdlib cimport calloc
+from libc.string cimport memcpy
 
 from fastgw._core.buffer cimport hash64
 from fastgw._core.shm cimport (cluster_down, cluster_nodes, fg_add, fg_cas, fg_load, fg_store,
@@ -148,14 +149,61 @@ cdef class Policy:
         return 0
 
     cdef bytes header_lines(self, str name, long long limit, uint64_t window_ns, Decision* d):
-        cdef long long window = <long long>((window_ns + 999999999) // 1000000000)
+        """The response's rate-limit fields for this decision. What does not change from one
+        request to the next (names, policy, quota) is made once per route, limit and window;
+        per request only the two numbers are printed into it."""
+        cdef bytes head
+        cdef char numbers[64]
+        cdef int n
         cdef long long reset = <long long>(d.reset + 0.999)
+        if name is self.lines_for_route and limit == self.lines_for_limit and \
+                window_ns == self.lines_for_window:
+            head = self.lines_head
+        else:
+            head = self._lines_head(name, limit, window_ns)
+        n = _print_int(numbers, d.remaining)
         if self.headers == HEADERS_LEGACY:
-            return (f"x-ratelimit-limit: {limit}\r\nx-ratelimit-remaining: {d.remaining}\r\n"
-                    f"x-ratelimit-reset: {reset}\r\n").encode()
-        policy = self.name or name
-        return (f'ratelimit-policy: "{policy}";q={limit};w={window}\r\n'
-                f'ratelimit: "{policy}";r={d.remaining};t={reset}\r\n').encode()
+            memcpy(numbers + n, b"\r\nx-ratelimit-reset: ", 21)
+            n += 21
+        else:
+            memcpy(numbers + n, b";t=", 3)
+            n += 3
+        n += _print_int(numbers + n, reset)
+        memcpy(numbers + n, b"\r\n", 2)
+        n += 2
+        cdef bytes out = PyBytes_FromStringAndSize(NULL, PyBytes_GET_SIZE(head) + n)
+        memcpy(PyBytes_AS_STRING(out), PyBytes_AS_STRING(head), PyBytes_GET_SIZE(head))
+        memcpy(PyBytes_AS_STRING(out) + PyBytes_GET_SIZE(head), numbers, n)
+        return out
+
+    cdef bytes _lines_head(self, str name, long long limit, uint64_t window_ns):
+        """The fields up to the remaining count, kept for the next request of the same route
+        and quota (consumer plans change the quota)."""
+        cdef long long window = <long long>((window_ns + 999999999) // 1000000000)
+        if self.headers == HEADERS_LEGACY:
+            head = f"x-ratelimit-limit: {limit}\r\nx-ratelimit-remaining: ".encode()
+        else:
+            policy = self.name or name
+            head = f'ratelimit-policy: "{policy}";q={limit};w={window}\r\nratelimit: "{policy}";r='.encode()
+        self.lines_for_route, self.lines_for_limit, self.lines_for_window = name, limit, window_ns
+        self.lines_head = head
+        return head
+
+
+cdef inline int _print_int(char* out, long long value) noexcept:
+    """Decimal digits of `value` (>= 0; negatives print as 0) at `out`; returns their count."""
+    cdef char digits[20]
+    cdef int n = 0, i
+    if value <= 0:
+        out[0] = b'0'
+        return 1
+    while value:
+        digits[n] = <char>(48 + value % 10)
+        value //= 10
+        n += 1
+    for i in range(n):
+        out[i] = digits[n - 1 - i]
+    return n
 
 
 cdef inline double _seconds(uint64_t ns) noexcept:
