@@ -93,6 +93,9 @@ PLUGIN_CASES = {
     "noop_python": ([{"request_id": {"echo_downstream": False}}], b""),
     "key_auth": ([{"key_auth": {}}], b"X-Api-Key: bench-key\r\n"),
     "ip_filter": ([{"ip_filter": {"allow": ["127.0.0.0/8"]}}], b""),
+    "rate_limit": ([{"rate_limit": {"limit": 1000000000, "key": ["ip"]}}], b""),
+    "key_auth+rate_limit": ([{"key_auth": {}}, {"rate_limit": {"limit": 1000000000}}],
+                            b"X-Api-Key: bench-key\r\n"),
     "jwt_cached": ([{"jwt": {"algorithms": ["HS256"], "secret": "s" * 32}}], None),
 }
 
