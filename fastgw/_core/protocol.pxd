@@ -145,6 +145,7 @@ cdef class ClientConnection(Downstream):
     cdef bint write_blocked               # the client is not reading what we send
     cdef bint in_head
     cdef int line_version                 # 11/10 read off the raw request line, 0 = ask httptools
+    cdef bytes line_method                # a common method read off it, None = ask httptools
     cdef long long head_fed
     cdef int fatal_status
     cdef str fatal_code

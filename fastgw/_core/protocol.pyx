@@ -11,6 +11,7 @@ cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.stdint cimport uint64_t
 from libc.string cimport memchr, memcmp
+from libc.time cimport time as c_time
 
 from fastgw._core.balancer cimport Balancer
 from fastgw._core.native cimport NativeCheck
@@ -278,6 +279,8 @@ cdef class ClientConnection(Downstream):
             if self.active is None:
                 self.arm(monotonic() + listener.header_timeout)
             self.line_version = _request_line_version(data)
+            if self.line_version:
+                self.line_method = _request_line_method(<bytes>data)
         self._feed(data)
 
     cdef bytes _read_proxy_header(self, data):
@@ -464,7 +467,11 @@ cdef class ClientConnection(Downstream):
         cdef Request req = self.parsing
         cdef ListenerState listener = self.listener
         self.in_head = False
-        req.method = self.parser.get_method()
+        if self.line_method is not None:
+            req.method = self.line_method
+            self.line_method = None
+        else:
+            req.method = self.parser.get_method()
         if self.line_version:
             req.http11 = self.line_version == 11
             self.line_version = 0
@@ -624,8 +631,10 @@ cdef class ClientConnection(Downstream):
             self._fail_request(req, 400, "bad_request", "fragment in request target")
             return
         if q >= 0:
-            req.path = url[:q]
-            req.query = url[q:]
+            # Not url[:q]: Cython slices bytes through PySequence_GetSlice and a slice object.
+            u = PyBytes_AS_STRING(url)
+            req.path = PyBytes_FromStringAndSize(u, q)
+            req.query = PyBytes_FromStringAndSize(u + q, PyBytes_GET_SIZE(url) - q)
         else:
             req.path = url
             req.query = b""
@@ -1941,7 +1950,7 @@ cdef bytes _date_line = b""
 cdef bytes _date_header():
     """ "date: <IMF-fixdate>\r\n" (RFC 9110 §6.6.1), formatted once per second."""
     global _date_second, _date_line
-    cdef long now = <long>time.time()
+    cdef long now = <long>c_time(NULL)           # not time.time(): a module lookup and a float
     if now != _date_second:
         _date_second = now
         _date_line = b"date: " + formatdate(now, usegmt=True).encode() + b"\r\n"
@@ -1972,6 +1981,28 @@ cdef int _request_line_version(object data):
     if (cr - 1)[0] == b'0':
         return 10
     return 0
+
+
+cdef bytes GET = b"GET", POST = b"POST", PUT = b"PUT", DELETE = b"DELETE", HEAD = b"HEAD"
+
+
+cdef bytes _request_line_method(bytes data):
+    """The method of a request line that starts `data`, when it is one of the common ones (as
+    a shared constant: no bytes object per request), else None (then httptools is asked).
+    llhttp still validates the line."""
+    cdef const char* s = PyBytes_AS_STRING(data)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
+    if n > 4 and memcmp(s, b"GET ", 4) == 0:
+        return GET
+    if n > 5 and memcmp(s, b"POST ", 5) == 0:
+        return POST
+    if n > 4 and memcmp(s, b"PUT ", 4) == 0:
+        return PUT
+    if n > 5 and memcmp(s, b"HEAD ", 5) == 0:
+        return HEAD
+    if n > 7 and memcmp(s, b"DELETE ", 7) == 0:
+        return DELETE
+    return None
 
 
 cdef inline bint _method_expects_body(bytes method):

@@ -663,8 +663,10 @@ cdef class UpstreamConnection:
         if self.state != CONN_BUSY:
             return True                       # the head ended the exchange (a retry elsewhere)
         if n > head_end:
-            self._pass_body(memoryview(data)[head_end:] if n - head_end > PASS_THROUGH_MIN
-                            else data[head_end:])
+            # A short rest is copied (not data[head_end:]: Cython slices bytes through a slice
+            # object); a long one is passed on as a view.
+            self._pass_body(memoryview(data)[head_end:] if n - head_end > PASS_THROUGH_MIN else
+                            PyBytes_FromStringAndSize(<const char*>s + head_end, n - head_end))
         elif length == 0:
             self.complete = True
             if self.downstream is not None:
