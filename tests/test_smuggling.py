@@ -8,6 +8,8 @@ after a legitimate request, against one gateway shared by the module.
 """
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from upstreams import RecordingUpstream, assert_error, get_request, proxy_config
@@ -100,6 +102,52 @@ def test_rejected_and_connection_closed(shared, name, after_legit):
         c.send(payload)
         assert_rejected(c, statuses)
     assert_survived(gw, up, ["/legit"] if after_legit else [], tracebacks)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_rejected_alike_when_the_head_comes_in_pieces(shared, name):
+    """A head that is a whole read may be read without llhttp (protocol.pyx _simple_request); one
+    that comes in pieces always goes through llhttp. Both must refuse alike."""
+    gw, up = shared
+    payload, statuses = CASES[name]
+    up.reset()
+    tracebacks = gw.tracebacks()
+    with gw.connect() as c:
+        c.send(payload[:5])
+        time.sleep(0.02)
+        c.send(payload[5:])
+        assert_rejected(c, statuses)
+    assert_survived(gw, up, [], tracebacks)
+
+
+VALID = [
+    b"GET /v?a=1&b=2 HTTP/1.1\r\nHost: x\r\nUser-Agent: t/1\r\nAccept: */*\r\n\r\n",
+    b"HEAD /v HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 10.0.0.1\r\nConnection: keep-alive\r\n\r\n",
+    b"DELETE /v/1 HTTP/1.1\r\nhost: x\r\nX-Request-Id: abc-123\r\nX-Empty:\r\nX-Tab:\tv \t\r\n\r\n",
+    b"GET /v HTTP/1.0\r\nHost: x\r\nConnection: keep-alive, x-drop\r\nX-Drop: 1\r\nX-Keep: 2\r\n\r\n",
+    b"POST /v HTTP/1.1\r\nHost: x\r\nX-Utf8: caf\xc3\xa9\r\nTraceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\n\r\n",
+    b"GET http://x/v/abs HTTP/1.1\r\nHost: y\r\n\r\n",
+]
+
+
+@pytest.mark.parametrize("payload", VALID, ids=[p.split(b" ")[0].decode() + str(i) for i, p in enumerate(VALID)])
+def test_valid_heads_reach_the_upstream_alike_whole_or_in_pieces(shared, payload):
+    gw, up = shared
+    seen = []
+    for pieces in ([payload], [payload[:5], payload[5:]]):
+        up.reset()
+        with gw.connect() as c:
+            for piece in pieces:
+                c.send(piece)
+                time.sleep(0.02)
+            resp = c.read_final(head_request=payload.startswith(b"HEAD"))
+        assert up.requests and up.requests[0].done.wait(3)
+        # What the upstream got, minus the fields made fresh per request.
+        lines = [line for line in up.requests[0].raw.split(b"\r\n\r\n")[0].split(b"\r\n")
+                 if not line.lower().startswith((b"x-request-id: ", b"traceparent: "))]
+        seen.append((resp.status, lines))
+    assert seen[0] == seen[1]
+    assert seen[0][0] == 200
 
 
 def test_pipelined_smuggle_after_legit_request_in_one_write(shared):

@@ -17,7 +17,7 @@ from fastgw._core.balancer cimport Balancer
 from fastgw._core.native cimport NativeCheck
 from fastgw._core.ratelimit cimport Decision, Policy, release
 from fastgw._core.ratelimit import ALG_CONCURRENCY
-from fastgw._core.buffer cimport WriteBuffer, ascii_ieq, ascii_lower, monotonic, random64
+from fastgw._core.buffer cimport WriteBuffer, ascii_ieq, ascii_lower, monotonic, plain_field, random64
 from fastgw._core.cache cimport CachedResponse, ResponseCache
 from fastgw._core.router cimport (ROUTE_ECHO, ROUTE_HANDLER, ROUTE_PROXY, ROUTE_RESPOND, HeaderEdits,
                                   PathRule, RouteEntry, Router, write_fields)
@@ -281,6 +281,8 @@ cdef class ClientConnection(Downstream):
             self.line_version = _request_line_version(data)
             if self.line_version:
                 self.line_method = _request_line_method(<bytes>data)
+                if self.line_method is not None and self._simple_request(<bytes>data):
+                    return
         self._feed(data)
 
     cdef bytes _read_proxy_header(self, data):
@@ -301,6 +303,53 @@ cdef class ClientConnection(Downstream):
         if client is not None:
             self.client_ip = client[0].encode()
         return head[used:]
+
+    cdef bint _simple_request(self, bytes data) except -1:
+        """Read a request head that is the whole read without llhttp and a Python callback per
+        field, when it is plain: a method read off the line (GET, POST, PUT, HEAD, DELETE), a
+        target of visible ASCII, HTTP/1.1 or 1.0, token names and text values on CRLF lines, and
+        no field that brings a body or another protocol (Content-Length, Transfer-Encoding,
+        Expect, Upgrade). Then the parser's callback steps run on it, limits and all. Anything
+        else returns False untouched, and llhttp reads it (and refuses what is invalid)."""
+        cdef const unsigned char* s = <const unsigned char*>PyBytes_AS_STRING(data)
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(data), pos, eol, colon, vstart, vend, i, count = 0
+        cdef Py_ssize_t target_start = PyBytes_GET_SIZE(self.line_method) + 1, target_end
+        cdef Py_ssize_t spans[SIMPLE_FIELDS_MAX][4]   # line start, colon, value start, value end
+        if n > self.listener.max_header_bytes or memcmp(s + n - 4, b"\r\n\r\n", 4) != 0:
+            return False
+        eol = <const unsigned char*>memchr(s, b'\n', n) - s
+        target_end = eol - 10                 # the space before "HTTP/1.x\r" (version peeked)
+        if target_end <= target_start:
+            return False
+        for i in range(target_start, target_end):
+            if s[i] <= 0x20 or s[i] >= 0x7f:
+                return False
+        # Every line is checked before any step runs: nothing changes unless the head is plain.
+        pos = eol + 1
+        while pos < n - 2:
+            if count == SIMPLE_FIELDS_MAX:
+                return False
+            eol = plain_field(s, pos, n, &colon, &vstart, &vend)
+            if eol < 0 or _brings_body_or_upgrade(<const char*>s + pos, colon - pos):
+                return False
+            spans[count][0], spans[count][1], spans[count][2], spans[count][3] = pos, colon, vstart, vend
+            count += 1
+            pos = eol
+        try:
+            self._on_url(PyBytes_FromStringAndSize(<const char*>s + target_start, target_end - target_start))
+            for i in range(count):
+                self._on_header(
+                    PyBytes_FromStringAndSize(<const char*>s + spans[i][0], spans[i][1] - spans[i][0]),
+                    PyBytes_FromStringAndSize(<const char*>s + spans[i][2], spans[i][3] - spans[i][2]))
+            self._on_headers_complete()
+        except _Reject:
+            if not (self.closed or self.lingering):
+                self._reject_now(400, "bad_request", "malformed request")
+            return True
+        self._on_message_done()
+        self._dispatch_ready()
+        self._flush()
+        return True
 
     cdef void _feed(self, data):
         cdef int offset
@@ -382,7 +431,18 @@ cdef class ClientConnection(Downstream):
 
     # --- parser callbacks ------------------------------------------------------------------------
 
+    # --- httptools callbacks (and the same steps for heads read by _simple_request) -------------
+
     def on_url(self, bytes url):
+        self._on_url(url)
+
+    def on_header(self, bytes name, bytes value):
+        self._on_header(name, value)
+
+    def on_headers_complete(self):
+        self._on_headers_complete()
+
+    cdef int _on_url(self, bytes url) except -1:
         cdef Request req = self.parsing
         if self.closed or self.closing and self.active is None and req is None:
             raise _Reject("connection closing")
@@ -401,8 +461,9 @@ cdef class ClientConnection(Downstream):
         req.head_bytes += PyBytes_GET_SIZE(url)
         if PyBytes_GET_SIZE(req.url) > self.listener.max_url_bytes:
             self._reject(414, "uri_too_long", "request target too long")
+        return 0
 
-    def on_header(self, bytes name, bytes value):
+    cdef int _on_header(self, bytes name, bytes value) except -1:
         cdef Request req = self.parsing
         cdef Py_ssize_t n = PyBytes_GET_SIZE(name)
         cdef const char* s = PyBytes_AS_STRING(name)
@@ -462,8 +523,9 @@ cdef class ClientConnection(Downstream):
                 req.user_agent = value
             req.headers.append(name)
             req.headers.append(value)
+        return 0
 
-    def on_headers_complete(self):
+    cdef int _on_headers_complete(self) except -1:
         cdef Request req = self.parsing
         cdef ListenerState listener = self.listener
         self.in_head = False
@@ -508,6 +570,7 @@ cdef class ClientConnection(Downstream):
         else:
             self.queued.append(req)
             self._pause(PAUSE_PIPELINE)
+        return 0
 
     def on_body(self, bytes data):
         cdef Request req = self.parsing
@@ -1981,6 +2044,17 @@ cdef int _request_line_version(object data):
     if (cr - 1)[0] == b'0':
         return 10
     return 0
+
+
+cdef enum:
+    SIMPLE_FIELDS_MAX = 64                # more fields than this: llhttp reads the head
+
+
+cdef inline bint _brings_body_or_upgrade(const char* name, Py_ssize_t n) noexcept:
+    return (n == 14 and ascii_ieq(name, n, b"content-length", 14)) or \
+        (n == 17 and ascii_ieq(name, n, b"transfer-encoding", 17)) or \
+        (n == 6 and ascii_ieq(name, n, b"expect", 6)) or \
+        (n == 7 and ascii_ieq(name, n, b"upgrade", 7))
 
 
 cdef bytes GET = b"GET", POST = b"POST", PUT = b"PUT", DELETE = b"DELETE", HEAD = b"HEAD"

@@ -11,7 +11,7 @@ connection (SPEC §4).
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.string cimport memchr, memcmp
 
-from fastgw._core.buffer cimport ascii_ieq, ascii_lower, monotonic
+from fastgw._core.buffer cimport ascii_ieq, ascii_lower, monotonic, plain_field, plain_text
 from fastgw._core.shm cimport (CIRCUIT_CLOSED, CIRCUIT_OPEN, circuit_admit, circuit_record,
                                monotonic_ns, target_available, target_begin, target_eject, target_end,
                                target_failure, target_success)
@@ -63,21 +63,6 @@ cdef Py_ssize_t _head_end(bytes data):
     cdef const char* s = PyBytes_AS_STRING(data)
     cdef const char* found = <const char*>memmem(s, PyBytes_GET_SIZE(data), b"\r\n\r\n", 4)
     return (found - s) + 4 if found is not NULL else -1
-
-
-# RFC 9110 §5.6.2 tchar: the bytes a field name may hold.
-cdef bint TCHAR[256]
-for _c in bytearray(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"):
-    TCHAR[_c] = True
-
-
-cdef inline bint _plain_text(const unsigned char* s, Py_ssize_t n) noexcept:
-    """RFC 9110 §5.5 field-vchar / SP / HTAB (and the reason phrase's same set): no controls."""
-    cdef Py_ssize_t i
-    for i in range(n):
-        if (s[i] < 0x20 and s[i] != 0x09) or s[i] == 0x7f:
-            return False
-    return True
 
 
 class _InvalidResponse(Exception):
@@ -598,32 +583,16 @@ cdef class UpstreamConnection:
         # The status line: "HTTP/1.x NNN " was checked by status_line(); then the reason.
         nl = <const unsigned char*>memchr(s, b'\n', head_end)
         eol = nl - s
-        if eol < 13 or s[eol - 1] != b'\r' or not _plain_text(s + 13, eol - 14):
+        if eol < 13 or s[eol - 1] != b'\r' or not plain_text(s + 13, eol - 14):
             return False
         pos = eol + 1
         while pos < head_end - 2:
-            nl = <const unsigned char*>memchr(s + pos, b'\n', head_end - pos)
-            if nl == NULL:
-                return False
-            eol = nl - s
-            if s[eol - 1] != b'\r':
-                return False                  # a bare LF
-            colon = pos
-            while colon < eol and TCHAR[s[colon]]:
-                colon += 1
-            if colon == pos or s[colon] != b':':
-                return False                  # obs-fold, space before the colon, a bad name
-            vstart = colon + 1
-            while vstart < eol - 1 and (s[vstart] == b' ' or s[vstart] == b'\t'):
-                vstart += 1
-            vend = eol - 1
-            while vend > vstart and (s[vend - 1] == b' ' or s[vend - 1] == b'\t'):
-                vend -= 1
-            if not _plain_text(s + vstart, vend - vstart):
+            eol = plain_field(s, pos, head_end, &colon, &vstart, &vend)
+            if eol < 0:
                 return False
             name = PyBytes_FromStringAndSize(<const char*>s + pos, colon - pos)
             value = PyBytes_FromStringAndSize(<const char*>s + vstart, vend - vstart)
-            pos = eol + 1
+            pos = eol
             if _field_is(name, b"content-length", 14):
                 if length != -1:
                     return False
