@@ -750,27 +750,34 @@ def run(args: argparse.Namespace, tmp: Path, procs: Processes) -> None:
         print(f"raw results written to {args.json}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def run_and_clean_up(name: str, body: Callable[[Path, "Processes"], None]) -> int:
+    """Run `body(tmp, procs)` and, however it ends (Ctrl-C, kill, an error), stop every process
+    it started and remove its temp dir."""
     started_at = time.monotonic()
-    ensure_tools(args.no_install)
-    check_cpus()
     raise_on_termination()
-    tmp = Path(tempfile.mkdtemp(prefix="fastgw-e2e-"))
+    tmp = Path(tempfile.mkdtemp(prefix=f"fastgw-{name}-"))
     procs = Processes()
     try:
-        run(args, tmp, procs)
+        body(tmp, procs)
     except KeyboardInterrupt:
         print("\ninterrupted; stopping everything this run started", file=sys.stderr)
         return 130
     finally:
         # A second Ctrl-C or kill must not abort the cleanup half-way, leaving processes behind.
+        signal.alarm(0)
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_IGN)
         procs.stop_all()
         shutil.rmtree(tmp, ignore_errors=True)
         print(f"total time: {time.monotonic() - started_at:.0f} s", file=sys.stderr)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    ensure_tools(args.no_install)
+    check_cpus()
+    return run_and_clean_up("e2e", lambda tmp, procs: run(args, tmp, procs))
 
 
 if __name__ == "__main__":

@@ -22,10 +22,8 @@ import json
 import math
 import os
 import resource
-import shutil
 import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -468,26 +466,9 @@ def stop_at_deadline() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    started_at = time.monotonic()
     ensure_tools(args.no_install)
-    e2e.raise_on_termination()
     stop_at_deadline()
-    tmp = Path(tempfile.mkdtemp(prefix="fastgw-memory-"))
-    procs = e2e.Processes()
-    try:
-        run(args, tmp, procs)
-    except KeyboardInterrupt:
-        print("\ninterrupted; stopping everything this run started", file=sys.stderr)
-        return 130
-    finally:
-        # A second signal must not abort the cleanup half-way, leaving processes behind.
-        signal.alarm(0)
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_IGN)
-        procs.stop_all()
-        shutil.rmtree(tmp, ignore_errors=True)
-        print(f"total time: {time.monotonic() - started_at:.0f} s", file=sys.stderr)
-    return 0
+    return e2e.run_and_clean_up("memory", lambda tmp, procs: run(args, tmp, procs))
 
 
 if __name__ == "__main__":
