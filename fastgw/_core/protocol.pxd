@@ -163,6 +163,7 @@ cdef class ClientConnection(Downstream):
     cdef int _on_url(self, bytes url) except -1
     cdef int _on_header(self, bytes name, bytes value) except -1
     cdef int _on_headers_complete(self) except -1
+    cdef list _answer_fields(self, Request req, resp)
     cdef void _dispatch_ready(self)
     cdef void _on_message_done(self)
     cdef int _reject(self, int status, str code, str message) except -1

@@ -1052,12 +1052,7 @@ cdef class ClientConnection(Downstream):
             # Our error shape: the request id goes into the body as on every other error.
             resp.body = resp.body[:-2] + b',"request_id":' + \
                 _json_encode(self._request_id(req).decode("latin-1")) + b"}}"
-        if req.view is not None and req.rule.route.plugins is not None:
-            req.rule.route.plugins.run_response(req.view, resp)
-        try:
-            fields = _encode_fields(resp.headers)
-        except ValueError:
-            fields = []
+        fields = self._answer_fields(req, resp)
         if req.cache_key is not None and req.rule.route.kind == ROUTE_HANDLER:
             if resp.status >= 500 and self._serve_stale(req):
                 return
@@ -1113,16 +1108,21 @@ cdef class ClientConnection(Downstream):
         else:
             self._write_plugin_answer(req, result)
 
+    cdef list _answer_fields(self, Request req, resp):
+        """A made answer's header fields, after the route's response plugins saw it (fields
+        that cannot be sent as bytes are dropped)."""
+        if req.view is not None and req.rule.route.plugins is not None:
+            req.rule.route.plugins.run_response(req.view, resp)
+        try:
+            return _encode_fields(resp.headers)
+        except ValueError:
+            return []
+
     def _write_stream_head(self, Request req, resp):
         """A handler's streamed answer (gRPC server streaming as NDJSON): the head now, each
         chunk as the handler's iterator yields it (_pump_stream)."""
         cdef WriteBuffer o = self.out
-        if req.view is not None and req.rule.route.plugins is not None:
-            req.rule.route.plugins.run_response(req.view, resp)
-        try:
-            fields = _encode_fields(resp.headers)
-        except ValueError:
-            fields = []
+        fields = self._answer_fields(req, resp)
         req.status = resp.status
         o.write_bytes(<bytes>STATUS_LINES[resp.status])
         o.write_bytes(_date_header())
