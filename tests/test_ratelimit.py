@@ -57,12 +57,17 @@ def test_sliding_window_weights_the_previous_window(small_table):
     assert 4 <= admitted <= 6                                      # 10 x 0.5 of the previous still counts
 
 
-def test_the_table_is_bounded_and_eviction_spares_active_keys(small_table):
-    # Fixed windows are multiples of 30 s on CLOCK_MONOTONIC: run well inside one, or "hot" would
-    # get a fresh quota at the boundary (which is not eviction).
-    left = 30 - time.monotonic() % 30
-    if left < 10:
+def inside_one_window(window: float, needed: float) -> None:
+    """Fixed windows are multiples of `window` on CLOCK_MONOTONIC, which this process shares:
+    return when at least `needed` seconds of the current one are left, so a test's requests
+    all fall in one window (at a boundary every quota starts afresh)."""
+    left = window - time.monotonic() % window
+    if left < needed:
         time.sleep(left + 0.05)
+
+
+def test_the_table_is_bounded_and_eviction_spares_active_keys(small_table):
+    inside_one_window(30.0, 10.0)         # a fresh quota for "hot" at a boundary is not eviction
     hot = Policy("fixed_window", 3, 30.0)
     assert sum(hot.check(b"hot")[0] for _ in range(5)) == 3
     churn = Policy("gcra", 1, 0.01)                               # idle again 10 ms after each use
@@ -143,11 +148,7 @@ def test_gcra_admits_the_rate_over_a_sustained_run_with_four_workers(gateway, up
 def test_headers_429_and_retry_after(gateway, upstream):
     gw = gateway(limited_config(upstream, [{"rate_limit": {"limit": 2, "window": "10s", "algorithm": "fixed_window",
                                                            "key": ["ip"]}}]))
-    # Fixed windows are multiples of 10 s on CLOCK_MONOTONIC: start well inside one, or the third
-    # request may fall into the next window and be admitted.
-    left = 10 - time.monotonic() % 10
-    if left < 3:
-        time.sleep(left + 0.05)
+    inside_one_window(10.0, 3.0)
     first = gw.request("GET", "/api/x")
     assert first.status == 200
     assert first.header("ratelimit-policy") == '"api";q=2;w=10'
@@ -176,6 +177,7 @@ def test_keys_and_consumer_plans(gateway, upstream):
 
     def admitted(key, n=8):
         return sum(gw.request("GET", "/api/x", headers={"x-api-key": key}).status == 200 for _ in range(n))
+    inside_one_window(60.0, 15.0)
     assert admitted("free-key") == 2                              # the plugin's limit
     assert admitted("gold-key") == 5                              # the consumer's plan
     by_header = gateway(limited_config(upstream, [{"rate_limit": {"limit": 1, "window": "1m", "algorithm": "fixed_window",
@@ -221,6 +223,7 @@ def test_claim_key_counts_per_token_subject(gateway, upstream):
     gw = gateway(limited_config(upstream, [{"jwt": {"algorithms": ["HS256"], "secret": "k" * 32}},
                                            {"rate_limit": {"limit": 2, "window": "1m", "algorithm": "fixed_window",
                                                            "key": ["claim:sub"]}}]))
+    inside_one_window(60.0, 10.0)
     statuses = [gw.request("GET", "/api/x", headers={"authorization": f"Bearer {token(sub)}"}).status
                 for sub in ("alice", "alice", "bob", "alice", "bob", "bob")]
     assert statuses == [200, 200, 200, 429, 200, 429]
