@@ -459,9 +459,9 @@ def core_ticks() -> dict[str, list[int]]:
     return cores
 
 
-def our_ticks(our_groups: set[int]) -> int:
-    """CPU ticks of live processes in our process groups, plus reaped children (the wrk runs)."""
-    ticks = 0
+def proc_stats():
+    """(pid, fields of /proc/PID/stat after "(comm)": state ppid pgrp ... utime(11) stime(12))
+    for every live process; comm may hold spaces, so the fields start after its last ")"."""
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
@@ -470,8 +470,13 @@ def our_ticks(our_groups: set[int]) -> int:
                 stat = f.read()
         except OSError:  # exited meanwhile
             continue
-        # Fields after "(comm)": state ppid pgrp ... utime(11) stime(12); comm may hold spaces.
-        fields = stat[stat.rfind(")") + 2:].split()
+        yield int(entry.name), stat[stat.rfind(")") + 2:].split()
+
+
+def our_ticks(our_groups: set[int]) -> int:
+    """CPU ticks of live processes in our process groups, plus reaped children (the wrk runs)."""
+    ticks = 0
+    for _, fields in proc_stats():
         if int(fields[2]) in our_groups:
             ticks += int(fields[11]) + int(fields[12])
     children = resource.getrusage(resource.RUSAGE_CHILDREN)

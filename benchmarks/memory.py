@@ -85,19 +85,7 @@ def sample_process(pid: int) -> dict[str, float]:
 
 def child_pids(parent: int) -> list[int]:
     """PIDs whose parent is `parent`: the supervisor's workers (psutil is not a dependency)."""
-    children = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat") as f:
-                stat = f.read()
-        except OSError:  # exited meanwhile
-            continue
-        # Fields after "(comm)": state ppid ...; comm may hold spaces.
-        if int(stat[stat.rfind(")") + 2:].split()[1]) == parent:
-            children.append(int(entry.name))
-    return sorted(children)
+    return sorted(pid for pid, fields in e2e.proc_stats() if int(fields[1]) == parent)
 
 
 def worker_label(pid: int) -> str:
@@ -144,7 +132,7 @@ def set_soft_nofile(wanted: int) -> None:
 # --- the client -----------------------------------------------------------------------------------
 
 class BadResponse(Exception):
-    pass
+    """The gateway's answer to one of the held connections was not the origin's 200 "ok"."""
 
 
 async def read_response(reader: asyncio.StreamReader) -> None:
