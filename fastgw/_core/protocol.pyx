@@ -429,9 +429,7 @@ cdef class ClientConnection(Downstream):
             if self.active.upstream is not None:
                 self.active.upstream.set_reading(True)
 
-    # --- parser callbacks ------------------------------------------------------------------------
-
-    # --- httptools callbacks (and the same steps for heads read by _simple_request) -------------
+    # --- parser callbacks (llhttp's, and the same steps for heads read by _simple_request) -------
 
     def on_url(self, bytes url):
         self._on_url(url)
