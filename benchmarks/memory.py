@@ -132,7 +132,7 @@ def set_soft_nofile(wanted: int) -> None:
 # --- the client -----------------------------------------------------------------------------------
 
 class BadResponse(Exception):
-    """The gateway's answer to one of the held connections was not the origin's 200 "ok"."""
+    """An answer on a held connection was not the origin's 200 "ok", or did not keep the connection."""
 
 
 async def read_response(reader: asyncio.StreamReader) -> None:
