@@ -7,6 +7,8 @@ gateway test is the gateway's, not a framework's. All traffic stays on 127.0.0.1
   headers in order, decoded body) and answers through a per-test handler.
 - `ScriptedUpstream`: answers each request with exactly the raw bytes a test gives (or never).
 - `BulkUpstream`: streams N pattern bytes at a controlled pace, consumes uploads counting and hashing.
+- `StaticFileServer`: a real `python -m http.server` over a directory (it decodes escapes, merges
+  slashes and resolves dot segments on its own: what a stock backend reads differently).
 - `RawConnection`: a client socket that sends raw bytes and parses responses (1xx, HEAD, 204/304,
   chunked, Content-Length, close-delimited); `http_request` wraps `http.client` for simple cases.
 """
@@ -16,8 +18,11 @@ import functools
 import hashlib
 import http.client
 import json
+import os
 import random
 import socket
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -543,6 +548,56 @@ class RecordingUpstream:
             if reply.chunked:
                 conn.sendall(b"0\r\n\r\n")
         return not close
+
+
+class StaticFileServer:
+    """`python -m http.server` serving `files` ({relative path: bytes}) from `root`, as a separate
+    process: a stock backend that normalises paths its own way (percent-decoding, `//`, `..`,
+    `\\` on some platforms), for tests that assert a protected file never comes back through the
+    gateway. Quacks like a RecordingUpstream for `Harness.upstream` (start/stop/name/errors)."""
+
+    def __init__(self, root, files: dict[str, bytes], *, name: str = "static"):
+        self.root, self.name = root, name
+        self.protocol_errors: list[str] = []
+        self.errors: list[str] = []
+        for rel, data in files.items():
+            path = os.path.join(root, rel)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(data)
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    def start(self):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "http.server", str(self.port), "--bind", HOST, "--directory", str(self.root)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection((HOST, self.port), timeout=0.2).close()
+                return self
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"python -m http.server did not listen on {self.port}")
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
 
 
 class ScriptedUpstream(RecordingUpstream):
