@@ -175,7 +175,11 @@ def _routes(args: argparse.Namespace) -> int:
     method, _, url = args.match.strip().partition(" ")
     if not url:  # a bare URL means GET
         method, url = "GET", method
-    hit = runtime.explain(method, url.strip())
+    try:
+        hit = runtime.explain(method, url.strip())
+    except ValueError as exc:
+        print(f"400 bad request: {exc}")
+        return 1
     if hit is None:
         print("no route")
         return 1

@@ -7,7 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastgw._core.router import normalize_path, parse_pattern
+from fastgw._core.router import parse_pattern
+from fastgw._core.uri import canonical_host, canonical_path
 from fastgw.config.compile import compile_config
 from fastgw.config.model import Config, dec_hook
 
@@ -22,7 +23,8 @@ def runtime(routes, previous=None):
 
 
 def hit(rt, path, method="GET", host="", headers=None):
-    found = rt.router.lookup(method, host, path, headers)
+    """The route the data plane picks: it makes Host and path canonical first."""
+    found = rt.router.lookup(method, canonical_host(host.encode()), canonical_path(path.encode()), headers)
     return None if found is None else found[0].route.name
 
 
@@ -31,8 +33,17 @@ def hit(rt, path, method="GET", host="", headers=None):
 def _ranks(pattern, path):
     """Per-segment ranks (0 literal, 1 param, 2 tail) if `pattern` matches `path`, else None."""
     segs = [] if path == "/" else path[1:].split("/")
-    ranks = []
     parts = parse_pattern(pattern)
+    ranks = _segment_ranks(parts, segs)
+    if ranks is None and len(segs) > 1 and segs[-1] == "":
+        # "/a/" also matches as "/a": after an exact "" segment, before any tail
+        ranks = _segment_ranks(parts, segs[:-1])
+        return None if ranks is None or (parts and parts[-1][0] == "tail") else ranks + [1]
+    return ranks
+
+
+def _segment_ranks(parts, segs):
+    ranks = []
     for i, (kind, value) in enumerate(parts):
         if kind == "tail":
             return ranks + [2]
@@ -58,6 +69,7 @@ def reference(routes, method, host, path, headers=None):
     """Highest priority; then the most specific path, segment by segment from the left
     (exact > param > tail); then more header conditions; then file order."""
     headers = headers or {}
+    path = re.sub("/+", "/", path)           # the data plane merges repeated slashes
 
     def table_match(rules):
         found = []
@@ -65,7 +77,7 @@ def reference(routes, method, host, path, headers=None):
             if r not in rules:
                 continue
             methods = r["match"].get("methods")
-            if methods and method not in methods:
+            if methods and method not in methods and not (method == "HEAD" and "GET" in methods):
                 continue
             conditions = r["match"].get("headers", {})
             if not _conditions_hold(conditions, headers):
@@ -144,7 +156,7 @@ request_paths = st.lists(st.sampled_from(["a", "b", "c", "d", ""]), max_size=4).
 
 
 requests_strategy = st.lists(st.tuples(
-    st.sampled_from(["GET", "POST", "PUT"]),
+    st.sampled_from(["GET", "HEAD", "POST", "PUT"]),
     st.sampled_from(["", "x.com", "X.COM:8080", "a.y.com", "z.com"]),
     request_paths, request_headers), min_size=1, max_size=10)
 
@@ -264,18 +276,50 @@ def test_tail_capture_and_rewrite():
     (b"/../../etc/passwd", b"/etc/passwd"),
     (b"/%61dmin", b"/admin"),
     (b"/%2e%2e/admin", b"/admin"),
-    (b"/a%2fb", b"/a%2Fb"),               # an encoded slash stays encoded
+    (b"/caf%c3%a9", b"/caf%C3%A9"),       # other escapes are upper-cased, not decoded
+    (b"//admin//secret.txt", b"/admin/secret.txt"),
+    (b"/x/.%2E//admin", b"/admin"),
     (b"/a/b/..", b"/a/"),
+    (b"/a/.", b"/a/"),
+    (b"///", b"/"),
+    (b"/a;x=1/b", b"/a;x=1/b"),           # parameters stay: the router ignores them
     (b"/plain", b"/plain"),
 ])
-def test_normalize_path(raw, normal):
-    assert normalize_path(raw) == normal
+def test_canonical_path(raw, normal):
+    assert canonical_path(raw) == normal
 
 
-@pytest.mark.parametrize("bad", [b"/a%zz", b"/a%4", b"/a%"])
-def test_normalize_path_rejects_bad_escapes(bad):
+@pytest.mark.parametrize("bad", [b"/a%zz", b"/a%4", b"/a%", b"/a%2fb", b"/a%5Cb", b"/a\\b", b"/a%00",
+                                 b"/..;/admin", b"/a/.;x/b", b"relative"])
+def test_canonical_path_refuses(bad):
     with pytest.raises(ValueError):
-        normalize_path(bad)
+        canonical_path(bad)
+
+
+def test_canonical_path_keeps_escaped_slashes_when_asked():
+    assert canonical_path(b"/a%2fb", True) == b"/a%2Fb"
+    assert canonical_path(b"/a\\b//c", True) == b"/a\\b/c"
+
+
+@pytest.mark.parametrize("raw, canonical", [
+    (b"Secure.Example.COM", b"secure.example.com"),
+    (b"secure.example.com.", b"secure.example.com"),
+    (b"secure.example.com.:8443", b"secure.example.com:8443"),
+    (b"[::ABCD]:80", b"[::abcd]:80"),
+    (b"h:", b"h"),
+    (b"", b""),
+    (b"a_b.internal:80", b"a_b.internal:80"),
+])
+def test_canonical_host(raw, canonical):
+    assert canonical_host(raw) == canonical
+
+
+@pytest.mark.parametrize("bad", [b"secure.example.com ", b"secure.example.com\t", b"a@secure.example.com",
+                                 b"secure.example.com@evil", b"a..b", b".a", b"a.com..", b"h:99999", b"h:8a",
+                                 b":80", b"[::1%25eth0]", b"[::1", b"a/b", b"a%41", b"caf\xc3\xa9"])
+def test_canonical_host_refuses(bad):
+    with pytest.raises(ValueError):
+        canonical_host(bad)
 
 
 @pytest.mark.parametrize("pattern, message", [

@@ -30,6 +30,7 @@ cdef class ListenerState:
     cdef public int max_connections
     cdef public int metric_slot           # shared-memory listener gauges, -1 = none
     cdef public bint accept_proxy         # a PROXY v1/v2 header starts every connection
+    cdef public bint keep_escaped_slashes # %2F, %5C and a raw backslash in paths are kept, not refused
     cdef public bytes scheme              # b"http" or b"https" (X-Forwarded-Proto)
     cdef public bint internal             # requests made by the gateway itself (aggregation):
                                           # their x-consumer-name is believed

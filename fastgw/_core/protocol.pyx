@@ -21,6 +21,7 @@ from fastgw._core.buffer cimport WriteBuffer, ascii_ieq, ascii_lower, monotonic,
 from fastgw._core.cache cimport CachedResponse, ResponseCache
 from fastgw._core.router cimport (ROUTE_ECHO, ROUTE_HANDLER, ROUTE_PROXY, ROUTE_RESPOND, HeaderEdits,
                                   PathRule, RouteEntry, Router, write_fields)
+from fastgw._core.uri cimport canonical_host, canonical_path
 from fastgw._core.shm cimport (EV_CACHE_HIT, EV_CACHE_MISS, EV_CACHE_STALE, EV_RATELIMIT_ALLOWED,
                                EV_RATELIMIT_REJECTED, consumer_analytics_key, record_analytics,
                                record_route_event, circuit_admit, circuit_is_open, listener_admits, listener_closed,
@@ -47,7 +48,6 @@ from httptools import (HttpParserError, HttpParserInvalidMethodError, HttpParser
 
 from fastgw._core.proxyproto import ProxyHeaderError, parse_proxy_header
 from fastgw.plugins.api import Headers, Request as PluginRequest, Response as PluginResponse
-from fastgw._core.router import normalize_path
 from fastgw._core.upstream import connection_tokens, drop_named
 
 cdef enum:
@@ -116,6 +116,7 @@ cdef class ListenerState:
         self.connections = set()
         self.metric_slot = -1
         self.accept_proxy = False
+        self.keep_escaped_slashes = False
         self.scheme = HTTP_SCHEME
         self.internal = False
         self.tracer = None
@@ -673,17 +674,12 @@ cdef class ClientConnection(Downstream):
         self.active = req
         if listener.draining:
             self.closing = True
-        # Request target (RFC 9112 §3.2): origin-form, or absolute-form whose authority wins.
+        # Request target (RFC 9112 §3.2): origin-form, or absolute-form whose authority replaces
+        # Host (§3.2.2). Host and path are brought to their one canonical form (uri.pyx) before
+        # routing: what the router judges is exactly what goes upstream.
         if u[0] != b'/':
-            if url[:7].lower() == b"http://":
-                q = url.find(b"/", 7)
-                if q < 0:
-                    req.host = url[7:]
-                    url = b"/"
-                else:
-                    req.host = url[7:q]
-                    url = url[q:]
-            else:
+            url = _absolute_form(req, url)
+            if url is None:
                 self._fail_request(req, 400, "bad_request", "invalid request target")
                 return
         # One pass over the target: where the query starts, and whether the path needs work.
@@ -699,12 +695,13 @@ cdef class ClientConnection(Downstream):
         else:
             req.path = url
             req.query = b""
-        if target_flags & TARGET_NEEDS_NORMALISING:
-            try:
-                req.path = normalize_path(req.path)
-            except ValueError as exc:
-                self._fail_request(req, 400, "bad_request", str(exc))
-                return
+        try:
+            req.host = canonical_host(req.host)
+            if target_flags & TARGET_NEEDS_NORMALISING:
+                req.path = canonical_path(req.path, listener.keep_escaped_slashes)
+        except ValueError as exc:
+            self._fail_request(req, 400, "bad_request", str(exc))
+            return
         if listener.router.profiles:
             req.profile = listener.router.classify(req.headers, req.query)
         rule = listener.router.match(req.method, PyBytes_AS_STRING(req.host),
@@ -2103,9 +2100,31 @@ cdef int _scan_target(bytes url, Py_ssize_t* query_at):
         if s[i] == b'?':
             in_query = True
             query_at[0] = i
-        elif s[i] == b'%' or (s[i] == b'.' and i > 0 and s[i - 1] == b'/'):
+        elif s[i] == b'%' or s[i] == b'\\' or ((s[i] == b'.' or s[i] == b'/') and i > 0 and s[i - 1] == b'/'):
             flags |= TARGET_NEEDS_NORMALISING
     return flags
+
+
+cdef bytes _absolute_form(Request req, bytes url):
+    """`http://authority/path?query` (RFC 9112 §3.2.2): the authority becomes the request's Host,
+    the rest its target; None when `url` is not an http(s) URI with an authority."""
+    cdef Py_ssize_t start, end, n = PyBytes_GET_SIZE(url)
+    lower = url[:8].lower()
+    if lower.startswith(b"http://"):
+        start = 7
+    elif lower.startswith(b"https://"):
+        start = 8
+    else:
+        return None
+    end = start
+    while end < n and url[end] != 47 and url[end] != 63:      # '/', '?'
+        end += 1
+    if end == start:
+        return None
+    req.host = url[start:end]
+    if end == n or url[end] == 63:
+        return b"/" + url[end:]                                # "http://h?q" is "/?q"
+    return url[end:]
 
 
 cdef inline bint _can_discard(Request req):

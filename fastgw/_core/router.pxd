@@ -77,7 +77,7 @@ cdef class PathNode:
 
 cdef class HostTable:
     cdef PathNode root
-    cdef list regex_rules                 # [(compiled regex, PathRule)], tried after the trie
+    cdef list regex_rules                 # [(compiled regex, PathRule)] by priority; a trie hit wins ties
 
 
 cdef class Router:

@@ -4,7 +4,10 @@
 Lookup walks one trie node per path segment (a dict lookup each), so its cost depends on the path,
 not on the number of routes. At each node the order is exact segment, then `{param}`, then a
 `/**` or `{rest...}` tail: that is the specificity order (exact > param > tail), decided segment by
-segment from the left. Regex patterns are tried only when the trie finds nothing.
+segment from the left. Regex patterns are tried after the trie's hit of the same or a higher
+priority. Paths arrive in the canonical form of `fastgw/_core/uri.pyx`; a segment's parameters
+(`;x=1`, RFC 3986 §3.3) do not take part in matching it, since some backends drop them, and a
+trailing `/` matches as the path without it.
 """
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.string cimport memchr
@@ -397,6 +400,7 @@ cdef bint _walk(PathNode node, const char* p, Py_ssize_t pos, Py_ssize_t n, Capt
     With several priorities in the table every branch is visited and the highest one kept."""
     cdef Py_ssize_t seg_start, seg_end
     cdef const char* slash
+    cdef const char* params
     cdef PathNode nxt
     if pos >= n:
         if search.offer(node.rules, caps):
@@ -405,9 +409,13 @@ cdef bint _walk(PathNode node, const char* p, Py_ssize_t pos, Py_ssize_t n, Capt
     seg_start = pos + 1
     slash = <const char*>memchr(p + seg_start, b'/', n - seg_start)
     seg_end = (slash - p) if slash is not NULL else n
-    nxt = node.child(p + seg_start, seg_end - seg_start)
+    # "/admin;x=1/..." is "/admin/..." to Tomcat and Spring: match the segment without parameters
+    params = <const char*>memchr(p + seg_start, b';', seg_end - seg_start)
+    nxt = node.child(p + seg_start, ((params - p) if params is not NULL else seg_end) - seg_start)
     if nxt is not None and _walk(nxt, p, seg_end, n, caps, search):
         return True
+    if seg_start == n and search.offer(node.rules, caps):
+        return True                               # "/private/" is "/private"
     if node.param is not None and seg_end > seg_start and caps.count < MAX_CAPTURES:
         caps.start[caps.count] = seg_start
         caps.end[caps.count] = seg_end
@@ -445,10 +453,12 @@ cdef PathRule _match_table(HostTable table, const char* path, Py_ssize_t n,
     search.best = None
     if found is not None:
         caps[0] = search.best_caps
-    if found is not None or not table.regex_rules:
+    if not table.regex_rules:
         return found
     text = PyBytes_FromStringAndSize(path, n).decode("latin-1")
-    for regex, rule in table.regex_rules:
+    for regex, rule in table.regex_rules:        # highest priority first
+        if found is not None and (<PathRule>rule).route.priority <= found.route.priority:
+            break                                 # a trie hit wins its priority and the ones below
         m = regex.search(text)
         if m is None:
             continue
@@ -466,7 +476,7 @@ cdef PathRule _match_table(HostTable table, const char* path, Py_ssize_t n,
                 caps.start[caps.count] = caps.end[caps.count] = 0
             caps.count += 1
         return rule
-    return None
+    return found
 
 
 cdef class Router:
@@ -560,7 +570,8 @@ cdef class Router:
     def lookup(self, method, host, path, headers=None, query=b"", profile=None):
         """Python entry point (CLI, tests, benchmarks): -> (PathRule, {name: value}) or None.
         `headers`: {name: value} or [name, value, ...] (str or bytes); `query`: "?a=1"; the
-        profile is classified from the headers and query unless given."""
+        profile is classified from the headers and query unless given. Host and path are
+        matched as given: the data plane makes them canonical first (fastgw._core.uri)."""
         cdef Captures caps
         cdef bytes bpath = path.encode() if isinstance(path, str) else path
         cdef bytes bhost = (host.encode() if isinstance(host, str) else host) or b""
@@ -600,52 +611,6 @@ def _header_list(headers):
         out.append(name.encode("latin-1") if isinstance(name, str) else name)
         out.append(value.encode("latin-1") if isinstance(value, str) else value)
     return out
-
-
-_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
-_HEX = frozenset(b"0123456789abcdefABCDEF")
-
-
-def normalize_path(bytes path):
-    """RFC 3986 §6.2.2: decode escapes of unreserved characters (so "/%61dmin" and "/admin"
-    match the same route), upper-case the other escapes, then remove dot segments (§5.2.4).
-    An encoded "/" (%2F) stays encoded. Raises ValueError on a malformed escape."""
-    cdef bytearray out
-    cdef Py_ssize_t i, n
-    if b"%" in path:
-        out = bytearray()
-        i, n = 0, len(path)
-        while i < n:
-            c = path[i]
-            if c == 37:                                   # '%'
-                if i + 2 >= n:
-                    raise ValueError("invalid percent-encoding in path")
-                h1, h2 = path[i + 1], path[i + 2]
-                if h1 not in _HEX or h2 not in _HEX:
-                    raise ValueError("invalid percent-encoding in path")
-                value = int(path[i + 1:i + 3], 16)
-                if value in _UNRESERVED:
-                    out.append(value)
-                else:
-                    out += path[i:i + 3].upper()
-                i += 3
-            else:
-                out.append(c)
-                i += 1
-        path = bytes(out)
-    if b"/." not in path:
-        return path
-    segments = path.split(b"/")
-    stack = []
-    for seg in segments[1:]:
-        if seg == b"..":
-            if stack:
-                stack.pop()
-        elif seg != b".":
-            stack.append(seg)
-    if segments[-1] in (b".", b".."):
-        stack.append(b"")                                 # "/a/b/.." -> "/a/"
-    return b"/" + b"/".join(stack)
 
 
 # Route kinds for Python callers (compile.py); Cython code uses the enum.

@@ -49,13 +49,18 @@ class Runtime:
         return rows
 
     def explain(self, method: str, url: str) -> dict | None:
+        """The route `method url` hits, as the data plane sees it: Host and path made canonical
+        first (ValueError for what it answers 400)."""
+        from fastgw._core.uri import canonical_host, canonical_path
+
         parts = urlsplit(url if "://" in url else "http://" + url)   # "/p" -> no host
-        path = parts.path or "/"
-        found = self.router.lookup(method.upper(), parts.netloc, path)
+        host = canonical_host(parts.netloc.encode()).decode()
+        path = canonical_path((parts.path or "/").encode()).decode()
+        found = self.router.lookup(method.upper(), host, path)
         if found is None:
             return None
         rule, params = found
-        upstream_path = self.router.upstream_path(method.upper(), parts.netloc, path)
+        upstream_path = self.router.upstream_path(method.upper(), host, path)
         query = rule.route.query_rewrite.decode() if rule.route.query_rewrite is not None else (
             "?" + parts.query if parts.query else "")
         return {
@@ -130,7 +135,7 @@ def _compile(config: Config, slots: dict | None, previous: Runtime | None) -> Ru
         # Routes from google.api.http annotations match the methods the annotations name.
         methods = _ANNOTATION_METHODS if route.grpc is not None and route.grpc.method is None \
             else route.match.methods
-        for method in methods:
+        for method in _with_head(methods):
             method_bits.setdefault(method.upper().encode(), 1 << len(method_bits))
     if len(method_bits) > 63 and previous is not None:
         return _compile(config, slots, None)          # stale bits from old configs: start afresh
@@ -274,6 +279,13 @@ class CompiledRoute:
     rules: list                   # [(PathRule, [host patterns])]
 
 
+def _with_head(methods) -> set[str]:
+    """A route that allows GET allows HEAD (RFC 9110 §9.3.2): a HEAD must never pass a GET-only
+    route's plugins by falling through to another route."""
+    names = {m.upper() for m in methods}
+    return names | {"HEAD"} if "GET" in names else names
+
+
 def _compile_route(route: Route, i: int, service, slot: int, chain, method_bits: dict,
                    problems: list, handlers: _Handlers) -> CompiledRoute:
     from fastgw._core.router import (ROUTE_ECHO_KIND, ROUTE_HANDLER_KIND, ROUTE_PROXY_KIND,
@@ -306,7 +318,7 @@ def _compile_route(route: Route, i: int, service, slot: int, chain, method_bits:
     rewrite = route.rewrite
     entry_args = dict(
         name=route.name, index=i, priority=route.priority, kind=kind, service=service,
-        methods_mask=sum(method_bits.get(m.upper().encode(), 0) for m in set(match.methods)),
+        methods_mask=sum(method_bits.get(m.encode(), 0) for m in _with_head(match.methods)),
         host_rewrite=rewrite.host.encode() if rewrite and rewrite.host else None,
         strip_prefix=_strip_prefix(rewrite),
         query_rewrite=_query(rewrite),
@@ -333,8 +345,8 @@ def _compile_route(route: Route, i: int, service, slot: int, chain, method_bits:
             entry_args["handler"] = grpc[0][2]
         elif grpc:
             # One entry per annotated method: its path, its HTTP method, its handler.
-            patterns = [(j, pattern, RouteEntry(**{**entry_args, "handler": handler, "methods_mask":
-                                                  method_bits.setdefault(method.encode(), 1 << len(method_bits))}))
+            patterns = [(j, pattern, RouteEntry(**{**entry_args, "handler": handler, "methods_mask": sum(
+                method_bits.setdefault(m.encode(), 1 << len(method_bits)) for m in _with_head([method]))}))
                         for j, (pattern, method, handler) in enumerate(grpc)]
     entry = RouteEntry(**entry_args)
     rules = []

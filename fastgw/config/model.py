@@ -110,6 +110,8 @@ class Listener(_Base):
     service: Union[str, None] = None               # tcp (and passthrough's default): where bytes go
     tls: Union[Tls, None] = None
     proxy_protocol: bool = False                   # accept a PROXY v1/v2 header from a trusted LB
+    # %2F, %5C or a raw backslash in a path: 400 (reject), or forwarded as they are (keep)
+    escaped_slashes: Literal["reject", "keep"] = "reject"
     limits: Limits = msgspec.field(default_factory=Limits)
 
 

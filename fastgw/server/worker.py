@@ -281,6 +281,7 @@ def _configure(state, spec, slots: dict) -> None:
         max_url_bytes=limits.max_url_bytes, max_body_bytes=limits.max_body_bytes,
         header_timeout=limits.header_timeout, idle_timeout=limits.idle_timeout,
         max_connections=limits.max_connections, accept_proxy=spec.proxy_protocol,
+        keep_escaped_slashes=spec.escaped_slashes == "keep",
         metric_slot=slots.get("listeners", {}).get(spec.name, -1))
 
 
