@@ -328,6 +328,13 @@ def test_canonical_host_refuses(bad):
     ("/a/{x...}/b", "last segment"),
     ("/a/{x}/{x}", "twice"),
     ("/a/x{y}", "no mixing"),
+    ("/a//b", "empty segment"),
+    ("/a/../b", "never matches"),
+    ("/admin;x", "never matches"),
+    ("/a\\b", "never matches"),
+    ("/%61dmin", "write it as 'admin'"),
+    ("/a%2fb", "write it as 'a%2Fb'"),
+    ("/a%zz", "invalid escape"),
 ])
 def test_bad_patterns_are_config_errors(pattern, message):
     from fastgw.config.errors import CompileError

@@ -104,6 +104,25 @@ def test_ambiguous_paths_are_refused(edge, target, message):
     assert SECRET not in resp.body
 
 
+@pytest.mark.parametrize("request_line", [
+    b"GET /ADMIN/secret.txt HTTP/1.1",              # a case-sensitive backend: no such file
+    b"GET /admin/SECRET.TXT HTTP/1.1",
+    b"GET /admin/secret.txt%20 HTTP/1.1",
+    b"GET /admin/secret.txt%09 HTTP/1.1",
+    b"GET /admin /secret.txt HTTP/1.1",
+    b"GET /admin/secret.txt\t HTTP/1.1",
+    b"GET\t/admin/secret.txt HTTP/1.1",
+    b"GET /admin/secret.txt?%2F.. HTTP/1.1",
+    b"GET /public.txt/../admin/secret.txt HTTP/1.1",
+    b"GET /public.txt/%2e%2E/admin/secret.txt HTTP/1.1",
+])
+def test_no_spelling_brings_the_secret_back_without_the_key(edge, request_line):
+    with edge.connect() as conn:
+        conn.send(request_line + b"\r\nHost: edge.test\r\nConnection: close\r\n\r\n")
+        raw = conn.read_until_close()
+    assert raw.startswith(b"HTTP/1.1 ") and SECRET not in raw, raw[:200]
+
+
 def test_head_meets_the_authentication_of_a_get_only_route(edge):
     assert_error(_send(edge, "/reports/q1.txt"), 401)
     resp = _send(edge, "/reports/q1.txt", method="HEAD")

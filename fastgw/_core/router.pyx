@@ -13,6 +13,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 from libc.string cimport memchr
 
 from fastgw._core.buffer cimport WriteBuffer, ascii_lower
+from fastgw._core.uri cimport canonical_path
 
 import re
 from urllib.parse import parse_qsl
@@ -60,8 +61,26 @@ def parse_pattern(str pattern):
             raise PatternError(
                 f"segment {part!r} of {pattern!r}: a segment is literal text, one {{param}}, "
                 "{rest...} or ** (no mixing)")
+        _check_canonical(part, last, pattern)
         out.append(("lit", part))
     return out
+
+
+def _check_canonical(str part, bint last, str pattern):
+    """A literal segment must be spelled as requests are after normalisation (fastgw/_core/uri.pyx),
+    or it would never match."""
+    if part == "" and not last:
+        raise PatternError(f"{pattern!r} has an empty segment: requests' repeated slashes are merged")
+    if part in (".", "..") or ";" in part or "\\" in part:
+        raise PatternError(f"segment {part!r} of {pattern!r} never matches: dot segments, parameters "
+                           "(';') and backslashes are not part of a normalised path")
+    if "%" in part:
+        try:
+            canonical = canonical_path(("/" + part).encode(), True).decode()[1:]
+        except (ValueError, UnicodeDecodeError):
+            raise PatternError(f"segment {part!r} of {pattern!r} never matches: invalid escape") from None
+        if canonical != part:
+            raise PatternError(f"segment {part!r} of {pattern!r} never matches: write it as {canonical!r}")
 
 
 def parse_template(str template, tuple capture_names):
