@@ -406,6 +406,8 @@ def test_sni_reader_on_split_and_broken_hellos():
     from fastgw._core.sni import SniError, read_sni
     hello = client_hello("api.example.com")
     assert read_sni(hello) == (True, "api.example.com")
+    # One spelling of a name, as for Host: lower-cased, without the trailing dot
+    assert read_sni(client_hello("API.Example.COM.")) == (True, "api.example.com")
     for cut in (0, 3, 5, 40, len(hello) - 1):
         assert read_sni(hello[:cut]) == (False, None)
     # The same ClientHello split over two handshake records.
