@@ -162,6 +162,9 @@ def _listener_problems(config: Config) -> Iterator[ConfigProblem]:
         yield from _layer4_problems(config, f"listeners[{i}]", listener)
     if config.admin is not None:
         yield from _admin_problems(config.admin.bind, config.admin.token)
+        for i, name in enumerate(config.admin.allowed_hosts):
+            yield from _failing([(f"admin.allowed_hosts[{i}]", _is_host(name),
+                                  f"{name!r} is not a host name or IP address (no port)")])
 
 
 _SNI_NAME = re.compile(r"^(\*\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
@@ -243,6 +246,14 @@ def _bind_conflicts(binds: list[tuple[str, str]]) -> Iterator[ConfigProblem]:
                 yield ConfigProblem(path, f"{bind!r} conflicts with {other_path}")
                 break
         seen.append((path, host, port))
+
+
+def _is_host(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name.removeprefix("[").removesuffix("]"))
+        return True
+    except ValueError:
+        return bool(_HOSTNAME.match(name)) and not re.fullmatch(r"[\d.]+", name)
 
 
 def _admin_problems(bind: str, token: str | None) -> Iterator[ConfigProblem]:
