@@ -28,8 +28,8 @@ LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 WILDCARDS = frozenset({"0.0.0.0", "::"})
 PROBES = frozenset({("status",), ("status", "ready")})
 # host = IP-literal / IPv4address / reg-name, then an optional port (RFC 3986 §3.2.2, §3.2.3).
-_HOST = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<name>[A-Za-z0-9_.-]+))(?::(?P<port>\d{1,5}))?$")
-_ORIGIN = re.compile(r"^(?P<scheme>https?)://(?P<host>[^/?#@]+)$", re.I)
+_HOST = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<name>[A-Za-z0-9_.-]+))(?::(?P<port>\d{1,5}))?\Z")
+_ORIGIN = re.compile(r"^(?P<scheme>https?)://(?P<host>[^/?#@]+)\Z", re.I)
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
