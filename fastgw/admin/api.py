@@ -65,7 +65,7 @@ def build_app(sup, token: str | None, guard: SameOrigin) -> AdminApp:
     async def change(edit) -> Response:
         """Apply an edit of the document; the answer is the new config version."""
         try:
-            version = await sup.change(edit)
+            version = await sup.change(lambda: store.check_change(edit()))
         except ConfigError as exc:
             return _config_error(exc)
         except LookupError as exc:
@@ -163,7 +163,7 @@ def build_app(sup, token: str | None, guard: SameOrigin) -> AdminApp:
             raise HTTPError(400, "bad_request", str(exc)) from None
         answer = {"diff": store.diff(store.document, document)}
         try:
-            loaded = store.validate(document)
+            loaded = store.validate(store.check_change(document))
         except ConfigWriteError as exc:             # a TOML file: valid or not, it is not written
             raise HTTPError(409, "not_persisted", str(exc)) from None
         except ConfigError as exc:
