@@ -84,7 +84,8 @@ def test_invalid_change_is_400_with_check_messages_and_changes_nothing(gateway, 
     assert ok(gw.admin("GET", "/status"))["config_version"] == 1
     # Unknown keys, wrong types, bad JSON.
     assert gw.admin("PUT", "/services/x", {"targets": [{"adress": "1.2.3.4:5"}]}).status == 400
-    assert gw.admin("PUT", "/services/x", b"{not json").json()["error"]["code"] == "invalid_json"
+    assert gw.admin("PUT", "/services/x", b"{not json",
+                    headers={"Content-Type": "application/json"}).json()["error"]["code"] == "invalid_json"
     assert gw.admin("PUT", "/routes/y", {"name": "other"}).status == 400
 
 

@@ -15,6 +15,7 @@ from fastgw import __version__
 from fastgw.admin.http import AdminApp, AdminServer, HTTPError, Response
 from fastgw.admin.live import MAX_ANALYTICS_MINUTES, LiveStats, analytics, target_health
 from fastgw.admin.metrics import render
+from fastgw.admin.origin import SameOrigin
 from fastgw.config.errors import ConfigError, ConfigWriteError, ConflictError
 from fastgw.config.model import parse_duration
 from fastgw.config.validate import parse_bind
@@ -30,23 +31,24 @@ STATIC_TYPES = {"index.html": "text/html; charset=utf-8", "dashboard.css": "text
 
 
 class Admin:
-    def __init__(self, supervisor, server: AdminServer, app: AdminApp):
-        self.supervisor, self.server, self.app = supervisor, server, app
+    def __init__(self, supervisor, server: AdminServer, app: AdminApp, bind_host: str):
+        self.supervisor, self.server, self.app, self.bind_host = supervisor, server, app, bind_host
 
     def configure(self, spec) -> None:
-        """A reload may change the token; a new bind address needs a restart."""
+        """A reload may change the token and the allowed hosts; a new bind address needs a restart."""
         self.app.token = spec.token if spec is not None else None
+        self.app.guard = SameOrigin(self.bind_host, spec.allowed_hosts if spec is not None else [])
 
     async def close(self) -> None:
         await self.server.close()
 
 
 async def start_admin(supervisor, spec) -> Admin:
-    app = build_app(supervisor, spec.token)
-    server = AdminServer(app)
     host, port = parse_bind(spec.bind)
+    app = build_app(supervisor, spec.token, SameOrigin(host, spec.allowed_hosts))
+    server = AdminServer(app)
     await server.start(host, port)
-    return Admin(supervisor, server, app)
+    return Admin(supervisor, server, app, host)
 
 
 def _config_error(exc: ConfigError) -> Response:
@@ -56,14 +58,14 @@ def _config_error(exc: ConfigError) -> Response:
                                     "problems": problems}}, status=400)
 
 
-def build_app(sup, token: str | None) -> AdminApp:
-    app = AdminApp(token=token, public=PUBLIC)
+def build_app(sup, token: str | None, guard: SameOrigin) -> AdminApp:
+    app = AdminApp(token=token, public=PUBLIC, guard=guard)
     store = sup.store
 
     async def change(edit) -> Response:
         """Apply an edit of the document; the answer is the new config version."""
         try:
-            version = await sup.change(edit)
+            version = await sup.change(lambda: store.check_change(edit()))
         except ConfigError as exc:
             return _config_error(exc)
         except LookupError as exc:
@@ -161,7 +163,7 @@ def build_app(sup, token: str | None) -> AdminApp:
             raise HTTPError(400, "bad_request", str(exc)) from None
         answer = {"diff": store.diff(store.document, document)}
         try:
-            loaded = store.validate(document)
+            loaded = store.validate(store.check_change(document))
         except ConfigWriteError as exc:             # a TOML file: valid or not, it is not written
             raise HTTPError(409, "not_persisted", str(exc)) from None
         except ConfigError as exc:

@@ -37,9 +37,10 @@ class HTTPError(Exception):
 
 class AdminRequest:
     def __init__(self, method: str, path: str, query: dict | None = None, headers: dict | None = None,
-                 body: bytes = b"", client: str = "", segments: list[str] | None = None):
+                 body: bytes = b"", client: str = "", segments: list[str] | None = None, local: str = ""):
         self.method, self.path, self.query, self.headers = method, path, query or {}, headers or {}
         self.body, self.client = body, client
+        self.local = local                      # the address the client connected to
         self.params: dict[str, str] = {}
         # Percent-decoded path segments: routing splits before decoding so that %2F stays inside one.
         self.segments = segments if segments is not None else path[1:].split("/")
@@ -92,10 +93,13 @@ Handler = Callable[[AdminRequest], Awaitable[object]]
 
 
 class AdminApp:
-    """Routes `METHOD /path/{param}` to handlers; checks the bearer token first."""
+    """Routes `METHOD /path/{param}` to handlers; first `guard` (it raises HTTPError to refuse a
+    request whatever its token), then the bearer token."""
 
-    def __init__(self, *, token: str | None, public=frozenset()):
+    def __init__(self, *, token: str | None, public=frozenset(),
+                 guard: Callable[[AdminRequest], None] | None = None):
         self.token = token                      # reassignable (a reload may change it); None/"" = open
+        self.guard = guard                      # reassignable too
         # Compared by decoded segments, like routing, so that /status%2Fready is not /status/ready.
         self.public = frozenset((m, tuple(p[1:].split("/"))) for m, p in public)
         self._routes: list[tuple[str, list[str | None], list[str], Handler]] = []
@@ -129,6 +133,8 @@ class AdminApp:
 
     async def _dispatch(self, req: AdminRequest) -> Response:
         method = "GET" if req.method == "HEAD" else req.method       # RFC 9110 §9.3.2
+        if self.guard is not None:
+            self.guard(req)
         if self.token and (method, tuple(req.segments)) not in self.public:
             self._authorize(req)              # before routing: no token, no hint which paths exist
         allowed: set[str] = set()
@@ -197,6 +203,8 @@ class _Connection(asyncio.Protocol):
         self.server.connections.add(self)
         peer = transport.get_extra_info("peername")
         self.client = str(peer[0]) if peer else ""
+        local = transport.get_extra_info("sockname")
+        self.local = str(local[0]) if local else ""
         self._arm(self.server.idle_timeout, None)
         self.task = self.loop.create_task(self._serve())
 
@@ -274,7 +282,8 @@ class _Connection(asyncio.Protocol):
         if length.isdigit() and int(length) > self.server.max_body:
             # Refuse before reading it, instead of 100 Continue (RFC 9110 §10.1.1).
             raise HTTPError(413, "payload_too_large", f"the body is limited to {self.server.max_body} bytes")
-        req = AdminRequest(method, "/" + "/".join(segments), query, self.headers, b"", self.client, segments)
+        req = AdminRequest(method, "/" + "/".join(segments), query, self.headers, b"", self.client, segments,
+                           self.local)
         # A 100-continue expectation in an HTTP/1.0 request is ignored (RFC 9110 §10.1.1).
         expect = version == "1.1" and self.headers.get("expect", "").lower() == "100-continue"
         # CONNECT: whatever follows the head would be a tunnel; answer and close.

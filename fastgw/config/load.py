@@ -266,6 +266,17 @@ def _search_line(text: str, segments: list) -> int | None:
 _ENV = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
+def has_env_reference(text: str) -> bool:
+    """Whether loading would replace part of `text` from the environment (`$${` is literal)."""
+    return any(m[1] for m in _ENV.finditer(text))
+
+
+def pin_problems(problems: list[ConfigProblem], text: str, name: str, fmt: str) -> list[ConfigProblem]:
+    """`problems` (key paths only) with the file name and the lines of their keys in `text`."""
+    src = _Source(name, text, fmt)
+    return [src.pin(p) for p in problems]
+
+
 def _substitute_env(data: Any, src: _Source) -> Any:
     """Replace `${VAR}` / `${VAR:-default}` in string values (not keys), after parsing, so a
     secret's text can never change the document's structure. `$${` is a literal `${`."""

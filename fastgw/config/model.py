@@ -118,6 +118,7 @@ class Listener(_Base):
 class Admin(_Base):
     bind: str = "127.0.0.1:9901"
     token: Union[str, None] = None
+    allowed_hosts: list[str] = []                  # Host names besides loopback and the bind address
 
 
 # --- services ------------------------------------------------------------------------------------

@@ -21,13 +21,23 @@ import tempfile
 
 import yaml
 
-from fastgw.config.errors import ConfigWriteError, ConflictError
-from fastgw.config.load import DEFAULT_NAME, LoadedConfig, load_config, load_text
+from fastgw.config.api_rules import change_problems, python_modules
+from fastgw.config.errors import ConfigError, ConfigWriteError, ConflictError
+from fastgw.config.load import DEFAULT_NAME, LoadedConfig, load_config, load_text, pin_problems
 
 REDACTED = "<redacted>"
 SECRET_KEYS = {"token", "secret", "password", "password_hash", "client_secret", "api_keys"}
 LIST_KINDS = ("routes", "consumers")        # lists of objects with a `name`
 TARGET_PATCH_KEYS = {"weight", "drain"}
+# Header maps (edits, `respond.headers`, match conditions) whose entries are redacted by the
+# header's name: credentials sent to upstreams or matched on.
+HEADER_MAPS = {"set", "add", "headers"}
+_CREDENTIAL_HEADER = re.compile(r"^(?:(?:proxy-)?authorization|cookie|set-cookie|.*-(?:key|token|secret|password))\Z",
+                                re.I)
+# A URL with userinfo (RFC 3986 §3.2.1: `redis://:password@host`), or a query parameter named like a
+# credential (`?access_token=...`).
+_CREDENTIAL_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://(?:[^/?#]*@|[^#]*[?&][^=&#]*"
+                             r"(?:token|key|secret|password|sig|auth)[^=&#]*=)", re.I)
 # A value made only of `${VAR}` / `${VAR:-default}` references names secrets without holding them.
 _ENV_ONLY = re.compile(r"^(?:\$\{[A-Za-z_][A-Za-z0-9_]*(?::-[^}]*)?\})+$")
 
@@ -39,6 +49,9 @@ class ConfigStore:
     def __init__(self, loaded: LoadedConfig):
         self.loaded = loaded
         self.version = 1
+        # Python plugin modules imported from configs read from disk: the only ones a change
+        # through the admin API may name (fastgw/config/api_rules.py).
+        self.modules = python_modules(loaded.config)
 
     # --- what is current -------------------------------------------------------------------------
 
@@ -67,8 +80,22 @@ class ConfigStore:
     # --- loading and committing ------------------------------------------------------------------
 
     def read_file(self) -> LoadedConfig:
-        """The file as it is on disk now (SIGHUP, POST /reload); raises ConfigError."""
-        return load_config(self.path) if self.path is not None else self.loaded
+        """The file as it is on disk now (SIGHUP, POST /reload); raises ConfigError. The operator
+        wrote it, so the python plugin modules it names may be named by admin changes too."""
+        if self.path is None:
+            return self.loaded
+        loaded = load_config(self.path)
+        self.modules |= python_modules(loaded.config)
+        return loaded
+
+    def check_change(self, document: dict) -> dict:
+        """`document`, sent to the admin API, if it only does what such a change may (no new
+        code, `${VAR}` or file names); raises ConfigError without loading or importing anything."""
+        problems = change_problems(document, self.loaded.document, self.modules)
+        if problems:
+            fmt = "json" if self.loaded.fmt == "json" else "yaml"
+            raise ConfigError(pin_problems(problems, serialise(document, fmt), self.path or DEFAULT_NAME, fmt))
+        return document
 
     def validate(self, document: dict) -> LoadedConfig:
         """Load `document` as the file that would be written; raises ConfigError, or
@@ -197,13 +224,17 @@ def serialise(document: dict, fmt: str) -> str:
                      allow_unicode=True, default_flow_style=False)
 
 
-def redact(value, key: str | None = None):
-    """A copy with secret values replaced by `<redacted>`; `${VAR}` references are shown."""
+def redact(value, key: str | None = None, secret: bool = False):
+    """A copy with secret values replaced by `<redacted>`: those under secret keys, header values
+    named like credentials, URLs holding credentials. `${VAR}` references are shown."""
     if isinstance(value, dict):
-        return {k: redact(v, k) for k, v in value.items()}
+        headers = key in HEADER_MAPS
+        return {k: redact(v, k, headers and isinstance(k, str) and bool(_CREDENTIAL_HEADER.match(k)))
+                for k, v in value.items()}
     if isinstance(value, list):
-        return [redact(v, key) for v in value]
-    if key in SECRET_KEYS and isinstance(value, str) and not _ENV_ONLY.match(value):
+        return [redact(v, key, secret) for v in value]
+    if isinstance(value, str) and not _ENV_ONLY.match(value) and (
+            secret or key in SECRET_KEYS or _CREDENTIAL_URL.match(value)):
         return REDACTED
     return value
 

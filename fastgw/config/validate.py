@@ -6,6 +6,7 @@ stop at the first problem so that one `fastgw check` run lists everything that i
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 from typing import Iterable, Iterator
 
@@ -15,13 +16,20 @@ from fastgw.config.errors import ConfigProblem
 from fastgw.server.tracing import otel_missing
 from fastgw.config.model import Config, Limits, Route, Service
 
-# RFC 9110 §5.6.2: token = 1*tchar
-_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+# RFC 9110 §5.6.2: token = 1*tchar. Patterns here end in \Z: `$` also matches before a final
+# newline, so "x-user\n" would pass for a token.
+_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+# RFC 9110 §5.5: a field value never holds CR, LF or NUL (they would end the field or the head and
+# let a value write fields of its own); the other C0 controls and DEL are refused too, HTAB allowed.
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# The request-target (RFC 9112 §3.2) and Host (RFC 9110 §7.2) hold no whitespace at all.
+_CONTROL_OR_SPACE = re.compile(r"[\x00-\x20\x7f]")
+_PLAIN_KEY = re.compile(r"^[A-Za-z0-9_-]+\Z")
 # A DNS label; "_" is tolerated because container and service-discovery names use it.
 _LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
-_HOSTNAME = re.compile(rf"^{_LABEL}(?:\.{_LABEL})*\.?$")
-_HOST_PATTERN = re.compile(rf"^(?:\*\.)?{_LABEL}(?:\.{_LABEL})*(?::\d{{1,5}})?$")
-_BIND = re.compile(r"^(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:\[\]]+)):(?P<port>\d{1,5})$")
+_HOSTNAME = re.compile(rf"^{_LABEL}(?:\.{_LABEL})*\.?\Z")
+_HOST_PATTERN = re.compile(rf"^(?:\*\.)?{_LABEL}(?:\.{_LABEL})*(?::\d{{1,5}})?\Z")
+_BIND = re.compile(r"^(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:\[\]]+)):(?P<port>\d{1,5})\Z")
 _WILDCARDS = {"0.0.0.0", "::"}
 
 
@@ -52,6 +60,33 @@ def parse_bind(value: str) -> tuple[str, int]:
     return host, port
 
 
+def key_path(path: str, key: str) -> str:
+    """`path.key`, or `path["key"]` for a key that is not a plain word (as the loader writes paths)."""
+    return f"{path}.{key}" if _PLAIN_KEY.match(key) else f"{path}[{json.dumps(key)}]"
+
+
+def header_name_problems(path: str, name: object) -> Iterator[ConfigProblem]:
+    """A field name is a token (RFC 9110 §5.1, §5.6.2)."""
+    if isinstance(name, str) and not _TOKEN.match(name):
+        yield ConfigProblem(path, f"{name!r} is not a valid header name (RFC 9110 §5.1: a token)")
+
+
+def header_value_problems(path: str, value: object, *, no_space: bool = False) -> Iterator[ConfigProblem]:
+    """No control characters in what is written into an HTTP head (RFC 9110 §5.5); `no_space` for a
+    request-target or Host, which have no whitespace either."""
+    if isinstance(value, str) and (_CONTROL_OR_SPACE if no_space else _CONTROL).search(value):
+        what = "spaces or control characters" if no_space else "control characters (CR, LF, NUL, ...)"
+        yield ConfigProblem(path, f"{value!r} has {what}: they would be written into the HTTP head")
+
+
+def _header_map_problems(path: str, headers: dict, *, names_only: bool = False) -> Iterator[ConfigProblem]:
+    """name -> value maps; `names_only` when the values are header names as well (rename)."""
+    for name, value in headers.items():
+        where = key_path(path, name)
+        yield from header_name_problems(where, name)
+        yield from header_name_problems(where, value) if names_only else header_value_problems(where, value)
+
+
 def semantic_problems(config: Config) -> list[ConfigProblem]:
     from fastgw.plugins.registry import plugin_problems
 
@@ -60,6 +95,7 @@ def semantic_problems(config: Config) -> list[ConfigProblem]:
         *_listener_problems(config),
         *_service_problems(config),
         *_route_problems(config),
+        *_head_problems(config),
         *_consumer_problems(config),
         *_client_problems(config),
         *(ConfigProblem(path, message) for path, message in plugin_problems(config)),
@@ -109,8 +145,8 @@ def _condition_problems(path: str, headers: dict[str, str]) -> Iterator[ConfigPr
         ])
 
 
-_API_KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
-_SCRYPT_HASH = re.compile(r"^scrypt\$\d+\$\d+\$\d+\$[A-Za-z0-9+/=]+\$[A-Za-z0-9+/=]+$")
+_API_KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}\Z")
+_SCRYPT_HASH = re.compile(r"^scrypt\$\d+\$\d+\$\d+\$[A-Za-z0-9+/=]+\$[A-Za-z0-9+/=]+\Z")
 
 
 def _client_problems(config: Config) -> Iterator[ConfigProblem]:
@@ -162,9 +198,12 @@ def _listener_problems(config: Config) -> Iterator[ConfigProblem]:
         yield from _layer4_problems(config, f"listeners[{i}]", listener)
     if config.admin is not None:
         yield from _admin_problems(config.admin.bind, config.admin.token)
+        for i, name in enumerate(config.admin.allowed_hosts):
+            yield from _failing([(f"admin.allowed_hosts[{i}]", _is_host(name),
+                                  f"{name!r} is not a host name or IP address (no port)")])
 
 
-_SNI_NAME = re.compile(r"^(\*\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+_SNI_NAME = re.compile(r"^(\*\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
 
 
 def _layer4_problems(config: Config, path: str, listener) -> Iterator[ConfigProblem]:
@@ -245,6 +284,14 @@ def _bind_conflicts(binds: list[tuple[str, str]]) -> Iterator[ConfigProblem]:
         seen.append((path, host, port))
 
 
+def _is_host(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name.removeprefix("[").removesuffix("]"))
+        return True
+    except ValueError:
+        return bool(_HOSTNAME.match(name)) and not re.fullmatch(r"[\d.]+", name)
+
+
 def _admin_problems(bind: str, token: str | None) -> Iterator[ConfigProblem]:
     # The admin API can change routing, so it is only reachable from outside with a token.
     try:
@@ -291,7 +338,7 @@ def _service_problems(config: Config) -> Iterator[ConfigProblem]:
             yield ConfigProblem(path, f"service {name!r} is not used by any route", severity="warning")
 
 
-_HASH_ON = re.compile(r"^(ip|path|consumer|(header|cookie|query):[!#$%&'*+\-.^_`|~0-9A-Za-z]+)$")
+_HASH_ON = re.compile(r"^(ip|path|consumer|(header|cookie|query):[!#$%&'*+\-.^_`|~0-9A-Za-z]+)\Z")
 
 
 def _balance_problems(path: str, service: Service) -> Iterator[ConfigProblem]:
@@ -482,3 +529,80 @@ def _one_route(path: str, route: Route, config: Config) -> Iterator[ConfigProble
             (f"{path}.respond", respond.json is msgspec.UNSET or respond.body is None,
              "set `json` or `body`, not both"),
         ])
+
+
+# Plugin settings that are written into HTTP heads: (key, "name" | "value", how it is held).
+_PLUGIN_HEAD_FIELDS = {
+    "key_auth": [("header", "name", "one")],
+    "request_id": [("header", "name", "one")],
+    "jwt": [("header", "name", "one"), ("forward_claims", "name", "values")],
+    "oauth2_introspection": [("header", "name", "one"), ("forward", "name", "values")],
+    "cors": [("headers", "name", "list"), ("expose_headers", "name", "list"), ("methods", "name", "list"),
+             ("origins", "value", "list")],
+    "basic_auth": [("realm", "value", "one")],
+    "cache": [("vary", "name", "list")],
+    "rate_limit": [("name", "value", "one")],
+}
+
+
+def _head_problems(config: Config) -> Iterator[ConfigProblem]:
+    """Everything the config writes into a request or response head: header edits, `respond`,
+    rewrite templates, deprecation links, and the plugin settings that name headers."""
+    for i, route in enumerate(config.routes):
+        path = f"routes[{i}]"
+        for key in ("request_headers", "response_headers"):
+            edits = getattr(route, key)
+            if edits is None:
+                continue
+            yield from _header_map_problems(f"{path}.{key}.set", edits.set)
+            yield from _header_map_problems(f"{path}.{key}.add", edits.add)
+            yield from _header_map_problems(f"{path}.{key}.rename", edits.rename, names_only=True)
+            for j, name in enumerate(edits.remove):
+                yield from header_name_problems(f"{path}.{key}.remove[{j}]", name)
+        if route.respond is not None:
+            yield from _header_map_problems(f"{path}.respond.headers", route.respond.headers)
+        if route.rewrite is not None:
+            for key in ("path", "host", "query", "strip_prefix"):
+                yield from header_value_problems(f"{path}.rewrite.{key}", getattr(route.rewrite, key),
+                                                 no_space=True)
+        if route.deprecation is not None and route.deprecation.link is not None:
+            link = route.deprecation.link
+            yield from header_value_problems(f"{path}.deprecation.link", link, no_space=True)
+            if "<" in link or ">" in link:      # it is written as `<link>` (RFC 8288 §3)
+                yield ConfigProblem(f"{path}.deprecation.link", f"{link!r} must not contain < or >")
+        if route.aggregate is not None:
+            for j, backend in enumerate(route.aggregate.backends):
+                yield from header_value_problems(f"{path}.aggregate.backends[{j}].path", backend.path,
+                                                 no_space=True)
+                for k, name in enumerate(backend.headers):
+                    yield from header_name_problems(f"{path}.aggregate.backends[{j}].headers[{k}]", name)
+        if route.grpc is not None:
+            for j, name in enumerate(route.grpc.metadata):
+                yield from header_name_problems(f"{path}.grpc.metadata[{j}]", name)
+    for name, service in config.services.items():
+        if service.health.active is not None:
+            yield from header_value_problems(f"services.{name}.health.active.path",
+                                             service.health.active.path, no_space=True)
+    lists = [("plugins", config.plugins)] + [(f"routes[{i}].plugins", r.plugins) for i, r in enumerate(config.routes)]
+    for where, entries in lists:
+        for j, entry in enumerate(entries):
+            if isinstance(entry, dict) and len(entry) == 1:
+                (name, settings), = entry.items()
+                if isinstance(settings, dict):
+                    yield from _plugin_head_problems(f"{where}[{j}].{name}", name, settings)
+
+
+def _plugin_head_problems(path: str, plugin: str, settings: dict) -> Iterator[ConfigProblem]:
+    for key, kind, shape in _PLUGIN_HEAD_FIELDS.get(plugin, ()):
+        value = settings.get(key)
+        if shape == "one":
+            items = [(f"{path}.{key}", value)]
+        elif shape == "list" and isinstance(value, list):
+            items = [(f"{path}.{key}[{k}]", v) for k, v in enumerate(value)]
+        elif shape == "values" and isinstance(value, dict):
+            items = [(key_path(f"{path}.{key}", str(k)), v) for k, v in value.items()]
+        else:
+            continue
+        check = header_name_problems if kind == "name" else header_value_problems
+        for where, item in items:
+            yield from check(where, item)
