@@ -337,6 +337,30 @@ def test_reload_adds_and_removes_listeners_all_or_nothing(gateway, upstream):
     assert gw.request("GET", "/x").status == 200
 
 
+def test_a_second_gateway_cannot_share_a_served_port(gateway, upstream):
+    """SO_REUSEPORT would let it bind and split the traffic between two configs: it is refused at
+    start, and a reload that adds another gateway's address is refused too."""
+    first = gateway(with_admin({**proxy_config(upstream.port), "workers": 2}))
+    with pytest.raises(RuntimeError, match=rf"{HOST}:{first.port}: address already in use"):
+        gateway(with_admin(proxy_config(upstream.port) | {"listeners": [{"name": "same", "bind": f"{HOST}:{first.port}"}]}))
+    assert first.request("GET", "/x").status == 200 and first.alive
+
+    second = gateway(with_admin(proxy_config(upstream.port)))
+    config = yaml.safe_load(second.config_path.read_text())
+    config["listeners"].append({"name": "taken", "bind": f"{HOST}:{first.port}"})
+    second.config_path.write_text(yaml.safe_dump(config))
+    answer = second.admin("POST", "/reload")
+    assert answer.status == 400
+    assert f"{HOST}:{first.port}: address already in use" in answer.json()["error"]["message"]
+    # every request on the first gateway's port still reaches the first gateway's workers
+    pids = set(first.worker_pids())
+    for _ in range(20):
+        with first.connect() as conn:
+            conn.send(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert conn.read_response().status == 200
+    assert set(first.worker_pids()) == pids and second.alive
+
+
 def _get(port: int) -> int | None:
     try:
         c = http.client.HTTPConnection(HOST, port, timeout=2)

@@ -28,6 +28,7 @@ from fastgw.server.cluster import ClusterSync, ConfigSync, cluster_interval
 from fastgw.server.control import WORKER_RUNNING, WORKER_STARTING, ControlChannel
 from fastgw.server.health import HealthChecker
 from fastgw.server.log import log, set_log_level
+from fastgw.server.ports import busy_listeners
 
 APPLY_TIMEOUT = 30.0          # a worker that cannot compile and bind in this long fails the change
 START_TIMEOUT = 60.0
@@ -131,8 +132,14 @@ class Supervisor:
         # uvloop keeps SIGCHLD for itself, so children are collected by polling, and at once when
         # a worker's control channel closes (which is how its death is usually noticed first).
         self.loop.create_task(self._reap_periodically())
-        started = await asyncio.gather(*(self._start_worker(w) for w in self.workers))
-        if not all(started):
+        busy = busy_listeners(self.store.loaded.config.listeners)
+        for _, bind in busy:
+            log(f"{bind}: address already in use", "error")
+        started = [] if busy else await asyncio.gather(*(self._start_worker(w) for w in self.workers))
+        if busy:
+            self.stop()
+            self.exit_code = 1
+        elif not all(started):
             log("workers failed to start", "error")
             self.stop()
             self.exit_code = 1
@@ -297,6 +304,12 @@ class Supervisor:
         binds new listeners (prepare); only when all succeeded is it persisted and switched on
         (commit). Raises ConfigError (nothing changed) when a worker refuses it."""
         async with self.apply_lock:
+            ours = {spec.bind for spec in self.store.loaded.config.listeners}
+            busy = busy_listeners(loaded.config.listeners, ours)
+            if busy:
+                raise ConfigError([ConfigProblem(f"listeners[{i}].bind", f"{bind}: address already in use",
+                                                 file=loaded.path or "<config>")
+                                   for i, bind in busy])
             version = self.store.version + 1
             slots = self.slots.assign(loaded.config)
             for slot in set(slots["targets"].values()) - set(self.current_slots["targets"].values()):
