@@ -4,10 +4,13 @@ the upstream's `Vary` (RFC 9111 §4.1) stores one answer per variant, `Vary: *` 
 from __future__ import annotations
 
 import concurrent.futures
+import http.client
+import ssl
 import time
 
 import jwt
 
+from certs import make_ca_and_certs
 from upstreams import HOST, RecordingUpstream, Reply, free_port, get_request, proxy_config
 
 SECRET = "s" * 32
@@ -81,6 +84,32 @@ def test_jwt_cookie_with_consumers_keys_by_consumer(gateway, start_upstream):
     assert [r.body for r in (a1, b1, a2, b2)] == [b"profile of alice-1", b"profile of bob-2"] * 2
     assert [r.header("x-cache") for r in (a1, b1, a2, b2)] == ["MISS", "MISS", "HIT", "HIT"]
     assert [r.header("x-consumer-name") for r in upstream.requests] == ["alice", "bob"]
+
+
+def test_mtls_certificates_without_consumers_keep_their_own_entries(gateway, start_upstream, tmp_path):
+    upstream = start_upstream(RecordingUpstream(lambda req: Reply(200, [], f"n={len(upstream.requests)}".encode())))
+    ca, server = make_ca_and_certs(tmp_path, ["gw.test"])
+    client_ca, clients = make_ca_and_certs(tmp_path, ["client-a", "client-b"], prefix="clients-")
+    config = proxy_config(upstream.port, plugins=[{"mtls_auth": {"require_consumer": False}},
+                                                  {"cache": {"ttl": "30s"}}])
+    config["listeners"][0].update(protocol="https", tls={
+        "certificates": [{"cert": str(server["gw.test"][0]), "key": str(server["gw.test"][1])}],
+        "client_ca": str(client_ca), "client_auth": "required"})
+    gw = gateway(config)
+
+    def get(client):
+        context = ssl.create_default_context(cafile=str(ca))
+        context.check_hostname = False
+        context.load_cert_chain(*map(str, clients[client]))
+        conn = http.client.HTTPSConnection(HOST, gw.port, context=context, timeout=5)
+        try:
+            conn.request("GET", "/report")
+            resp = conn.getresponse()
+            return resp.read(), resp.getheader("x-cache")
+        finally:
+            conn.close()
+    assert [get(c) for c in ("client-a", "client-b", "client-a", "client-b")] == [
+        (b"n=1", "MISS"), (b"n=2", "MISS"), (b"n=1", "HIT"), (b"n=2", "HIT")]
 
 
 def vary_upstream(req):
