@@ -164,10 +164,14 @@ def test_repeated_vary_fields_are_combined(gateway, start_upstream):
 
 def test_vary_star_is_not_stored_and_variants_are_bounded(gateway, start_upstream):
     upstream = start_upstream(RecordingUpstream(lambda req: Reply(
-        200, [("Vary", "*" if req.path == "/star" else "Accept-Language, X-Tier" if req.path == "/two" else
+        200, [("Vary", "*" if req.path == "/star" else "X-Forwarded-For" if req.path == "/by-client" else
+                "Accept-Language, X-Tier" if req.path == "/two" else
                 "X-Variant")], (req.header("x-variant") or "").encode())))
     gw = gateway(proxy_config(upstream.port, plugins=[{"cache": {"ttl": "30s"}}]))
     assert [gw.request("GET", "/star").header("x-cache") for _ in range(2)] == ["MISS", "MISS"]
+    # X-Forwarded-For is the gateway's own (with the client's address): the client's value says
+    # nothing of what the upstream saw.
+    assert [gw.request("GET", "/by-client").header("x-cache") for _ in range(2)] == ["MISS", "MISS"]
     # Vary naming several fields: all must match.
     tiered = [gw.request("GET", "/two", headers={"Accept-Language": "en", "X-Tier": tier})
               for tier in ("gold", "free", "gold")]

@@ -17,7 +17,7 @@ same (repeated fields combined with ", ", each value trimmed; no other normalisa
 MAX_VARIANTS per key, the least recently used going first.
 
 Stored: answers to GET with a status in `statuses` whose Cache-Control does not say no-store,
-no-cache or private, that set no cookie and do not `Vary: *`. Freshness: `s-maxage`, else
+no-cache or private, that set no cookie and do not `Vary: *` (nor on a field the gateway writes). Freshness: `s-maxage`, else
 `max-age`, else the plugin's `ttl`. `stale_if_error`: an expired entry is kept that much longer
 and served (X-Cache: STALE) when the upstream fails or answers 5xx.
 """
@@ -30,6 +30,12 @@ from cpython.bytes cimport PyBytes_GET_SIZE
 from fastgw._core.buffer cimport ascii_lower
 
 cdef Py_ssize_t MAX_VARIANTS = 16         # per key: one per language, encoding, session ... seen lately
+
+# Request fields the gateway writes upstream itself, so the request's own values say nothing of
+# what the upstream saw: an answer that varies on one is not stored. (Host and the consumer are in
+# the key already.)
+cdef frozenset _WRITTEN_UPSTREAM = frozenset((b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
+                                              b"x-request-id", b"traceparent"))
 
 # Credentials are keyed by a BLAKE2b digest under this process's secret: the cache's memory holds
 # nothing that is, or leads to, a usable credential.
@@ -163,8 +169,11 @@ cdef class ResponseCache:
         cdef bytes name
         if status not in self.statuses:
             return 0
-        if b"*" in _vary_names(headers):
+        vary = _vary_names(headers)
+        if b"*" in vary:
             return 0                      # RFC 9111 §4.1: "*" never matches a later request
+        if not _WRITTEN_UPSTREAM.isdisjoint(vary):
+            return 0
         for i in range(0, len(headers), 2):
             name = ascii_lower(<bytes>headers[i])
             if name == b"set-cookie":
