@@ -112,6 +112,7 @@ cdef class Request:
     cdef bint cache_checked               # looked up once, after plugins and rate limits
     cdef bytes cache_key                  # set when the cache was consulted
     cdef bint cache_fill                  # this request fetches the key; others wait for it
+    cdef bint cache_rewaited              # woken by a fill of another variant, it waits once more
     cdef CachedResponse cache_stale       # an expired entry that stale_if_error may still serve
     cdef list cache_parts                 # the answer's body as it streams past, while storable
     cdef long long cache_bytes
@@ -193,6 +194,8 @@ cdef class ClientConnection(Downstream):
     cdef bint _serve_stale(self, Request req)
     cdef void _cache_begin(self, Request req, int status, list headers)
     cdef void _cache_store(self, Request req, bytes body)
+    cdef bytes _cache_credential(self, Request req)
+    cdef void _cache_wait(self, Request req, list waiting)
     cdef list _response_plugins(self, Request req, int* status, list headers)
     cdef void _forward(self, Request req)
     cdef void _start_try(self, Request req, Service service, Target target,

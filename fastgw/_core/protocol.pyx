@@ -18,7 +18,7 @@ from fastgw._core.native cimport NativeCheck
 from fastgw._core.ratelimit cimport Decision, Policy, release
 from fastgw._core.ratelimit import ALG_CONCURRENCY
 from fastgw._core.buffer cimport WriteBuffer, ascii_ieq, ascii_lower, monotonic, plain_field, random64
-from fastgw._core.cache cimport CachedResponse, ResponseCache
+from fastgw._core.cache cimport CachedResponse, ResponseCache, credential_digest
 from fastgw._core.router cimport (ROUTE_ECHO, ROUTE_HANDLER, ROUTE_PROXY, ROUTE_RESPOND, HeaderEdits,
                                   PathRule, RouteEntry, Router, write_fields)
 from fastgw._core.uri cimport canonical_host, canonical_path
@@ -758,22 +758,24 @@ cdef class ClientConnection(Downstream):
         False: it goes upstream (and, a GET, fills the key)."""
         cdef CachedResponse entry
         cdef double now = monotonic()
+        cdef bytes credential = None
         if req.method != b"GET" and req.method != b"HEAD":
             return False
-        if req.consumer is None and _header_value(req.headers, b"authorization"):
-            return False                  # someone's credentials we did not check: not shared
-        req.cache_key = cache.key_for(req.method, req.host, req.path, req.query, req.headers,
-                                      req.consumer)
-        entry = cache.lookup(req.cache_key, now)
+        if req.consumer is None:
+            if req.rule.route.plugins.credential_fields is not None:
+                credential = self._cache_credential(req)   # let through, no consumer: keyed by it
+            elif _header_value(req.headers, b"authorization"):
+                return False              # someone's credentials nothing checked: not shared
+        req.cache_key = cache.key_for(req.host, req.path, req.query, req.headers, req.consumer,
+                                      credential)
+        entry = cache.lookup(req.cache_key, req.headers, now)
         if entry is not None and now < entry.fresh_until:
             cache.hits += 1
             self._write_cached(req, entry, b"HIT", now)
             return True
         waiting = cache.filling.get(req.cache_key)
         if waiting is not None:
-            waiting.append((self, req))   # coalesced: one upstream fetch per key (per worker)
-            req.in_plugins = True
-            self._pause(PAUSE_PLUGIN)
+            self._cache_wait(req, waiting)   # coalesced: one upstream fetch per key (per worker)
             return True
         cache.misses += 1
         record_route_event(req.rule.route.metric_slot, EV_CACHE_MISS)
@@ -783,22 +785,46 @@ cdef class ClientConnection(Downstream):
             req.cache_fill = True
         return False
 
+    cdef bytes _cache_credential(self, Request req):
+        """The digest of what the request showed the route's authentication plugins."""
+        cdef bytes certificate = None
+        if self.listener.scheme is not HTTP_SCHEME:
+            tls = self.transport.get_extra_info("ssl_object")
+            if tls is not None:
+                certificate = tls.getpeercert(True)
+        return credential_digest(req.headers, req.rule.route.plugins.credential_fields, certificate)
+
+    cdef void _cache_wait(self, Request req, list waiting):
+        waiting.append((self, req))
+        req.in_plugins = True
+        self._pause(PAUSE_PLUGIN)
+
     def _cache_wake(self, Request req, ResponseCache cache):
-        """The fill this request waited for is over: a hit now, or upstream on its own."""
+        """The fill this request waited for is over: a hit now, or upstream on its own. The fill
+        may have stored another variant (RFC 9111 §4.1): then this request fetches its own, or
+        waits once more for a request already fetching the key."""
         cdef double now = monotonic()
         if self.closed or req is not self.active:
             return
         req.in_plugins = False
         self._resume(PAUSE_PLUGIN)
-        entry = cache.lookup(req.cache_key, now)
+        entry = cache.lookup(req.cache_key, req.headers, now)
         if entry is not None and now < (<CachedResponse>entry).fresh_until:
             cache.hits += 1
             self._write_cached(req, entry, b"HIT", now)
-        else:
-            cache.misses += 1
-            record_route_event(req.rule.route.metric_slot, EV_CACHE_MISS)
-            req.cache_stale = entry
-            self._answer_route(req)
+            return
+        waiting = cache.filling.get(req.cache_key)
+        if waiting is not None and not req.cache_rewaited:
+            req.cache_rewaited = True     # once: never a chain of fills of variants not stored
+            self._cache_wait(req, waiting)
+            return
+        cache.misses += 1
+        record_route_event(req.rule.route.metric_slot, EV_CACHE_MISS)
+        req.cache_stale = entry
+        if waiting is None and req.method == b"GET":
+            cache.filling[req.cache_key] = []
+            req.cache_fill = True
+        self._answer_route(req)
 
     cdef void _write_cached(self, Request req, CachedResponse entry, bytes state, double now):
         cdef WriteBuffer o = self.out
@@ -841,8 +867,8 @@ cdef class ClientConnection(Downstream):
     cdef void _cache_store(self, Request req, bytes body):
         req.cache_parts = None
         (<ResponseCache>req.rule.route.plugins.cache).store(
-            req.cache_key, req.host, req.path, req.query, req.cache_status, req.cache_headers, body,
-            req.cache_ttl, monotonic())
+            req.cache_key, req.host, req.path, req.query, req.headers, req.cache_status,
+            req.cache_headers, body, req.cache_ttl, monotonic())
 
     # --- rate limits (fastgw/_core/ratelimit.pyx) --------------------------------------------------
 

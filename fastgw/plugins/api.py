@@ -34,6 +34,11 @@ class Plugin:
     name: ClassVar[str] = ""
     phase: ClassVar[str] = "access"
     priority: ClassVar[int] = 0
+    # An authentication plugin: it lets a request through on a credential (and names its consumer
+    # when it can). Where it reads it: Authorization, the header and cookie its config's `header`
+    # and `cookie` name, the TLS client certificate; the cache keys an answer by the consumer, else
+    # by a digest of those (fastgw/plugins/chain.py).
+    authenticates: ClassVar[bool] = False
 
     class Config(msgspec.Struct, forbid_unknown_fields=True):
         pass

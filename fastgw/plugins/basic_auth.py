@@ -23,6 +23,7 @@ class BasicAuth(Plugin):
     name = "basic_auth"
     phase = "access"
     priority = 1100
+    authenticates = True
 
     class Config(msgspec.Struct, forbid_unknown_fields=True):
         realm: str = "fastgw"

@@ -1,11 +1,13 @@
 """cache: answers stored in memory and served by the data plane (fastgw/_core/cache.pyx).
 
 Runs after authentication and rate limiting (priority 100): a cached answer is only ever given
-to a request that was allowed through, and an authenticated consumer's answers are keyed by
-that consumer. Key: method (HEAD is served from GET entries) + host + path + query + the `vary`
-headers' values (+ consumer). A request that carries Authorization without a consumer having been
-identified is neither served from nor stored in the cache. The request's own Cache-Control is
-not honoured (as Kong's proxy-cache by default): clients cannot make the gateway skip its cache.
+to a request that was allowed through. Key: method (HEAD is served from GET entries) + host + path
++ query + the `vary` headers' values + the identity on routes with an authentication plugin (the
+consumer, else a keyed digest of the credential: fastgw/plugins/chain.py says where it is read).
+A request that carries Authorization on a route without an authentication plugin is neither
+served from nor stored in the cache. Answers whose `Vary` names request fields are stored per
+variant (RFC 9111 §4.1). The request's own Cache-Control is not honoured (as Kong's proxy-cache
+by default): clients cannot make the gateway skip its cache.
 Answers carry `X-Cache: HIT | MISS | STALE` and, from the cache, `Age`.
 
 Per worker: `max_bytes` bounds each worker's memory, and concurrent misses for one key are

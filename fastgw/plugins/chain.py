@@ -14,7 +14,7 @@ from fastgw.plugins.api import Plugin, Response
 
 class Chain:
     __slots__ = ("plugins", "request_plugins", "response_plugins", "log_plugins", "native", "ratelimits",
-                 "cache")
+                 "cache", "credential_fields")
 
     def __init__(self, plugins: tuple) -> None:
         self.plugins = plugins
@@ -24,6 +24,7 @@ class Chain:
         self.cache = next((p.response_cache for p in data_plane if hasattr(p, "response_cache")), None)
         self.request_plugins = tuple(p for p in plugins if p.phase in ("rewrite", "access")
                                      and not getattr(p, "data_plane", False))
+        self.credential_fields = _credential_fields(self.request_plugins)
         self.response_plugins = tuple(p for p in plugins if p.phase == "response" or _overrides(p, "on_response"))
         self.log_plugins = tuple(p for p in plugins if p.phase == "log" or _overrides(p, "on_log"))
         # When every plugin has a data-plane check (fastgw/_core/native.pyx) and none looks at the
@@ -73,6 +74,24 @@ class Chain:
 
     def __repr__(self) -> str:
         return f"Chain({', '.join(p.name for p in self.plugins)})"
+
+
+def _credential_fields(plugins: tuple) -> tuple | None:
+    """The request headers (lower-case bytes) where the route's authentication plugins may find a
+    credential, or None when none runs: the cache keys a request they let through without naming
+    a consumer by a digest of these (a whole Cookie header when a plugin reads a cookie)."""
+    authenticators = [p for p in plugins if getattr(p, "authenticates", False)]
+    if not authenticators:
+        return None
+    fields = {"authorization"}
+    for plugin in authenticators:
+        config = getattr(plugin, "config", None)
+        header = getattr(config, "header", None)
+        if isinstance(header, str):
+            fields.add(header.lower())
+        if getattr(config, "cookie", None):
+            fields.add("cookie")
+    return tuple(sorted(name.encode("latin-1") for name in fields))
 
 
 def _overrides(plugin, method: str) -> bool:

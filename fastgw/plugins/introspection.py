@@ -28,6 +28,7 @@ class Introspection(Plugin):
     name = "oauth2_introspection"
     phase = "access"
     priority = 1400
+    authenticates = True
 
     class Config(msgspec.Struct, forbid_unknown_fields=True):
         endpoint: str

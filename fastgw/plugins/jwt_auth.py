@@ -42,6 +42,7 @@ class JwtAuth(Plugin):
     name = "jwt"
     phase = "access"
     priority = 1450
+    authenticates = True
 
     class Config(msgspec.Struct, forbid_unknown_fields=True):
         algorithms: list[str] = msgspec.field(default_factory=lambda: ["RS256", "ES256", "EdDSA"])

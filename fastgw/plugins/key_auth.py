@@ -23,6 +23,7 @@ class KeyAuth(Plugin):
     name = "key_auth"
     phase = "access"
     priority = 1250
+    authenticates = True
 
     class Config(msgspec.Struct, forbid_unknown_fields=True):
         header: str | None = "x-api-key"

@@ -13,6 +13,7 @@ class MtlsAuth(Plugin):
     name = "mtls_auth"
     phase = "access"
     priority = 1600
+    authenticates = True
 
     class Config(msgspec.Struct, forbid_unknown_fields=True):
         require_consumer: bool = True              # false: any verified certificate will do
