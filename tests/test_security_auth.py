@@ -125,3 +125,87 @@ def test_jwt_accepts_fractional_dates(gateway, upstream):
         assert ok.status == 200, ok.body
         expired = conn.request(raw_get("/api/x", "Authorization: Bearer " + hs_token(exp=time.time() - 10.5)))
         assert expired.status == 401
+
+
+# --- the rate-limit table: keyed placement, and a key it cannot hold is refused -----------------------
+
+def test_siphash_matches_the_reference_vectors():
+    from fastgw._core.ratelimit import _siphash24
+
+    key = bytes(range(16))
+    assert _siphash24(key, b"") == 0x726fdb47dd0e0e31
+    assert _siphash24(key, bytes(range(8))) == 0x93f5f5799a932462
+    assert _siphash24(key, bytes(range(15))) == 0xa129ca6149be45e5
+
+
+def test_a_full_probe_window_refuses_instead_of_admitting():
+    """16 entries: the whole table is one probe window. Once 16 keys hold it, a 17th is refused
+    (fails closed) and the keys that have an entry keep their exact limit."""
+    from fastgw._core import shm
+    from fastgw._core.ratelimit import Policy
+
+    seg = shm.Segment.create(workers=1, routes=1, targets=1, listeners=1, ratelimit_entries=16)
+    seg.activate()
+    try:
+        policy = Policy("fixed_window", 3, 3600.0)
+        assert all(policy.check(f"holder-{i}".encode())[0] for i in range(16))
+        refused = [policy.check(b"newcomer") for _ in range(5)]
+        assert [admitted for admitted, *_ in refused] == [False] * 5
+        assert all(retry_after > 0 for *_, retry_after in refused)
+        assert [policy.check(b"holder-0")[0] for _ in range(3)] == [True, True, False]
+    finally:
+        seg.close()
+
+
+def _unkeyed_home(prefix_state: int, key: bytes, entries: int = 65536) -> int:
+    """Where the table placed a key before it was keyed: FNV-1a 64 and the splitmix64 finaliser
+    (the old fastgw/_core/buffer.pyx hash64), modulo the table size."""
+    h = prefix_state
+    for byte in key:
+        h = ((h ^ byte) * 0x100000001b3) & 0xFFFFFFFFFFFFFFFF
+    h ^= h >> 30
+    h = (h * 0xbf58476d1ce4e5b9) & 0xFFFFFFFFFFFFFFFF
+    h ^= h >> 27
+    h = (h * 0x94d049bb133111eb) & 0xFFFFFFFFFFFFFFFF
+    h ^= h >> 31
+    return (h or 1) % entries
+
+
+def _fnv_state(data: bytes) -> int:
+    h = 0xcbf29ce484222325
+    for byte in data:
+        h = ((h ^ byte) * 0x100000001b3) & 0xFFFFFFFFFFFFFFFF
+    return h
+
+
+def test_crafted_keys_cannot_flood_a_probe_window(gateway, upstream):
+    """q= values computed offline to land on one probe window under the old unkeyed hash: fill it,
+    and a 3/h limit still admits 3 for the next key, not all of them."""
+    import msgspec
+
+    limit = {"limit": 3, "window": "1h", "key": ["query:q"]}
+    gw = gateway(api_config(upstream, [{"rate_limit": limit}]))
+    state = _fnv_state(msgspec.json.encode(["api", 3, 3600.0, 0, "gcra", ["query:q"]]) + b"\0")
+    base, fillers, i = 1000, [], 0
+    while len(fillers) < 24:                       # homes within one 16-entry window
+        i += 1
+        q = f"f{i}".encode()
+        if base <= _unkeyed_home(state, q) < base + 16:
+            fillers.append(q)
+    occupied = set()                               # linear probing, as the old table did
+    for q in fillers:
+        home = _unkeyed_home(state, q)
+        free = [s for s in range(home, home + 16) if s not in occupied]
+        if free:
+            occupied.add(free[0])
+    target = None
+    while target is None:
+        i += 1
+        q = f"t{i}".encode()
+        if all(s in occupied for s in range(_unkeyed_home(state, q), _unkeyed_home(state, q) + 16)):
+            target = q
+    with gw.connect() as conn:
+        for q in fillers:
+            assert conn.request(raw_get("/api/x?q=" + q.decode())).status == 200
+        statuses = [conn.request(raw_get("/api/x?q=" + target.decode())).status for _ in range(10)]
+    assert statuses == [200] * 3 + [429] * 7

@@ -30,6 +30,7 @@ cdef class Policy:
     cdef bytes lines_head                # ... and the fields made for them
 
     cdef int decide(self, bytes key, long long limit, uint64_t window_ns, Decision* d) except -1
+    cdef bint exhausted(self, bytes key, long long limit, uint64_t window_ns, Decision* d) except -1
     cdef bytes header_lines(self, str name, long long limit, uint64_t window_ns, Decision* d)
     cdef bytes _lines_head(self, str name, long long limit, uint64_t window_ns)
 
