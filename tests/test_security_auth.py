@@ -209,3 +209,67 @@ def test_crafted_keys_cannot_flood_a_probe_window(gateway, upstream):
             assert conn.request(raw_get("/api/x?q=" + q.decode())).status == 200
         statuses = [conn.request(raw_get("/api/x?q=" + target.decode())).status for _ in range(10)]
     assert statuses == [200] * 3 + [429] * 7
+
+
+# --- failed authentication counts toward the route's rate limit ------------------------------------------
+
+@pytest.mark.parametrize("auth", [{"key_auth": {}}, {"key_auth": {"query": "apikey"}}])   # native, Python
+@pytest.mark.parametrize("key", [["ip"], ["consumer"]])
+def test_wrong_keys_are_rate_limited(gateway, upstream, auth, key):
+    gw = gateway(api_config(upstream, [auth, {"rate_limit": {"limit": 3, "window": "1m", "key": key}}]))
+    with gw.connect() as conn:
+        statuses = [conn.request(raw_get("/api/x", f"X-Api-Key: wrong-{i}")).status for i in range(8)]
+        right = conn.request(raw_get("/api/x", "X-Api-Key: acme-key"))
+    # ip: decided before key_auth, every attempt counts; consumer: a refused attempt is charged
+    # to the client address, and an address with no allowance left is refused before key_auth.
+    assert statuses == [401] * 3 + [429] * 5
+    # The address used up its allowance: the right key is refused too until it recovers (a
+    # guesser learns nothing from the answers once the limit is hit).
+    assert right.status == 429 and right.header("retry-after")
+    assert upstream.requests == []
+
+
+def test_a_consumer_limit_still_counts_per_consumer(gateway, upstream):
+    gw = gateway(api_config(upstream, [{"key_auth": {}}, {"rate_limit": {"limit": 3, "window": "1m"}}]))
+    with gw.connect() as conn:
+        assert [conn.request(raw_get("/api/x", "X-Api-Key: acme-key")).status for _ in range(4)] == [200] * 3 + [429]
+        # The consumer's own quota is spent, not the address's failure allowance.
+        assert [conn.request(raw_get("/api/x", "X-Api-Key: bad")).status for _ in range(4)] == [401] * 3 + [429]
+
+
+# --- who the client is: trusted proxies only ---------------------------------------------------------------
+
+@pytest.mark.parametrize("fields", [["Forwarded: for=6.6.6.6;proto=https", "X-Real-IP: 6.6.6.6"],
+                                    ["forwarded: for=6.6.6.6", "FORWARDED: by=x", "x-real-ip: 6.6.6.6"]])
+def test_forwarded_and_x_real_ip_from_an_untrusted_peer_are_removed(gateway, upstream, fields):
+    plain = api_config(upstream, [])
+    plain["routes"].append(route("guarded", ["/guarded/**"], "up",
+                                 plugins=[{"ip_filter": {"trusted_proxies": ["10.0.0.0/8"]}}]))
+    plain["routes"].append(route("trusting", ["/trusting/**"], "up",
+                                 plugins=[{"ip_filter": {"trusted_proxies": ["127.0.0.0/8"]}}]))
+    gw = gateway(plain)
+    with gw.connect() as conn:
+        for path in ("/api/x", "/guarded/x"):
+            assert conn.request(raw_get(path, *fields, "X-Other: kept")).status == 200
+            seen = upstream.requests[-1]
+            assert seen.header_all("forwarded") == [] and seen.header_all("x-real-ip") == []
+            assert seen.header("x-other") == "kept" and seen.header("x-forwarded-for") == "127.0.0.1"
+        assert conn.request(raw_get("/trusting/x", *fields)).status == 200     # the peer is trusted
+        assert upstream.requests[-1].header("x-real-ip") == "6.6.6.6"
+        assert upstream.requests[-1].header_all("forwarded")
+
+
+def test_the_rate_limit_ip_key_believes_x_forwarded_for_only_from_a_trusted_proxy(gateway, upstream):
+    config = api_config(upstream, [{"rate_limit": {"limit": 2, "window": "1m", "key": ["ip"]}}])
+    config["routes"].append(route("behind", ["/behind/**"], "up", plugins=[
+        {"rate_limit": {"limit": 2, "window": "1m", "key": ["ip"], "trusted_proxies": ["127.0.0.1/32"]}}]))
+    gw = gateway(config)
+    with gw.connect() as conn:
+        # Untrusted peer: a new X-Forwarded-For each time does not make a new client.
+        assert [conn.request(raw_get("/api/x", f"X-Forwarded-For: 10.0.0.{i}")).status
+                for i in range(4)] == [200, 200, 429, 429]
+        # Behind a trusted proxy the address it names is the client, read from the right.
+        assert [conn.request(raw_get("/behind/x", "X-Forwarded-For: 1.1.1.1, 10.0.0.1")).status
+                for _ in range(3)] == [200, 200, 429]
+        assert conn.request(raw_get("/behind/x", "X-Forwarded-For: 1.1.1.1, 10.0.0.2")).status == 200
+        assert conn.request(raw_get("/behind/x", "X-Forwarded-For: 10.0.0.1")).status == 429

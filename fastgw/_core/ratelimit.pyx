@@ -194,6 +194,8 @@ cdef class Policy:
         self.window_ns = <uint64_t>(window * 1e9)
         self.burst = burst if burst > 0 else limit
         self.key_parts = key_parts
+        self.needs_identity = any(kind in ("consumer", "claim") for kind, _ in key_parts)
+        self.client_key = None
         self.headers = headers
         self.name = name
         self.prefix = prefix
