@@ -296,8 +296,8 @@ def test_attach_rejects_what_is_not_a_segment():
     with _copy(seg, extra=b"\0" * 4096) as f:
         with pytest.raises(ValueError, match="header says"):
             Segment.attach(f.fileno())
-    with _copy(seg, patch=(1, 2)) as f:                        # layout version
-        with pytest.raises(ValueError, match="layout version 2"):
+    with _copy(seg, patch=(1, 3)) as f:                        # layout version
+        with pytest.raises(ValueError, match="layout version 3"):
             Segment.attach(f.fileno())
     with _copy(seg, patch=(4, 1 << 20)) as f:                  # routes capacity beyond the size
         with pytest.raises(ValueError, match="inconsistent layout"):

@@ -158,6 +158,28 @@ cdef bytes _query_value(bytes query, bytes name):
     return b""
 
 
+cdef inline bint _is_client_address_field(bytes name):
+    """Forwarded (RFC 7239) and X-Real-IP: who the client is, believed only from a trusted proxy."""
+    return PyBytes_GET_SIZE(name) == 9 and (ascii_ieq(PyBytes_AS_STRING(name), 9, b"forwarded", 9) or
+                                            ascii_ieq(PyBytes_AS_STRING(name), 9, b"x-real-ip", 9))
+
+
+cdef bint _has_client_address_field(list headers):
+    for i in range(0, len(headers), 2):
+        if _is_client_address_field(<bytes>headers[i]):
+            return True
+    return False
+
+
+cdef list _without_client_address_fields(list headers):
+    cdef list kept = []
+    for i in range(0, len(headers), 2):
+        if not _is_client_address_field(<bytes>headers[i]):
+            kept.append(headers[i])
+            kept.append(headers[i + 1])
+    return kept
+
+
 cdef list _encode_fields(headers):
     """Plugin headers (str pairs) back to the wire list; a field that could smuggle a line
     break or is not a token is refused (ValueError)."""
@@ -727,7 +749,7 @@ cdef class ClientConnection(Downstream):
         cdef RouteEntry route = req.rule.route
         if route.plugins is not None and route.plugins.ratelimits and not req.limits_done:
             req.limits_done = True
-            if self._rate_limited(req):
+            if self._rate_limited(req, False):
                 return                            # refused, or waiting for Redis
         if route.plugins is not None and route.plugins.cache is not None and not req.cache_checked and \
                 (route.kind == ROUTE_PROXY or route.kind == ROUTE_HANDLER):
@@ -872,9 +894,14 @@ cdef class ClientConnection(Downstream):
 
     # --- rate limits (fastgw/_core/ratelimit.pyx) --------------------------------------------------
 
-    cdef bint _rate_limited(self, Request req):
+    cdef bint _rate_limited(self, Request req, bint before_plugins):
         """Decide the route's rate limits. True when the request was refused (answered 429), or
-        waits for Redis (limits with per-request cluster decisions; it goes on from there)."""
+        waits for Redis (limits with per-request cluster decisions; it goes on from there).
+
+        Before the access plugins: the limits whose key needs no identity, so that failed
+        authentication attempts count; and a limit keyed on the consumer refuses an address whose
+        failed attempts used up its allowance (looked at, not counted). After them: the limits
+        keyed on the consumer, and those decided in Redis."""
         cdef Policy policy
         cdef Decision d
         cdef long long limit
@@ -882,12 +909,21 @@ cdef class ClientConnection(Downstream):
         cdef list remote = None
         for p in req.rule.route.plugins.ratelimits:
             policy = <Policy>p
+            early = not policy.needs_identity and policy.remote is None
+            if before_plugins and policy.needs_identity:
+                if policy.remote is None and policy.algorithm != ALG_CONCURRENCY and policy.exhausted(
+                        self._limit_key(req, policy, True), policy.limit, policy.window_ns, &d):
+                    self._limit_decided(req, policy, policy.limit, policy.window_ns, &d)
+                    return True
+                continue
+            if early != before_plugins:
+                continue
             limit, window_ns = policy.limit, policy.window_ns
             if req.consumer is not None and policy.plans:
                 plan = policy.plans.get(req.consumer)
                 if plan is not None:
                     limit, window_ns = plan
-            key = self._limit_key(req, policy)
+            key = self._limit_key(req, policy, False)
             if policy.remote is not None:
                 if remote is None:
                     remote = []
@@ -901,6 +937,21 @@ cdef class ClientConnection(Downstream):
         req.remote_limits = remote
         self._await(req, _remote_decisions(remote), AWAIT_LIMITS)
         return True
+
+    cdef bint _refusal_limited(self, Request req, object resp):
+        """The access plugins refused the request (401, 403): the attempt is charged to the
+        limits keyed on the consumer as the client address's. True when that refused it (429)."""
+        cdef Policy policy
+        cdef Decision d
+        if resp.status != 401 and resp.status != 403 or not req.rule.route.plugins.ratelimits:
+            return False
+        for p in req.rule.route.plugins.ratelimits:
+            policy = <Policy>p
+            if policy.needs_identity and policy.remote is None and policy.algorithm != ALG_CONCURRENCY:
+                policy.decide(self._limit_key(req, policy, True), policy.limit, policy.window_ns, &d)
+                if self._limit_decided(req, policy, policy.limit, policy.window_ns, &d):
+                    return True
+        return False
 
     cdef void _remote_limits_decided(self, Request req, object results):
         cdef Decision d
@@ -941,14 +992,18 @@ cdef class ClientConnection(Downstream):
             req.limit_release.append(<size_t>d.entry)
         return False
 
-    cdef bytes _limit_key(self, Request req, Policy policy):
-        """The parts of the request the policy counts by, NUL-separated."""
+    cdef bytes _limit_key(self, Request req, Policy policy, bint anonymous):
+        """The parts of the request the policy counts by, NUL-separated. `anonymous`: as if no
+        consumer were identified (a refused attempt), the identity parts are the client address."""
         cdef list parts = []
         for kind, name in policy.key_parts:
             if kind == "consumer":
-                parts.append(req.consumer if req.consumer is not None else b"ip:" + self.client_ip)
+                parts.append(req.consumer if req.consumer is not None and not anonymous
+                             else b"ip:" + self._limit_client(req, policy))
             elif kind == "ip":
-                parts.append(self.client_ip)
+                parts.append(self._limit_client(req, policy))
+            elif kind == "claim" and anonymous:
+                parts.append(b"ip:" + self._limit_client(req, policy))
             elif kind == "route":
                 parts.append(req.rule.route.name.encode())
             elif kind == "service":
@@ -966,9 +1021,20 @@ cdef class ClientConnection(Downstream):
                 parts.append(b"" if value is None else str(value).encode())
         return b"\0".join(parts)
 
+    cdef bytes _limit_client(self, Request req, Policy policy):
+        """The client address as ip_filter reads it (fastgw/plugins/client_address.py): the
+        socket peer, or what a trusted proxy says. The gateway's own calls carry their client."""
+        if self.listener.internal:
+            return self.client_ip
+        if policy.client_key is None:
+            return self.peer_ip
+        return policy.client_key(self.peer_ip, self.client_ip, req.forwarded_for)
+
     # --- plugins (fastgw/plugins): only routes that have a chain come here -----------------------
 
     cdef void _run_plugins(self, Request req):
+        if req.rule.route.plugins.ratelimits and self._rate_limited(req, True):
+            return                                # refused before authentication
         natives = req.rule.route.plugins.native
         if natives is not None:
             self._run_native_checks(req, natives)
@@ -1008,7 +1074,8 @@ cdef class ClientConnection(Downstream):
             if type(result) is bytes:
                 req.consumer = result
                 continue
-            self._write_plugin_answer(req, result)
+            if not self._refusal_limited(req, result):
+                self._write_plugin_answer(req, result)
             return
         self._answer_route(req)
 
@@ -1046,7 +1113,8 @@ cdef class ClientConnection(Downstream):
         if view.consumer is not None:
             req.consumer = view.consumer.name.encode()
         if result is not None:
-            self._write_plugin_answer(req, result)
+            if not self._refusal_limited(req, result):
+                self._write_plugin_answer(req, result)
             return
         try:
             if view.headers.changed:
@@ -1319,6 +1387,10 @@ cdef class ClientConnection(Downstream):
         h.write(b" HTTP/1.1\r\nhost: ", 17)
         h.write_bytes(rule.route.host_rewrite if rule.route.host_rewrite is not None else req.host)
         h.write(b"\r\n", 2)
+        if _has_client_address_field(headers) and not (
+                rule.route.plugins is not None and rule.route.plugins.trusted is not None and
+                rule.route.plugins.trusted.trusts_peer(self.peer_ip)):
+            headers = _without_client_address_fields(headers)
         write_fields(h, headers, edits)
         h.write(b"x-forwarded-for: ", 17)
         if req.forwarded_for is not None:

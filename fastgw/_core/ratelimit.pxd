@@ -21,6 +21,8 @@ cdef class Policy:
     cdef readonly int on_store_error     # cluster, Redis away: 0 local, 1 allow, 2 deny
     cdef public bytes prefix             # makes this policy's keys its own
     cdef public dict plans               # consumer name (bytes) -> (limit, window_ns)
+    cdef readonly bint needs_identity    # keyed on consumer or claim: decided after authentication
+    cdef public object client_key        # (peer, PROXY address, X-Forwarded-For) -> the `ip` key; None: the peer
     cdef public object remote            # cluster, sync_interval 0: async (key, limit, window_ns) ->
                                          # (admitted, remaining, reset, retry_after), else None
 
@@ -30,6 +32,7 @@ cdef class Policy:
     cdef bytes lines_head                # ... and the fields made for them
 
     cdef int decide(self, bytes key, long long limit, uint64_t window_ns, Decision* d) except -1
+    cdef bint exhausted(self, bytes key, long long limit, uint64_t window_ns, Decision* d) except -1
     cdef bytes header_lines(self, str name, long long limit, uint64_t window_ns, Decision* d)
     cdef bytes _lines_head(self, str name, long long limit, uint64_t window_ns)
 

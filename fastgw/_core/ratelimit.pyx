@@ -2,32 +2,40 @@
 """Rate-limit decisions over the shared-memory table, exact across all workers of a host.
 
 The table is the segment's `ratelimit` region (fastgw/_core/shm.pyx): open addressing over entries
-of four words, [key hash, state, spare, idle after]. A key's entry is found or claimed (CAS of the
-hash word) within PROBE entries of its home slot. When all of those belong to other keys, an entry
-whose `idle after` time has passed is taken over: by then its state decides exactly as a new key's
-would (GCRA's theoretical arrival time is in the past, the window is over, nothing is in flight), so
-eviction never changes an active key's decisions. Each algorithm keeps its state in one word that
-changes only by CAS, so two workers deciding at once can never both take the last unit of quota.
+of eight words, [key hash, state, cluster marker, idle after, cluster name, 3 spare]. The key hash
+is SipHash-2-4 under the segment's secret key (drawn by the supervisor, the same in every worker,
+never sent anywhere), so a client cannot compute offline which keys land near each other. A key's
+entry is found or claimed (CAS of the hash word) within PROBE entries of its home slot. When all of
+those belong to other keys, an entry whose `idle after` time has passed is taken over: by then its
+state decides exactly as a new key's would (GCRA's theoretical arrival time is in the past, the
+window is over, nothing is in flight), so eviction never changes an active key's decisions. When
+all of them are active, the request is refused (fails closed): a key the table cannot hold is never
+unlimited. Each algorithm keeps its state in one word that changes only by CAS, so two workers
+deciding at once can never both take the last unit of quota.
 
-Without an active segment (`fastgw check`, in-process tests) a process-local table is used.
+Without an active segment (`fastgw check`, in-process tests) a process-local table is used, keyed
+with a secret of this process.
 """
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.stdint cimport UINT64_MAX
 from libc.stdlib cimport calloc
 from libc.string cimport memcpy
 
+import os
+
 from fastgw._core.buffer cimport hash64
 from fastgw._core.shm cimport (cluster_down, cluster_nodes, fg_add, fg_cas, fg_load, fg_store,
-                               monotonic_ns, ratelimit_table)
+                               monotonic_ns, ratelimit_key, ratelimit_table)
 from posix.time cimport CLOCK_REALTIME, clock_gettime, timespec
 
 cdef enum:
     PROBE = 16
-    WORDS = 4
+    WORDS = 8                    # shm.pyx RATELIMIT_WORDS
     W_KEY = 0
     W_STATE = 1
     W_CLUSTER = 2                # cluster entries: (window ms << 32) | (limit << 8) | 1
     W_IDLE_AFTER = 3
+    W_NAME = 4                   # cluster entries: the key's name in Redis, the same on every host
     LOCAL_ENTRIES = 4096
 
 ALG_GCRA, ALG_SLIDING, ALG_FIXED, ALG_CONCURRENCY = 0, 1, 2, 3
@@ -39,6 +47,9 @@ CLUSTER_MAX = (1 << 24) - 1      # cluster limits pack used and allowed counts i
 SLIDING_MAX = (1 << 24) - 1      # sliding_window packs two 24-bit counts into the state word
 
 cdef uint64_t* _local = NULL
+cdef uint64_t _local_key[2]
+_local_key[0] = int.from_bytes(os.urandom(8), "little")
+_local_key[1] = int.from_bytes(os.urandom(8), "little")
 
 
 cdef uint64_t* _table(Py_ssize_t* n) noexcept:
@@ -52,12 +63,70 @@ cdef uint64_t* _table(Py_ssize_t* n) noexcept:
     return _local
 
 
-cdef uint64_t* _entry(uint64_t h, uint64_t now) noexcept:
-    """The entry of key hash `h`, claimed if new; NULL when the probe window is all busy."""
+# --- SipHash-2-4 (Aumasson and Bernstein, "SipHash: a fast short-input PRF", 2012) --------------
+
+cdef inline uint64_t _rotl(uint64_t x, int b) noexcept:
+    return (x << b) | (x >> (64 - b))
+
+
+cdef inline void _sipround(uint64_t* v) noexcept:
+    v[0] += v[1]; v[1] = _rotl(v[1], 13); v[1] ^= v[0]; v[0] = _rotl(v[0], 32)
+    v[2] += v[3]; v[3] = _rotl(v[3], 16); v[3] ^= v[2]
+    v[0] += v[3]; v[3] = _rotl(v[3], 21); v[3] ^= v[0]
+    v[2] += v[1]; v[1] = _rotl(v[1], 17); v[1] ^= v[2]; v[2] = _rotl(v[2], 32)
+
+
+cdef uint64_t siphash24(uint64_t k0, uint64_t k1, const unsigned char* data, Py_ssize_t n) noexcept:
+    cdef uint64_t v[4]
+    cdef uint64_t m
+    cdef Py_ssize_t i, j, whole = n - n % 8
+    v[0] = k0 ^ 0x736f6d6570736575ULL
+    v[1] = k1 ^ 0x646f72616e646f6dULL
+    v[2] = k0 ^ 0x6c7967656e657261ULL
+    v[3] = k1 ^ 0x7465646279746573ULL
+    i = 0
+    while i <= n:                          # the words, then the last one: the rest and the length
+        m = 0
+        if i < whole:
+            for j in range(8):
+                m |= <uint64_t>data[i + j] << (8 * j)
+        else:
+            for j in range(n - whole):
+                m |= <uint64_t>data[i + j] << (8 * j)
+            m |= <uint64_t>(n & 0xff) << 56
+        v[3] ^= m
+        _sipround(v)
+        _sipround(v)
+        v[0] ^= m
+        i += 8
+    v[2] ^= 0xff
+    for j in range(4):
+        _sipround(v)
+    return v[0] ^ v[1] ^ v[2] ^ v[3]
+
+
+def _siphash24(bytes key, bytes data):
+    """Python entry point (the reference test vectors): SipHash-2-4 of `data` under a 16-byte key."""
+    return siphash24(int.from_bytes(key[:8], "little"), int.from_bytes(key[8:16], "little"),
+                     <const unsigned char*>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
+
+
+cdef inline uint64_t _place(bytes full) noexcept:
+    """Where the table keeps a key: SipHash under the active segment's key (or this process's)."""
+    cdef const uint64_t* k = ratelimit_key()
+    if k == NULL:
+        k = _local_key
+    return siphash24(k[0], k[1], <const unsigned char*>PyBytes_AS_STRING(full), PyBytes_GET_SIZE(full))
+
+
+cdef uint64_t* _entry(uint64_t h, uint64_t now, uint64_t* busy_until) noexcept:
+    """The entry of key hash `h`, claimed if new; NULL when the probe window is all busy (then
+    `busy_until` is when the first of its entries goes idle)."""
     cdef Py_ssize_t n, i
     cdef uint64_t* table = _table(&n)
     cdef uint64_t* e
-    cdef uint64_t k, expected
+    cdef uint64_t k, expected, idle
+    busy_until[0] = UINT64_MAX
     if table == NULL:
         return NULL
     if h == 0:
@@ -74,9 +143,30 @@ cdef uint64_t* _entry(uint64_t h, uint64_t now) noexcept:
     for i in range(PROBE):                     # take over one that decides like new by now
         e = table + ((h + <uint64_t>i) % <uint64_t>n) * WORDS
         k = fg_load(e + W_KEY)
-        if fg_load(e + W_IDLE_AFTER) <= now and fg_cas(e + W_KEY, &k, h):
+        idle = fg_load(e + W_IDLE_AFTER)
+        if idle <= now and fg_cas(e + W_KEY, &k, h):
             fg_store(e + W_STATE, 0)
+            fg_store(e + W_CLUSTER, 0)
+            fg_store(e + W_NAME, 0)
             fg_store(e + W_IDLE_AFTER, 0)
+            return e
+        if idle < busy_until[0]:
+            busy_until[0] = idle
+    return NULL
+
+
+cdef uint64_t* _existing(uint64_t h) noexcept:
+    """The entry of key hash `h` if the table has one (nothing is claimed)."""
+    cdef Py_ssize_t n, i
+    cdef uint64_t* table = _table(&n)
+    cdef uint64_t* e
+    if table == NULL:
+        return NULL
+    if h == 0:
+        h = 1
+    for i in range(PROBE):
+        e = table + ((h + <uint64_t>i) % <uint64_t>n) * WORDS
+        if fg_load(e + W_KEY) == h:
             return e
     return NULL
 
@@ -104,6 +194,8 @@ cdef class Policy:
         self.window_ns = <uint64_t>(window * 1e9)
         self.burst = burst if burst > 0 else limit
         self.key_parts = key_parts
+        self.needs_identity = any(kind in ("consumer", "claim") for kind, _ in key_parts)
+        self.client_key = None
         self.headers = headers
         self.name = name
         self.prefix = prefix
@@ -117,36 +209,44 @@ cdef class Policy:
         return d.admitted, d.remaining, d.reset, d.retry_after
 
     def key_hash(self, bytes key):
-        """The 64-bit hash a key is stored under (and named by in Redis)."""
+        """A key's name in Redis: a fixed 64-bit hash, the same on every host (the table places
+        keys by a keyed hash instead)."""
         cdef bytes full = self.prefix + key
         return hash64(PyBytes_AS_STRING(full), PyBytes_GET_SIZE(full))
 
     def done(self, bytes key):
         """Python entry point: end one request counted by a concurrency limit."""
-        cdef bytes full = self.prefix + key
-        cdef uint64_t* e = _entry(hash64(PyBytes_AS_STRING(full), PyBytes_GET_SIZE(full)), monotonic_ns())
+        cdef uint64_t busy_until
+        cdef uint64_t* e = _entry(_place(self.prefix + key), monotonic_ns(), &busy_until)
         if e != NULL:
             release(e)
 
     cdef int decide(self, bytes key, long long limit, uint64_t window_ns, Decision* d) except -1:
         cdef bytes full = self.prefix + key
-        cdef uint64_t now = monotonic_ns()
-        cdef uint64_t* e = _entry(hash64(PyBytes_AS_STRING(full), PyBytes_GET_SIZE(full)), now)
+        cdef uint64_t now = monotonic_ns(), busy_until
+        cdef uint64_t* e = _entry(_place(full), now, &busy_until)
         d.entry = e
-        if e == NULL:                          # every nearby entry busy with a live key: let it pass
-            d.admitted, d.remaining, d.reset, d.retry_after = True, limit, 0, 0
+        if e == NULL:                          # every nearby entry busy with a live key: refuse
+            d.admitted, d.remaining = False, 0
+            d.retry_after = d.reset = _seconds(busy_until - now) if busy_until != UINT64_MAX else 1.0
             return 0
-        if self.cluster:
-            _cluster_fixed(e, now, limit, window_ns, self.on_store_error, d)
-        elif self.algorithm == ALG_GCRA:
-            _gcra(e, now, limit, window_ns, self.burst if limit == self.limit else limit, d)
-        elif self.algorithm == ALG_FIXED:
-            _fixed(e, now, limit, window_ns, d)
-        elif self.algorithm == ALG_SLIDING:
-            _sliding(e, now, limit, window_ns, d)
-        else:
-            _concurrency(e, limit, d)
+        _decide_in(e, self, full, now, limit, window_ns, d)
         return 0
+
+    cdef bint exhausted(self, bytes key, long long limit, uint64_t window_ns, Decision* d) except -1:
+        """Would `key` be refused now? Decided on a copy of its entry, so nothing is counted; a
+        key the table does not hold is not exhausted."""
+        cdef bytes full = self.prefix + key
+        cdef uint64_t copy[WORDS]
+        cdef uint64_t* e = _existing(_place(full))
+        cdef int i
+        if e == NULL:
+            return False
+        for i in range(WORDS):
+            copy[i] = fg_load(e + i)
+        _decide_in(copy, self, full, monotonic_ns(), limit, window_ns, d)
+        d.entry = NULL
+        return not d.admitted
 
     cdef bytes header_lines(self, str name, long long limit, uint64_t window_ns, Decision* d):
         """The response's rate-limit fields for this decision. What does not change from one
@@ -188,6 +288,21 @@ cdef class Policy:
         self.lines_for_route, self.lines_for_limit, self.lines_for_window = name, limit, window_ns
         self.lines_head = head
         return head
+
+
+cdef void _decide_in(uint64_t* e, Policy policy, bytes full, uint64_t now, long long limit,
+                     uint64_t window_ns, Decision* d) noexcept:
+    if policy.cluster:
+        _cluster_fixed(e, now, limit, window_ns, policy.on_store_error,
+                       hash64(PyBytes_AS_STRING(full), PyBytes_GET_SIZE(full)), d)
+    elif policy.algorithm == ALG_GCRA:
+        _gcra(e, now, limit, window_ns, policy.burst if limit == policy.limit else limit, d)
+    elif policy.algorithm == ALG_FIXED:
+        _fixed(e, now, limit, window_ns, d)
+    elif policy.algorithm == ALG_SLIDING:
+        _sliding(e, now, limit, window_ns, d)
+    else:
+        _concurrency(e, limit, d)
 
 
 cdef inline int _print_int(char* out, long long value) noexcept:
@@ -333,7 +448,7 @@ cdef inline uint64_t _realtime_ns() noexcept:
 
 
 cdef void _cluster_fixed(uint64_t* e, uint64_t mono_now, long long limit, uint64_t window_ns,
-                         int on_store_error, Decision* d) noexcept:
+                         int on_store_error, uint64_t name, Decision* d) noexcept:
     cdef uint64_t now = _realtime_ns()
     cdef uint64_t number = now // window_ns
     cdef uint64_t index = number & 0xFFFF
@@ -345,6 +460,8 @@ cdef void _cluster_fixed(uint64_t* e, uint64_t mono_now, long long limit, uint64
         nodes = 1
     if fg_load(e + W_CLUSTER) != marker:
         fg_store(e + W_CLUSTER, marker)
+    if fg_load(e + W_NAME) != name:
+        fg_store(e + W_NAME, name)
     d.reset = _seconds(end - now)
     if cluster_down() and on_store_error != 0:
         d.admitted = on_store_error == 1           # allow / deny while the store is away
@@ -373,7 +490,7 @@ cdef void _cluster_fixed(uint64_t* e, uint64_t mono_now, long long limit, uint64
 def cluster_take():
     """For the syncer: every cluster entry of the current window, with what it admitted since the
     last look (zeroed here) and its reserve left:
-    [(entry index, key hash, window ms, limit, window number, admitted, reserve)]."""
+    [(entry index, key name, window ms, limit, window number, admitted, reserve)]."""
     cdef Py_ssize_t n, i
     cdef uint64_t* table = _table(&n)
     cdef uint64_t* e
@@ -382,8 +499,8 @@ def cluster_take():
     for i in range(n):
         e = table + i * WORDS
         marker = fg_load(e + W_CLUSTER)
-        h = fg_load(e + W_KEY)
-        if marker & 1 == 0 or h == 0 or marker >> 32 == 0:
+        h = fg_load(e + W_NAME)
+        if marker & 1 == 0 or h == 0 or fg_load(e + W_KEY) == 0 or marker >> 32 == 0:
             continue
         window_ns = (marker >> 32) * 1000000
         number = now // window_ns
@@ -399,8 +516,8 @@ def cluster_take():
 
 
 def cluster_grant(Py_ssize_t i, uint64_t h, uint64_t number, long long change):
-    """Add `change` (negative: give back) to an entry's reserve, if it still holds that key and
-    window; the reserve never goes below zero."""
+    """Add `change` (negative: give back) to an entry's reserve, if it still holds that key (by
+    name) and window; the reserve never goes below zero."""
     cdef Py_ssize_t n
     cdef uint64_t* table = _table(&n)
     cdef uint64_t* e
@@ -410,7 +527,7 @@ def cluster_grant(Py_ssize_t i, uint64_t h, uint64_t number, long long change):
         return
     e = table + i * WORDS
     old = fg_load(e + W_STATE)
-    while fg_load(e + W_KEY) == h and (old >> 48) == (number & 0xFFFF) and old != 0:
+    while fg_load(e + W_NAME) == h and (old >> 48) == (number & 0xFFFF) and old != 0:
         reserve = old & 0xFFFFFF
         updated = <long long>reserve + change
         if updated < 0:

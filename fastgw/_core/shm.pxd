@@ -39,6 +39,7 @@ cdef void target_end(int slot, double seconds, bint failed) noexcept
 cdef void target_release(int slot) noexcept
 cdef bint target_draining(int slot) noexcept
 cdef uint64_t* ratelimit_table(Py_ssize_t* entries) noexcept
+cdef const uint64_t* ratelimit_key() noexcept
 cdef uint64_t cluster_nodes() noexcept
 cdef bint cluster_down() noexcept
 cdef long long target_active(int slot) noexcept      # -1: not tracked

@@ -6,7 +6,7 @@ maps it from an inherited file descriptor. Layout, in 64-bit words, each section
 (the header records every capacity and section offset, offsets counted in words from the start):
 
   header      magic, layout version, size in bytes, capacities, section offsets, config_version,
-              created_unix_ns
+              created_unix_ns, the rate-limit table's hash key
   workers     [W] pid, started_unix_ns, heartbeat_mono_ns, config_version, generation, state,
                   requests (counted by that worker)
   listeners   [L] open connections (a gauge, may be changed by any worker), accepted, rejected
@@ -15,8 +15,8 @@ maps it from an inherited file descriptor. Layout, in 64-bit words, each section
   targets     [T] health words (healthy, draining, ejected_until_mono_ns, circuit,
                   consecutive_failures, ejections, active, ewma_ns, requests, failures), words kept
                   for the balancer, then the upstream duration histogram, sum ns, count
-  ratelimit   [K] entries of 4 words (key hash + 3 words of algorithm state), zeroed and reserved
-                  for the rate limiter (open addressing over the key hash)
+  ratelimit   [K] entries of 8 words (key hash + algorithm state), zeroed and reserved for the
+                  rate limiter (open addressing over the key hash, keyed with the header's secret)
 
 Slots are numbered by the supervisor (one writer of the name -> slot tables), so workers never
 allocate in shared memory. Pages never touched cost no memory, so capacities are generous.
@@ -40,7 +40,7 @@ cdef extern from "<time.h>" nogil:
 
 DEF_MAGIC = 0x4853574754534146          # b"FASTGWSH" little-endian
 cdef enum:
-    LAYOUT_VERSION = 1
+    LAYOUT_VERSION = 2
     HEADER_WORDS = 64
     # header word indices
     H_MAGIC = 0
@@ -62,6 +62,9 @@ cdef enum:
     H_CLUSTER_DOWN = 16                 # 1 while the cluster store (Redis) cannot be reached
     H_ANALYTICS = 17
     H_OFF_ANALYTICS = 18
+    H_RATELIMIT_KEY = 19                # 2 words: the SipHash key of the rate-limit table, drawn at
+                                        # creation, so every worker places keys alike and no client
+                                        # can compute where a key goes
 
     WORKER_WORDS = 8
     W_PID = 0
@@ -112,11 +115,10 @@ cdef enum:
     T_COUNT = 41
     TARGET_WORDS = 48
 
-    # Rate-limit table: reserved and zeroed here; the rate-limit issue defines the probing. The
-    # intent: open addressing over the key hash (0 = empty entry), words a/b/c the algorithm's
-    # state (e.g. GCRA theoretical arrival time, or a window start and two window counts), all
-    # updated with CAS so every worker enforces the same limit.
-    RATELIMIT_WORDS = 4                 # key hash, word a, word b, word c
+    # Rate-limit table: reserved and zeroed here; fastgw/_core/ratelimit.pyx defines the entry
+    # (open addressing over the keyed hash, 0 = empty entry, the algorithm's state updated with
+    # CAS so every worker enforces the same limit). 8 words: one cache line per entry.
+    RATELIMIT_WORDS = 8
 
     # Analytics (GET /analytics): per key (a route, service or consumer) the last 60 minutes in
     # one-minute buckets. An entry: its key hash, then per bucket the minute it holds (monotonic
@@ -555,6 +557,11 @@ cdef uint64_t* ratelimit_table(Py_ssize_t* entries) noexcept:
     return _ratelimit
 
 
+cdef const uint64_t* ratelimit_key() noexcept:
+    """The active segment's 128-bit rate-limit hash key (2 words), or NULL."""
+    return _base + H_RATELIMIT_KEY if _base != NULL else NULL
+
+
 cdef inline Py_ssize_t _aligned(Py_ssize_t words) noexcept:
     return (words + 7) & ~7                 # 8 words = 64 bytes
 
@@ -607,6 +614,8 @@ cdef class Segment:
         h[H_OFF_TARGETS], h[H_OFF_RATELIMIT] = off_targets, off_ratelimit
         h[H_ANALYTICS], h[H_OFF_ANALYTICS] = analytics_entries, off_analytics
         h[H_CREATED] = time.time_ns()
+        h[H_RATELIMIT_KEY] = int.from_bytes(os.urandom(8), "little")
+        h[H_RATELIMIT_KEY + 1] = int.from_bytes(os.urandom(8), "little")
         for slot in range(targets):
             seg._target(slot)[T_HEALTHY] = 1
         h[H_MAGIC] = DEF_MAGIC               # last: a half-written header never validates

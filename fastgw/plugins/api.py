@@ -16,11 +16,14 @@ A route without plugins (and no global ones) never creates any of these objects.
 """
 from __future__ import annotations
 
+import re
+import sys
 from typing import Any, ClassVar, Iterable, Iterator
 
 import msgspec
 
 PHASES = ("rewrite", "access", "response", "log")
+_FIELD_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")     # field-vchar, SP, HTAB; latin-1
 
 
 class Plugin:
@@ -77,11 +80,22 @@ def token_consumers(consumers: list) -> dict:
 
 def accept_token(req, fields: dict, forward: dict, consumers: dict) -> None:
     """A verified token's fields: `forward` copies some into request headers (JSON unless a
-    string), and the consumer its issuer and subject name becomes the request's."""
+    string), and the consumer its issuer and subject name becomes the request's.
+
+    A forwarded header is the token's word alone: the client's own field of that name is removed
+    whether or not the token has the claim. A value that is not a valid field value (RFC 9110
+    §5.5: no CR, LF, NUL or other controls; one byte per character) is left out, and logged."""
     for field, header in forward.items():
+        req.headers.remove(header)
         value = fields.get(field)
-        if value is not None:
-            req.headers.set(header, value if isinstance(value, str) else msgspec.json.encode(value).decode())
+        if value is None:
+            continue
+        text = value if isinstance(value, str) else msgspec.json.encode(value).decode()
+        if _FIELD_VALUE.fullmatch(text):
+            req.headers.set(header, text)
+        else:
+            print(f"fastgw: claim {field!r} of the token is not a header value; {header} not sent "
+                  f"(route {req.route}, request {req.request_id})", file=sys.stderr, flush=True)
     consumer = consumers.get((fields.get("iss"), fields.get("sub")))
     if consumer is not None:
         req.consumer = consumer

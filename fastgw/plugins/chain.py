@@ -10,17 +10,21 @@ import sys
 import traceback
 
 from fastgw.plugins.api import Plugin, Response
+from fastgw.plugins.client_address import TrustedProxies
 
 
 class Chain:
     __slots__ = ("plugins", "request_plugins", "response_plugins", "log_plugins", "native", "ratelimits",
-                 "cache", "credential_fields")
+                 "cache", "credential_fields", "trusted")
 
     def __init__(self, plugins: tuple) -> None:
         self.plugins = plugins
         # rate_limit and cache are the data plane's, once the request plugins let the request through.
         data_plane = [p for p in plugins if getattr(p, "data_plane", False)]
         self.ratelimits = tuple(p.policy for p in data_plane if hasattr(p, "policy"))
+        # Whose Forwarded / X-Real-IP go upstream: a peer some plugin of the route trusts as a proxy.
+        trusted = [p.trusted for p in plugins if getattr(p, "trusted", None) is not None and p.trusted.networks]
+        self.trusted = TrustedProxies([str(net) for t in trusted for net in t.networks]) if trusted else None
         self.cache = next((p.response_cache for p in data_plane if hasattr(p, "response_cache")), None)
         self.request_plugins = tuple(p for p in plugins if p.phase in ("rewrite", "access")
                                      and not getattr(p, "data_plane", False))

@@ -1,33 +1,14 @@
 """ip_filter: allow or deny by client address (IPv4 and IPv6 CIDR).
 
-The client address is the socket peer's. Only when the peer is one of `trusted_proxies` is a
-PROXY protocol address or the X-Forwarded-For chain believed: the chain is read from the right,
-past every trusted proxy, to the first address that is not one (what a spoofed left-most entry
-cannot fake).
+The client address follows fastgw/plugins/client_address.py: the socket peer's, unless the peer is
+one of `trusted_proxies` (then a PROXY protocol address or X-Forwarded-For is believed).
 """
 from __future__ import annotations
-
-import ipaddress
 
 import msgspec
 
 from fastgw.plugins.api import Plugin, Response
-
-DECISIONS_KEPT = 65536
-
-
-def _networks(cidrs: list[str]) -> tuple:
-    return tuple(ipaddress.ip_network(c, strict=False) for c in cidrs)
-
-
-def _address(text: str):
-    try:
-        address = ipaddress.ip_address(text.strip().strip("[]"))
-    except ValueError:
-        return None
-    if address.version == 6 and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
+from fastgw.plugins.client_address import DECISIONS_KEPT, TrustedProxies, check_cidrs, networks
 
 
 class IpFilter(Plugin):
@@ -41,32 +22,16 @@ class IpFilter(Plugin):
         trusted_proxies: list[str] = []
 
         def __post_init__(self):
-            for cidr in self.allow + self.deny + self.trusted_proxies:
-                try:
-                    ipaddress.ip_network(cidr, strict=False)
-                except ValueError:
-                    raise ValueError(f"{cidr!r} is not an IPv4 or IPv6 network (CIDR)") from None
+            check_cidrs(self.allow + self.deny + self.trusted_proxies)
 
     def __init__(self, config):
         super().__init__(config)
-        self.allow, self.deny = _networks(config.allow), _networks(config.deny)
-        self.trusted = _networks(config.trusted_proxies)
+        self.allow, self.deny = networks(config.allow), networks(config.deny)
+        self.trusted = TrustedProxies(config.trusted_proxies)
         self.decisions: dict[tuple, bool] = {}
 
-    def _trusted(self, address) -> bool:
-        return address is not None and any(address in net for net in self.trusted)
-
     def client_address(self, peer_ip: str, client_ip: str, forwarded_for: str | None):
-        address = _address(peer_ip)
-        if not self._trusted(address):
-            return address
-        if client_ip != peer_ip:                   # a PROXY header from a trusted balancer
-            address = _address(client_ip)
-        hops = [h for h in (forwarded_for or "").split(",") if h.strip()]
-        while hops and self._trusted(address):
-            address = _address(hops.pop())
-        return address
-
+        return self.trusted.client_address(peer_ip, client_ip, forwarded_for)
     def allowed_for(self, peer_ip: str, client_ip: str, forwarded_for: str | None) -> bool:
         address = self.client_address(peer_ip, client_ip, forwarded_for)
         return address is not None and not any(address in net for net in self.deny) and \

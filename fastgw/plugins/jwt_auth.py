@@ -9,13 +9,15 @@ JWKS endpoint fails, the keys fetched before are kept.
 Only the configured `algorithms` are accepted (never `none`), and a key is only used for the
 algorithm family it belongs to: an HS token cannot be checked against an RSA public key used as
 an HMAC secret (the classic algorithm confusion). `exp`, `nbf`, `iss` and `aud` are checked with
-`leeway`. A verified token is remembered (at most `cache_size`, until it expires), so a client
+`leeway`; `exp` and `nbf` must be JSON numbers (a fraction is fine, as RFC 7519 allows; a string or
+a boolean is refused). A verified token is remembered (at most `cache_size`, until it expires), so a client
 repeating it costs a dictionary lookup. `forward_claims` copies claims into request headers; a
 consumer whose `credentials.jwt` names the token's issuer and subject becomes the request's consumer.
 """
 from __future__ import annotations
 
 import asyncio
+import math
 import sys
 import time
 from collections import OrderedDict
@@ -32,6 +34,16 @@ from fastgw.plugins.fetch import FetchError, fetch
 HMAC = ("HS256", "HS384", "HS512")
 ASYMMETRIC = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
 CHALLENGE = {"www-authenticate": 'Bearer realm="fastgw"'}
+
+
+def _not_numeric_date(claims: dict) -> str | None:
+    """`exp` or `nbf` when it is not a JSON number (RFC 7519 §2 NumericDate: seconds, integer or
+    not). PyJWT reads them with int(), which takes "9999999999" and true as well."""
+    for name in ("exp", "nbf"):
+        value = claims.get(name)
+        if name in claims and (type(value) not in (int, float) or not math.isfinite(value)):
+            return name
+    return None
 
 
 def _family(alg: str) -> str:
@@ -162,6 +174,10 @@ class JwtAuth(Plugin):
                 continue
             except jwt.PyJWTError as exc:
                 failure = str(exc) or type(exc).__name__
+                break
+            wrong = _not_numeric_date(claims)
+            if wrong:
+                failure = f"{wrong} is not a NumericDate"
                 break
             self._remember(token, claims)
             return self._accept(req, claims)

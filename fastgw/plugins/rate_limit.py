@@ -1,9 +1,13 @@
 """rate_limit: limits decided in the data plane (fastgw/_core/ratelimit.pyx) over the shared-memory
 table, so a limit holds for the host as a whole, whatever the number of workers.
 
-Runs after authentication (priority 910), so `consumer` keys and per-consumer plans
-(`consumers[].rate_limit`) see the identified consumer. A request without a consumer is keyed by
-its client address instead. Every answer of a limited route carries `RateLimit-Policy` and
+A limit whose key needs no identity (`ip`, `header:`, `query:`, `route`, `service`, `profile`) is
+decided before the access plugins, so failed authentication attempts count. One keyed on
+`consumer` or `claim:` is decided after them (priority 910), so it and per-consumer plans
+(`consumers[].rate_limit`) see the identified consumer; a request the access plugins refuse (401 or
+403) is charged to its client address instead, and an address whose allowance is used up is
+refused before authentication runs. The client address follows fastgw/plugins/client_address.py
+with this limit's `trusted_proxies`. Every answer of a limited route carries `RateLimit-Policy` and
 `RateLimit` (IETF httpapi draft), or `X-RateLimit-*` with `headers: legacy`; a refused request gets
 429 `rate_limited` with `Retry-After`.
 """
@@ -17,6 +21,7 @@ import msgspec
 
 from fastgw.config.model import Duration
 from fastgw.plugins.api import Plugin
+from fastgw.plugins.client_address import TrustedProxies, check_cidrs
 
 _KEY = re.compile(r"^(consumer|ip|route|service|profile|(header|query|claim):[!#$%&'*+\-.^_`|~0-9A-Za-z]+)$")
 
@@ -38,8 +43,10 @@ class RateLimit(Plugin):
         scope: Literal["local", "cluster"] = "local"
         sync_interval: Duration = 0.1              # cluster: how often hosts settle their counts in Redis
         on_store_error: Literal["local", "allow", "deny"] = "local"
+        trusted_proxies: list[str] = []            # whose X-Forwarded-For / PROXY address is believed
 
         def __post_init__(self):
+            check_cidrs(self.trusted_proxies)
             if self.limit < 1:
                 raise ValueError("limit must be at least 1")
             if self.window <= 0:
@@ -75,6 +82,8 @@ class RateLimit(Plugin):
         self.policy = Policy(config.algorithm, config.limit, config.window, config.burst, key_parts=tuple(parts),
                              headers=headers, name=config.name, cluster=config.scope == "cluster",
                              on_store_error=config.on_store_error)
+        self.trusted = TrustedProxies(config.trusted_proxies) if config.trusted_proxies else None
+        self.policy.client_key = self.trusted.client_key if self.trusted is not None else None
         self.scope_to("")
 
     def scope_to(self, route: str) -> None:
