@@ -23,6 +23,19 @@ from fastgw.config.validate import semantic_problems
 DEFAULT_NAME = "<embedded default.yaml>"
 # libyaml's loader when PyYAML was built with it (10x faster on big route tables); same results.
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class _FlaggingLoader(_YAML_LOADER):
+    """Notes whether any mapping repeats a key (PyYAML keeps the last silently); the keys and
+    their lines are then found in the node tree, which is only composed when one does."""
+    has_duplicates = False
+
+    def construct_mapping(self, node, deep=False):
+        keys = [(k.tag, k.value) for k, _ in node.value if isinstance(k, yaml.ScalarNode) and k.tag != _MERGE_TAG]
+        if len(keys) != len(set(keys)):
+            self.has_duplicates = True
+        return super().construct_mapping(node, deep)
 
 
 @dataclass(frozen=True)
@@ -49,6 +62,8 @@ def load_text(text: str, name: str, fmt: str, path: str | None = None) -> Loaded
     """Load a config from its text; problems are reported against `name`."""
     src = _Source(name, text, fmt)
     document = src.parse()
+    if src.duplicates:
+        raise ConfigError(src.duplicates)
     config = _decode(_substitute_env(document, src), src)
     _resolve_files(config, os.path.dirname(os.path.abspath(path)) if path else None)
     problems = semantic_problems(config)
@@ -169,17 +184,28 @@ class _Source:
 
     def __init__(self, name: str, text: str, fmt: str):
         self.name, self.text, self.fmt = name, text, fmt
+        self.duplicates: list[ConfigProblem] = []   # filled by parse(); TOML refuses them itself
 
     def parse(self) -> dict:
         if not self.text.strip():
             raise self._error("the file is empty")
+        has_duplicates = False
         try:
             if self.fmt == "toml":
                 data = tomllib.loads(self.text)
             elif self.fmt == "json":
-                data = json.loads(self.text)
+                def pairs(items: list) -> dict:
+                    nonlocal has_duplicates
+                    has_duplicates |= len({k for k, _ in items}) != len(items)
+                    return dict(items)
+                data = json.loads(self.text, object_pairs_hook=pairs)
             else:
-                data = yaml.load(self.text, Loader=_YAML_LOADER)
+                loader = _FlaggingLoader(self.text)
+                try:
+                    data = loader.get_single_data()
+                    has_duplicates = loader.has_duplicates
+                finally:
+                    loader.dispose()
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
             problem = getattr(e, "problem", None) or str(e)
@@ -194,6 +220,10 @@ class _Source:
             raise self._error("the file is empty")
         if not isinstance(data, dict):
             raise self._error("the top level must be a mapping (listeners:, services:, routes:, ...)", 1)
+        if has_duplicates and self._tree is not None:
+            self.duplicates = [ConfigProblem(format_path(segments), f"duplicate key (first at line {first})",
+                                             self.name, line)
+                               for segments, line, first in _duplicate_keys(self._tree, [])]
         return data
 
     def _error(self, message: str, line: int | None = None) -> ConfigError:
@@ -222,6 +252,23 @@ class _Source:
             return yaml.compose(text, Loader=yaml.SafeLoader)
         except yaml.YAMLError:
             return None
+
+
+def _duplicate_keys(node: yaml.Node, segments: list) -> Iterator[tuple[list, int, int]]:
+    """(key path, line, line of the first occurrence) of every repeated key, in file order."""
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            yield from _duplicate_keys(item, [*segments, i])
+    elif isinstance(node, yaml.MappingNode):
+        first: dict = {}
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.tag != _MERGE_TAG:
+                line = key.start_mark.line + 1
+                if (key.tag, key.value) in first:
+                    yield [*segments, key.value], line, first[key.tag, key.value]
+                else:
+                    first[key.tag, key.value] = line
+            yield from _duplicate_keys(value, [*segments, key.value])
 
 
 def _node_line(node: yaml.Node, segments: list) -> int | None:
