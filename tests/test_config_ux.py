@@ -68,3 +68,50 @@ def test_yaml_merge_keys_are_not_duplicates(tmp_path):
             match: {paths: [/e]}
         """)
     assert (result.returncode, result.stdout) == (0, "gateway.yaml: ok\n"), result.stdout
+
+
+# --- every problem in one run --------------------------------------------------------------------
+
+def test_check_reports_environment_schema_and_references_in_one_run(tmp_path):
+    result = check(tmp_path, """\
+        listeners: [{name: public, bind: "${GW_TEST_UNSET_BIND}"}]
+        services:
+          echo: {kind: echo}
+          broken: {kind: echo, timeouts: {connect: fast}}
+        routes:
+          - name: a
+            match: {paths: [/a]}
+            service: broken
+          - name: b
+            mathc: {paths: [/b]}
+            service: echo
+          - name: c
+            match: {paths: [/c]}
+            service: nope
+        """)
+    assert result.returncode == 1
+    # No follow-on errors: not "'' is not host:port" for the unset variable, not "unknown
+    # service 'broken'" for route a (its service has its own error), nothing about route b.
+    assert result.stdout.splitlines() == [
+        "gateway.yaml:1: listeners[0].bind: environment variable GW_TEST_UNSET_BIND is not set "
+        "(write ${GW_TEST_UNSET_BIND:-default} to give a default)",
+        "gateway.yaml:4: services.broken.timeouts.connect: invalid duration 'fast': write it like 250ms, "
+        "5s, 2m or 1h",
+        "gateway.yaml:10: routes[1].mathc: unknown key 'mathc'; did you mean 'match'?",
+        "gateway.yaml:14: routes[2].service: unknown service 'nope' (defined: echo)",
+    ]
+
+
+def test_a_route_after_a_broken_one_keeps_its_index(tmp_path):
+    result = check(tmp_path, """\
+        listeners: [{name: public, bind: "127.0.0.1:8080"}]
+        services: {echo: {kind: echo}}
+        routes:
+          - {name: a, match: {paths: [/a]}, service: echo, priority: high}
+          - {name: b, match: {paths: [/b], methods: ["G T"]}, service: echo}
+        """)
+    assert result.returncode == 1
+    assert result.stdout.splitlines() == [
+        "gateway.yaml:4: routes[0].priority: expected int, got str",
+        "gateway.yaml:5: routes[1].match.methods[0]: 'G T' is not a valid HTTP method token",
+    ]

@@ -62,15 +62,21 @@ def load_text(text: str, name: str, fmt: str, path: str | None = None) -> Loaded
     """Load a config from its text; problems are reported against `name`."""
     src = _Source(name, text, fmt)
     document = src.parse()
-    if src.duplicates:
-        raise ConfigError(src.duplicates)
-    config = _decode(_substitute_env(document, src), src)
-    _resolve_files(config, os.path.dirname(os.path.abspath(path)) if path else None)
-    problems = semantic_problems(config)
-    # The compiler assumes references resolve, so it only sees configs that passed the checks.
-    if not any(p.severity == "error" for p in problems):
-        problems += _compile_problems(config)
-    problems = [src.pin(p) for p in problems]
+    data, missing = _substitute_env(document)
+    decoded = _decode(data)
+    config, problems = decoded.config, [*missing, *decoded.problems]
+    if config is not None:
+        _resolve_files(config, os.path.dirname(os.path.abspath(path)) if path else None)
+        later = semantic_problems(config)
+        # The compiler assumes references resolve, so it only sees configs that passed the checks.
+        if not any(p.severity == "error" for p in later):
+            later += _compile_problems(config)
+        if decoded.broken or src.duplicates:  # "unused", "shadowed": unknown while the file is unclear
+            later = [p for p in later if p.severity == "error"]
+        unusable = [p.path for p in missing] + decoded.broken
+        problems += [p for p in map(decoded.original, later) if not decoded.follows_from_broken(p, unusable)]
+    # Duplicate keys carry their own lines: the key path alone would find the first occurrence.
+    problems = src.duplicates + [src.pin(p) for p in problems]
     errors = [p for p in problems if p.severity == "error"]
     warnings = [p for p in problems if p.severity != "error"]
     if errors:
@@ -324,9 +330,10 @@ def pin_problems(problems: list[ConfigProblem], text: str, name: str, fmt: str) 
     return [src.pin(p) for p in problems]
 
 
-def _substitute_env(data: Any, src: _Source) -> Any:
+def _substitute_env(data: Any) -> tuple[Any, list[ConfigProblem]]:
     """Replace `${VAR}` / `${VAR:-default}` in string values (not keys), after parsing, so a
-    secret's text can never change the document's structure. `$${` is a literal `${`."""
+    secret's text can never change the document's structure. `$${` is a literal `${`. An unset
+    variable is a problem, and its value is left empty so the other checks can still run."""
     missing: list[ConfigProblem] = []
 
     def substitute(text: str, segments: list) -> str:
@@ -354,10 +361,7 @@ def _substitute_env(data: Any, src: _Source) -> Any:
             return [walk(v, [*segments, i]) for i, v in enumerate(value)]
         return value
 
-    result = walk(data, [])
-    if missing:
-        raise ConfigError([src.pin(p) for p in missing])
-    return result
+    return walk(data, []), missing
 
 
 # --- schema decoding -----------------------------------------------------------------------------
@@ -369,35 +373,78 @@ def _convert(data: Any) -> Config:
     return msgspec.convert(data, Config, dec_hook=dec_hook)
 
 
-def _decode(data: dict, src: _Source) -> Config:
+@dataclass
+class _Decoded:
+    """What could be decoded. A listener, service, route (or top-level key) with a schema error is
+    left out, so the later checks still run on the rest of the file."""
+    config: Config | None
+    problems: list[ConfigProblem]
+    broken: list[str]                     # key paths of the parts left out
+    kept: dict[str, list[int]]            # list key -> original index of each item kept
+    names: set[str]                       # names of the services, clients, ... left out
+
+    def original(self, problem: ConfigProblem) -> ConfigProblem:
+        """A problem found in the cut-down config, with list indices as in the file."""
+        segments = parse_path(problem.path)
+        if len(segments) < 2 or segments[0] not in self.kept or not isinstance(segments[1], int):
+            return problem
+        segments[1] = self.kept[segments[0]][segments[1]]
+        return ConfigProblem(format_path(segments), problem.message, severity=problem.severity)
+
+    def follows_from_broken(self, problem: ConfigProblem, unusable: list[str]) -> bool:
+        """A consequence of a problem already reported: at, under or above a part left out or a
+        value whose variable is unset, or about a name that was left out (`unknown service 'x'`)."""
+        path = problem.path
+        return (any(path == u or path.startswith((f"{u}.", f"{u}[")) or u.startswith((f"{path}.", f"{path}["))
+                    for u in unusable if path)
+                or any(repr(name) in problem.message for name in self.names))
+
+
+def _decode(data: dict) -> _Decoded:
     try:
-        return _convert(data)
+        return _Decoded(_convert(data), [], [], {}, set())
     except msgspec.ValidationError:
         pass
     # msgspec stops at its first error. Decoding each listener, service and route on its own
     # reports one error per item, so a file with several typos is fixed in one round.
-    problems = []
-    for piece, segments_fix in _pieces(data):
+    problems, failed = [], []
+    for location, piece, segments_fix in _pieces(data):
         try:
             _convert(piece)
         except msgspec.ValidationError as e:
             path, message = _explain(piece, str(e))
-            problems.append(src.pin(ConfigProblem(format_path(segments_fix(path)), message)))
-    raise ConfigError(problems)
+            problems.append(ConfigProblem(format_path(segments_fix(path)), message))
+            failed.append(location)
+    partial, kept = dict(data), {}
+    for location in failed:
+        if len(location) == 1:
+            partial.pop(location[0], None)
+        elif isinstance(location[1], str):
+            partial[location[0]] = {k: v for k, v in partial[location[0]].items() if k != location[1]}
+    for key in {loc[0] for loc in failed if len(loc) == 2 and isinstance(loc[1], int)}:
+        kept[key] = [i for i in range(len(data[key])) if [key, i] not in failed]
+        partial[key] = [data[key][i] for i in kept[key]]
+    try:
+        config = _convert(partial)
+    except msgspec.ValidationError:
+        config = None   # the pieces decode alone but not together: only their problems are known
+    names = {loc[1] for loc in failed if len(loc) == 2 and isinstance(loc[1], str)}
+    return _Decoded(config, problems, [format_path(loc) for loc in failed], kept, names)
 
 
-def _pieces(data: dict) -> Iterator[tuple[dict, Callable[[list], list]]]:
-    """(document fragment, function mapping the fragment's key path back to the whole file's)."""
+def _pieces(data: dict) -> Iterator[tuple[list, dict, Callable[[list], list]]]:
+    """(where in the file, document fragment, function mapping the fragment's key path back to
+    the whole file's)."""
     fields = {f.encode_name: f.type for f in msgspec.inspect.type_info(Config).fields}
     for key, value in data.items():
         if isinstance(fields.get(key), msgspec.inspect.ListType) and isinstance(value, list):
             for i, item in enumerate(value):
-                yield {key: [item]}, lambda p, i=i: [p[0], i, *p[2:]]
+                yield [key, i], {key: [item]}, lambda p, i=i: [p[0], i, *p[2:]]
         elif isinstance(fields.get(key), msgspec.inspect.DictType) and isinstance(value, dict):
             for name, item in value.items():
-                yield {key: {name: item}}, lambda p: p
+                yield [key, name], {key: {name: item}}, lambda p: p
         else:
-            yield {key: value}, lambda p: p
+            yield [key], {key: value}, lambda p: p
 
 
 def _explain(piece: dict, error: str) -> tuple[list, str]:
