@@ -115,3 +115,46 @@ def test_a_route_after_a_broken_one_keeps_its_index(tmp_path):
         "gateway.yaml:4: routes[0].priority: expected int, got str",
         "gateway.yaml:5: routes[1].match.methods[0]: 'G T' is not a valid HTTP method token",
     ]
+
+
+# --- plugin config errors ------------------------------------------------------------------------
+
+def test_plugin_config_errors_name_the_key_its_line_and_the_choices(tmp_path):
+    result = check(tmp_path, """\
+        listeners: [{name: public, bind: "127.0.0.1:8080"}]
+        services: {echo: {kind: echo}}
+        plugins:
+          - request_id:
+              zzz: 1
+        routes:
+          - {name: a, match: {paths: [/a]}, service: echo}
+          - {name: b, match: {paths: [/b]}, service: echo}
+          - name: c
+            match: {paths: [/c]}
+            service: echo
+            plugins:
+              - key_auth:
+                  hide_credentials: true
+                  headr: x-key
+              - rate_limit:
+                  limit: lots
+        """)
+    assert result.returncode == 1
+    assert result.stdout.splitlines() == [
+        "gateway.yaml:5: plugins[0].request_id.zzz: unknown key 'zzz'; allowed keys: header, echo_downstream",
+        "gateway.yaml:15: routes[2].plugins[0].key_auth.headr: unknown key 'headr'; did you mean 'header'?",
+        "gateway.yaml:17: routes[2].plugins[1].rate_limit.limit: expected int, got str",
+    ]
+
+
+def test_yaml_syntax_errors_give_line_and_column_and_name_a_tab(tmp_path):
+    tab = check(tmp_path, 'listeners: [{name: public, bind: "127.0.0.1:8080"}]\nservices:\n  echo: {kind: echo}\n'
+                          '  \tspare: {kind: echo}\n')
+    assert tab.returncode == 1
+    assert tab.stdout.splitlines() == [
+        "gateway.yaml:4:3: YAML syntax error: found character that cannot start any token: "
+        "a tab (YAML indents with spaces only)"]
+    unclosed = check(tmp_path, 'listeners: [{name: public, bind: "127.0.0.1:8080"}\nservices: {}\n')
+    assert unclosed.stdout.splitlines() == [
+        "gateway.yaml:2:1: YAML syntax error: did not find expected ',' or ']' "
+        "(while parsing a flow sequence that starts at line 1)"]

@@ -67,14 +67,17 @@ def load_text(text: str, name: str, fmt: str, path: str | None = None) -> Loaded
     config, problems = decoded.config, [*missing, *decoded.problems]
     if config is not None:
         _resolve_files(config, os.path.dirname(os.path.abspath(path)) if path else None)
+        plugin_problems, broken_plugins = _plugin_config_problems(config)
         later = semantic_problems(config)
         # The compiler assumes references resolve, so it only sees configs that passed the checks.
         if not any(p.severity == "error" for p in later):
             later += _compile_problems(config)
         if decoded.broken or src.duplicates:  # "unused", "shadowed": unknown while the file is unclear
             later = [p for p in later if p.severity == "error"]
-        unusable = [p.path for p in missing] + decoded.broken
-        problems += [p for p in map(decoded.original, later) if not decoded.follows_from_broken(p, unusable)]
+        later, plugin_problems = ([ConfigProblem(decoded.original(p.path), p.message, severity=p.severity)
+                                   for p in found] for found in (later, plugin_problems))
+        unusable = [p.path for p in missing] + decoded.broken + list(map(decoded.original, broken_plugins))
+        problems += plugin_problems + [p for p in later if not decoded.follows_from_broken(p, unusable)]
     # Duplicate keys carry their own lines: the key path alone would find the first occurrence.
     problems = src.duplicates + [src.pin(p) for p in problems]
     errors = [p for p in problems if p.severity == "error"]
@@ -213,9 +216,7 @@ class _Source:
                 finally:
                     loader.dispose()
         except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
-            problem = getattr(e, "problem", None) or str(e)
-            raise self._error(f"YAML syntax error: {problem}", mark.line + 1 if mark else None) from None
+            raise self._yaml_error(e) from None
         except tomllib.TOMLDecodeError as e:
             m = re.search(r"\(at line (\d+), column \d+\)", str(e))
             message = re.sub(r"\s*\(at line.*\)$", "", str(e))
@@ -234,6 +235,22 @@ class _Source:
 
     def _error(self, message: str, line: int | None = None) -> ConfigError:
         return ConfigError([ConfigProblem("", message, file=self.name, line=line)])
+
+    def _yaml_error(self, error: yaml.YAMLError) -> ConfigError:
+        """`file:line:column: YAML syntax error: ...`, saying so when a tab is the cause: YAML
+        forbids tabs in indentation, and editors make them hard to see."""
+        mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+        message = f"YAML syntax error: {getattr(error, 'problem', None) or error}"
+        context, context_mark = getattr(error, "context", None), getattr(error, "context_mark", None)
+        if context and context_mark is not None and mark is not None and context_mark.line != mark.line:
+            message += f" ({context} that starts at line {context_mark.line + 1})"
+        if mark is None:
+            return ConfigError([ConfigProblem("", message, file=self.name)])
+        text = self.text.splitlines()[mark.line] if mark.line < len(self.text.splitlines()) else ""
+        indent = text[:len(text) - len(text.lstrip(" \t"))]
+        if text[mark.column:mark.column + 1] == "\t" or "\t" in indent[:mark.column + 1]:
+            message += ": a tab (YAML indents with spaces only)"
+        return ConfigError([ConfigProblem("", message, file=self.name, line=mark.line + 1, column=mark.column + 1)])
 
     def pin(self, problem: ConfigProblem) -> ConfigProblem:
         """The problem with this file's name and the line of its key path."""
@@ -369,8 +386,8 @@ def _substitute_env(data: Any) -> tuple[Any, list[ConfigProblem]]:
 _AT = re.compile(r"^(?P<message>.*?) - at (?:`key` in )?`(?P<path>[^`]*)`$", re.S)
 
 
-def _convert(data: Any) -> Config:
-    return msgspec.convert(data, Config, dec_hook=dec_hook)
+def _convert(data: Any, root: type = Config) -> Any:
+    return msgspec.convert(data, root, dec_hook=dec_hook)
 
 
 @dataclass
@@ -383,13 +400,13 @@ class _Decoded:
     kept: dict[str, list[int]]            # list key -> original index of each item kept
     names: set[str]                       # names of the services, clients, ... left out
 
-    def original(self, problem: ConfigProblem) -> ConfigProblem:
-        """A problem found in the cut-down config, with list indices as in the file."""
-        segments = parse_path(problem.path)
+    def original(self, path: str) -> str:
+        """A key path in the cut-down config, with list indices as in the file."""
+        segments = parse_path(path)
         if len(segments) < 2 or segments[0] not in self.kept or not isinstance(segments[1], int):
-            return problem
+            return path
         segments[1] = self.kept[segments[0]][segments[1]]
-        return ConfigProblem(format_path(segments), problem.message, severity=problem.severity)
+        return format_path(segments)
 
     def follows_from_broken(self, problem: ConfigProblem, unusable: list[str]) -> bool:
         """A consequence of a problem already reported: at, under or above a part left out or a
@@ -432,6 +449,36 @@ def _decode(data: dict) -> _Decoded:
     return _Decoded(config, problems, [format_path(loc) for loc in failed], kept, names)
 
 
+def _plugin_config_problems(config: Config) -> tuple[list[ConfigProblem], list[str]]:
+    """Each plugin entry's settings decoded against the plugin's own config struct, explained like
+    the core keys; and the paths of the entries that failed. Entries whose plugin cannot be found
+    are left to the plugin registry's checks, which say why."""
+    from fastgw.plugins.registry import PythonPluginConfig, load_class, plugin_class
+
+    problems, failed = [], []
+    lists = [(["plugins"], config.plugins)] + [(["routes", i, "plugins"], r.plugins) for i, r in enumerate(config.routes)]
+    for where, entries in lists:
+        for j, entry in enumerate(entries):
+            if not isinstance(entry, dict) or len(entry) != 1:
+                continue
+            (name, settings), = entry.items()
+            prefix, root = [*where, j, name], PythonPluginConfig
+            try:
+                if name == "python":
+                    spec = _convert(settings or {}, PythonPluginConfig)
+                    prefix, settings, root = [*prefix, "config"], spec.config, load_class(spec.module).Config
+                else:
+                    root = plugin_class(name).Config
+                _convert(settings or {}, root)
+            except msgspec.ValidationError as e:
+                segments, message = _explain(settings or {}, str(e), root)
+                problems.append(ConfigProblem(format_path([*prefix, *segments]), message))
+                failed.append(format_path([*where, j, name]))
+            except ValueError:  # after ValidationError, its subclass
+                continue
+    return problems, failed
+
+
 def _pieces(data: dict) -> Iterator[tuple[list, dict, Callable[[list], list]]]:
     """(where in the file, document fragment, function mapping the fragment's key path back to
     the whole file's)."""
@@ -447,20 +494,21 @@ def _pieces(data: dict) -> Iterator[tuple[list, dict, Callable[[list], list]]]:
             yield [key], {key: value}, lambda p: p
 
 
-def _explain(piece: dict, error: str) -> tuple[list, str]:
-    """msgspec's `Expected `int`, got `str` - at `$.a[0].b`` -> (key path, readable message)."""
+def _explain(piece: Any, error: str, root: type = Config) -> tuple[list, str]:
+    """msgspec's `Expected `int`, got `str` - at `$.a[0].b`` -> (key path, readable message);
+    `piece` is what was decoded as a `root` (the Config, or a plugin's config)."""
     m = _AT.match(error)
     # msgspec leaves out " - at `$`" for errors at the top level, like an unknown top-level key.
     message, path = (m["message"], m["path"]) if m else (error, "$")
-    segments = _resolve_dict_keys(piece, parse_path(path), error)
+    segments = _resolve_dict_keys(piece, parse_path(path), error, root)
     if unknown := re.match(r"Object contains unknown field `(.*)`$", message):
         field = unknown[1]
-        message = f"unknown key {field!r}{_suggest(field, _type_at(segments))}"
+        message = f"unknown key {field!r}{_suggest(field, _type_at(segments, root))}"
         segments = [*segments, field]
     elif missing := re.match(r"Object missing required field `(.*)`$", message):
         message = f"missing required key {missing[1]!r}"
     elif enum := re.match(r"Invalid enum value (.*)$", message):
-        choices = _literal_values(_type_at(segments))
+        choices = _literal_values(_type_at(segments, root))
         message = f"invalid value {enum[1]}" + (f"; expected one of: {choices}" if choices else "")
     elif "`key` in" in error:
         message = "keys here must be strings: " + message.replace("`", "")
@@ -470,7 +518,7 @@ def _explain(piece: dict, error: str) -> tuple[list, str]:
     return segments, message
 
 
-def _resolve_dict_keys(piece: dict, segments: list, error: str) -> list:
+def _resolve_dict_keys(piece: Any, segments: list, error: str, root: type) -> list:
     """msgspec names a failing dict entry `[...]`. Find it by decoding the fragment with that dict
     cut down to one entry at a time: the entry that reproduces the same error is the culprit."""
     segments = list(segments)
@@ -481,7 +529,7 @@ def _resolve_dict_keys(piece: dict, segments: list, error: str) -> list:
         for key in container if isinstance(container, dict) else ():
             trial = _replace(piece, segments[:i], {key: container[key]})
             try:
-                _convert(trial)
+                _convert(trial, root)
             except msgspec.ValidationError as e:
                 if str(e) == error:
                     segments[i], piece = key, trial
@@ -507,9 +555,9 @@ def _replace(data: Any, segments: list, new: Any) -> Any:
     return copy
 
 
-def _type_at(segments: list) -> Any:
-    """The msgspec.inspect type at a key path of Config (None if the path leaves the schema)."""
-    t: Any = msgspec.inspect.type_info(Config)
+def _type_at(segments: list, root: type) -> Any:
+    """The msgspec.inspect type at a key path of `root` (None if the path leaves the schema)."""
+    t: Any = msgspec.inspect.type_info(root)
     for seg in segments:
         if isinstance(t, msgspec.inspect.UnionType):  # Optional[Struct]: follow the struct
             t = next((x for x in t.types if isinstance(x, msgspec.inspect.StructType)), None)
