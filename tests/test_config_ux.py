@@ -158,3 +158,62 @@ def test_yaml_syntax_errors_give_line_and_column_and_name_a_tab(tmp_path):
     assert unclosed.stdout.splitlines() == [
         "gateway.yaml:2:1: YAML syntax error: did not find expected ',' or ']' "
         "(while parsing a flow sequence that starts at line 1)"]
+
+
+# --- the command line ----------------------------------------------------------------------------
+
+VALID = """\
+    listeners: [{name: public, bind: "127.0.0.1:8080"}]
+    services: {echo: {kind: echo}}
+    routes:
+      - {name: echo, match: {paths: ["/echo/**"]}, service: echo}
+    """
+
+
+def test_reload_reads_only_the_admin_address_and_token_from_the_file(gateway, upstream, tmp_path):
+    from upstreams import HOST, free_port, proxy_config
+
+    config = proxy_config(upstream.port)
+    config["services"]["up"]["targets"][0]["address"] = "${GW_TEST_BACKEND}"
+    config["admin"] = {"bind": f"{HOST}:{free_port()}", "token": "${GW_TEST_ADMIN_TOKEN}"}
+    gw = gateway(config, env={"GW_TEST_BACKEND": f"{HOST}:{upstream.port}", "GW_TEST_ADMIN_TOKEN": "tok-1"})
+    gw.admin_token = "tok-1"
+    caller = {k: v for k, v in os.environ.items() if k not in ("GW_TEST_BACKEND", "FASTGW_ADMIN_TOKEN")}
+    result = subprocess.run([sys.executable, "-m", "fastgw", "reload", "-c", str(gw.config_path)], cwd=tmp_path,
+                            env={**caller, "PYTHONPATH": str(REPO), "GW_TEST_ADMIN_TOKEN": "tok-1"},
+                            capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "reloaded: config version 2\n", "")
+    assert gw.admin("GET", "/status").json()["config_version"] == 2
+    # The token's own variable is needed, and its absence is said like any unset variable.
+    result = subprocess.run([sys.executable, "-m", "fastgw", "reload", "-c", str(gw.config_path)], cwd=tmp_path,
+                            env={**caller, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=60)
+    token_line = gw.config_path.read_text().splitlines().index("  token: ${GW_TEST_ADMIN_TOKEN}") + 1
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"{gw.config_path}:{token_line}: admin.token: environment variable GW_TEST_ADMIN_TOKEN is not set "
+        "(write ${GW_TEST_ADMIN_TOKEN:-default} to give a default)"]
+
+
+def test_version_flag(tmp_path):
+    flag, command = fastgw("--version", cwd=tmp_path), fastgw("version", cwd=tmp_path)
+    assert (flag.returncode, flag.stderr) == (0, "")
+    assert flag.stdout == command.stdout and flag.stdout.startswith("fastgw ")
+
+
+def test_check_defaults_to_fastgw_config(tmp_path):
+    (tmp_path / "from-env.yaml").write_text(textwrap.dedent(VALID))
+    result = fastgw("check", cwd=tmp_path, env={"FASTGW_CONFIG": "from-env.yaml"})
+    assert (result.returncode, result.stdout) == (0, "from-env.yaml: ok\n")
+
+
+def test_check_reads_standard_input(tmp_path):
+    good = fastgw("check", "-c", "-", cwd=tmp_path, stdin=textwrap.dedent(VALID))
+    assert (good.returncode, good.stdout) == (0, "<stdin>: ok\n")
+    bad = fastgw("check", "-c", "-", cwd=tmp_path, stdin=textwrap.dedent(VALID).replace("service: echo", "service: nope"))
+    assert bad.returncode == 1
+    assert bad.stdout.splitlines() == ["<stdin>:4: routes[0].service: unknown service 'nope' (defined: echo)",
+                                       "<stdin>:2: services.echo: warning: service 'echo' is not used by any route"]
+    as_json = fastgw("check", "-c", "-", cwd=tmp_path, stdin='{"listeners": [{"name": "p", "bind": "127.0.0.1:1"}],\n'
+                                                               '\t"services": {"echo": {"kind": "echo"}}}\n')
+    assert as_json.stdout.splitlines() == ["<stdin>:2: services.echo: warning: service 'echo' is not used by any route",
+                                           "<stdin>: ok"]

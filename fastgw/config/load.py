@@ -17,7 +17,7 @@ import msgspec
 import yaml
 
 from fastgw.config.errors import CompileError, ConfigError, ConfigProblem
-from fastgw.config.model import Config, dec_hook
+from fastgw.config.model import Admin, Config, dec_hook
 from fastgw.config.validate import semantic_problems
 
 DEFAULT_NAME = "<embedded default.yaml>"
@@ -85,6 +85,23 @@ def load_text(text: str, name: str, fmt: str, path: str | None = None) -> Loaded
     if errors:
         raise ConfigError(errors + warnings)
     return LoadedConfig(config, path, src.text, warnings, document, fmt)
+
+
+def read_admin_access(path: str) -> Admin:
+    """The `admin:` section of a config file, for `fastgw reload`, which needs only its address
+    and token: just those two values are taken from the environment, so the caller does not need
+    every `${VAR}` that the rest of the file uses."""
+    src = _Source(path, _read(path), _format_of(path))
+    admin = src.parse().get("admin")
+    wanted = {key: admin[key] for key in ("bind", "token") if key in admin} if isinstance(admin, dict) else {}
+    values, missing = _substitute_env({"admin": wanted})
+    if missing:
+        raise ConfigError([src.pin(p) for p in missing])
+    try:
+        return _convert(values["admin"], Admin)
+    except msgspec.ValidationError as e:
+        segments, message = _explain(values["admin"], str(e), Admin)
+        raise ConfigError([src.pin(ConfigProblem(format_path(["admin", *segments]), message))]) from None
 
 
 # File names in plugin configs, by plugin: resolved like the TLS ones.
