@@ -20,6 +20,8 @@ from fastgw.config.errors import ConfigError, ConfigProblem
 from fastgw.config.load import LoadedConfig, load_config, load_text, read_admin_access
 from fastgw.config.model import Config, schema_hook
 
+STDIN_NAME = "<stdin>"                        # how messages name a config read from `-c -`
+
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
@@ -171,9 +173,6 @@ def _check(args: argparse.Namespace) -> int:
         if not errors:
             print(f"{name}: ok")
     return 1 if errors else 0
-
-
-STDIN_NAME = "<stdin>"
 
 
 def _load_for_check(path: str) -> LoadedConfig:
