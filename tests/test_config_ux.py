@@ -217,3 +217,25 @@ def test_check_reads_standard_input(tmp_path):
                                                                '\t"services": {"echo": {"kind": "echo"}}}\n')
     assert as_json.stdout.splitlines() == ["<stdin>:2: services.echo: warning: service 'echo' is not used by any route",
                                            "<stdin>: ok"]
+
+
+def test_python_plugin_config_errors_are_explained_against_its_class(tmp_path):
+    result = check(tmp_path, """\
+        listeners: [{name: public, bind: "127.0.0.1:8080"}]
+        services: {echo: {kind: echo}}
+        routes:
+          - name: a
+            match: {paths: [/a]}
+            service: echo
+            plugins:
+              - python:
+                  module: "tests.plugins_for_tests:Mark"
+                  config: {label: x, priorty: 1}
+              - python: {modul: "tests.plugins_for_tests:Mark"}
+        """)
+    assert result.returncode == 1
+    assert result.stdout.splitlines() == [
+        "gateway.yaml:10: routes[0].plugins[0].python.config.priorty: unknown key 'priorty'; "
+        "did you mean 'priority'?",
+        "gateway.yaml:11: routes[0].plugins[1].python.modul: unknown key 'modul'; did you mean 'module'?",
+    ]

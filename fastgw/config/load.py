@@ -428,9 +428,10 @@ class _Decoded:
     def follows_from_broken(self, problem: ConfigProblem, unusable: list[str]) -> bool:
         """A consequence of a problem already reported: at, under or above a part left out or a
         value whose variable is unset, or about a name that was left out (`unknown service 'x'`)."""
+        def related(path: str, other: str) -> bool:
+            return path == other or path.startswith((f"{other}.", f"{other}["))
         path = problem.path
-        return (any(path == u or path.startswith((f"{u}.", f"{u}[")) or u.startswith((f"{path}.", f"{path}["))
-                    for u in unusable if path)
+        return (bool(path) and any(related(path, u) or related(u, path) for u in unusable)
                 or any(repr(name) in problem.message for name in self.names))
 
 
@@ -479,10 +480,12 @@ def _plugin_config_problems(config: Config) -> tuple[list[ConfigProblem], list[s
             if not isinstance(entry, dict) or len(entry) != 1:
                 continue
             (name, settings), = entry.items()
-            prefix, root = [*where, j, name], PythonPluginConfig
+            prefix = [*where, j, name]
+            # `python` names its class in the entry: its own keys are checked first, then `config:`.
+            root = PythonPluginConfig if name == "python" else None
             try:
-                if name == "python":
-                    spec = _convert(settings or {}, PythonPluginConfig)
+                if root is PythonPluginConfig:
+                    spec = _convert(settings or {}, root)
                     prefix, settings, root = [*prefix, "config"], spec.config, load_class(spec.module).Config
                 else:
                     root = plugin_class(name).Config
