@@ -17,8 +17,10 @@ from importlib.machinery import EXTENSION_SUFFIXES
 import msgspec
 
 from fastgw.config.errors import ConfigError, ConfigProblem
-from fastgw.config.load import LoadedConfig, load_config
+from fastgw.config.load import LoadedConfig, load_config, load_text, read_admin_access
 from fastgw.config.model import Config, schema_hook
+
+STDIN_NAME = "<stdin>"                        # how messages name a config read from `-c -`
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastgw", description="API gateway and load balancer")
+    parser.add_argument("--version", action=_VersionAction, help="print versions (as `fastgw version`)")
     sub = parser.add_subparsers(metavar="COMMAND", required=True)
 
     run = sub.add_parser("run", help="start the gateway (the embedded default config without -c)")
@@ -36,9 +39,10 @@ def _parser() -> argparse.ArgumentParser:
     run.set_defaults(command=_run)
 
     check = sub.add_parser("check", help="validate a config file")
-    check.add_argument("-c", "--config", required=True)
+    check.add_argument("-c", "--config", default=os.environ.get("FASTGW_CONFIG") or None,
+                       help="config file, - for standard input (default: $FASTGW_CONFIG)")
     check.add_argument("--json", action="store_true", help="machine-readable result")
-    check.set_defaults(command=_check)
+    check.set_defaults(command=_check, usage_error=check.error)
 
     routes = sub.add_parser("routes", help="print the compiled route table")
     routes.add_argument("-c", "--config", required=True)
@@ -46,9 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     routes.set_defaults(command=_routes)
 
     reload = sub.add_parser("reload", help="make the running gateway re-read its config file")
-    reload.add_argument("-c", "--config", help="find the admin address in this config file")
+    reload.add_argument("-c", "--config", help="take the admin address and token from this config file")
     reload.add_argument("--admin", metavar="URL", help="admin API URL (default http://127.0.0.1:9901)")
-    reload.add_argument("--token", help="admin token (default: $FASTGW_ADMIN_TOKEN)")
+    reload.add_argument("--token", help="admin token (default: the file's admin.token, else $FASTGW_ADMIN_TOKEN)")
     reload.add_argument("--timeout", type=float, default=60.0)
     reload.set_defaults(command=_reload)
 
@@ -60,6 +64,16 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("schema", help="print the config JSON Schema").set_defaults(command=_schema)
     sub.add_parser("version", help="print versions").set_defaults(command=_version)
     return parser
+
+
+class _VersionAction(argparse.Action):
+    """`fastgw --version`: the same line as `fastgw version`."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.exit(_version(namespace))
 
 
 def _hash(args: argparse.Namespace) -> int:
@@ -108,20 +122,20 @@ def _reload(args: argparse.Namespace) -> int:
     import urllib.error
     import urllib.request
 
-    url = args.admin
+    url, admin = args.admin, None
+    if args.config:
+        try:
+            admin = read_admin_access(args.config)
+        except ConfigError as e:
+            for problem in e.problems:
+                print(problem, file=sys.stderr)
+            return 1
     if url is None:
-        bind = "127.0.0.1:9901"
-        if args.config:
-            loaded = _load_or_report(args.config)
-            if loaded is None:
-                return 1
-            if loaded.config.admin is not None:
-                bind = loaded.config.admin.bind
-        host, _, port = bind.rpartition(":")
+        host, _, port = (admin.bind if admin else "127.0.0.1:9901").rpartition(":")
         host = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]"}.get(host, host)
         url = f"http://{host}:{port}"
     request = urllib.request.Request(url.rstrip("/") + "/reload", data=b"", method="POST")
-    token = args.token or os.environ.get("FASTGW_ADMIN_TOKEN")
+    token = args.token or (admin and admin.token) or os.environ.get("FASTGW_ADMIN_TOKEN")
     if token:
         request.add_header("Authorization", f"Bearer {token}")
     try:
@@ -141,8 +155,11 @@ def _reload(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
+    if args.config is None:
+        args.usage_error("name the file with -c FILE (or set FASTGW_CONFIG)")
+    name = STDIN_NAME if args.config == "-" else args.config
     try:
-        problems = load_config(args.config).warnings
+        problems = _load_for_check(args.config).warnings
     except ConfigError as e:
         problems = e.problems
     errors = [p for p in problems if p.severity == "error"]
@@ -154,8 +171,16 @@ def _check(args: argparse.Namespace) -> int:
         for problem in problems:
             print(problem)
         if not errors:
-            print(f"{args.config}: ok")
+            print(f"{name}: ok")
     return 1 if errors else 0
+
+
+def _load_for_check(path: str) -> LoadedConfig:
+    """`-` is standard input: JSON if it starts with `{`, else YAML (TOML needs a file name)."""
+    if path != "-":
+        return load_config(path)
+    text = sys.stdin.read()
+    return load_text(text, STDIN_NAME, "json" if text.lstrip().startswith("{") else "yaml")
 
 
 def _problem_json(problem: ConfigProblem) -> dict:

@@ -11,9 +11,12 @@ class ConfigProblem:
     file: str = "<config>"
     line: int | None = None
     severity: str = "error"   # error | warning
+    column: int | None = None  # 1-based; only for syntax errors, where the line is not enough
 
     def __str__(self) -> str:
         where = f"{self.file}:{self.line}" if self.line else self.file
+        if self.line and self.column:
+            where += f":{self.column}"
         key = f" {self.path}:" if self.path else ""
         prefix = "warning: " if self.severity == "warning" else ""
         return f"{where}:{key} {prefix}{self.message}"

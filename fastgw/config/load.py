@@ -17,12 +17,25 @@ import msgspec
 import yaml
 
 from fastgw.config.errors import CompileError, ConfigError, ConfigProblem
-from fastgw.config.model import Config, dec_hook
+from fastgw.config.model import Admin, Config, dec_hook
 from fastgw.config.validate import semantic_problems
 
 DEFAULT_NAME = "<embedded default.yaml>"
 # libyaml's loader when PyYAML was built with it (10x faster on big route tables); same results.
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class _FlaggingLoader(_YAML_LOADER):
+    """Notes whether any mapping repeats a key (PyYAML keeps the last silently); the keys and
+    their lines are then found in the node tree, which is only composed when one does."""
+    has_duplicates = False
+
+    def construct_mapping(self, node, deep=False):
+        keys = [(k.tag, k.value) for k, _ in node.value if isinstance(k, yaml.ScalarNode) and k.tag != _MERGE_TAG]
+        if len(keys) != len(set(keys)):
+            self.has_duplicates = True
+        return super().construct_mapping(node, deep)
 
 
 @dataclass(frozen=True)
@@ -49,18 +62,46 @@ def load_text(text: str, name: str, fmt: str, path: str | None = None) -> Loaded
     """Load a config from its text; problems are reported against `name`."""
     src = _Source(name, text, fmt)
     document = src.parse()
-    config = _decode(_substitute_env(document, src), src)
-    _resolve_files(config, os.path.dirname(os.path.abspath(path)) if path else None)
-    problems = semantic_problems(config)
-    # The compiler assumes references resolve, so it only sees configs that passed the checks.
-    if not any(p.severity == "error" for p in problems):
-        problems += _compile_problems(config)
-    problems = [src.pin(p) for p in problems]
+    data, missing = _substitute_env(document)
+    decoded = _decode(data)
+    config, problems = decoded.config, [*missing, *decoded.problems]
+    if config is not None:
+        _resolve_files(config, os.path.dirname(os.path.abspath(path)) if path else None)
+        plugin_problems, broken_plugins = _plugin_config_problems(config)
+        later = semantic_problems(config)
+        # The compiler assumes references resolve, so it only sees configs that passed the checks.
+        if not any(p.severity == "error" for p in later):
+            later += _compile_problems(config)
+        if decoded.broken or src.duplicates:  # "unused", "shadowed": unknown while the file is unclear
+            later = [p for p in later if p.severity == "error"]
+        later, plugin_problems = ([ConfigProblem(decoded.original(p.path), p.message, severity=p.severity)
+                                   for p in found] for found in (later, plugin_problems))
+        unusable = [p.path for p in missing] + decoded.broken + list(map(decoded.original, broken_plugins))
+        problems += plugin_problems + [p for p in later if not decoded.follows_from_broken(p, unusable)]
+    # Duplicate keys carry their own lines: the key path alone would find the first occurrence.
+    problems = src.duplicates + [src.pin(p) for p in problems]
     errors = [p for p in problems if p.severity == "error"]
     warnings = [p for p in problems if p.severity != "error"]
     if errors:
         raise ConfigError(errors + warnings)
     return LoadedConfig(config, path, src.text, warnings, document, fmt)
+
+
+def read_admin_access(path: str) -> Admin:
+    """The `admin:` section of a config file, for `fastgw reload`, which needs only its address
+    and token: just those two values are taken from the environment, so the caller does not need
+    every `${VAR}` that the rest of the file uses."""
+    src = _Source(path, _read(path), _format_of(path))
+    admin = src.parse().get("admin")
+    wanted = {key: admin[key] for key in ("bind", "token") if key in admin} if isinstance(admin, dict) else {}
+    values, missing = _substitute_env({"admin": wanted})
+    if missing:
+        raise ConfigError([src.pin(p) for p in missing])
+    try:
+        return _convert(values["admin"], Admin)
+    except msgspec.ValidationError as e:
+        segments, message = _explain(values["admin"], str(e), Admin)
+        raise ConfigError([src.pin(ConfigProblem(format_path(["admin", *segments]), message))]) from None
 
 
 # File names in plugin configs, by plugin: resolved like the TLS ones.
@@ -169,21 +210,30 @@ class _Source:
 
     def __init__(self, name: str, text: str, fmt: str):
         self.name, self.text, self.fmt = name, text, fmt
+        self.duplicates: list[ConfigProblem] = []   # filled by parse(); TOML refuses them itself
 
     def parse(self) -> dict:
         if not self.text.strip():
             raise self._error("the file is empty")
+        has_duplicates = False
         try:
             if self.fmt == "toml":
                 data = tomllib.loads(self.text)
             elif self.fmt == "json":
-                data = json.loads(self.text)
+                def pairs(items: list) -> dict:
+                    nonlocal has_duplicates
+                    has_duplicates |= len({k for k, _ in items}) != len(items)
+                    return dict(items)
+                data = json.loads(self.text, object_pairs_hook=pairs)
             else:
-                data = yaml.load(self.text, Loader=_YAML_LOADER)
+                loader = _FlaggingLoader(self.text)
+                try:
+                    data = loader.get_single_data()
+                    has_duplicates = loader.has_duplicates
+                finally:
+                    loader.dispose()
         except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
-            problem = getattr(e, "problem", None) or str(e)
-            raise self._error(f"YAML syntax error: {problem}", mark.line + 1 if mark else None) from None
+            raise self._yaml_error(e) from None
         except tomllib.TOMLDecodeError as e:
             m = re.search(r"\(at line (\d+), column \d+\)", str(e))
             message = re.sub(r"\s*\(at line.*\)$", "", str(e))
@@ -194,10 +244,30 @@ class _Source:
             raise self._error("the file is empty")
         if not isinstance(data, dict):
             raise self._error("the top level must be a mapping (listeners:, services:, routes:, ...)", 1)
+        if has_duplicates and self._tree is not None:
+            self.duplicates = [ConfigProblem(format_path(segments), f"duplicate key (first at line {first})",
+                                             self.name, line)
+                               for segments, line, first in _duplicate_keys(self._tree, [])]
         return data
 
     def _error(self, message: str, line: int | None = None) -> ConfigError:
         return ConfigError([ConfigProblem("", message, file=self.name, line=line)])
+
+    def _yaml_error(self, error: yaml.YAMLError) -> ConfigError:
+        """`file:line:column: YAML syntax error: ...`, saying so when a tab is the cause: YAML
+        forbids tabs in indentation, and editors make them hard to see."""
+        mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+        message = f"YAML syntax error: {getattr(error, 'problem', None) or error}"
+        context, context_mark = getattr(error, "context", None), getattr(error, "context_mark", None)
+        if context and context_mark is not None and mark is not None and context_mark.line != mark.line:
+            message += f" ({context} that starts at line {context_mark.line + 1})"
+        if mark is None:
+            return ConfigError([ConfigProblem("", message, file=self.name)])
+        text = self.text.splitlines()[mark.line] if mark.line < len(self.text.splitlines()) else ""
+        indent = text[:len(text) - len(text.lstrip(" \t"))]
+        if text[mark.column:mark.column + 1] == "\t" or "\t" in indent[:mark.column + 1]:
+            message += ": a tab (YAML indents with spaces only)"
+        return ConfigError([ConfigProblem("", message, file=self.name, line=mark.line + 1, column=mark.column + 1)])
 
     def pin(self, problem: ConfigProblem) -> ConfigProblem:
         """The problem with this file's name and the line of its key path."""
@@ -222,6 +292,23 @@ class _Source:
             return yaml.compose(text, Loader=yaml.SafeLoader)
         except yaml.YAMLError:
             return None
+
+
+def _duplicate_keys(node: yaml.Node, segments: list) -> Iterator[tuple[list, int, int]]:
+    """(key path, line, line of the first occurrence) of every repeated key, in file order."""
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            yield from _duplicate_keys(item, [*segments, i])
+    elif isinstance(node, yaml.MappingNode):
+        first: dict = {}
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.tag != _MERGE_TAG:
+                line = key.start_mark.line + 1
+                if (key.tag, key.value) in first:
+                    yield [*segments, key.value], line, first[key.tag, key.value]
+                else:
+                    first[key.tag, key.value] = line
+            yield from _duplicate_keys(value, [*segments, key.value])
 
 
 def _node_line(node: yaml.Node, segments: list) -> int | None:
@@ -277,9 +364,10 @@ def pin_problems(problems: list[ConfigProblem], text: str, name: str, fmt: str) 
     return [src.pin(p) for p in problems]
 
 
-def _substitute_env(data: Any, src: _Source) -> Any:
+def _substitute_env(data: Any) -> tuple[Any, list[ConfigProblem]]:
     """Replace `${VAR}` / `${VAR:-default}` in string values (not keys), after parsing, so a
-    secret's text can never change the document's structure. `$${` is a literal `${`."""
+    secret's text can never change the document's structure. `$${` is a literal `${`. An unset
+    variable is a problem, and its value is left empty so the other checks can still run."""
     missing: list[ConfigProblem] = []
 
     def substitute(text: str, segments: list) -> str:
@@ -307,10 +395,7 @@ def _substitute_env(data: Any, src: _Source) -> Any:
             return [walk(v, [*segments, i]) for i, v in enumerate(value)]
         return value
 
-    result = walk(data, [])
-    if missing:
-        raise ConfigError([src.pin(p) for p in missing])
-    return result
+    return walk(data, []), missing
 
 
 # --- schema decoding -----------------------------------------------------------------------------
@@ -318,55 +403,132 @@ def _substitute_env(data: Any, src: _Source) -> Any:
 _AT = re.compile(r"^(?P<message>.*?) - at (?:`key` in )?`(?P<path>[^`]*)`$", re.S)
 
 
-def _convert(data: Any) -> Config:
-    return msgspec.convert(data, Config, dec_hook=dec_hook)
+def _convert(data: Any, root: type = Config) -> Any:
+    return msgspec.convert(data, root, dec_hook=dec_hook)
 
 
-def _decode(data: dict, src: _Source) -> Config:
+@dataclass
+class _Decoded:
+    """What could be decoded. A listener, service, route (or top-level key) with a schema error is
+    left out, so the later checks still run on the rest of the file."""
+    config: Config | None
+    problems: list[ConfigProblem]
+    broken: list[str]                     # key paths of the parts left out
+    kept: dict[str, list[int]]            # list key -> original index of each item kept
+    names: set[str]                       # names of the services, clients, ... left out
+
+    def original(self, path: str) -> str:
+        """A key path in the cut-down config, with list indices as in the file."""
+        segments = parse_path(path)
+        if len(segments) < 2 or segments[0] not in self.kept or not isinstance(segments[1], int):
+            return path
+        segments[1] = self.kept[segments[0]][segments[1]]
+        return format_path(segments)
+
+    def follows_from_broken(self, problem: ConfigProblem, unusable: list[str]) -> bool:
+        """A consequence of a problem already reported: at, under or above a part left out or a
+        value whose variable is unset, or about a name that was left out (`unknown service 'x'`)."""
+        def related(path: str, other: str) -> bool:
+            return path == other or path.startswith((f"{other}.", f"{other}["))
+        path = problem.path
+        return (bool(path) and any(related(path, u) or related(u, path) for u in unusable)
+                or any(repr(name) in problem.message for name in self.names))
+
+
+def _decode(data: dict) -> _Decoded:
     try:
-        return _convert(data)
+        return _Decoded(_convert(data), [], [], {}, set())
     except msgspec.ValidationError:
         pass
     # msgspec stops at its first error. Decoding each listener, service and route on its own
     # reports one error per item, so a file with several typos is fixed in one round.
-    problems = []
-    for piece, segments_fix in _pieces(data):
+    problems, failed = [], []
+    for location, piece, segments_fix in _pieces(data):
         try:
             _convert(piece)
         except msgspec.ValidationError as e:
             path, message = _explain(piece, str(e))
-            problems.append(src.pin(ConfigProblem(format_path(segments_fix(path)), message)))
-    raise ConfigError(problems)
+            problems.append(ConfigProblem(format_path(segments_fix(path)), message))
+            failed.append(location)
+    partial, kept = dict(data), {}
+    for location in failed:
+        if len(location) == 1:
+            partial.pop(location[0], None)
+        elif isinstance(location[1], str):
+            partial[location[0]] = {k: v for k, v in partial[location[0]].items() if k != location[1]}
+    for key in {loc[0] for loc in failed if len(loc) == 2 and isinstance(loc[1], int)}:
+        kept[key] = [i for i in range(len(data[key])) if [key, i] not in failed]
+        partial[key] = [data[key][i] for i in kept[key]]
+    try:
+        config = _convert(partial)
+    except msgspec.ValidationError:
+        config = None   # the pieces decode alone but not together: only their problems are known
+    names = {loc[1] for loc in failed if len(loc) == 2 and isinstance(loc[1], str)}
+    return _Decoded(config, problems, [format_path(loc) for loc in failed], kept, names)
 
 
-def _pieces(data: dict) -> Iterator[tuple[dict, Callable[[list], list]]]:
-    """(document fragment, function mapping the fragment's key path back to the whole file's)."""
+def _plugin_config_problems(config: Config) -> tuple[list[ConfigProblem], list[str]]:
+    """Each plugin entry's settings decoded against the plugin's own config struct, explained like
+    the core keys; and the paths of the entries that failed. Entries whose plugin cannot be found
+    are left to the plugin registry's checks, which say why."""
+    from fastgw.plugins.registry import PythonPluginConfig, load_class, plugin_class
+
+    problems, failed = [], []
+    lists = [(["plugins"], config.plugins)] + [(["routes", i, "plugins"], r.plugins) for i, r in enumerate(config.routes)]
+    for where, entries in lists:
+        for j, entry in enumerate(entries):
+            if not isinstance(entry, dict) or len(entry) != 1:
+                continue
+            (name, settings), = entry.items()
+            prefix = [*where, j, name]
+            # `python` names its class in the entry: its own keys are checked first, then `config:`.
+            root = PythonPluginConfig if name == "python" else None
+            try:
+                if root is PythonPluginConfig:
+                    spec = _convert(settings or {}, root)
+                    prefix, settings, root = [*prefix, "config"], spec.config, load_class(spec.module).Config
+                else:
+                    root = plugin_class(name).Config
+                _convert(settings or {}, root)
+            except msgspec.ValidationError as e:
+                segments, message = _explain(settings or {}, str(e), root)
+                problems.append(ConfigProblem(format_path([*prefix, *segments]), message))
+                failed.append(format_path([*where, j, name]))
+            except ValueError:  # after ValidationError, its subclass
+                continue
+    return problems, failed
+
+
+def _pieces(data: dict) -> Iterator[tuple[list, dict, Callable[[list], list]]]:
+    """(where in the file, document fragment, function mapping the fragment's key path back to
+    the whole file's)."""
     fields = {f.encode_name: f.type for f in msgspec.inspect.type_info(Config).fields}
     for key, value in data.items():
         if isinstance(fields.get(key), msgspec.inspect.ListType) and isinstance(value, list):
             for i, item in enumerate(value):
-                yield {key: [item]}, lambda p, i=i: [p[0], i, *p[2:]]
+                yield [key, i], {key: [item]}, lambda p, i=i: [p[0], i, *p[2:]]
         elif isinstance(fields.get(key), msgspec.inspect.DictType) and isinstance(value, dict):
             for name, item in value.items():
-                yield {key: {name: item}}, lambda p: p
+                yield [key, name], {key: {name: item}}, lambda p: p
         else:
-            yield {key: value}, lambda p: p
+            yield [key], {key: value}, lambda p: p
 
 
-def _explain(piece: dict, error: str) -> tuple[list, str]:
-    """msgspec's `Expected `int`, got `str` - at `$.a[0].b`` -> (key path, readable message)."""
+def _explain(piece: Any, error: str, root: type = Config) -> tuple[list, str]:
+    """msgspec's `Expected `int`, got `str` - at `$.a[0].b`` -> (key path, readable message);
+    `piece` is what was decoded as a `root` (the Config, or a plugin's config)."""
     m = _AT.match(error)
     # msgspec leaves out " - at `$`" for errors at the top level, like an unknown top-level key.
     message, path = (m["message"], m["path"]) if m else (error, "$")
-    segments = _resolve_dict_keys(piece, parse_path(path), error)
+    segments = _resolve_dict_keys(piece, parse_path(path), error, root)
     if unknown := re.match(r"Object contains unknown field `(.*)`$", message):
         field = unknown[1]
-        message = f"unknown key {field!r}{_suggest(field, _type_at(segments))}"
+        message = f"unknown key {field!r}{_suggest(field, _type_at(segments, root))}"
         segments = [*segments, field]
     elif missing := re.match(r"Object missing required field `(.*)`$", message):
         message = f"missing required key {missing[1]!r}"
     elif enum := re.match(r"Invalid enum value (.*)$", message):
-        choices = _literal_values(_type_at(segments))
+        choices = _literal_values(_type_at(segments, root))
         message = f"invalid value {enum[1]}" + (f"; expected one of: {choices}" if choices else "")
     elif "`key` in" in error:
         message = "keys here must be strings: " + message.replace("`", "")
@@ -376,7 +538,7 @@ def _explain(piece: dict, error: str) -> tuple[list, str]:
     return segments, message
 
 
-def _resolve_dict_keys(piece: dict, segments: list, error: str) -> list:
+def _resolve_dict_keys(piece: Any, segments: list, error: str, root: type) -> list:
     """msgspec names a failing dict entry `[...]`. Find it by decoding the fragment with that dict
     cut down to one entry at a time: the entry that reproduces the same error is the culprit."""
     segments = list(segments)
@@ -387,7 +549,7 @@ def _resolve_dict_keys(piece: dict, segments: list, error: str) -> list:
         for key in container if isinstance(container, dict) else ():
             trial = _replace(piece, segments[:i], {key: container[key]})
             try:
-                _convert(trial)
+                _convert(trial, root)
             except msgspec.ValidationError as e:
                 if str(e) == error:
                     segments[i], piece = key, trial
@@ -413,9 +575,9 @@ def _replace(data: Any, segments: list, new: Any) -> Any:
     return copy
 
 
-def _type_at(segments: list) -> Any:
-    """The msgspec.inspect type at a key path of Config (None if the path leaves the schema)."""
-    t: Any = msgspec.inspect.type_info(Config)
+def _type_at(segments: list, root: type) -> Any:
+    """The msgspec.inspect type at a key path of `root` (None if the path leaves the schema)."""
+    t: Any = msgspec.inspect.type_info(root)
     for seg in segments:
         if isinstance(t, msgspec.inspect.UnionType):  # Optional[Struct]: follow the struct
             t = next((x for x in t.types if isinstance(x, msgspec.inspect.StructType)), None)
