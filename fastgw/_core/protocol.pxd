@@ -30,6 +30,9 @@ cdef class ListenerState:
     cdef public int max_connections
     cdef public int metric_slot           # shared-memory listener gauges, -1 = none
     cdef public bint accept_proxy         # a PROXY v1/v2 header starts every connection
+    cdef public object proxy_trusted      # ... from these peers (ip networks), None = any peer
+    cdef public bint proxy_untrusted_plain   # other peers: read as plain HTTP (else refused)
+    cdef public double body_timeout       # a request body stalled this long: 408
     cdef public bytes scheme              # b"http" or b"https" (X-Forwarded-Proto)
     cdef public bint internal             # requests made by the gateway itself (aggregation):
                                           # their x-consumer-name is believed

@@ -45,7 +45,7 @@ import msgspec
 from httptools import (HttpParserError, HttpParserInvalidMethodError, HttpParserUpgrade,
                        HttpRequestParser)
 
-from fastgw._core.proxyproto import ProxyHeaderError, parse_proxy_header
+from fastgw._core.proxyproto import ProxyHeaderError, parse_proxy_header, peer_trusted
 from fastgw.plugins.api import Headers, Request as PluginRequest, Response as PluginResponse
 from fastgw._core.router import normalize_path
 from fastgw._core.upstream import connection_tokens, drop_named
@@ -116,6 +116,9 @@ cdef class ListenerState:
         self.connections = set()
         self.metric_slot = -1
         self.accept_proxy = False
+        self.proxy_trusted = None
+        self.proxy_untrusted_plain = False
+        self.body_timeout = 30.0
         self.scheme = HTTP_SCHEME
         self.internal = False
         self.tracer = None
@@ -228,7 +231,12 @@ cdef class ClientConnection(Downstream):
         peer = transport.get_extra_info("peername")
         self.client_ip = self.peer_ip = peer[0].encode() if peer else b""
         if listener.accept_proxy:
-            self.proxy_head = b""
+            if peer_trusted(listener.proxy_trusted, self.peer_ip):
+                self.proxy_head = b""
+            elif not listener.proxy_untrusted_plain:
+                self.closed = True        # only the balancers in front may say who the client is
+                transport.abort()
+                return
         self.arm(monotonic() + listener.header_timeout)
 
     def connection_lost(self, exc):
