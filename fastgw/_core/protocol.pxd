@@ -217,6 +217,8 @@ cdef class ClientConnection(Downstream):
     cdef bint _retry_elsewhere(self, Request req)
     cdef void _response_finished(self, Request req)
     cdef void _linger_close(self)
+    cdef double _body_deadline(self)
+    cdef void _body_timed_out(self)
     cdef void _finish(self, Request req)
     cdef void _log(self, Request req)
     cdef void _export_span(self, Request req, double now)

@@ -571,7 +571,7 @@ cdef class ClientConnection(Downstream):
         if req.method == b"CONNECT":
             self._reject(501, "not_implemented", "CONNECT is not supported")
         if self.active is None:
-            self.arm(0)
+            self.arm(self._body_deadline() if req.chunked or req.content_length > 0 else 0)
             self.active = self.ready = req
         else:
             self.queued.append(req)
@@ -581,6 +581,8 @@ cdef class ClientConnection(Downstream):
     def on_body(self, bytes data):
         cdef Request req = self.parsing
         req.body_bytes += PyBytes_GET_SIZE(data)
+        if not self.write_blocked:            # else idle_timeout holds: the client does not read
+            self.arm(self._body_deadline())
         if req.max_body >= 0 and req.body_bytes > req.max_body:
             self._reject(413, "payload_too_large", "request body too large")
         if req is self.active and req is not self.ready:
@@ -604,6 +606,8 @@ cdef class ClientConnection(Downstream):
         cdef Request req = self.parsing
         self.parsing = None
         req.body_done = True
+        if not self.write_blocked:
+            self.arm(0)                       # the body timer's job is over
         if req is not self.active or req is self.ready:
             return
         if req.upstream is not None:
@@ -1239,9 +1243,10 @@ cdef class ClientConnection(Downstream):
             req.body_buffer = None
             for chunk in chunks:
                 self._send_body(req, chunk)
-            if req.body_done and req.chunked:
-                conn.send(b"0\r\n\r\n")
-                self._keep_for_replay(req, b"0\r\n\r\n")
+        if req.body_done and req.chunked:
+            # Also when the body had no data at all (only its last chunk), so nothing was held.
+            conn.send(b"0\r\n\r\n")
+            self._keep_for_replay(req, b"0\r\n\r\n")
         if req.expect_continue and not req.body_done and req.attempts == 1:
             self.transport.write(CONTINUE)
 
@@ -1870,6 +1875,8 @@ cdef class ClientConnection(Downstream):
             self._resume(PAUSE_PIPELINE)
             if self.parsing is None:
                 self.arm(monotonic() + self.listener.idle_timeout)
+            elif not self.in_head:
+                self.arm(self._body_deadline())   # the next request's body, read from now on
 
     def close_if_idle(self):
         self.closing = True
@@ -1983,7 +1990,21 @@ cdef class ClientConnection(Downstream):
             self.out.take()
             self.transport.abort()
 
-    # --- header and idle timeouts ----------------------------------------------------------------
+    # --- header, body and idle timeouts ----------------------------------------------------------
+
+    cdef double _body_deadline(self):
+        """limits.body_timeout from now: the next request body byte is due by then (0: off)."""
+        return monotonic() + self.listener.body_timeout if self.listener.body_timeout > 0 else 0
+
+    cdef void _body_timed_out(self):
+        """No byte of the active request's body for limits.body_timeout: 408 and close (the
+        upstream, which got part of the body, is cut). Not while we stopped reading ourselves."""
+        if self.paused:
+            self.arm(self._body_deadline())
+        elif self.active.response_done:
+            self._close()                 # answered already: only its unread rest is missing
+        else:
+            self._reject_now(408, "request_timeout", "request body not received in time")
 
     cdef double due(self):
         return 0 if self.closed else self.deadline
@@ -2004,6 +2025,8 @@ cdef class ClientConnection(Downstream):
             if sock is not None:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
             self._abort_client()
+        elif self.active is not None and self.parsing is self.active:
+            self._body_timed_out()
         elif self.active is not None:
             return
         elif self.parsing is not None or self.in_head:
