@@ -1725,6 +1725,13 @@ cdef class ClientConnection(Downstream):
             # the request, so only an idempotent one is sent again (RFC 9110 §9.2.2).
             if self._may_retry(req, service) and self._retry_elsewhere(req):
                 return 0
+        if req.response_started and error == UPSTREAM_INVALID and req.bytes_out == 0 and self.out.length:
+            # Invalid framing in the read that brought the head: the head is still in our
+            # buffer and no body byte went on, so the client has seen nothing yet: a 502.
+            self.out.take()
+            req.response_started = False
+            req.chunked_out = False
+            req.cache_parts = None
         if req.response_started:
             # Part of the answer is out: the client must see it cut short, never "complete".
             req.flags = "UC"
