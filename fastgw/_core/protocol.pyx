@@ -524,6 +524,10 @@ cdef class ClientConnection(Downstream):
         elif (n == 17 and ascii_ieq(s, n, b"x-forwarded-proto", 17)) or \
                 (n == 16 and ascii_ieq(s, n, b"x-forwarded-host", 16)) or is_hop_by_hop(s, n):
             pass                                  # the proxy writes its own
+        elif memchr(s, b'_', n) is not NULL:
+            # Dropped, as nginx does (underscores_in_headers off): CGI-style backends read
+            # Transfer_Encoding, Content_Length or X_Forwarded_For as the fields with "-".
+            pass
         else:
             if n == 10 and ascii_ieq(s, n, b"user-agent", 10):
                 req.user_agent = value
