@@ -352,10 +352,10 @@ def test_combined_access_log_escapes_quotes_and_control_bytes(gateway, upstream,
     config["log"] = {"access": {"format": "combined", "path": str(log_path)}}
     gw = gateway(config)
     with gw.connect() as c:
-        c.request(b'GET /a"b\\c HTTP/1.1\r\nHost: x\r\nUser-Agent: ua" 200 "forged\x7f\r\n\r\n')
+        c.request(b'GET /a"b\\c HTTP/1.1\r\nHost: x\r\nUser-Agent: ua" 200 "forged\t\xe9\r\n\r\n')
     assert wait_for(lambda: log_path.exists() and log_path.read_text())
     line = log_path.read_text()
     assert line.count("\n") == 1
     assert '"GET /a\\x22b\\x5Cc HTTP/1.1"' in line, line
-    assert '"ua\\x22 200 \\x22forged\\x7F"' in line, line
+    assert '"ua\\x22 200 \\x22forged\\x09\\xE9"' in line, line
     assert line.count('"') == 6
