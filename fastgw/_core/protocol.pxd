@@ -31,6 +31,9 @@ cdef class ListenerState:
     cdef public int metric_slot           # shared-memory listener gauges, -1 = none
     cdef public bint accept_proxy         # a PROXY v1/v2 header starts every connection
     cdef public bint keep_escaped_slashes # %2F, %5C and a raw backslash in paths are kept, not refused
+    cdef public object proxy_trusted      # ... from these peers (ip networks), None = any peer
+    cdef public bint proxy_untrusted_plain   # other peers: read as plain HTTP (else refused)
+    cdef public double body_timeout       # a request body stalled this long: 408
     cdef public bytes scheme              # b"http" or b"https" (X-Forwarded-Proto)
     cdef public bint internal             # requests made by the gateway itself (aggregation):
                                           # their x-consumer-name is believed
@@ -220,6 +223,8 @@ cdef class ClientConnection(Downstream):
     cdef bint _retry_elsewhere(self, Request req)
     cdef void _response_finished(self, Request req)
     cdef void _linger_close(self)
+    cdef double _body_deadline(self)
+    cdef void _body_timed_out(self)
     cdef void _finish(self, Request req)
     cdef void _log(self, Request req)
     cdef void _export_span(self, Request req, double now)

@@ -46,7 +46,7 @@ import msgspec
 from httptools import (HttpParserError, HttpParserInvalidMethodError, HttpParserUpgrade,
                        HttpRequestParser)
 
-from fastgw._core.proxyproto import ProxyHeaderError, parse_proxy_header
+from fastgw._core.proxyproto import ProxyHeaderError, parse_proxy_header, peer_trusted
 from fastgw.plugins.api import Headers, Request as PluginRequest, Response as PluginResponse
 from fastgw._core.upstream import connection_tokens, drop_named
 
@@ -117,6 +117,9 @@ cdef class ListenerState:
         self.metric_slot = -1
         self.accept_proxy = False
         self.keep_escaped_slashes = False
+        self.proxy_trusted = None
+        self.proxy_untrusted_plain = False
+        self.body_timeout = 30.0
         self.scheme = HTTP_SCHEME
         self.internal = False
         self.tracer = None
@@ -251,7 +254,12 @@ cdef class ClientConnection(Downstream):
         peer = transport.get_extra_info("peername")
         self.client_ip = self.peer_ip = peer[0].encode() if peer else b""
         if listener.accept_proxy:
-            self.proxy_head = b""
+            if peer_trusted(listener.proxy_trusted, self.peer_ip):
+                self.proxy_head = b""
+            elif not listener.proxy_untrusted_plain:
+                self.closed = True        # only the balancers in front may say who the client is
+                transport.abort()
+                return
         self.arm(monotonic() + listener.header_timeout)
 
     def connection_lost(self, exc):
@@ -539,6 +547,10 @@ cdef class ClientConnection(Downstream):
         elif (n == 17 and ascii_ieq(s, n, b"x-forwarded-proto", 17)) or \
                 (n == 16 and ascii_ieq(s, n, b"x-forwarded-host", 16)) or is_hop_by_hop(s, n):
             pass                                  # the proxy writes its own
+        elif memchr(s, b'_', n) is not NULL:
+            # Dropped, as nginx does (underscores_in_headers off): CGI-style backends read
+            # Transfer_Encoding, Content_Length or X_Forwarded_For as the fields with "-".
+            pass
         else:
             if n == 10 and ascii_ieq(s, n, b"user-agent", 10):
                 req.user_agent = value
@@ -586,7 +598,7 @@ cdef class ClientConnection(Downstream):
         if req.method == b"CONNECT":
             self._reject(501, "not_implemented", "CONNECT is not supported")
         if self.active is None:
-            self.arm(0)
+            self.arm(self._body_deadline() if req.chunked or req.content_length > 0 else 0)
             self.active = self.ready = req
         else:
             self.queued.append(req)
@@ -596,6 +608,8 @@ cdef class ClientConnection(Downstream):
     def on_body(self, bytes data):
         cdef Request req = self.parsing
         req.body_bytes += PyBytes_GET_SIZE(data)
+        if not self.write_blocked:            # else idle_timeout holds: the client does not read
+            self.arm(self._body_deadline())
         if req.max_body >= 0 and req.body_bytes > req.max_body:
             self._reject(413, "payload_too_large", "request body too large")
         if req is self.active and req is not self.ready:
@@ -619,6 +633,8 @@ cdef class ClientConnection(Downstream):
         cdef Request req = self.parsing
         self.parsing = None
         req.body_done = True
+        if not self.write_blocked:
+            self.arm(0)                       # the body timer's job is over
         if req is not self.active or req is self.ready:
             return
         if req.upstream is not None:
@@ -1322,9 +1338,10 @@ cdef class ClientConnection(Downstream):
             req.body_buffer = None
             for chunk in chunks:
                 self._send_body(req, chunk)
-            if req.body_done and req.chunked:
-                conn.send(b"0\r\n\r\n")
-                self._keep_for_replay(req, b"0\r\n\r\n")
+        if req.body_done and req.chunked:
+            # Also when the body had no data at all (only its last chunk), so nothing was held.
+            conn.send(b"0\r\n\r\n")
+            self._keep_for_replay(req, b"0\r\n\r\n")
         if req.expect_continue and not req.body_done and req.attempts == 1:
             self.transport.write(CONTINUE)
 
@@ -1807,6 +1824,13 @@ cdef class ClientConnection(Downstream):
             # the request, so only an idempotent one is sent again (RFC 9110 §9.2.2).
             if self._may_retry(req, service) and self._retry_elsewhere(req):
                 return 0
+        if req.response_started and error == UPSTREAM_INVALID and req.bytes_out == 0 and self.out.length:
+            # Invalid framing in the read that brought the head: the head is still in our
+            # buffer and no body byte went on, so the client has seen nothing yet: a 502.
+            self.out.take()
+            req.response_started = False
+            req.chunked_out = False
+            req.cache_parts = None
         if req.response_started:
             # Part of the answer is out: the client must see it cut short, never "complete".
             req.flags = "UC"
@@ -1957,6 +1981,8 @@ cdef class ClientConnection(Downstream):
             self._resume(PAUSE_PIPELINE)
             if self.parsing is None:
                 self.arm(monotonic() + self.listener.idle_timeout)
+            elif not self.in_head:
+                self.arm(self._body_deadline())   # the next request's body, read from now on
 
     def close_if_idle(self):
         self.closing = True
@@ -2070,7 +2096,21 @@ cdef class ClientConnection(Downstream):
             self.out.take()
             self.transport.abort()
 
-    # --- header and idle timeouts ----------------------------------------------------------------
+    # --- header, body and idle timeouts ----------------------------------------------------------
+
+    cdef double _body_deadline(self):
+        """limits.body_timeout from now: the next request body byte is due by then (0: off)."""
+        return monotonic() + self.listener.body_timeout if self.listener.body_timeout > 0 else 0
+
+    cdef void _body_timed_out(self):
+        """No byte of the active request's body for limits.body_timeout: 408 and close (the
+        upstream, which got part of the body, is cut). Not while we stopped reading ourselves."""
+        if self.paused:
+            self.arm(self._body_deadline())
+        elif self.active.response_done:
+            self._close()                 # answered already: only its unread rest is missing
+        else:
+            self._reject_now(408, "request_timeout", "request body not received in time")
 
     cdef double due(self):
         return 0 if self.closed else self.deadline
@@ -2091,6 +2131,8 @@ cdef class ClientConnection(Downstream):
             if sock is not None:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
             self._abort_client()
+        elif self.active is not None and self.parsing is self.active:
+            self._body_timed_out()
         elif self.active is not None:
             return
         elif self.parsing is not None or self.in_head:

@@ -32,30 +32,46 @@ def parse_proxy_header(bytes data):
 
 
 def _parse_v1(bytes data):
-    end = data.find(b"\r\n")
+    # The spec's section 2.1: "PROXY", the family, two addresses and two ports, each after exactly
+    # one space, then CRLF, 107 bytes at most. Addresses are read strictly: only the characters
+    # of an address (no IPv6 zone id, which Python's ipaddress would take with anything in it).
+    end = data.find(b"\r\n", 0, V1_MAX)
     if end < 0:
         if len(data) >= V1_MAX or not (data.startswith(b"PROXY ") or b"PROXY ".startswith(data)):
             raise ProxyHeaderError("PROXY v1 line too long or malformed")
         return 0, None
-    if end + 2 > V1_MAX:
-        raise ProxyHeaderError("PROXY v1 line too long")
     parts = data[:end].split(b" ")
     if parts[0] != b"PROXY" or len(parts) < 2:
         raise ProxyHeaderError("malformed PROXY v1 line")
-    if parts[1] == b"UNKNOWN":
+    if parts[1] == b"UNKNOWN":                     # the rest of the line is to be ignored
         return end + 2, None
     if parts[1] not in (b"TCP4", b"TCP6") or len(parts) != 6:
         raise ProxyHeaderError("malformed PROXY v1 line")
+    version = 4 if parts[1] == b"TCP4" else 6
+    source, dest = _v1_address(parts[2], version), _v1_address(parts[3], version)
+    _v1_port(parts[4])
+    _v1_port(parts[5])
+    if source is None or dest is None:
+        raise ProxyHeaderError("bad address in PROXY v1 line")
+    return end + 2, (str(source), int(parts[4]))
+
+
+def _v1_address(bytes raw, int version):
+    """The address of the given family, or None."""
+    if not raw or raw.strip(b"0123456789abcdefABCDEF:." if version == 6 else b"0123456789."):
+        return None
     try:
-        source = ipaddress.ip_address(parts[2].decode("ascii"))
-        dest = ipaddress.ip_address(parts[3].decode("ascii"))
-        ports = [int(p) for p in parts[4:6]]
+        address = ipaddress.ip_address(raw.decode("ascii"))
     except ValueError:
-        raise ProxyHeaderError("bad address or port in PROXY v1 line") from None
-    if source.version != int(parts[1][3:]) or dest.version != source.version or \
-            not all(0 <= p <= 65535 and str(p).encode() == raw for p, raw in zip(ports, parts[4:6])):
-        raise ProxyHeaderError("bad address or port in PROXY v1 line")
-    return end + 2, (str(source), ports[0])
+        return None
+    return address if address.version == version else None
+
+
+def _v1_port(bytes raw):
+    """1 to 5 ASCII digits, no sign or leading zero, at most 65535."""
+    if not 0 < len(raw) <= 5 or raw.strip(b"0123456789") or (raw[0] == 48 and len(raw) > 1) or \
+            int(raw) > 65535:
+        raise ProxyHeaderError("bad port in PROXY v1 line")
 
 
 def _parse_v2(bytes data):
@@ -85,6 +101,28 @@ def _parse_v2(bytes data):
     source = ipaddress.ip_address(data[16:16 + size])
     port = struct.unpack_from(">H", data, 16 + 2 * size)[0]
     return 16 + length, (str(source), port)
+
+
+def trusted_networks(cidrs):
+    """The networks whose peers may send a PROXY header; None (any peer) for None."""
+    if cidrs is None:
+        return None
+    return tuple(ipaddress.ip_network(cidr, strict=False) for cidr in cidrs)
+
+
+def peer_trusted(networks, peer):
+    """May the socket peer `peer` (its address text, bytes or str) send a PROXY header?"""
+    if networks is None:
+        return True
+    if isinstance(peer, bytes):
+        peer = peer.decode("ascii", "replace")
+    try:
+        address = ipaddress.ip_address(peer.partition("%")[0])
+    except ValueError:                            # a unix socket: no address to trust
+        return False
+    if address.version == 6 and address.ipv4_mapped is not None:   # a dual-stack socket's IPv4 peer
+        address = address.ipv4_mapped
+    return any(address in network for network in networks)
 
 
 def build_proxy_header(int version, source, dest):

@@ -9,6 +9,8 @@ cdef class TcpListenerState:
     cdef dict sni_exact                   # TLS passthrough: server name -> Service
     cdef dict sni_wildcard                # ... parent domain of "*.parent" -> Service
     cdef public bint accept_proxy         # a PROXY v1/v2 header starts every connection
+    cdef public object proxy_trusted      # ... from these peers (ip networks), None = any peer
+    cdef public bint proxy_untrusted_plain   # other peers: no header read (else refused)
     cdef public double header_timeout     # ... and must arrive within this
     cdef public double idle_timeout       # no byte either way for this long: closed
     cdef public int max_connections

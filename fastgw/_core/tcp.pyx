@@ -18,7 +18,7 @@ from fastgw._core.upstream cimport Service, Target
 
 import asyncio
 
-from fastgw._core.proxyproto import ProxyHeaderError, build_proxy_header, parse_proxy_header
+from fastgw._core.proxyproto import ProxyHeaderError, build_proxy_header, parse_proxy_header, peer_trusted
 from fastgw._core.sni import SniError, read_sni, sni_lookup
 
 PENDING_LIMIT = 256 * 1024        # client bytes held while the upstream connects; then pause
@@ -33,6 +33,8 @@ cdef class TcpListenerState:
         self.loop = loop if loop is not None else asyncio.get_event_loop()
         self.service = service
         self.accept_proxy = False
+        self.proxy_trusted = None
+        self.proxy_untrusted_plain = False
         self.header_timeout = 10.0
         self.idle_timeout = 60.0
         self.max_connections = 10000
@@ -45,13 +47,15 @@ cdef class TcpListenerState:
         self.connections = set()
 
     def configure(self, *, header_timeout, idle_timeout, max_connections, metric_slot,
-                  accept_proxy=False, **http_limits):
+                  accept_proxy=False, proxy_trusted=None, proxy_untrusted_plain=False, **http_limits):
         """The listener limits that apply to bytes (the HTTP parsing limits do not)."""
         self.header_timeout = header_timeout          # for the PROXY header
         self.idle_timeout = idle_timeout
         self.max_connections = max_connections
         self.metric_slot = metric_slot
         self.accept_proxy = accept_proxy
+        self.proxy_trusted = proxy_trusted
+        self.proxy_untrusted_plain = proxy_untrusted_plain
 
     def route_sni(self, dict routes, dict services):
         """TLS passthrough: server name ("api.example.com" or "*.example.com") -> service name."""
@@ -97,6 +101,11 @@ cdef class TcpClient(TimedProtocol):
         self.dest = transport.get_extra_info("sockname")
         self.last_activity = monotonic()
         self.awaiting_proxy = listener.accept_proxy
+        if self.awaiting_proxy and not peer_trusted(listener.proxy_trusted, self.source[0] if self.source else ""):
+            if not listener.proxy_untrusted_plain:
+                self._close(abort=True)   # only the balancers in front may say who the client is
+                return
+            self.awaiting_proxy = False
         self.awaiting_hello = bool(listener.sni_exact or listener.sni_wildcard)
         if self.awaiting_proxy or self.awaiting_hello:
             self.arm(self.last_activity + listener.header_timeout)

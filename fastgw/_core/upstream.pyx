@@ -551,7 +551,15 @@ cdef class UpstreamConnection:
             self.downstream.upstream_flush()
             return
         except (HttpParserError, _InvalidResponse):
-            self._fail(UPSTREAM_INVALID)
+            if self.complete and self.state == CONN_BUSY and not self.interim:
+                # The answer was whole; what followed it (a second response, a body sent with
+                # a 204/304 or to a HEAD) is not the answer to anything: it ends the connection.
+                self.keep_alive = False
+                if self.downstream is not None:
+                    self.downstream.upstream_flush()
+                self._finish()
+            else:
+                self._fail(UPSTREAM_INVALID)
             return
         if self.state != CONN_BUSY:
             return
@@ -735,6 +743,12 @@ cdef class UpstreamConnection:
             self.downstream.upstream_writable(True)
 
     # --- httptools callbacks ---------------------------------------------------------------------
+
+    def on_message_begin(self):
+        if self.head_done:
+            # Bytes after the end of the final response (RFC 9112 §6.3 says where it ends),
+            # in the same read: never taken as the answer to the next request on this connection.
+            raise _InvalidResponse("bytes after the end of the response")
 
     def on_header(self, bytes name, bytes value):
         cdef Py_ssize_t n = PyBytes_GET_SIZE(name)

@@ -81,6 +81,7 @@ class Limits(_Base):
     max_url_bytes: Size = 8 * 1024           # -> 414
     max_body_bytes: Size = 10 * 1024 * 1024  # -> 413 (a route may override)
     header_timeout: Duration = 10.0        # slow head -> 408 and close
+    body_timeout: Duration = 30.0          # no request body byte for this long -> 408 and close
     idle_timeout: Duration = 60.0          # keep-alive idle
     max_connections: int = 10000                   # beyond: accept and close immediately
 
@@ -103,13 +104,20 @@ class Tls(_Base):
     sni_routes: dict[str, str] = {}                # passthrough: "api.example.com" / "*.example.com" -> service
 
 
+class ProxyProtocol(_Base):
+    """A PROXY v1/v2 header is read only from the balancers in `trusted`; other peers are
+    refused (`reject`) or read as if the listener had no PROXY protocol (`plain`)."""
+    trusted: list[str]                             # CIDRs, v4 and v6
+    untrusted: Literal["reject", "plain"] = "reject"
+
+
 class Listener(_Base):
     name: str
     bind: str                                      # host:port, [v6]:port
     protocol: Literal["http", "https", "tcp"] = "http"   # tcp: Layer 4, bytes to `service`
     service: Union[str, None] = None               # tcp (and passthrough's default): where bytes go
     tls: Union[Tls, None] = None
-    proxy_protocol: bool = False                   # accept a PROXY v1/v2 header from a trusted LB
+    proxy_protocol: Union[bool, ProxyProtocol] = False   # true: from any peer; {trusted: [CIDR]}
     # %2F, %5C or a raw backslash in a path: 400 (reject), or forwarded as they are (keep)
     escaped_slashes: Literal["reject", "keep"] = "reject"
     limits: Limits = msgspec.field(default_factory=Limits)

@@ -196,11 +196,20 @@ def _listener_problems(config: Config) -> Iterator[ConfigProblem]:
     for i, listener in enumerate(config.listeners):
         yield from _limit_problems(f"listeners[{i}].limits", listener.limits)
         yield from _layer4_problems(config, f"listeners[{i}]", listener)
+        yield from _proxy_protocol_problems(f"listeners[{i}].proxy_protocol", listener.proxy_protocol)
     if config.admin is not None:
         yield from _admin_problems(config.admin.bind, config.admin.token)
         for i, name in enumerate(config.admin.allowed_hosts):
             yield from _failing([(f"admin.allowed_hosts[{i}]", _is_host(name),
                                   f"{name!r} is not a host name or IP address (no port)")])
+
+
+def _proxy_protocol_problems(path: str, proxy) -> Iterator[ConfigProblem]:
+    for j, cidr in enumerate(getattr(proxy, "trusted", ())):
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            yield ConfigProblem(f"{path}.trusted[{j}]", f"{cidr!r} is not an IPv4 or IPv6 network (CIDR)")
 
 
 _SNI_NAME = re.compile(r"^(\*\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")

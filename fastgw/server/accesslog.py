@@ -21,6 +21,15 @@ MAX_PENDING = 10000       # flush early rather than hold more lines than this
 PIPE_BUF = getattr(select, "PIPE_BUF", 512)
 
 
+# The combined format quotes fields: '"', '\\', control and non-ASCII characters in them are
+# written as \xHH, as nginx does, so that a request cannot end a field or a line early.
+_COMBINED_ESCAPES = {c: f"\\x{c:02X}" for c in [*range(0x20), 0x22, 0x5C, *range(0x7F, 0x100)]}
+
+
+def _escape(text: str | None) -> str:
+    return "-" if text is None else text.translate(_COMBINED_ESCAPES)
+
+
 def _whole_lines(lines: list[bytes], limit: int):
     batch, size = [], 0
     for line in lines:
@@ -93,9 +102,9 @@ class AccessLog:
     @staticmethod
     def _combined(e: dict) -> bytes:
         ts = time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(time.time()))
-        ua = (e["user_agent"] or "-").replace('"', "'")
-        return (f'{e["client_ip"]} - - [{ts}] "{e["method"]} {e["path"]} HTTP/1.1" '
-                f'{e["status"]} {e["bytes_out"]} "-" "{ua}" {e["duration_s"]}\n').encode()
+        request = f'{_escape(e["method"])} {_escape(e["path"])} HTTP/1.1'
+        return (f'{_escape(e["client_ip"])} - - [{ts}] "{request}" {e["status"]} {e["bytes_out"]} '
+                f'"-" "{_escape(e["user_agent"])}" {e["duration_s"]}\n').encode()
 
     def close(self) -> None:
         self.flush()

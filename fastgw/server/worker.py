@@ -275,12 +275,16 @@ class Worker:
 
 
 def _configure(state, spec, slots: dict) -> None:
+    from fastgw._core.proxyproto import trusted_networks
+
     limits = spec.limits
     state.configure(
         max_header_bytes=limits.max_header_bytes, max_headers=limits.max_headers,
         max_url_bytes=limits.max_url_bytes, max_body_bytes=limits.max_body_bytes,
         header_timeout=limits.header_timeout, idle_timeout=limits.idle_timeout,
-        max_connections=limits.max_connections, accept_proxy=spec.proxy_protocol,
+        body_timeout=limits.body_timeout, max_connections=limits.max_connections, accept_proxy=bool(spec.proxy_protocol),
+        proxy_trusted=trusted_networks(getattr(spec.proxy_protocol, "trusted", None)),
+        proxy_untrusted_plain=getattr(spec.proxy_protocol, "untrusted", None) == "plain",
         keep_escaped_slashes=spec.escaped_slashes == "keep",
         metric_slot=slots.get("listeners", {}).get(spec.name, -1))
 
