@@ -1780,7 +1780,7 @@ cdef class ClientConnection(Downstream):
             return False
         target = (<Balancer>service.balancer).pick(
             self._hash_key(req, service.hash_on) if service.hash_on is not None else None)
-        if target is failed or _refused_lately(target):
+        if target is failed or target is not None and _refused_lately(target):
             # A target that fails fast looks idle to the load-aware algorithms and would be drawn
             # again and again, and one this worker could not connect to a moment ago is most
             # likely down (killed, restarting) even before passive health ejects it: take the
