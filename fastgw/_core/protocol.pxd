@@ -218,7 +218,7 @@ cdef class ClientConnection(Downstream):
     cdef void _start_tunnel(self, Request req, UpstreamConnection conn, list headers)
     cdef void _end_tunnel(self)
     cdef void _send_error(self, Request req, int status, str code, str message)
-    cdef void _retry_fresh(self, Request req)
+    cdef bint _retry_fresh(self, Request req, double head_deadline)
     cdef bint _may_retry(self, Request req, Service service)
     cdef bint _retry_elsewhere(self, Request req)
     cdef void _response_finished(self, Request req)

@@ -64,6 +64,7 @@ for _code in range(100, 600):
 
 cdef frozenset IDEMPOTENT = frozenset([b"GET", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"TRACE"])
 cdef bytes CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+cdef double REFUSED_MEMORY = 1.0   # seconds a failed connect steers retries away from a target
 cdef bytes HTTP_SCHEME = b"http"
 cdef const char* HEXDIGITS = b"0123456789abcdef"
 
@@ -202,6 +203,11 @@ cdef bint _any_circuit_open(list targets):
         if circuit_is_open((<Target>t).metric_slot):
             return True
     return False
+
+
+cdef inline bint _refused_lately(Target target):
+    """This worker's last connect to `target` failed less than REFUSED_MEMORY seconds ago."""
+    return target.connect_failed_at > 0 and monotonic() - target.connect_failed_at < REFUSED_MEMORY
 
 
 cdef bint _valid_request_id(bytes value):
@@ -1802,11 +1808,12 @@ cdef class ClientConnection(Downstream):
             self._end_tunnel()            # idle for timeouts.read, or gone
             return 0
         req.upstream = None
-        if error == UPSTREAM_RESET and req.upstream_reused and req.attempts == 1 and \
-                req.replay is not None and (req.body_done or not req.body_bytes) and \
-                req.method in IDEMPOTENT:
-            # SPEC §4: a pooled connection the upstream closed as we reused it: once more, fresh.
-            self._retry_fresh(req)
+        if error == UPSTREAM_RESET and req.upstream_reused and req.replay is not None and \
+                (req.body_done or not req.body_bytes) and req.method in IDEMPOTENT and \
+                self._retry_fresh(req, conn.head_deadline):
+            # A pooled connection the upstream closed as we reused it (RFC 9112 §9.3.1.1): not
+            # the target failing, so the same try goes on over a fresh connection, whether it is
+            # the first try or a retry; a fresh connection is never reused, so this cannot loop.
             return 0
         cdef Service service = <Service>req.rule.route.service
         if error != UPSTREAM_POOL_FULL:
@@ -1856,21 +1863,23 @@ cdef class ClientConnection(Downstream):
             self._fail_request(req, 502, "upstream_error", "the upstream closed the connection")
         return 0
 
-    cdef void _retry_fresh(self, Request req):
-        cdef bint reused = True
+    cdef bint _retry_fresh(self, Request req, double head_deadline):
+        """Send `req` again to its target over a new connection, within the try's deadline.
+        False when the target is at max_connections_per_target (then it is retried elsewhere)."""
+        cdef bint reused
         cdef UpstreamConnection conn
-        while reused:                     # every other pooled connection may be stale too
-            conn = req.target.acquire(self, &reused)
-            if conn is None:
-                self._fail_request(req, 503, "no_healthy_upstream", "no connection available")
-                return
-            if reused:
-                conn.abort()
+        # The pool is used newest first: the connections under the stale one are older, most
+        # likely closed too (or the target restarted), so none of them is tried.
+        req.target.drop_idle()
+        conn = req.target.acquire(self, &reused)
+        if conn is None:
+            return False
         req.upstream = conn
         req.upstream_reused = False
         req.attempts += 1
-        conn.begin(self, req.method == b"HEAD", conn.head_deadline)
+        conn.begin(self, req.method == b"HEAD", head_deadline)
         conn.send_many(req.replay)
+        return True
 
     cdef bint _may_retry(self, Request req, Service service):
         """Can `req` be sent again after its target answered badly or not at all? Only an
@@ -1893,16 +1902,21 @@ cdef class ClientConnection(Downstream):
             return False
         target = (<Balancer>service.balancer).pick(
             self._hash_key(req, service.hash_on) if service.hash_on is not None else None)
-        if target is failed:
+        if target is failed or target is not None and _refused_lately(target):
             # A target that fails fast looks idle to the load-aware algorithms and would be drawn
-            # again and again: take the next target that is up instead.
+            # again and again, and one this worker could not connect to a moment ago is most
+            # likely down (killed, restarting) even before passive health ejects it: take the
+            # next target that is up instead, one that did not refuse us if there is one.
             target = None
             start = random64() % <unsigned long long>n
             for i in range(n):
                 candidate = service.targets[(start + i) % n]
                 if candidate is not failed and target_available((<Target>candidate).metric_slot, now):
-                    target = candidate
-                    break
+                    if not _refused_lately(candidate):
+                        target = candidate
+                        break
+                    if target is None:
+                        target = candidate
         if target is None or not circuit_admit(target.metric_slot, now):
             return False
         conn = target.acquire(self, &reused)

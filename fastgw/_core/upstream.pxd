@@ -59,10 +59,12 @@ cdef class Target:
     cdef readonly int active
     cdef readonly int metric_slot         # shared-memory counters and health words, -1 = none
     cdef bint retired                     # its service was replaced: released connections close
+    cdef readonly double connect_failed_at  # monotonic time of this worker's last failed connect, 0 = none
 
     cdef UpstreamConnection acquire(self, Downstream down, bint* reused)
     cdef UpstreamConnection _connect(self, Downstream down)
     cdef void release(self, UpstreamConnection conn)
+    cdef void drop_idle(self)
 
 
 cdef class Service:

@@ -212,6 +212,12 @@ cdef class Target:
         conn.arm(conn.last_activity + self.service.idle_timeout)
         self.idle.append(conn)
 
+    cdef void drop_idle(self):
+        """Close every pooled connection."""
+        for conn in self.idle:
+            (<UpstreamConnection>conn).abort()
+        self.idle.clear()
+
     # --- calls made by other clients than UpstreamConnection (gRPC) -----------------------------
 
     def call_admitted(self):
@@ -231,9 +237,7 @@ cdef class Target:
         """Its service was replaced by a reload: close the idle pool, and close busy connections
         when their exchange ends instead of pooling them."""
         self.retired = True
-        for conn in self.idle:
-            (<UpstreamConnection>conn).abort()
-        self.idle.clear()
+        self.drop_idle()
 
     def __repr__(self):
         return f"<Target {self.address} open={self.open_connections} idle={len(self.idle)}>"
@@ -425,6 +429,8 @@ cdef class UpstreamConnection:
     cdef int _fail(self, int error) except -1:
         cdef Downstream down = self.downstream
         self.error = error
+        if error == UPSTREAM_CONNECT_FAILED:
+            self.target.connect_failed_at = monotonic()
         self.abort()
         if down is not None:
             down.upstream_failed(self, error)
@@ -498,6 +504,7 @@ cdef class UpstreamConnection:
         self.transport = transport
         self.state = CONN_BUSY
         self.connect_task = None
+        self.target.connect_failed_at = 0
         if self.pending:
             transport.writelines(self.pending)
             self.pending = []
