@@ -64,6 +64,7 @@ for _code in range(100, 600):
 
 cdef frozenset IDEMPOTENT = frozenset([b"GET", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"TRACE"])
 cdef bytes CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+cdef list ECHO_FIELDS = [b"content-type", b"application/json"]
 cdef double REFUSED_MEMORY = 1.0   # seconds a failed connect steers retries away from a target
 cdef bytes HTTP_SCHEME = b"http"
 cdef const char* HEXDIGITS = b"0123456789abcdef"
@@ -551,8 +552,12 @@ cdef class ClientConnection(Downstream):
             self.client_ip = value                # ... and its client (internal connections are reused)
             # else dropped: the proxy writes its own, only after authentication
         elif (n == 17 and ascii_ieq(s, n, b"x-forwarded-proto", 17)) or \
-                (n == 16 and ascii_ieq(s, n, b"x-forwarded-host", 16)) or is_hop_by_hop(s, n):
-            pass                                  # the proxy writes its own
+                (n == 16 and ascii_ieq(s, n, b"x-forwarded-host", 16)) or \
+                is_hop_by_hop(s, n) and not (n == 19 and ascii_ieq(s, n, b"proxy-authorization", 19)):
+            # The proxy writes its own. Proxy-Authorization goes on (RFC 9110 §11.7.2: a proxy
+            # relays it unless it consumes it, as nginx and HAProxy do): the plugin that reads
+            # its credential from it removes it.
+            pass
         elif memchr(s, b'_', n) is not NULL:
             # Dropped, as nginx does (underscores_in_headers off): CGI-style backends read
             # Transfer_Encoding, Content_Length or X_Forwarded_For as the fields with "-".
@@ -808,7 +813,8 @@ cdef class ClientConnection(Downstream):
         if req.consumer is None:
             if req.rule.route.plugins.credential_fields is not None:
                 credential = self._cache_credential(req)   # let through, no consumer: keyed by it
-            elif _header_value(req.headers, b"authorization"):
+            elif _header_value(req.headers, b"authorization") or \
+                    _header_value(req.headers, b"proxy-authorization"):
                 return False              # someone's credentials nothing checked: not shared
         req.cache_key = cache.key_for(req.host, req.path, req.query, req.headers, req.consumer,
                                       credential)
@@ -1514,8 +1520,25 @@ cdef class ClientConnection(Downstream):
     # --- answers produced here -------------------------------------------------------------------
 
     cdef void _write_respond(self, Request req):
+        """A `respond` route's answer is the route's like a proxied one: its response edits
+        (response_headers, deprecation) and response plugins (CORS) apply. Without either, the
+        head compiled with the config goes out as it is."""
         cdef WriteBuffer o = self.out
-        o.write_bytes(req.rule.route.respond_head)
+        cdef RouteEntry route = req.rule.route
+        cdef int status = route.respond_status
+        cdef list fields = route.respond_fields
+        cdef bint plugins = req.view is not None and route.plugins.response_plugins
+        if route.response_edits is None and not plugins:
+            o.write_bytes(route.respond_head)
+        else:
+            if plugins:
+                fields = self._response_plugins(req, &status, fields)
+            req.status = status
+            o.write_bytes(<bytes>STATUS_LINES[status])
+            write_fields(o, fields, route.response_edits)
+            o.write(b"content-length: ", 16)
+            o.write_int(PyBytes_GET_SIZE(route.respond_body))
+            o.write(b"\r\n", 2)
         o.write_bytes(_date_header())
         self._write_connection_header(req)
         o.write(b"\r\n", 2)
@@ -1551,9 +1574,12 @@ cdef class ClientConnection(Downstream):
             "route": req.rule.route.name, "headers": headers,
             "body": body.decode("utf-8", "replace"),
         })
-        req.status = 200
-        self._write_simple(req, 200, b"application/json", payload)
-        self._response_finished(req)
+        # The echo service's answer is the route's: response edits and plugins apply to it.
+        cdef int status = 200
+        cdef list fields = ECHO_FIELDS
+        if req.view is not None and req.rule.route.plugins.response_plugins:
+            fields = self._response_plugins(req, &status, fields)
+        self._write_answer(req, status, fields, payload, req.rule.route.response_edits)
 
     cdef void _fail_request(self, Request req, int status, str code, str message):
         """Answer `req` with a JSON error and finish it."""

@@ -45,6 +45,8 @@ cdef class RouteEntry:
     cdef readonly int respond_status
     cdef readonly bytes respond_head      # status line + headers, without Connection and the blank line
     cdef readonly bytes respond_body
+    cdef readonly list respond_fields     # its header fields [name, value, ...], no Content-Length:
+                                          # what response edits and plugins start from
     cdef readonly int metric_slot         # shared-memory counters (fastgw._core.shm), -1 = none
     cdef readonly tuple conditions        # header / query / profile conditions, None = none
     cdef readonly object plugins          # fastgw.plugins.chain.Chain, None = no plugins at all

@@ -164,7 +164,7 @@ cdef class RouteEntry:
                  methods_mask=0, host_rewrite=None, strip_prefix=None, query_rewrite=None,
                  request_edits=None, response_edits=None, double timeout=0.0,
                  long long max_body=-1, int respond_status=0, respond_head=None,
-                 respond_body=None, int metric_slot=-1, conditions=None, plugins=None,
+                 respond_body=None, respond_fields=None, int metric_slot=-1, conditions=None, plugins=None,
                  handler=None, shapes=None, unsigned long long analytics_route=0,
                  unsigned long long analytics_service=0):
         self.name = name
@@ -183,6 +183,7 @@ cdef class RouteEntry:
         self.respond_status = respond_status
         self.respond_head = respond_head
         self.respond_body = respond_body
+        self.respond_fields = respond_fields
         self.metric_slot = metric_slot
         self.conditions = tuple(conditions) if conditions else None
         self.plugins = plugins

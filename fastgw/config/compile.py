@@ -334,8 +334,9 @@ def _compile_route(route: Route, i: int, service, slot: int, chain, method_bits:
         analytics_service=analytics_key("service", route.service) if route.service else 0,
     )
     if route.respond is not None:
-        status, head, body = respond_bytes(route.respond)
-        entry_args.update(respond_status=status, respond_head=head, respond_body=body)
+        status, head, body, fields = respond_bytes(route.respond)
+        entry_args.update(respond_status=status, respond_head=head, respond_body=body,
+                          respond_fields=fields)
     if route.aggregate is not None:
         entry_args["handler"] = _aggregator(route, where, shapes, handlers, problems)
     patterns = [(j, pattern, None) for j, pattern in enumerate(match.paths or ["/**"])]
@@ -585,8 +586,10 @@ def _instant(text: str, key: str) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
 
 
-def respond_bytes(respond) -> tuple[int, bytes, bytes]:
-    """Status, head (status line + headers, no Connection, no blank line) and body."""
+def respond_bytes(respond) -> tuple[int, bytes, bytes, list]:
+    """Status, head (status line + headers, no Connection, no blank line), body, and the header
+    fields without Content-Length as [name, value, ...] bytes (for the route's response edits and
+    plugins: the head is only written as is when the route has neither)."""
     headers = {k.lower(): v for k, v in respond.headers.items()}
     if respond.json is not msgspec.UNSET:
         body = msgspec.json.encode(respond.json)
@@ -595,6 +598,8 @@ def respond_bytes(respond) -> tuple[int, bytes, bytes]:
         body = (respond.body or "").encode()
         if body:
             headers.setdefault("content-type", "text/plain; charset=utf-8")
+    headers.pop("content-length", None)
+    fields = [part.encode("latin-1") for item in headers.items() for part in item]
     headers["content-length"] = str(len(body))
     try:
         phrase = HTTPStatus(respond.status).phrase
@@ -602,4 +607,4 @@ def respond_bytes(respond) -> tuple[int, bytes, bytes]:
         phrase = f"Status {respond.status}"
     head = f"HTTP/1.1 {respond.status} {phrase}\r\n" + "".join(
         f"{k}: {v}\r\n" for k, v in headers.items())
-    return respond.status, head.encode("latin-1"), body
+    return respond.status, head.encode("latin-1"), body, fields
