@@ -199,3 +199,78 @@ def test_introspection_cached_single_flight_inactive_and_down(gateway, upstream,
     config["listeners"][0]["bind"] = f"{HOST}:{free_port()}"
     unreachable = gateway(config)
     assert unreachable.request("GET", "/api/x", headers=bearer("good")).status == 503
+
+
+# --- options: the HS256 hint, require_consumer, hide_credentials ----------------------------------
+
+SECRET = "s" * 32
+
+
+def test_secret_without_algorithms_says_to_add_hs256(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "gw.yaml").write_text(
+        "version: 1\n"
+        "listeners: [{name: public, bind: 127.0.0.1:18080}]\n"
+        "services: {up: {targets: [{address: 127.0.0.1:9}]}}\n"
+        "routes:\n"
+        "  - name: api\n"
+        "    service: up\n"
+        "    plugins:\n"
+        "      - jwt:\n"
+        f"          secret: {SECRET}\n")
+    repo = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-m", "fastgw", "check", "-c", "gw.yaml"], cwd=tmp_path,
+                          env={**__import__("os").environ, "PYTHONPATH": str(repo)},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "gw.yaml:8: routes[0].plugins[0].jwt: " in done.stdout + done.stderr
+    assert "add algorithms: [HS256] (or HS384, HS512)" in done.stdout + done.stderr
+
+
+def test_require_consumer(gateway, upstream):
+    known = {"name": "seven", "credentials": {"jwt": [{"issuer": ISSUER, "subject": "user-7"}]}}
+    stranger = token(SECRET, alg="HS256", kid=None, sub="nobody")
+    member = token(SECRET, alg="HS256", kid=None)
+    lenient = jwt_gateway(gateway, upstream, {"algorithms": ["HS256"], "secret": SECRET}, consumers=[known])
+    assert lenient.request("GET", "/api/a", headers=bearer(stranger)).status == 200   # the default: false
+    assert upstream.requests[-1].header("x-consumer-name") is None
+    strict = jwt_gateway(gateway, upstream, {"algorithms": ["HS256"], "secret": SECRET, "require_consumer": True},
+                         consumers=[known])
+    before = len(upstream.requests)
+    for _ in range(2):                                   # the second time from the verified-token cache
+        resp = strict.request("GET", "/api/b", headers=bearer(stranger))
+        assert resp.status == 401 and "no consumer" in resp.json()["error"]["message"]
+        assert resp.header("www-authenticate") == 'Bearer realm="fastgw"'
+    assert len(upstream.requests) == before
+    resp = strict.request("GET", "/api/c", headers=bearer(member))
+    assert resp.status == 200 and upstream.requests[-1].header("x-consumer-name") == "seven"
+
+
+def test_hide_credentials(gateway, upstream):
+    good = token(SECRET, alg="HS256", kid=None)
+    shown = jwt_gateway(gateway, upstream, {"algorithms": ["HS256"], "secret": SECRET, "cookie": "session"})
+    assert shown.request("GET", "/api/a", headers=bearer(good)).status == 200
+    assert upstream.requests[-1].header("authorization") == f"Bearer {good}"
+    hidden = jwt_gateway(gateway, upstream, {"algorithms": ["HS256"], "secret": SECRET, "cookie": "session",
+                                             "hide_credentials": True})
+    with hidden.connect() as conn:
+        # The header however it is written; other headers and cookies stay.
+        resp = conn.request(f"GET /api/b HTTP/1.1\r\nHost: x\r\nAUTHORIZATION: bearer {good}\r\n"
+                            f"Cookie: theme=dark\r\nX-Other: 1\r\n\r\n".encode())
+    assert resp.status == 200
+    seen = upstream.requests[-1]
+    assert seen.header("authorization") is None and "authorization" not in seen.raw_head.decode().lower()
+    assert seen.header("cookie") == "theme=dark" and seen.header("x-other") == "1"
+    # From the cookie: that cookie goes, the others and a non-Bearer Authorization stay.
+    resp = hidden.request("GET", "/api/c", headers={"cookie": f"theme=dark; session={good}; lang=fr",
+                                                    "authorization": "Basic dXNlcjpwYXNz"})
+    assert resp.status == 200
+    seen = upstream.requests[-1]
+    assert seen.header("cookie") == "theme=dark; lang=fr" and good not in seen.raw_head.decode()
+    assert seen.header("authorization") == "Basic dXNlcjpwYXNz"
+    # Without the option, the cookie is passed on as it came.
+    assert shown.request("GET", "/api/d", headers={"cookie": f"session={good}"}).status == 200
+    assert upstream.requests[-1].header("cookie") == f"session={good}"

@@ -226,6 +226,14 @@ class Request:
                     return value
         return None
 
+    def remove_cookie(self, name: str) -> None:
+        """Drop the cookie `name` from the Cookie header(s), keeping the others in one field."""
+        kept = [part.strip() for header in self.headers.get_all("cookie") for part in header.split(";")
+                if part.strip() and part.strip().partition("=")[0] != name]
+        self.headers.remove("cookie")
+        if kept:
+            self.headers.set("cookie", "; ".join(kept))
+
 
 class Response:
     """A local answer (returned from on_request) or the answer going out (on_response).

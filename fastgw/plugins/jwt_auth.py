@@ -12,7 +12,10 @@ an HMAC secret (the classic algorithm confusion). `exp`, `nbf`, `iss` and `aud` 
 `leeway`; `exp` and `nbf` must be JSON numbers (a fraction is fine, as RFC 7519 allows; a string or
 a boolean is refused). A verified token is remembered (at most `cache_size`, until it expires), so a client
 repeating it costs a dictionary lookup. `forward_claims` copies claims into request headers; a
-consumer whose `credentials.jwt` names the token's issuer and subject becomes the request's consumer.
+consumer whose `credentials.jwt` names the token's issuer and subject becomes the request's consumer
+(with `require_consumer`, a token no consumer claims is refused). `hide_credentials` removes the
+token from what the upstream receives; a token read from Proxy-Authorization is always removed
+(RFC 9110 §11.7.2: that field is for the proxy that consumes it).
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ from fastgw.plugins.fetch import FetchError, fetch
 
 HMAC = ("HS256", "HS384", "HS512")
 ASYMMETRIC = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
+DEFAULT_ALGORITHMS = ("RS256", "ES256", "EdDSA")
 CHALLENGE = {"www-authenticate": 'Bearer realm="fastgw"'}
 
 
@@ -57,7 +61,7 @@ class JwtAuth(Plugin):
     authenticates = True
 
     class Config(msgspec.Struct, forbid_unknown_fields=True):
-        algorithms: list[str] = msgspec.field(default_factory=lambda: ["RS256", "ES256", "EdDSA"])
+        algorithms: list[str] = msgspec.field(default_factory=lambda: list(DEFAULT_ALGORITHMS))
         issuer: str | None = None
         audiences: list[str] = []
         leeway: Duration = 0.0
@@ -69,6 +73,8 @@ class JwtAuth(Plugin):
         jwks_cooldown: Duration = 30.0
         header: str = "authorization"              # "Bearer <token>"
         cookie: str | None = None
+        hide_credentials: bool = False             # do not pass the token on to the upstream
+        require_consumer: bool = False             # true: a token no consumer claims is refused
         forward_claims: dict[str, str] = {}        # claim -> request header
         required_claims: list[str] = msgspec.field(default_factory=lambda: ["exp"])
         cache_size: int = 10000
@@ -80,6 +86,10 @@ class JwtAuth(Plugin):
             if any(a in HMAC for a in self.algorithms) and not self.secret:
                 raise ValueError("HS* algorithms need a secret")
             if self.secret and not all(a in HMAC for a in self.algorithms):
+                if tuple(self.algorithms) == DEFAULT_ALGORITHMS:
+                    raise ValueError("a secret is for HS* algorithms, and the default algorithms are "
+                                     f"{', '.join(DEFAULT_ALGORITHMS)}: add algorithms: [HS256] "
+                                     "(or HS384, HS512)")
                 raise ValueError("a secret is only for HS* algorithms: list them alone")
             if any(a in ASYMMETRIC for a in self.algorithms) and not (self.public_keys or self.jwks_url):
                 raise ValueError("RS/PS/ES/EdDSA algorithms need public_keys or a jwks_url")
@@ -108,24 +118,29 @@ class JwtAuth(Plugin):
         self.jwks_task: asyncio.Future | None = None
         self.verified: OrderedDict[str, tuple] = OrderedDict()   # token -> (claims, exp)
         self.by_subject: dict = {}
+        # RFC 9110 §11.7.2: Proxy-Authorization is for the proxy that consumes it, never passed on.
+        self.consumes_header = config.header.lower() == "proxy-authorization"
 
     def setup(self, context):
         self.by_subject = token_consumers(context.consumers)
 
     # --- the request ---------------------------------------------------------------------------
 
-    def _token(self, req) -> str | None:
+    def _token(self, req) -> tuple[str | None, str | None]:
+        """(token, where it was: "header" or "cookie")."""
         value = req.headers.get(self.config.header)
         if value:
             scheme, _, token = value.partition(" ")
             if scheme.lower() == "bearer" and token.strip():
-                return token.strip()
+                return token.strip(), "header"
         if self.config.cookie:
-            return req.cookie(self.config.cookie)
-        return None
+            token = req.cookie(self.config.cookie)
+            if token is not None:
+                return token, "cookie"
+        return None, None
 
     def on_request(self, req):
-        token = self._token(req)
+        token, _ = self._token(req)
         if token is None:
             return Response.error(401, "unauthorized", "a bearer token is required", CHALLENGE)
         remembered = self.verified.get(token)
@@ -190,9 +205,22 @@ class JwtAuth(Plugin):
             self.verified.popitem(last=False)
 
     def _accept(self, req, claims: dict):
-        accept_token(req, claims, self.config.forward_claims, self.by_subject)
+        config = self.config
+        if config.require_consumer and (claims.get("iss"), claims.get("sub")) not in self.by_subject:
+            return self._reject("its issuer and subject name no consumer")
+        accept_token(req, claims, config.forward_claims, self.by_subject)
         req.ctx["jwt_claims"] = claims
+        if self.consumes_header or config.hide_credentials:
+            self._hide(req)
         return None
+
+    def _hide(self, req) -> None:
+        """Remove the token from where it came (what `_token` found first)."""
+        _, where = self._token(req)
+        if where == "header":
+            req.headers.remove(self.config.header)
+        elif where == "cookie" and self.config.hide_credentials:
+            req.remove_cookie(self.config.cookie)
 
     @staticmethod
     def _reject(why: str):

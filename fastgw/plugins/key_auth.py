@@ -49,9 +49,15 @@ class KeyAuth(Plugin):
                 self.by_digest[hexdigest] = (stored, consumer)
                 self.by_raw_digest[bytes.fromhex(hexdigest)] = (bytes.fromhex(hexdigest), consumer.name.encode())
 
+    @property
+    def consumes_header(self) -> bool:
+        """RFC 9110 §11.7.2: a key in Proxy-Authorization is ours to consume, never passed on."""
+        return (self.config.header or "").lower() == "proxy-authorization"
+
     def native(self):
         """The data plane does the header case itself (fastgw/_core/native.pyx)."""
-        if self.config.query or self.config.cookie or self.config.hide_credentials or not self.config.header:
+        config = self.config
+        if config.query or config.cookie or config.hide_credentials or not config.header or self.consumes_header:
             return None
         from fastgw._core.native import KeyAuthCheck
 
@@ -90,7 +96,7 @@ class KeyAuth(Plugin):
         if found is None or not hmac.compare_digest(found[0], "sha256:" + digest):
             return self.invalid()
         req.consumer = found[1]
-        if self.config.hide_credentials:
+        if self.config.hide_credentials or where == "header" and self.consumes_header:
             self._hide(req, where)
         return None
 
@@ -101,8 +107,4 @@ class KeyAuth(Plugin):
             kept = [(k, v) for k, v in parse_qsl(req.query[1:], keep_blank_values=True) if k != self.config.query]
             req.query = "?" + urlencode(kept) if kept else ""
         else:
-            cookies = [part.strip() for header in req.headers.get_all("cookie") for part in header.split(";")
-                       if part.strip() and part.strip().partition("=")[0] != self.config.cookie]
-            req.headers.remove("cookie")
-            if cookies:
-                req.headers.set("cookie", "; ".join(cookies))
+            req.remove_cookie(self.config.cookie)
