@@ -129,3 +129,17 @@ def test_plugin_refusal_gets_cors_but_not_the_route_headers(gw):
     allowed = ask(gw, "GET", "/guarded", ("Origin", ORIGIN), ("X-Api-Key", "acme-key"))
     assert allowed.status == 200 and allowed.body == b"in"
     assert allowed.header("access-control-allow-origin") == ORIGIN and allowed.header("x-edited") == "yes"
+
+
+def test_request_id_plugin_on_made_answers_gives_one_field(gateway):
+    """request_id (echo_downstream) on an echo route: its answer, and a plugin's refusal on the
+    same route, carry X-Request-Id once, the client's value."""
+    config = {"version": 1, "listeners": [{"name": "public", "bind": f"{HOST}:{free_port()}"}],
+              "services": {"echo": {"kind": "echo"}},
+              "routes": [route("echoed", ["/**"], "echo", plugins=[{"request_id": {}}, {"key_auth": {}}])],
+              "consumers": [{"name": "acme", "credentials": {"api_keys": [hash_key("acme-key")]}}]}
+    gw = gateway(config)
+    for headers, status in [((("X-Api-Key", "acme-key"),), 200), ((), 401)]:
+        resp = ask(gw, "GET", "/e", ("X-Request-Id", "abc-123"), *headers)
+        assert resp.status == status
+        assert resp.header_all("x-request-id") == ["abc-123"], resp.headers

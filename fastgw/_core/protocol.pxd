@@ -234,4 +234,4 @@ cdef class ClientConnection(Downstream):
     cdef void _close(self)
     cdef void _abort_client(self)
     cdef void _write_simple(self, Request req, int status, bytes content_type, bytes body, int retry_after=*)
-    cdef void _finish_head_and_body(self, Request req, bytes body, int retry_after)
+    cdef void _finish_head_and_body(self, Request req, bytes body, int retry_after, bint request_id)

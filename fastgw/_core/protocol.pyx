@@ -892,7 +892,7 @@ cdef class ClientConnection(Downstream):
         o.write(b"\r\nx-cache: ", 11)
         o.write_bytes(state)
         o.write(b"\r\n", 2)
-        self._finish_head_and_body(req, entry.body, 0)
+        self._finish_head_and_body(req, entry.body, 0, True)
         self._response_finished(req)
 
     cdef bint _serve_stale(self, Request req):
@@ -1190,7 +1190,8 @@ cdef class ClientConnection(Downstream):
         o.write_bytes(<bytes>STATUS_LINES[status])
         o.write_bytes(_date_header())
         write_fields(o, fields, edits)
-        self._finish_head_and_body(req, body, 0)
+        # Once: a response plugin (request_id) may have put it among the fields already.
+        self._finish_head_and_body(req, body, 0, not _header_value(fields, b"x-request-id"))
         self._response_finished(req)
 
     # --- handler routes (aggregation, gRPC): Python answers with the whole request at hand ------
@@ -1602,17 +1603,19 @@ cdef class ClientConnection(Downstream):
         o.write(b"content-type: ", 14)
         o.write_bytes(content_type)
         o.write(b"\r\n", 2)
-        self._finish_head_and_body(req, body, retry_after)
+        self._finish_head_and_body(req, body, retry_after, True)
 
-    cdef void _finish_head_and_body(self, Request req, bytes body, int retry_after):
-        """The end of an answer made here: its length, request id, Retry-After, connection
-        header, the blank line and the body (none for HEAD), written out."""
+    cdef void _finish_head_and_body(self, Request req, bytes body, int retry_after, bint request_id):
+        """The end of an answer made here: its length, request id (unless told it is written),
+        Retry-After, connection header, the blank line and the body (none for HEAD), written out."""
         cdef WriteBuffer o = self.out
         o.write(b"content-length: ", 16)
         o.write_int(PyBytes_GET_SIZE(body))
-        o.write(b"\r\nx-request-id: ", 16)
-        o.write_bytes(self._request_id(req))
         o.write(b"\r\n", 2)
+        if request_id:
+            o.write(b"x-request-id: ", 14)
+            o.write_bytes(self._request_id(req))
+            o.write(b"\r\n", 2)
         if retry_after > 0:
             o.write(b"retry-after: ", 13)
             o.write_int(retry_after)
