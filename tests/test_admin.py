@@ -338,3 +338,35 @@ def test_a_change_that_cannot_be_written_is_not_applied(gateway, upstream):
     assert all(gw.request("GET", "/hello").status == 200 for _ in range(10))
     status = gw.admin("GET", "/status").json()
     assert status["config_version"] == 1 and status["ready"] and status["reload"]["ok"] is False
+
+
+def test_listings_show_what_the_single_endpoints_show_with_secrets_redacted(gateway, start_upstream, upstream):
+    other = start_upstream(RecordingUpstream())
+    config = admin_config(upstream.port)
+    config["services"]["second"] = target_service(other.port)
+    config["routes"].insert(0, route("signed", ["/signed/**"], "second",
+                                     request_headers={"set": {"Authorization": "Bearer upstream-secret",
+                                                              "X-Tenant": "t1"}}))
+    config["consumers"] = [{"name": "acme", "credentials": {"api_keys": ["sha256:" + "ab" * 32]}},
+                           {"name": "globex", "groups": ["partners"]}]
+    gw = gateway(config)
+    services = ok(gw.admin("GET", "/services"))
+    assert services["config_version"] == 1 and list(services["services"]) == ["up", "second"]
+    for name, shown in services["services"].items():
+        assert shown == ok(gw.admin("GET", f"/services/{name}"))
+    routes = ok(gw.admin("GET", "/routes"))["routes"]
+    assert [r["name"] for r in routes] == ["signed", "all"]                  # match order, as in the file
+    assert routes == [ok(gw.admin("GET", f"/routes/{r['name']}")) for r in routes]
+    assert routes[0]["request_headers"]["set"] == {"Authorization": "<redacted>", "X-Tenant": "t1"}
+    consumers = ok(gw.admin("GET", "/consumers"))["consumers"]
+    assert consumers == [ok(gw.admin("GET", "/consumers/acme")), ok(gw.admin("GET", "/consumers/globex"))]
+    assert consumers[0]["credentials"]["api_keys"] == ["<redacted>"]
+    raw = b"".join(gw.admin("GET", path).body for path in ("/services", "/routes", "/consumers"))
+    assert b"upstream-secret" not in raw and b"ab" * 32 not in raw
+    # HEAD answers like GET without a body; a change shows in the next listing.
+    head = gw.admin("HEAD", "/routes")
+    assert head.status == 200 and head.body == b""
+    ok(gw.admin("DELETE", "/routes/signed"))
+    after = ok(gw.admin("GET", "/routes"))
+    assert after["config_version"] == 2 and [r["name"] for r in after["routes"]] == ["all"]
+    assert gw.admin("POST", "/routes", {}).status == 405

@@ -212,6 +212,10 @@ def build_app(sup, token: str | None, guard: SameOrigin) -> AdminApp:
 def _object_routes(app: AdminApp, store, change, kind: str) -> None:
     path = f"/{kind}/{{name}}"
 
+    @app.route("GET", f"/{kind}")
+    async def listing(req):
+        return {"config_version": store.version, kind: store.list_objects(kind)}
+
     @app.route("GET", path)
     async def get(req):
         try:

@@ -125,6 +125,12 @@ class ConfigStore:
     def get_object(self, kind: str, name: str) -> dict:
         return redact(_find(self.loaded.document, kind, name)[1])
 
+    def list_objects(self, kind: str) -> dict | list:
+        """Every object of `kind` as `get_object` shows it: services by name, routes and
+        consumers as a list in file order (route order is match order)."""
+        value = self.loaded.document.get(kind)
+        return redact(value if value is not None else ({} if kind == "services" else []))
+
     def with_object(self, kind: str, name: str, obj: dict) -> dict:
         if not isinstance(obj, dict):
             raise ValueError(f"a {kind[:-1]} must be a JSON object")
