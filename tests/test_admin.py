@@ -47,10 +47,11 @@ def test_put_route_is_validated_persisted_and_applied(gateway, upstream):
     assert answer["config_version"] == 2 and answer["persisted"] is True
     resp = gw.request("GET", "/hello")
     assert resp.status == 201 and resp.json() == {"hi": 1}
-    # Persisted atomically: the file has the route, the previous text is FILE.bak.
+    # Persisted atomically: the file has the route, the previous text is FILE.bak.<time>.
     on_disk = yaml.safe_load(gw.config_path.read_text())
     assert [r["name"] for r in on_disk["routes"]] == ["all", "hello"]
-    assert gw.config_path.with_name("gateway.yaml.bak").read_text() == before
+    [backup] = gw.workdir.glob("gateway.yaml.bak.*")
+    assert backup.read_text() == before
     assert ok(gw.admin("GET", "/routes/hello"))["respond"]["status"] == 201
     # Every worker runs it (new connections land on both).
     assert all(gw.request("GET", "/hello").status == 201 for _ in range(20))
@@ -328,7 +329,10 @@ def _up(port: int) -> bool:
 def test_a_change_that_cannot_be_written_is_not_applied(gateway, upstream):
     gw = gateway(admin_config(upstream.port))
     before = gw.config_path.read_text()
-    gw.config_path.with_name("gateway.yaml.bak").mkdir()        # the backup cannot be written
+    # The backup cannot be written: the file (reached through a symlink, written through) has a
+    # name with no room for ".bak.<time>" (NAME_MAX is 255), which stops root too.
+    real = gw.config_path.rename(gw.workdir / ("g" * 240 + ".yaml"))
+    gw.config_path.symlink_to(real.name)
     resp = gw.admin("PUT", "/routes/hello", {"match": {"paths": ["/hello"]}, "respond": {"status": 201}})
     assert resp.status == 500 and resp.json()["error"]["code"] == "not_persisted"
     assert "gateway.yaml" in resp.json()["error"]["message"]
