@@ -374,3 +374,46 @@ def test_listings_show_what_the_single_endpoints_show_with_secrets_redacted(gate
     after = ok(gw.admin("GET", "/routes"))
     assert after["config_version"] == 2 and [r["name"] for r in after["routes"]] == ["all"]
     assert gw.admin("POST", "/routes", {}).status == 405
+
+
+def test_admin_changes_are_logged_and_keep_the_last_n_backups(gateway, start_upstream, upstream):
+    other = start_upstream(RecordingUpstream())
+    config = admin_config(upstream.port, backups=2)
+    config["services"]["up"]["targets"].append({"address": f"{HOST}:{other.port}"})
+    gw = gateway(config)
+    texts = [gw.config_path.read_text()]
+    ok(gw.admin("PATCH", f"/services/up/targets/{HOST}:{other.port}", {"weight": 5}))
+    texts.append(gw.config_path.read_text())
+    key = "sha256:" + "cd" * 32
+    ok(gw.admin("PUT", "/consumers/acme", {"groups": ["partners"], "credentials": {"api_keys": [key]}}))
+    texts.append(gw.config_path.read_text())
+    new_key = "sha256:" + "ef" * 32
+    ok(gw.admin("PUT", "/consumers/acme", {"groups": ["partners", "beta"], "credentials": {"api_keys": [new_key]}}))
+    texts.append(gw.config_path.read_text())
+    ok(gw.admin("PATCH", f"/services/up/targets/{HOST}:{other.port}", {"weight": 2}))
+    texts.append(gw.config_path.read_text())
+    ok(gw.admin("PUT", "/routes/s", route("s", ["/s/**"], "up",
+                                         request_headers={"set": {"Authorization": "Bearer upstream-secret"}})))
+    texts.append(gw.config_path.read_text())
+    ok(gw.admin("DELETE", f"/services/up/targets/{HOST}:{upstream.port}"))
+    texts.append(gw.config_path.read_text())
+    ok(gw.admin("DELETE", "/routes/s"))
+    assert gw.admin("PATCH", "/services/up/targets/10.9.9.9:1", {"weight": 2}).status == 404   # not applied
+
+    log = wait_for(lambda: [line for line in gw.stderr_text().splitlines() if "admin: " in line]
+                   if gw.stderr_text().count("admin: ") >= 7 else None)
+    assert [line.split("admin: ", 1)[1] for line in log] == [
+        "PATCH service up: targets[1].weight unset -> 5",        # the file did not set it
+        'PUT consumer acme: added {"name":"acme","groups":["partners"],"credentials":{"api_keys":["<redacted>"]}}',
+        'PUT consumer acme: groups[1] added "beta", credentials.api_keys[0] "<redacted>" -> "<redacted>"',
+        "PATCH service up: targets[1].weight 5 -> 2",
+        'PUT route s: added {"name":"s","match":{"paths":["/s/**"]},'
+        '"request_headers":{"set":{"Authorization":"<redacted>"}},"service":"up"}',
+        "DELETE service up: targets[0] removed",
+        "DELETE route s: removed",
+    ]
+    stderr = gw.stderr_text()
+    assert key not in stderr and new_key not in stderr and "upstream-secret" not in stderr
+    # admin.backups: 2 after seven changes: the two newest, the newest = the config before the last change.
+    backups = sorted(gw.workdir.glob("gateway.yaml.bak.*"))
+    assert [b.read_text() for b in backups] == texts[-2:]
