@@ -14,7 +14,7 @@ import msgspec
 from fastgw import __version__
 from fastgw.admin.changelog import describe, entity
 from fastgw.admin.http import AdminApp, AdminServer, HTTPError, Response
-from fastgw.admin.live import MAX_ANALYTICS_MINUTES, LiveStats, analytics, target_health
+from fastgw.admin.live import MAX_ANALYTICS_MINUTES, LiveStats, analytics, history, target_health
 from fastgw.admin.metrics import render
 from fastgw.admin.origin import SameOrigin
 from fastgw.config.errors import ConfigError, ConfigWriteError, ConflictError
@@ -115,14 +115,17 @@ def build_app(sup, token: str | None, guard: SameOrigin) -> AdminApp:
     @app.route("GET", "/analytics")
     async def usage(req):
         by = req.query.get("by", "route")
-        window = req.query.get("window", "15m")
-        try:
-            minutes = -(-parse_duration(window) // 60)
-        except ValueError:
-            minutes = 0
-        if by not in ("route", "service", "consumer") or not 1 <= minutes <= MAX_ANALYTICS_MINUTES:
+        minutes = _window_minutes(req.query.get("window", "15m"))
+        if by not in ("route", "service", "consumer") or not minutes:
             raise HTTPError(400, "bad_request", "by: route | service | consumer; window: 1m to 60m (e.g. 15m)")
-        return analytics(sup, by, int(minutes))
+        return analytics(sup, by, minutes)
+
+    @app.route("GET", "/history")
+    async def traffic_history(req):
+        minutes = _window_minutes(req.query.get("window", "5m"))
+        if not minutes:
+            raise HTTPError(400, "bad_request", "window: 1m to 60m (e.g. 5m)")
+        return history(sup, minutes)
 
     @app.route("GET", "/status")
     async def status(req):
@@ -249,6 +252,15 @@ def _object_routes(app: AdminApp, store, change, kind: str) -> None:
     async def delete(req):
         return await change(req, lambda: store.without_object(kind, req.params["name"]),
                             kind, req.params["name"])
+
+
+def _window_minutes(window: str) -> int:
+    """`15m` -> 15 (whole minutes, rounded up); 0 when it is not a duration of 1 to 60 minutes."""
+    try:
+        minutes = -(-parse_duration(window) // 60)
+    except ValueError:
+        return 0
+    return int(minutes) if 1 <= minutes <= MAX_ANALYTICS_MINUTES else 0
 
 
 def _object(req) -> dict:
