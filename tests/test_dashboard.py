@@ -309,3 +309,75 @@ def test_history_has_every_request_of_the_last_minutes_at_once(gateway, start_up
     assert busy and all(m["p50_ms"] > 0 and m["seconds"] >= 1 for m in busy)
     assert gw.admin("GET", "/history?window=2h").status == 400
     assert gw.admin("GET", "/history?window=soon").status == 400
+
+
+@pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"),
+                    reason="no chromium here (CI installs Debian's chromium)")
+def test_dashboard_shows_what_broke_at_once_in_a_real_browser(gateway, start_upstream):
+    from playwright.sync_api import sync_playwright
+
+    from fastgw import __version__
+
+    up = start_upstream(RecordingUpstream())
+    gw = gateway(answers_config(up.port))
+    send_traffic(gw.port)                                     # all of it before the page opens
+    held = http.client.HTTPConnection(HOST, gw.port, timeout=5)
+    assert http_request(gw.port, "GET", "/shop/held", conn=held).status == 200
+    url = f"http://{HOST}:{gw.admin_port}/"
+    errors: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--no-first-run", "--disable-sync"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(url)
+            page.wait_for_function("Number(document.body.dataset.snapshots || 0) >= 1", timeout=10000)
+            # Filled from the history at once: the minute buckets hold every request so far, and
+            # the charts draw them besides the first live snapshot(s) (no waiting for a minute).
+            shown = page.evaluate("""() => ({
+                snapshots: Number(document.body.dataset.snapshots),
+                history: Number(document.body.dataset.historyRequests),
+                points: Number(document.querySelector('#rps-chart').dataset.points),
+                historyPoints: Number(document.querySelector('#rps-chart').dataset.historyPoints),
+                line: document.querySelector('#rps-chart path.series').getAttribute('d'),
+                errorMax: Number(document.querySelector('#error-chart').dataset.max),
+            })""")
+            assert shown["history"] == len(TRAFFIC) + 1
+            assert shown["historyPoints"] >= 1 and shown["points"] == shown["historyPoints"] + shown["snapshots"]
+            assert "L" in shown["line"]                                  # a line, not a lone first dot
+            assert shown["errorMax"] >= 0.1                              # 2 of 20 requests were 502s
+            # The route table: requests and 401/403/429/other 4xx/5xx counts per route, the
+            # unmatched requests as their own row, and a total row the rows add up to.
+            table = page.evaluate("""() => [...document.querySelectorAll('#routes tbody tr, #routes tfoot tr')]
+                .map((tr) => [tr.dataset.route ?? 'total', tr.querySelector('td.name').textContent,
+                              ...['requests', 'a401', 'a403', 'a429', 'a4xx', 'a5xx'].map(
+                                  (c) => Number(tr.querySelector('td.' + c).textContent.replace(/,/g, '')))])""")
+            expected = {**EXPECTED_ROUTES, "shop": (6, [0] * 5), "": EXPECTED_UNMATCHED}
+            rows = {key: (requests, answers) for key, _, requests, *answers in table}
+            assert {k: v for k, v in rows.items() if k != "total"} == expected
+            assert [name for key, name, *_ in table if key == ""] == ["no route (404)"]
+            total_requests, total_answers = rows["total"]
+            assert total_requests == len(TRAFFIC) + 1 == sum(r for k, (r, _) in rows.items() if k != "total")
+            assert total_answers == [sum(a[i] for k, (_, a) in rows.items() if k != "total") for i in range(5)]
+            assert total_answers == [2, 3, 2, 4, 2]
+            # Listeners with their open connections: the held keep-alive connection, then none.
+            listener = 'tr[data-listener="public"]'
+            assert page.inner_text(f"{listener} td.bind") == f"{HOST}:{gw.port}"
+            assert page.inner_text(f"{listener} td.open") == "1"
+            assert page.inner_text(f"{listener} td.accepted") == str(len(TRAFFIC) + 1)
+            held.close()
+            page.wait_for_function(f"document.querySelector('{listener} td.open').textContent === '0'",
+                                   timeout=10000)
+            # The version and the uptime.
+            assert page.inner_text("#version") == __version__
+            uptime = page.inner_text("#uptime")
+            assert re.fullmatch(r"\d+s|1m \d+s", uptime) and 0 < _number(uptime) < 200, uptime
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "dashboard-answers.png"), full_page=True)
+        finally:
+            held.close()
+            browser.close()
+    assert not errors, errors

@@ -225,7 +225,7 @@ def history(sup, minutes: int) -> dict:
         rows.append({"ts": round(start, 3), "seconds": seconds, "requests": requests, "errors": errors,
                      "error_rate": _ratio(errors, requests), "p50_ms": percentile(hist, 0.5),
                      "p95_ms": percentile(hist, 0.95), "p99_ms": percentile(hist, 0.99)})
-    return {"window_s": minutes * 60, "minutes": rows}
+    return {"ts": round(now, 3), "window_s": minutes * 60, "minutes": rows}
 
 
 def analytics(sup, by: str, minutes: int) -> dict:
