@@ -135,10 +135,10 @@ class LiveStats:
         routes = []
         # Totals start with the requests that matched no route (404s), counted in slot 0.
         unmatched_now, unmatched_before = new["unmatched"], old["unmatched"]
-        all_requests = unmatched_now["requests"] - unmatched_before["requests"]
+        unmatched_requests = unmatched_now["requests"] - unmatched_before["requests"]
+        unmatched_5xx = unmatched_now["answers"]["5xx"] - unmatched_before["answers"]["5xx"]
         unmatched_hist = [a - b for a, b in zip(unmatched_now["hist"], unmatched_before["hist"])]
-        all_hist = unmatched_hist
-        all_answers = unmatched_now["answers"]
+        all_requests, all_hist, all_answers = unmatched_requests, unmatched_hist, unmatched_now["answers"]
         all_errors = hits = misses = 0
         for name, now in new["routes"].items():
             before = old["routes"].get(name, now)
@@ -157,8 +157,6 @@ class LiveStats:
                 "p50_ms": percentile(hist, 0.5), "p95_ms": percentile(hist, 0.95),
                 "p99_ms": percentile(hist, 0.99), "rate_limited": rate(limited),
                 "cache_hit_ratio": _ratio(cache["hit"] + cache["stale"], sum(cache.values()))})
-        unmatched_requests = unmatched_now["requests"] - unmatched_before["requests"]
-        unmatched_5xx = unmatched_now["answers"]["5xx"] - unmatched_before["answers"]["5xx"]
         return {
             "ts": round(time.time(), 3),
             "version": __version__,
@@ -210,13 +208,13 @@ class LiveStats:
 def history(sup, minutes: int) -> dict:
     """All traffic (every route's and the unmatched requests) per minute over the last `minutes`,
     oldest first, the current minute last: what the dashboard's charts start from. A minute's
-    `seconds` are those it covers so far (60 but for the current one, and for a minute before the
-    gateway started), so requests / seconds is its rate."""
+    `seconds` are those it covers (60, but less for the current minute and for the one the gateway
+    started in), so requests / seconds is its rate."""
     config = sup.store.loaded.config
     keys = [analytics_key("route", r.name) for r in config.routes] + [analytics_key("route", "")]
     now, mono = time.time(), time.monotonic()
     current_start = now - mono % 60               # the segment's minutes are monotonic minutes
-    started = now - sup.status()["uptime_s"]
+    started = sup.started
     rows = []
     for age, (requests, errors, hist) in zip(range(minutes - 1, -1, -1), sup.segment.analytics_minutes(keys, minutes)):
         start = current_start - 60 * age
