@@ -47,10 +47,11 @@ def test_put_route_is_validated_persisted_and_applied(gateway, upstream):
     assert answer["config_version"] == 2 and answer["persisted"] is True
     resp = gw.request("GET", "/hello")
     assert resp.status == 201 and resp.json() == {"hi": 1}
-    # Persisted atomically: the file has the route, the previous text is FILE.bak.
+    # Persisted atomically: the file has the route, the previous text is FILE.bak.<time>.
     on_disk = yaml.safe_load(gw.config_path.read_text())
     assert [r["name"] for r in on_disk["routes"]] == ["all", "hello"]
-    assert gw.config_path.with_name("gateway.yaml.bak").read_text() == before
+    [backup] = gw.workdir.glob("gateway.yaml.bak.*")
+    assert backup.read_text() == before
     assert ok(gw.admin("GET", "/routes/hello"))["respond"]["status"] == 201
     # Every worker runs it (new connections land on both).
     assert all(gw.request("GET", "/hello").status == 201 for _ in range(20))
@@ -328,7 +329,10 @@ def _up(port: int) -> bool:
 def test_a_change_that_cannot_be_written_is_not_applied(gateway, upstream):
     gw = gateway(admin_config(upstream.port))
     before = gw.config_path.read_text()
-    gw.config_path.with_name("gateway.yaml.bak").mkdir()        # the backup cannot be written
+    # The backup cannot be written: the file (reached through a symlink, written through) has a
+    # name with no room for ".bak.<time>" (NAME_MAX is 255), which stops root too.
+    real = gw.config_path.rename(gw.workdir / ("g" * 240 + ".yaml"))
+    gw.config_path.symlink_to(real.name)
     resp = gw.admin("PUT", "/routes/hello", {"match": {"paths": ["/hello"]}, "respond": {"status": 201}})
     assert resp.status == 500 and resp.json()["error"]["code"] == "not_persisted"
     assert "gateway.yaml" in resp.json()["error"]["message"]
@@ -338,3 +342,78 @@ def test_a_change_that_cannot_be_written_is_not_applied(gateway, upstream):
     assert all(gw.request("GET", "/hello").status == 200 for _ in range(10))
     status = gw.admin("GET", "/status").json()
     assert status["config_version"] == 1 and status["ready"] and status["reload"]["ok"] is False
+
+
+def test_listings_show_what_the_single_endpoints_show_with_secrets_redacted(gateway, start_upstream, upstream):
+    other = start_upstream(RecordingUpstream())
+    config = admin_config(upstream.port)
+    config["services"]["second"] = target_service(other.port)
+    config["routes"].insert(0, route("signed", ["/signed/**"], "second",
+                                     request_headers={"set": {"Authorization": "Bearer upstream-secret",
+                                                              "X-Tenant": "t1"}}))
+    config["consumers"] = [{"name": "acme", "credentials": {"api_keys": ["sha256:" + "ab" * 32]}},
+                           {"name": "globex", "groups": ["partners"]}]
+    gw = gateway(config)
+    services = ok(gw.admin("GET", "/services"))
+    assert services["config_version"] == 1 and list(services["services"]) == ["up", "second"]
+    for name, shown in services["services"].items():
+        assert shown == ok(gw.admin("GET", f"/services/{name}"))
+    routes = ok(gw.admin("GET", "/routes"))["routes"]
+    assert [r["name"] for r in routes] == ["signed", "all"]                  # match order, as in the file
+    assert routes == [ok(gw.admin("GET", f"/routes/{r['name']}")) for r in routes]
+    assert routes[0]["request_headers"]["set"] == {"Authorization": "<redacted>", "X-Tenant": "t1"}
+    consumers = ok(gw.admin("GET", "/consumers"))["consumers"]
+    assert consumers == [ok(gw.admin("GET", "/consumers/acme")), ok(gw.admin("GET", "/consumers/globex"))]
+    assert consumers[0]["credentials"]["api_keys"] == ["<redacted>"]
+    raw = b"".join(gw.admin("GET", path).body for path in ("/services", "/routes", "/consumers"))
+    assert b"upstream-secret" not in raw and b"ab" * 32 not in raw
+    # HEAD answers like GET without a body; a change shows in the next listing.
+    head = gw.admin("HEAD", "/routes")
+    assert head.status == 200 and head.body == b""
+    ok(gw.admin("DELETE", "/routes/signed"))
+    after = ok(gw.admin("GET", "/routes"))
+    assert after["config_version"] == 2 and [r["name"] for r in after["routes"]] == ["all"]
+    assert gw.admin("POST", "/routes", {}).status == 405
+
+
+def test_admin_changes_are_logged_and_keep_the_last_n_backups(gateway, start_upstream, upstream):
+    other = start_upstream(RecordingUpstream())
+    config = admin_config(upstream.port, backups=2)
+    config["services"]["up"]["targets"].append({"address": f"{HOST}:{other.port}"})
+    gw = gateway(config)
+    texts = [gw.config_path.read_text()]
+    ok(gw.admin("PATCH", f"/services/up/targets/{HOST}:{other.port}", {"weight": 5}))
+    texts.append(gw.config_path.read_text())
+    key = "sha256:" + "cd" * 32
+    ok(gw.admin("PUT", "/consumers/acme", {"groups": ["partners"], "credentials": {"api_keys": [key]}}))
+    texts.append(gw.config_path.read_text())
+    new_key = "sha256:" + "ef" * 32
+    ok(gw.admin("PUT", "/consumers/acme", {"groups": ["partners", "beta"], "credentials": {"api_keys": [new_key]}}))
+    texts.append(gw.config_path.read_text())
+    ok(gw.admin("PATCH", f"/services/up/targets/{HOST}:{other.port}", {"weight": 2}))
+    texts.append(gw.config_path.read_text())
+    ok(gw.admin("PUT", "/routes/s", route("s", ["/s/**"], "up",
+                                         request_headers={"set": {"Authorization": "Bearer upstream-secret"}})))
+    texts.append(gw.config_path.read_text())
+    ok(gw.admin("DELETE", f"/services/up/targets/{HOST}:{upstream.port}"))
+    texts.append(gw.config_path.read_text())
+    ok(gw.admin("DELETE", "/routes/s"))
+    assert gw.admin("PATCH", "/services/up/targets/10.9.9.9:1", {"weight": 2}).status == 404   # not applied
+
+    log = wait_for(lambda: [line for line in gw.stderr_text().splitlines() if "admin: " in line]
+                   if gw.stderr_text().count("admin: ") >= 7 else None)
+    assert [line.split("admin: ", 1)[1] for line in log] == [
+        "PATCH service up: targets[1].weight unset -> 5",        # the file did not set it
+        'PUT consumer acme: added {"name":"acme","groups":["partners"],"credentials":{"api_keys":["<redacted>"]}}',
+        'PUT consumer acme: groups[1] added "beta", credentials.api_keys[0] "<redacted>" -> "<redacted>"',
+        "PATCH service up: targets[1].weight 5 -> 2",
+        'PUT route s: added {"name":"s","match":{"paths":["/s/**"]},'
+        '"request_headers":{"set":{"Authorization":"<redacted>"}},"service":"up"}',
+        "DELETE service up: targets[0] removed",
+        "DELETE route s: removed",
+    ]
+    stderr = gw.stderr_text()
+    assert key not in stderr and new_key not in stderr and "upstream-secret" not in stderr
+    # admin.backups: 2 after seven changes: the two newest, the newest = the config before the last change.
+    backups = sorted(gw.workdir.glob("gateway.yaml.bak.*"))
+    assert [b.read_text() for b in backups] == texts[-2:]

@@ -211,3 +211,173 @@ def test_dashboard_in_a_real_browser(gateway, start_upstream):
 def _number(text: str) -> float:
     digits = "".join(c for c in text if c.isdigit() or c == ".")
     return float(digits) if digits else 0.0
+
+
+# --- what broke: answers by kind, unmatched traffic, listeners, history ---------------------------
+
+def answers_config(up_port: int) -> dict:
+    """One route per kind of answer an operator tells apart, and no catch-all: /nowhere matches none."""
+    return {
+        "version": 1,
+        "listeners": [{"name": "public", "bind": f"{HOST}:{free_port()}"}],
+        "admin": {"bind": f"{HOST}:{free_port()}"},
+        "services": {"shop": {"targets": [{"address": f"{HOST}:{up_port}"}]},
+                     "down": {"targets": [{"address": f"{HOST}:{free_port()}"}]}},     # nobody listens
+        "consumers": [{"name": "acme", "credentials": {"api_keys": [
+            "sha256:" + hashlib.sha256(b"acme").hexdigest()]}}],
+        "routes": [
+            {"name": "shop", "match": {"paths": ["/shop/**"]}, "service": "shop"},
+            {"name": "private", "match": {"paths": ["/private/**"]}, "service": "shop", "plugins": [{"key_auth": {}}]},
+            {"name": "blocked", "match": {"paths": ["/blocked/**"]}, "service": "shop",
+             "plugins": [{"ip_filter": {"deny": ["127.0.0.0/8"]}}]},
+            {"name": "limited", "match": {"paths": ["/limited/**"]}, "service": "shop",
+             "plugins": [{"rate_limit": {"limit": 1, "window": "60s", "key": ["ip"]}}]},
+            {"name": "broken", "match": {"paths": ["/broken/**"]}, "service": "down"},
+        ],
+    }
+
+
+# (method, path, status): 5 x 200, 2 x 401, 3 x 403, 1 x 200 then 2 x 429, 2 x 502, 4 x 404 no_route.
+TRAFFIC = ([("GET", "/shop/a", 200)] * 4 + [("HEAD", "/shop/b", 200)]
+           + [("GET", "/private/x", 401), ("POST", "/private/x", 401)]
+           + [("GET", "/blocked/x", 403)] * 3
+           + [("GET", "/limited/x", 200)] + [("GET", "/limited/x", 429)] * 2
+           + [("GET", "/broken/x", 502)] * 2
+           + [("GET", "/nowhere", 404), ("HEAD", "/nowhere", 404), ("GET", "/Shop/a", 404), ("GET", "/other/x", 404)])
+EXPECTED_ROUTES = {   # requests, then answers 401, 403, 429, other 4xx, 5xx (cumulative)
+    "shop": (5, [0, 0, 0, 0, 0]), "private": (2, [2, 0, 0, 0, 0]), "blocked": (3, [0, 3, 0, 0, 0]),
+    "limited": (3, [0, 0, 2, 0, 0]), "broken": (2, [0, 0, 0, 0, 2]),
+}
+EXPECTED_UNMATCHED = (4, [0, 0, 0, 4, 0])
+ANSWER_KEYS = ["401", "403", "429", "4xx", "5xx"]
+
+
+def send_traffic(port: int) -> None:
+    for method, path, status in TRAFFIC:
+        resp = http_request(port, method, path)
+        assert resp.status == status, (method, path, resp.status, resp.body[:200])
+        if status == 404:
+            assert method == "HEAD" or json.loads(resp.body)["error"]["code"] == "no_route"
+
+
+def test_events_count_answers_by_kind_unmatched_listeners_version(gateway, start_upstream):
+    from fastgw import __version__
+
+    up = start_upstream(RecordingUpstream())
+    gw = gateway(answers_config(up.port))
+    send_traffic(gw.port)
+    held = http.client.HTTPConnection(HOST, gw.port, timeout=5)          # a keep-alive connection, held open
+    assert http_request(gw.port, "GET", "/shop/held", conn=held).status == 200
+    try:
+        snap = wait_for(lambda: (s := read_events(gw.admin_port, 1)[0])["totals"]["requests"] == len(TRAFFIC) + 1
+                        and s["listeners"][0]["open"] == 1 and s, timeout=10)
+    finally:
+        held.close()
+    routes = {r["name"]: (r["requests"], [r["answers"][k] for k in ANSWER_KEYS]) for r in snap["routes"]}
+    assert routes == {**EXPECTED_ROUTES, "shop": (6, [0] * 5)}
+    unmatched = snap["unmatched"]
+    assert (unmatched["requests"], [unmatched["answers"][k] for k in ANSWER_KEYS]) == EXPECTED_UNMATCHED
+    # The rows (routes and unmatched) add up to the totals.
+    totals = snap["totals"]
+    assert totals["requests"] == sum(r["requests"] for r in snap["routes"]) + unmatched["requests"] == 20
+    assert [totals["answers"][k] for k in ANSWER_KEYS] == [2, 3, 2, 4, 2]
+    [listener] = snap["listeners"]
+    assert listener["name"] == "public" and listener["bind"] == f"{HOST}:{gw.port}" and listener["protocol"] == "http"
+    assert listener["open"] == 1 and listener["accepted"] == len(TRAFFIC) + 1 and listener["rejected"] == 0
+    assert snap["version"] == __version__ and 0 < snap["uptime_s"] < 120
+    # Closed: no longer open.
+    wait_for(lambda: read_events(gw.admin_port, 1)[0]["listeners"][0]["open"] == 0, timeout=10)
+
+
+def test_history_has_every_request_of_the_last_minutes_at_once(gateway, start_upstream):
+    up = start_upstream(RecordingUpstream())
+    gw = gateway(answers_config(up.port))
+    send_traffic(gw.port)
+    history = gw.admin("GET", "/history?window=5m").json()
+    minutes = history["minutes"]
+    assert history["window_s"] == 300 and len(minutes) == 5
+    assert [m["ts"] for m in minutes] == sorted(m["ts"] for m in minutes)
+    assert all(abs(b["ts"] - a["ts"] - 60) < 0.01 for a, b in zip(minutes, minutes[1:]))
+    current, now = minutes[-1], time.time()
+    assert current["ts"] <= now < current["ts"] + 61                  # the current minute...
+    assert 1 <= current["seconds"] <= now - current["ts"] + 1          # ...as far as the gateway has seen it
+    # The traffic of a gateway started seconds ago is there, unmatched 404s included, not only
+    # after a minute has passed.
+    assert sum(m["requests"] for m in minutes) == len(TRAFFIC)
+    assert sum(m["errors"] for m in minutes) == 2                               # the 502s
+    busy = [m for m in minutes if m["requests"]]
+    assert busy and all(m["p50_ms"] > 0 and m["seconds"] >= 1 for m in busy)
+    assert gw.admin("GET", "/history?window=2h").status == 400
+    assert gw.admin("GET", "/history?window=soon").status == 400
+
+
+@pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"),
+                    reason="no chromium here (CI installs Debian's chromium)")
+def test_dashboard_shows_what_broke_at_once_in_a_real_browser(gateway, start_upstream):
+    from playwright.sync_api import sync_playwright
+
+    from fastgw import __version__
+
+    up = start_upstream(RecordingUpstream())
+    gw = gateway(answers_config(up.port))
+    send_traffic(gw.port)                                     # all of it before the page opens
+    held = http.client.HTTPConnection(HOST, gw.port, timeout=5)
+    assert http_request(gw.port, "GET", "/shop/held", conn=held).status == 200
+    url = f"http://{HOST}:{gw.admin_port}/"
+    errors: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--no-first-run", "--disable-sync"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(url)
+            page.wait_for_function("Number(document.body.dataset.snapshots || 0) >= 1", timeout=10000)
+            # Filled from the history at once: the minute buckets hold every request so far, and
+            # the charts draw them besides the first live snapshot(s) (no waiting for a minute).
+            shown = page.evaluate("""() => ({
+                snapshots: Number(document.body.dataset.snapshots),
+                history: Number(document.body.dataset.historyRequests),
+                points: Number(document.querySelector('#rps-chart').dataset.points),
+                historyPoints: Number(document.querySelector('#rps-chart').dataset.historyPoints),
+                line: document.querySelector('#rps-chart path.series').getAttribute('d'),
+                errorMax: Number(document.querySelector('#error-chart').dataset.max),
+            })""")
+            assert shown["history"] == len(TRAFFIC) + 1
+            assert shown["historyPoints"] >= 1 and shown["points"] == shown["historyPoints"] + shown["snapshots"]
+            assert "L" in shown["line"]                                  # a line, not a lone first dot
+            assert shown["errorMax"] >= 0.1                              # 2 of 20 requests were 502s
+            # The route table: requests and 401/403/429/other 4xx/5xx counts per route, the
+            # unmatched requests as their own row, and a total row the rows add up to.
+            table = page.evaluate("""() => [...document.querySelectorAll('#routes tbody tr, #routes tfoot tr')]
+                .map((tr) => [tr.dataset.route ?? 'total', tr.querySelector('td.name').textContent,
+                              ...['requests', 'a401', 'a403', 'a429', 'a4xx', 'a5xx'].map(
+                                  (c) => Number(tr.querySelector('td.' + c).textContent.replace(/,/g, '')))])""")
+            expected = {**EXPECTED_ROUTES, "shop": (6, [0] * 5), "": EXPECTED_UNMATCHED}
+            rows = {key: (requests, answers) for key, _, requests, *answers in table}
+            assert {k: v for k, v in rows.items() if k != "total"} == expected
+            assert [name for key, name, *_ in table if key == ""] == ["no route (404)"]
+            total_requests, total_answers = rows["total"]
+            assert total_requests == len(TRAFFIC) + 1 == sum(r for k, (r, _) in rows.items() if k != "total")
+            assert total_answers == [sum(a[i] for k, (_, a) in rows.items() if k != "total") for i in range(5)]
+            assert total_answers == [2, 3, 2, 4, 2]
+            # Listeners with their open connections: the held keep-alive connection, then none.
+            listener = 'tr[data-listener="public"]'
+            assert page.inner_text(f"{listener} td.bind") == f"{HOST}:{gw.port}"
+            assert page.inner_text(f"{listener} td.open") == "1"
+            assert page.inner_text(f"{listener} td.accepted") == str(len(TRAFFIC) + 1)
+            held.close()
+            page.wait_for_function(f"document.querySelector('{listener} td.open').textContent === '0'",
+                                   timeout=10000)
+            # The version and the uptime.
+            assert page.inner_text("#version") == __version__
+            uptime = page.inner_text("#uptime")
+            assert re.fullmatch(r"\d+s|1m \d+s", uptime) and 0 < _number(uptime) < 200, uptime
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "dashboard-answers.png"), full_page=True)
+        finally:
+            held.close()
+            browser.close()
+    assert not errors, errors

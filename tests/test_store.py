@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 
 import pytest
@@ -182,14 +183,45 @@ def test_commit_writes_atomically_and_keeps_the_previous_text_and_mode(tmp_path)
     assert store.commit(loaded) == 2 and store.version == 2 and store.loaded is loaded
     assert path.read_text() == loaded.source
     assert yaml.safe_load(path.read_text())["services"]["users"]["targets"][-1] == {"address": "127.0.0.1:9003"}
-    assert (tmp_path / "gateway.yaml.bak").read_text() == before
+    [backup] = backups(tmp_path)
+    assert backup.read_text() == before
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert stat.S_IMODE((tmp_path / "gateway.yaml.bak").stat().st_mode) == 0o600
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["gateway.yaml", "gateway.yaml.bak"]  # no temp left
+    assert stat.S_IMODE(backup.stat().st_mode) == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gateway.yaml", backup.name]  # no temp left
 
     second = store.validate(store.without_target("users", "127.0.0.1:9003"))
     store.commit(second)
-    assert (tmp_path / "gateway.yaml.bak").read_text() == loaded.source   # .bak = the version before
+    assert backups(tmp_path)[-1].read_text() == loaded.source   # the newest backup = the version before
+
+
+def backups(directory, name="gateway.yaml") -> list:
+    """The backups beside `name`, oldest first (FILE.bak.<UTC time> sorts by time)."""
+    found = sorted(directory.glob(f"{name}.bak.*"))
+    assert all(re.fullmatch(re.escape(name) + r"\.bak\.\d{8}T\d{6}\.\d{6}Z", p.name) for p in found)
+    return found
+
+
+@pytest.mark.parametrize("keep", [5, 2, 0])
+def test_admin_backups_keeps_the_newest_n(tmp_path, keep):
+    doc = {**DOC, "admin": {**DOC["admin"], "backups": keep}}
+    store = store_for(tmp_path, doc)
+    path = tmp_path / "gateway.yaml"
+    texts = [path.read_text()]
+    for weight in range(2, keep + 4):                    # N+2 changes (and one more)
+        apply(store, store.with_target_patch("users", "127.0.0.1:9001", {"weight": weight}))
+        texts.append(path.read_text())
+    found = backups(tmp_path)
+    assert len(found) == keep                            # exactly N, the oldest removed
+    assert [p.read_text() for p in found] == texts[-1 - keep:-1]   # the newest = before the last change
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["gateway.yaml", *(p.name for p in found)])
+
+
+def test_admin_backups_is_checked(tmp_path):
+    path = tmp_path / "gateway.yaml"
+    text = yaml.safe_dump({**DOC, "admin": {**DOC["admin"], "backups": -1}}, sort_keys=False)
+    path.write_text(text)
+    line = text.splitlines().index("  backups: -1") + 1
+    assert check_messages(str(path)) == [f"{path}:{line}: admin.backups: must be a number from 0 to 1000"]
 
 
 def assert_failed_write_changes_nothing(store: ConfigStore, path) -> None:
@@ -203,9 +235,11 @@ def assert_failed_write_changes_nothing(store: ConfigStore, path) -> None:
 
 
 def test_failed_write_backup_unwritable_changes_nothing(tmp_path):
-    store = store_for(tmp_path)
-    (tmp_path / "gateway.yaml.bak").mkdir()      # fails even for root, unlike a read-only directory
-    assert_failed_write_changes_nothing(store, tmp_path / "gateway.yaml")
+    # A name with no room for ".bak.<time>" (NAME_MAX is 255): fails even for root, unlike a
+    # read-only directory.
+    name = "g" * 240 + ".yaml"
+    store = store_for(tmp_path, name=name)
+    assert_failed_write_changes_nothing(store, tmp_path / name)
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
@@ -227,7 +261,7 @@ def test_symlinked_config_is_written_through(tmp_path):
     store = ConfigStore(load_config(str(link)))
     apply(store, store.with_target("users", {"address": "127.0.0.1:9003"}))
     assert link.is_symlink() and "127.0.0.1:9003" in (real_dir / "gateway.yaml").read_text()
-    assert (real_dir / "gateway.yaml.bak").exists()
+    assert len(backups(real_dir)) == 1
 
 
 def test_env_references_survive_write_back(tmp_path, monkeypatch):
@@ -252,7 +286,7 @@ def test_read_file_sees_an_external_edit_and_adopt_does_not_rewrite(tmp_path):
     assert loaded.config.log.level == "debug" and store.version == 1   # read, not committed
     assert store.adopt(loaded) == 2 and store.loaded is loaded
     assert path.read_text().startswith("# edited by hand\n")           # not rewritten
-    assert not (tmp_path / "gateway.yaml.bak").exists()
+    assert not backups(tmp_path)
     path.write_text("listeners: [{name: x}]\n")
     with pytest.raises(ConfigError, match="missing required key 'bind'"):
         store.read_file()

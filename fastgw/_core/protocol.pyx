@@ -26,7 +26,7 @@ from fastgw._core.shm cimport (EV_CACHE_HIT, EV_CACHE_MISS, EV_CACHE_STALE, EV_R
                                EV_RATELIMIT_REJECTED, consumer_analytics_key, record_analytics,
                                record_route_event, circuit_admit, circuit_is_open, listener_admits, listener_closed,
                                method_index, monotonic_ns, record_request, target_available,
-                               target_begin, target_end, target_release)
+                               target_begin, target_end, target_release, unmatched_analytics_key)
 from fastgw._core.upstream cimport (
     FRAMING_CHUNKED, FRAMING_CLOSE, FRAMING_LENGTH, FRAMING_NONE, UPSTREAM_CONNECT_FAILED,
     UPSTREAM_CONNECT_TIMEOUT, UPSTREAM_INVALID, UPSTREAM_POOL_FULL, UPSTREAM_RESET,
@@ -2069,6 +2069,9 @@ cdef class ClientConnection(Downstream):
             if (<RouteEntry>route).analytics_service:
                 record_analytics((<RouteEntry>route).analytics_service, elapsed, req.status >= 500)
             record_analytics(consumer_analytics_key(req.consumer), elapsed, req.status >= 500)
+        elif not self.listener.internal:
+            # GET /history counts them too, so the dashboard's history is all the traffic.
+            record_analytics(unmatched_analytics_key(), elapsed, req.status >= 500)
         if req.sampled and self.listener.tracer is not None:
             self._export_span(req, now)
         if req.view is not None and route.plugins is not None and route.plugins.log_plugins:

@@ -29,6 +29,7 @@ cdef void record_request(int route_slot, int method, int status, double seconds)
 cdef void record_route_event(int route_slot, int event) noexcept
 cdef void record_analytics(uint64_t key, double seconds, bint error) noexcept
 cdef uint64_t consumer_analytics_key(bytes name) noexcept   # None: the anonymous key ("-")
+cdef uint64_t unmatched_analytics_key() noexcept            # requests that matched no route
 cdef int listener_admit(int slot, long long limit) noexcept
 cdef bint listener_admits(int slot, long long limit, long long open_here) noexcept
 cdef void listener_opened(int slot) noexcept

@@ -287,6 +287,15 @@ def analytics_key(str kind, str name):
     return _fnv(_FNV_BASIS, data, len(data)) or 1
 
 
+# The requests that matched no route count under the key of a route named "" (no route has that
+# name), so the dashboard's history covers all traffic: analytics_key("route", "").
+cdef uint64_t _UNMATCHED = _fnv(_FNV_BASIS, b"route\x00", 6) or 1
+
+
+cdef uint64_t unmatched_analytics_key() noexcept:
+    return _UNMATCHED
+
+
 cdef uint64_t consumer_analytics_key(bytes name) noexcept:
     if name is None:
         return _ANONYMOUS
@@ -835,6 +844,38 @@ cdef class Segment:
             if requests:
                 out[label] = (requests, errors, hist)
         return out
+
+    def analytics_minutes(self, keys, int minutes):
+        """[(requests, errors, histogram)] per minute of the last `minutes`, oldest first (the
+        current minute last), summed over the analytics keys `keys`."""
+        cdef uint64_t* h = self.base
+        cdef uint64_t* table = h + h[H_OFF_ANALYTICS]
+        cdef Py_ssize_t n = h[H_ANALYTICS], i, start
+        cdef uint64_t* e
+        cdef uint64_t* b
+        cdef uint64_t now = _monotonic_ns() // 60000000000ULL, minute
+        cdef int m, k
+        out = [[0, 0, [0] * N_BUCKETS] for _ in range(minutes)]
+        for key in keys:
+            start = <Py_ssize_t>(<uint64_t>key % <uint64_t>n)
+            e = NULL
+            for i in range(A_PROBES):
+                if fg_load(table + ((start + i) % n) * ANALYTICS_WORDS) == <uint64_t>key:
+                    e = table + ((start + i) % n) * ANALYTICS_WORDS
+                    break
+            if e == NULL:
+                continue
+            for m in range(A_MINUTES):
+                b = e + 1 + m * A_BUCKET_WORDS
+                minute = fg_load(b)
+                if minute + <uint64_t>minutes <= now or minute > now:
+                    continue
+                row = out[minutes - 1 - <int>(now - minute)]
+                row[0] += fg_load(b + 1)
+                row[1] += fg_load(b + 2)
+                for k in range(N_BUCKETS):
+                    row[2][k] += fg_load(b + 3 + k)
+        return [tuple(row) for row in out]
 
     def route_events(self, int slot):
         """Cache results and rate-limit decisions of a route."""

@@ -12,13 +12,15 @@ from pathlib import Path
 import msgspec
 
 from fastgw import __version__
+from fastgw.admin.changelog import describe, entity
 from fastgw.admin.http import AdminApp, AdminServer, HTTPError, Response
-from fastgw.admin.live import MAX_ANALYTICS_MINUTES, LiveStats, analytics, target_health
+from fastgw.admin.live import MAX_ANALYTICS_MINUTES, LiveStats, analytics, history, target_health
 from fastgw.admin.metrics import render
 from fastgw.admin.origin import SameOrigin
 from fastgw.config.errors import ConfigError, ConfigWriteError, ConflictError
 from fastgw.config.model import parse_duration
 from fastgw.config.validate import parse_bind
+from fastgw.server.log import log
 
 KINDS = ("services", "routes", "consumers")
 # Probes (load balancers, Kubernetes) cannot always send a token: liveness and readiness are open.
@@ -62,10 +64,17 @@ def build_app(sup, token: str | None, guard: SameOrigin) -> AdminApp:
     app = AdminApp(token=token, public=PUBLIC, guard=guard)
     store = sup.store
 
-    async def change(edit) -> Response:
-        """Apply an edit of the document; the answer is the new config version."""
+    async def change(req, edit, kind: str | None = None, name: str = "") -> Response:
+        """Apply an edit of the document (of the object `kind`/`name`, or of the whole config);
+        the answer is the new config version. The change log names what changed."""
+        seen = {}
+
+        def checked() -> dict:
+            # Under the supervisor's change lock: `old` is the document this edit starts from.
+            seen["old"], seen["new"] = store.loaded.document, store.check_change(edit())
+            return seen["new"]
         try:
-            version = await sup.change(lambda: store.check_change(edit()))
+            version = await sup.change(checked)
         except ConfigError as exc:
             return _config_error(exc)
         except LookupError as exc:
@@ -76,6 +85,11 @@ def build_app(sup, token: str | None, guard: SameOrigin) -> AdminApp:
             raise HTTPError(409 if not store.persistable else 500, "not_persisted", str(exc)) from None
         except ValueError as exc:
             raise HTTPError(400, "bad_request", str(exc)) from None
+        if kind is None:
+            log(f"admin: {req.method} config: {describe(seen['old'], seen['new'])}")
+        else:
+            log(f"admin: {req.method} {kind[:-1]} {name}: "
+                f"{describe(entity(seen['old'], kind, name), entity(seen['new'], kind, name))}")
         return Response.json({"config_version": version, "persisted": store.persistable})
 
     live = LiveStats(sup)
@@ -101,14 +115,17 @@ def build_app(sup, token: str | None, guard: SameOrigin) -> AdminApp:
     @app.route("GET", "/analytics")
     async def usage(req):
         by = req.query.get("by", "route")
-        window = req.query.get("window", "15m")
-        try:
-            minutes = -(-parse_duration(window) // 60)
-        except ValueError:
-            minutes = 0
-        if by not in ("route", "service", "consumer") or not 1 <= minutes <= MAX_ANALYTICS_MINUTES:
+        minutes = _window_minutes(req.query.get("window", "15m"))
+        if by not in ("route", "service", "consumer") or not minutes:
             raise HTTPError(400, "bad_request", "by: route | service | consumer; window: 1m to 60m (e.g. 15m)")
-        return analytics(sup, by, int(minutes))
+        return analytics(sup, by, minutes)
+
+    @app.route("GET", "/history")
+    async def traffic_history(req):
+        minutes = _window_minutes(req.query.get("window", "5m"))
+        if not minutes:
+            raise HTTPError(400, "bad_request", "window: 1m to 60m (e.g. 5m)")
+        return history(sup, minutes)
 
     @app.route("GET", "/status")
     async def status(req):
@@ -153,7 +170,7 @@ def build_app(sup, token: str | None, guard: SameOrigin) -> AdminApp:
     @app.route("PUT", "/config")
     async def put_config(req):
         document = _document(req)
-        return await change(lambda: store.with_document(document))
+        return await change(req, lambda: store.with_document(document))
 
     @app.route("POST", "/config/validate")
     async def validate_config(req):
@@ -182,17 +199,19 @@ def build_app(sup, token: str | None, guard: SameOrigin) -> AdminApp:
     @app.route("POST", "/services/{name}/targets")
     async def add_target(req):
         target = _object(req)
-        return await change(lambda: store.with_target(req.params["name"], target))
+        return await change(req, lambda: store.with_target(req.params["name"], target),
+                            "services", req.params["name"])
 
     @app.route("PATCH", "/services/{name}/targets/{address}")
     async def patch_target(req):
         patch = _object(req)
-        return await change(lambda: store.with_target_patch(
-            req.params["name"], req.params["address"], patch))
+        return await change(req, lambda: store.with_target_patch(
+            req.params["name"], req.params["address"], patch), "services", req.params["name"])
 
     @app.route("DELETE", "/services/{name}/targets/{address}")
     async def delete_target(req):
-        return await change(lambda: store.without_target(req.params["name"], req.params["address"]))
+        return await change(req, lambda: store.without_target(req.params["name"], req.params["address"]),
+                            "services", req.params["name"])
 
     @app.route("GET", "/services/{name}/health")
     async def health(req):
@@ -212,6 +231,10 @@ def build_app(sup, token: str | None, guard: SameOrigin) -> AdminApp:
 def _object_routes(app: AdminApp, store, change, kind: str) -> None:
     path = f"/{kind}/{{name}}"
 
+    @app.route("GET", f"/{kind}")
+    async def listing(req):
+        return {"config_version": store.version, kind: store.list_objects(kind)}
+
     @app.route("GET", path)
     async def get(req):
         try:
@@ -222,11 +245,22 @@ def _object_routes(app: AdminApp, store, change, kind: str) -> None:
     @app.route("PUT", path)
     async def put(req):
         obj = _object(req)
-        return await change(lambda: store.with_object(kind, req.params["name"], obj))
+        return await change(req, lambda: store.with_object(kind, req.params["name"], obj),
+                            kind, req.params["name"])
 
     @app.route("DELETE", path)
     async def delete(req):
-        return await change(lambda: store.without_object(kind, req.params["name"]))
+        return await change(req, lambda: store.without_object(kind, req.params["name"]),
+                            kind, req.params["name"])
+
+
+def _window_minutes(window: str) -> int:
+    """`15m` -> 15 (whole minutes, rounded up); 0 when it is not a duration of 1 to 60 minutes."""
+    try:
+        minutes = -(-parse_duration(window) // 60)
+    except ValueError:
+        return 0
+    return int(minutes) if 1 <= minutes <= MAX_ANALYTICS_MINUTES else 0
 
 
 def _object(req) -> dict:

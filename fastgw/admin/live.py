@@ -14,10 +14,15 @@ from collections import deque
 
 import msgspec
 
+from fastgw import __version__
 from fastgw._core.shm import BUCKETS, analytics_key
 
 WINDOW = 10                      # seconds that rates and percentiles cover
 MAX_ANALYTICS_MINUTES = 60
+# Answer counts the dashboard shows per route: the 4xx an operator tells apart (no credentials,
+# refused, rate-limited), the other 4xx, and 5xx. Labels as in shared memory (fastgw/_core/shm.pyx).
+SPLIT_4XX = ("401", "403", "429")
+ANSWER_CLASSES = (*SPLIT_4XX, "4xx", "5xx")
 
 
 def percentile(hist: list[int], q: float) -> float | None:
@@ -53,6 +58,21 @@ def _ratio(part: float, whole: float) -> float | None:
     return round(part / whole, 4) if whole else None
 
 
+def answer_counts(cells) -> dict:
+    """{401, 403, 429, 4xx (the other 4xx), 5xx: requests} of a route's (method, code, n) cells."""
+    counts = dict.fromkeys(ANSWER_CLASSES, 0)
+    for _, code, n in cells:
+        if code in SPLIT_4XX:
+            counts[code] += n
+        elif code[0] in "45":
+            counts[code[0] + "xx"] += n
+    return counts
+
+
+def _add(a: dict, b: dict) -> dict:
+    return {k: a[k] + b[k] for k in a}
+
+
 class LiveStats:
     def __init__(self, sup):
         self.sup = sup
@@ -76,11 +96,13 @@ class LiveStats:
                 "service": route.service or "",
                 "requests": sum(n for _, _, n in cells),
                 "errors": sum(n for _, code, n in cells if code.startswith("5")),
+                "answers": answer_counts(cells),
                 "hist": hist, "events": seg.route_events(slot)}
-        unrouted = seg.route_requests(0)
+        cells = seg.route_requests(0)
+        unmatched = {"requests": sum(n for _, _, n in cells), "answers": answer_counts(cells),
+                     "hist": seg.route_duration(0)[0]}
         targets = {key: seg.target_stats(slot) for key, slot in slots["targets"].items() if slot >= 0}
-        return {"t": time.monotonic(), "routes": routes, "targets": targets,
-                "unrouted": (sum(n for _, _, n in unrouted), seg.route_duration(0)[0])}
+        return {"t": time.monotonic(), "routes": routes, "targets": targets, "unmatched": unmatched}
 
     async def _run(self) -> None:
         while self.listeners:
@@ -112,8 +134,11 @@ class LiveStats:
         status = sup.status()
         routes = []
         # Totals start with the requests that matched no route (404s), counted in slot 0.
-        all_requests = new["unrouted"][0] - old["unrouted"][0]
-        all_hist = [a - b for a, b in zip(new["unrouted"][1], old["unrouted"][1])]
+        unmatched_now, unmatched_before = new["unmatched"], old["unmatched"]
+        unmatched_requests = unmatched_now["requests"] - unmatched_before["requests"]
+        unmatched_5xx = unmatched_now["answers"]["5xx"] - unmatched_before["answers"]["5xx"]
+        unmatched_hist = [a - b for a, b in zip(unmatched_now["hist"], unmatched_before["hist"])]
+        all_requests, all_hist, all_answers = unmatched_requests, unmatched_hist, unmatched_now["answers"]
         all_errors = hits = misses = 0
         for name, now in new["routes"].items():
             before = old["routes"].get(name, now)
@@ -123,28 +148,45 @@ class LiveStats:
             cache = {k: now["events"]["cache"][k] - before["events"]["cache"][k] for k in ("hit", "miss", "stale")}
             limited = now["events"]["ratelimit"]["rejected"] - before["events"]["ratelimit"]["rejected"]
             all_requests, all_errors = all_requests + requests, all_errors + errors
+            all_answers = _add(all_answers, now["answers"])
             all_hist = [a + b for a, b in zip(all_hist, hist)]
             hits, misses = hits + cache["hit"] + cache["stale"], misses + cache["miss"]
             routes.append({
                 "name": name, "service": now["service"], "requests": now["requests"],
-                "rps": rate(requests), "error_rate": _ratio(errors, requests) or 0.0,
+                "answers": now["answers"], "rps": rate(requests), "error_rate": _ratio(errors, requests) or 0.0,
                 "p50_ms": percentile(hist, 0.5), "p95_ms": percentile(hist, 0.95),
                 "p99_ms": percentile(hist, 0.99), "rate_limited": rate(limited),
                 "cache_hit_ratio": _ratio(cache["hit"] + cache["stale"], sum(cache.values()))})
         return {
             "ts": round(time.time(), 3),
+            "version": __version__,
+            "uptime_s": status["uptime_s"],
             "config_version": status["config_version"],
             "workers": status["workers"],
+            "listeners": self._listeners(),
+            # Cumulative counts (requests, answers) since the start: the rows add up to the totals.
             "totals": {"rps": rate(all_requests), "error_rate": _ratio(all_errors, all_requests) or 0.0,
                        "p50_ms": percentile(all_hist, 0.5), "p95_ms": percentile(all_hist, 0.95),
                        "p99_ms": percentile(all_hist, 0.99),
-                       "requests": sum(r["requests"] for r in new["routes"].values()) + new["unrouted"][0]},
+                       "requests": sum(r["requests"] for r in new["routes"].values()) + unmatched_now["requests"],
+                       "answers": all_answers},
+            "unmatched": {"requests": unmatched_now["requests"], "answers": unmatched_now["answers"],
+                          "rps": rate(unmatched_requests),
+                          "error_rate": _ratio(unmatched_5xx, unmatched_requests) or 0.0,
+                          "p50_ms": percentile(unmatched_hist, 0.5), "p95_ms": percentile(unmatched_hist, 0.95),
+                          "p99_ms": percentile(unmatched_hist, 0.99)},
             "routes": routes,
             "services": self._services(old, new, rate),
             "cache": {"hit_ratio": _ratio(hits, hits + misses), "hits_per_s": rate(hits),
                       "misses_per_s": rate(misses)},
             "reload": status["reload"],
         }
+
+    def _listeners(self) -> list[dict]:
+        seg, slots = self.sup.segment, self.sup.current_slots["listeners"]
+        return [{"name": spec.name, "bind": spec.bind, "protocol": spec.protocol,
+                 **seg.listener_stats(slots[spec.name])}
+                for spec in self.sup.store.loaded.config.listeners if slots.get(spec.name, -1) >= 0]
 
     def _services(self, old: dict, new: dict, rate) -> list[dict]:
         config = self.sup.store.loaded.config
@@ -161,6 +203,27 @@ class LiveStats:
                 row["share"] = _ratio(traffic[row["address"]], total)
             services.append({"name": name, "targets": rows})
         return services
+
+
+def history(sup, minutes: int) -> dict:
+    """All traffic (every route's and the unmatched requests) per minute over the last `minutes`,
+    oldest first, the current minute last: what the dashboard's charts start from. A minute's
+    `seconds` are those it covers (60, but less for the current minute and for the one the gateway
+    started in), so requests / seconds is its rate."""
+    config = sup.store.loaded.config
+    keys = [analytics_key("route", r.name) for r in config.routes] + [analytics_key("route", "")]
+    now, mono = time.time(), time.monotonic()
+    current_start = now - mono % 60               # the segment's minutes are monotonic minutes
+    started = sup.started
+    rows = []
+    for age, (requests, errors, hist) in zip(range(minutes - 1, -1, -1), sup.segment.analytics_minutes(keys, minutes)):
+        start = current_start - 60 * age
+        end = min(start + 60, now)
+        seconds = round(max(end - max(start, started), 1.0), 3)
+        rows.append({"ts": round(start, 3), "seconds": seconds, "requests": requests, "errors": errors,
+                     "error_rate": _ratio(errors, requests), "p50_ms": percentile(hist, 0.5),
+                     "p95_ms": percentile(hist, 0.95), "p99_ms": percentile(hist, 0.99)})
+    return {"ts": round(now, 3), "window_s": minutes * 60, "minutes": rows}
 
 
 def analytics(sup, by: str, minutes: int) -> dict:

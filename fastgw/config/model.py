@@ -127,6 +127,7 @@ class Admin(_Base):
     bind: str = "127.0.0.1:9901"
     token: Union[str, None] = None
     allowed_hosts: list[str] = []                  # Host names besides loopback and the bind address
+    backups: int = 5                               # FILE.bak.<time> copies kept by admin changes (0: none)
 
 
 # --- services ------------------------------------------------------------------------------------

@@ -5,13 +5,14 @@ given as `${VAR}` stays a reference when the file is written back. A changed doc
 serialised in the file's format and loaded exactly like `fastgw check` loads a file, so an invalid
 change is reported with the same `file:line: key: message` lines, against the file that would have
 been written. Writing back does not keep YAML comments or layout (the document is dumped anew);
-the previous text is kept in `FILE.bak`. TOML files are read but never written (there is no TOML
+the previous text is kept in `FILE.bak.<UTC time>`, the last `admin.backups` of them. TOML files are read but never written (there is no TOML
 writer in the standard library): admin changes to a TOML-configured gateway are refused. Without a
 file (the embedded default) changes are allowed but kept in memory only.
 """
 from __future__ import annotations
 
 import copy
+import datetime
 import difflib
 import json
 import os
@@ -24,9 +25,12 @@ import yaml
 from fastgw.config.api_rules import change_problems, python_modules
 from fastgw.config.errors import ConfigError, ConfigWriteError, ConflictError
 from fastgw.config.load import DEFAULT_NAME, LoadedConfig, load_config, load_text, pin_problems
+from fastgw.config.model import Admin
+from fastgw.server.log import log
 
 REDACTED = "<redacted>"
 SECRET_KEYS = {"token", "secret", "password", "password_hash", "client_secret", "api_keys"}
+DEFAULT_BACKUPS = Admin().backups        # a config without `admin:` (changes through cluster sync)
 LIST_KINDS = ("routes", "consumers")        # lists of objects with a `name`
 TARGET_PATCH_KEYS = {"weight", "drain"}
 # Header maps (edits, `respond.headers`, match conditions) whose entries are redacted by the
@@ -111,7 +115,8 @@ class ConfigStore:
         if self.loaded.fmt == "toml":
             raise ConfigWriteError(self.why_not)
         if self.path is not None:
-            _write_atomically(self.path, loaded.source)
+            admin = loaded.config.admin
+            _write_atomically(self.path, loaded.source, admin.backups if admin is not None else DEFAULT_BACKUPS)
         return self.adopt(loaded)
 
     def adopt(self, loaded: LoadedConfig) -> int:
@@ -124,6 +129,12 @@ class ConfigStore:
 
     def get_object(self, kind: str, name: str) -> dict:
         return redact(_find(self.loaded.document, kind, name)[1])
+
+    def list_objects(self, kind: str) -> dict | list:
+        """Every object of `kind` as `get_object` shows it: services by name, routes and
+        consumers as a list in file order (route order is match order)."""
+        value = self.loaded.document.get(kind)
+        return redact(value if value is not None else ({} if kind == "services" else []))
 
     def with_object(self, kind: str, name: str, obj: dict) -> dict:
         if not isinstance(obj, dict):
@@ -304,17 +315,20 @@ def _target(doc: dict, service: str, address: str) -> dict:
     raise LookupError(f"service {service!r} has no target {address}")
 
 
-def _write_atomically(path: str, text: str) -> None:
-    """Temp file in the same directory, fsync, previous version to FILE.bak, rename, fsync dir:
-    after a crash the file is the old or the new text, never a mix. A symlinked config file is
-    written through (the link stays a link); both files keep the original permission bits, since
-    the .bak holds the same secrets."""
+def _write_atomically(path: str, text: str, backups: int) -> None:
+    """Temp file in the same directory, fsync, previous version to FILE.bak.<UTC time> (when
+    `backups` > 0), rename, fsync dir: after a crash the file is the old or the new text, never a
+    mix. A symlinked config file is written through (the link stays a link); the file and its
+    backups keep the original permission bits, since the backups hold the same secrets. Then only
+    the newest `backups` backups are kept."""
     real = os.path.realpath(path)
     try:
         mode = stat.S_IMODE(os.stat(real).st_mode)
-        with open(real, "rb") as f:
-            previous = f.read()
-        _replace(real + ".bak", previous, mode)
+        if backups:
+            with open(real, "rb") as f:
+                previous = f.read()
+            stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+            _replace(f"{real}.bak.{stamp}", previous, mode)
         _replace(real, text.encode("utf-8"), mode)
         dir_fd = os.open(os.path.dirname(real), os.O_RDONLY)
         try:
@@ -323,6 +337,26 @@ def _write_atomically(path: str, text: str) -> None:
             os.close(dir_fd)
     except OSError as exc:
         raise ConfigWriteError(f"{path}: cannot write the config file: {exc.strerror or exc}") from None
+    _rotate_backups(real, backups)
+
+
+def backup_files(real: str) -> list[str]:
+    """The backups of the config file at `real` (a resolved path), oldest first: the UTC time in
+    their names sorts them."""
+    directory, name = os.path.split(real)
+    pattern = re.compile(re.escape(name) + r"\.bak\.\d{8}T\d{6}\.\d{6}Z\Z")
+    return sorted(os.path.join(directory, n) for n in os.listdir(directory) if pattern.match(n))
+
+
+def _rotate_backups(real: str, keep: int) -> None:
+    """Remove all but the newest `keep` backups. The change is written already: a backup that
+    cannot be removed is logged, not an error."""
+    try:
+        old = backup_files(real)
+        for backup in old[:max(0, len(old) - keep)]:
+            os.unlink(backup)
+    except OSError as exc:
+        log(f"{real}: cannot remove an old backup: {exc.strerror or exc}", "warning")
 
 
 def _replace(path: str, data: bytes, mode: int) -> None:

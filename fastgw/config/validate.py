@@ -199,6 +199,7 @@ def _listener_problems(config: Config) -> Iterator[ConfigProblem]:
         yield from _proxy_protocol_problems(f"listeners[{i}].proxy_protocol", listener.proxy_protocol)
     if config.admin is not None:
         yield from _admin_problems(config.admin.bind, config.admin.token)
+        yield from _failing([("admin.backups", 0 <= config.admin.backups <= 1000, "must be a number from 0 to 1000")])
         for i, name in enumerate(config.admin.allowed_hosts):
             yield from _failing([(f"admin.allowed_hosts[{i}]", _is_host(name),
                                   f"{name!r} is not a host name or IP address (no port)")])

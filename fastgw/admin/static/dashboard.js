@@ -6,6 +6,7 @@
 const TOKEN_KEY = 'fastgw-admin-token';
 const HISTORY_S = 300;           // the charts show the last 5 minutes...
 const HISTORY_POINTS = 300;      // ...of one-per-second snapshots
+const HISTORY_MINUTES = 5;       // ...that start from the server's one-minute history (GET /history)
 const RECONNECT_MS = 2000;
 const STALL_MS = 10000;          // no bytes for this long on /events: drop the stream and reconnect
 const ANALYTICS_MS = 5000;
@@ -29,6 +30,12 @@ function fmtPct(ratio) {                                                      //
   if (!isNum(ratio)) return DASH;
   const p = ratio * 100;
   return (p === 0 ? '0' : p < 1 ? NF2.format(p) : NF1.format(p)) + '%';
+}
+function fmtDuration(seconds) {                                               // 3725 -> 1h 2m
+  if (!isNum(seconds)) return DASH;
+  const s = Math.floor(seconds), d = Math.floor(s / 86400), h = Math.floor(s / 3600) % 24;
+  const m = Math.floor(s / 60) % 60;
+  return d ? `${d}d ${h}h` : h ? `${h}h ${m}m` : m ? `${m}m ${s % 60}s` : `${s}s`;
 }
 function fmtTime(ts) {                                                        // unix s -> 14:05:12
   if (!isNum(ts)) return DASH;
@@ -234,14 +241,17 @@ const pending = new Map();  // "service/address" -> {drain, until}: a drain/enab
 
 function render(s) {
   const t = s.totals || {};
+  // History points (one per minute) that reach past this snapshot give way to the live ones.
+  while (samples.length && samples[samples.length - 1].span > 1 && !(s.ts > samples[samples.length - 1].ts)) samples.pop();
   if (samples.length && !(s.ts > samples[samples.length - 1].ts)) samples.length = 0;  // clock went back
-  samples.push({ts: s.ts, rps: t.rps, err: t.error_rate, p50: t.p50_ms, p95: t.p95_ms, p99: t.p99_ms});
-  while (samples.length > HISTORY_POINTS || samples[0].ts < s.ts - HISTORY_S) samples.shift();
+  samples.push({ts: s.ts, span: 1, rps: t.rps, err: t.error_rate, p50: t.p50_ms, p95: t.p95_ms, p99: t.p99_ms});
+  while (samples.length > HISTORY_POINTS + HISTORY_MINUTES || samples[0].ts < s.ts - HISTORY_S) samples.shift();
 
   renderHeader(s);
   renderCards(t, s.cache || {});
   renderCharts();
-  renderRoutes(s.routes || []);
+  renderRoutes(s.routes || [], s.unmatched, t);
+  renderListeners(s.listeners || []);
   renderServices(s.services || []);
   renderWorkers(s.workers || [], s.config_version);
   renderCache(s.cache || {});
@@ -250,6 +260,9 @@ function render(s) {
 }
 
 function renderHeader(s) {
+  setText($('#version'), s.version || DASH);
+  setText($('#uptime'), fmtDuration(s.uptime_s));
+  $('#uptime').title = isNum(s.uptime_s) ? `started ${new Date((s.ts - s.uptime_s) * 1000).toLocaleString()}` : '';
   setText($('#config-version'), String(s.config_version ?? DASH));
   const r = s.reload;
   const status = $('#reload-status');
@@ -281,25 +294,69 @@ function renderCards(t, cache) {
   setText($('#cache-hit-ratio'), fmtPct(cache.hit_ratio));
 }
 
-const ROUTE_CELLS = ['name', 'service', 'rps', 'error-rate', 'p50', 'p95', 'p99', 'rate-limited', 'cache'];
+// Answers counted per route (since the start): the 4xx an operator tells apart, the other 4xx, 5xx.
+const ANSWERS = ['401', '403', '429', '4xx', '5xx'];
+const ROUTE_CELLS = ['name', 'service', 'requests', ...ANSWERS.map((a) => `a${a}`), 'rps', 'error-rate',
+                     'p50', 'p95', 'p99', 'rate-limited', 'cache'];
 
-function renderRoutes(routes) {
+// One row: a route, the unmatched requests (404 no_route, their own row so that the rows add up
+// to the total) or the total.
+function updateRouteRow(row, r) {
+  const c = row.c;
+  setText(c.requests, fmtInt(r.requests));
+  for (const a of ANSWERS) {
+    const n = (r.answers || {})[a];
+    setText(c[`a${a}`], fmtInt(n));
+    c[`a${a}`].className = `a${a} ${n > 0 ? (a === '5xx' ? 'bad' : 'warn') : ''}`;
+  }
+  setText(c.rps, fmtRate(r.rps));
+  setText(c['error-rate'], fmtPct(r.error_rate));
+  c['error-rate'].className = `error-rate ${errorClass(r.error_rate)}`;
+  setText(c.p50, fmtMs(r.p50_ms));
+  setText(c.p95, fmtMs(r.p95_ms));
+  setText(c.p99, fmtMs(r.p99_ms));
+}
+
+function renderRoutes(routes, unmatched, totals) {
   const tbody = $('#routes tbody');
-  syncChildren(tbody, routes, (r) => r.name, 'route', () => makeRow(ROUTE_CELLS), (row, r) => {
+  // Route names are never empty: "" is the key of the unmatched row.
+  const rows = unmatched ? [...routes, {...unmatched, name: ''}] : routes;
+  syncChildren(tbody, rows, (r) => r.name, 'route', () => makeRow(ROUTE_CELLS), (row, r) => {
     const c = row.c;
-    setText(c.name, r.name);
+    row.classList.toggle('unmatched', r.name === '');
+    setText(c.name, r.name === '' ? 'no route (404)' : r.name);
     setText(c.service, r.service || DASH);
-    setText(c.rps, fmtRate(r.rps));
-    setText(c['error-rate'], fmtPct(r.error_rate));
-    c['error-rate'].className = `error-rate ${errorClass(r.error_rate)}`;
-    setText(c.p50, fmtMs(r.p50_ms));
-    setText(c.p95, fmtMs(r.p95_ms));
-    setText(c.p99, fmtMs(r.p99_ms));
-    setText(c['rate-limited'], fmtRate(r.rate_limited));
+    updateRouteRow(row, r);
+    setText(c['rate-limited'], r.name === '' ? DASH : fmtRate(r.rate_limited));
     c['rate-limited'].className = `rate-limited ${r.rate_limited > 0 ? 'warn' : ''}`;
-    setText(c.cache, fmtPct(r.cache_hit_ratio));
+    setText(c.cache, r.name === '' ? DASH : fmtPct(r.cache_hit_ratio));
   });
   emptyRow(tbody, ROUTE_CELLS.length, 'no routes');
+  const tfoot = $('#routes tfoot');
+  if (!tfoot.firstChild) {
+    const row = makeRow(ROUTE_CELLS);
+    row.className = 'total';
+    setText(row.c.name, 'total');
+    tfoot.append(row);
+  }
+  updateRouteRow(tfoot.firstChild, totals);
+}
+
+const LISTENER_CELLS = ['name', 'bind', 'protocol', 'open', 'accepted', 'rejected'];
+
+function renderListeners(listeners) {
+  const tbody = $('#listeners tbody');
+  syncChildren(tbody, listeners, (l) => l.name, 'listener', () => makeRow(LISTENER_CELLS), (row, l) => {
+    const c = row.c;
+    setText(c.name, l.name);
+    setText(c.bind, l.bind);
+    setText(c.protocol, l.protocol);
+    setText(c.open, fmtInt(l.open));
+    setText(c.accepted, fmtInt(l.accepted));
+    setText(c.rejected, fmtInt(l.rejected));
+    c.rejected.className = `rejected ${l.rejected > 0 ? 'warn' : ''}`;
+  });
+  emptyRow(tbody, LISTENER_CELLS.length, 'no listeners');
 }
 
 const TARGET_CELLS = ['address', 'health', 'circuit', 'active', 'ewma', 'weight', 'share', 'rps', 'action'];
@@ -466,12 +523,12 @@ function drawChart(node, series, {floor, fmt, area = false}) {
   }
   const pt = ([x, y]) => `${x.toFixed(1)} ${y.toFixed(1)}`;
   for (const s of series) {
-    // runs of consecutive points; a missing value or a gap of more than 3 s (a reconnect)
-    // starts a new run instead of drawing a line across it
+    // runs of consecutive points; a missing value or a gap of more than the point's span and
+    // 2 s (a reconnect) starts a new run instead of drawing a line across it
     const runs = [];
     samples.forEach((p, i) => {
       if (!isNum(p[s.key])) return;
-      if (!runs.length || !isNum(samples[i - 1]?.[s.key]) || p.ts - samples[i - 1].ts > 3) runs.push([]);
+      if (!runs.length || !isNum(samples[i - 1]?.[s.key]) || p.ts - samples[i - 1].ts > p.span + 2) runs.push([]);
       runs[runs.length - 1].push([X(p.ts), Y(p[s.key])]);
     });
     if (area) {                 // the same runs closed down to the zero line, lightly filled
@@ -485,6 +542,7 @@ function drawChart(node, series, {floor, fmt, area = false}) {
   }
   node.replaceChildren(...parts);
   node.dataset.points = String(samples.length);
+  node.dataset.historyPoints = String(samples.filter((p) => p.span > 1).length);
   node.dataset.max = String(max);
 }
 
@@ -501,6 +559,27 @@ window.addEventListener('resize', () => {
   clearTimeout(resizeTimer);
   resizeTimer = setTimeout(renderCharts, 100);
 });
+
+// --- history: the charts start from the server's minute buckets ------------------------------
+
+// One point per minute of the last five, at the end of what it covers, its rate over the seconds
+// it covers: the page is not empty for its first minutes, and live snapshots continue it.
+async function loadHistory() {
+  try {
+    const data = await api(`/history?window=${HISTORY_MINUTES}m`);
+    for (const m of data.minutes || []) {
+      if (!m.requests && !samples.length) continue;       // nothing yet: no line along zero before it
+      // (the server's clock, as the snapshots' `ts`: a skewed browser clock does not matter)
+      samples.push({ts: Math.min(m.ts + 60, data.ts), span: 60, rps: m.requests / m.seconds,
+                    err: m.requests ? m.errors / m.requests : 0, p50: m.p50_ms, p95: m.p95_ms, p99: m.p99_ms});
+    }
+    const total = (data.minutes || []).reduce((sum, m) => sum + m.requests, 0);
+    document.body.dataset.historyRequests = String(total);
+    renderCharts();
+  } catch (err) {
+    notify(`no history: ${err.message}`, 'error');
+  }
+}
 
 // --- usage analytics -------------------------------------------------------------------------
 
@@ -589,6 +668,7 @@ async function start() {
   if (!token) {
     try { await request('/analytics?by=route&window=5m'); } catch { /* down: the stream retries */ }
   }
+  await loadHistory();
   connect();
   loadAnalytics();
   // Usage is refreshed while the page is visible (a background tab costs the gateway nothing).
