@@ -15,6 +15,7 @@ from collections import deque
 import msgspec
 
 from fastgw._core.shm import BUCKETS, analytics_key
+from fastgw.server.dns import dns_name
 
 WINDOW = 10                      # seconds that rates and percentiles cover
 MAX_ANALYTICS_MINUTES = 60
@@ -34,12 +35,15 @@ def percentile(hist: list[int], q: float) -> float | None:
     return round(BUCKETS[-1] * 1000, 3)
 
 
-def target_health(target, stats: dict | None) -> dict:
+def target_health(target, stats: dict | None, dns_state: str | None = None) -> dict:
     """A target's row of GET /services/{name}/health (and of the snapshots): its config entry and
-    its shared-memory stats (None: not tracked)."""
+    its shared-memory stats (None: not tracked). A target resolved from a DNS name also has its
+    `name` and `dns` state (resolved, stale or unresolved: then no address and not healthy)."""
+    named = {} if dns_state is None else {"name": dns_name(target), "dns": dns_state}
     return {
         "address": target.address,
-        "healthy": stats["healthy"] if stats else True,
+        **named,
+        "healthy": (stats["healthy"] if stats else True) and target.address is not None,
         "ejected": stats["ejected"] if stats else False,
         "circuit": stats["circuit"] if stats else "closed",
         "active": stats["active"] if stats else 0,
