@@ -246,19 +246,17 @@ def _listing(addresses) -> str:
 async def unresolvable(config: Config) -> list[tuple[str, str]]:
     """(key path, why) of each named target that does not resolve now (for `fastgw check`)."""
     resolver = Resolver(config.dns)
-    found = []
-    for name, service in config.services.items():
-        for i, target in enumerate(service.targets):
-            query = query_of(target)
-            if query is None:
-                continue
-            try:
-                addresses, _ = await resolver._lookup(query)
-                if not addresses:
-                    raise LookupFailed("no address")
-            except LookupFailed as exc:
-                key = "dns.name" if target.dns is not None else "address"
-                found.append((f"services.{name}.targets[{i}].{key}",
-                              f"{query.name} ({query.type}) does not resolve ({exc}): the target is "
-                              f"unresolved until it does"))
-    return found
+    named = [(f"services.{name}.targets[{i}].{'dns.name' if t.dns is not None else 'address'}", query)
+             for name, service in config.services.items()
+             for i, t in enumerate(service.targets) if (query := query_of(t)) is not None]
+
+    async def why_not(query: Query) -> str | None:
+        try:
+            addresses, _ = await resolver._lookup(query)
+        except LookupFailed as exc:
+            return str(exc)
+        return None if addresses else "no address"
+
+    found = await asyncio.gather(*(why_not(query) for _, query in named))
+    return [(path, f"{query.name} ({query.type}) does not resolve ({why}): the target is unresolved "
+                   f"until it does") for (path, query), why in zip(named, found) if why is not None]
