@@ -175,8 +175,10 @@ def test_changed_records_move_traffic_with_no_failed_request(gateway, start_upst
     ups = loopback_upstreams(start_upstream, ["127.0.0.1", "127.0.0.2", "127.0.0.3"], slow)
     one, two, three = ups
     server.set("moving.test", ["127.0.0.1", "127.0.0.2"])
-    gw = gateway(dns_config({"targets": [{"address": f"moving.test:{one.port}"}],
-                             "balance": {"algorithm": "round_robin"}}, server.resolver))
+    config = dns_config({"targets": [{"address": f"moving.test:{one.port}"}],
+                         "balance": {"algorithm": "round_robin"}}, server.resolver)
+    config["workers"] = 2               # both switch, from the one resolution in the supervisor
+    gw = gateway(config)
     statuses: list[int] = []
     stop = threading.Event()
 
@@ -334,3 +336,28 @@ def test_dns_keys_are_checked(tmp_path, target, dns, key, message):
     assert check.returncode == 1
     assert any(line.startswith(f"{path}:") and f" {key}: " in line and message in line
                for line in check.stdout.splitlines()), check.stdout
+
+
+def test_an_https_target_named_by_dns_is_verified_under_its_name(gateway, dnsmasq, tmp_path):
+    """SNI and certificate verification (proxy and active health check) use the DNS name, not
+    the resolved address the connection goes to."""
+    from certs import make_ca_and_certs
+    from test_tls import TlsHttpUpstream
+
+    ca, certs = make_ca_and_certs(tmp_path, ["backend.test"])
+    backend = TlsHttpUpstream(*certs["backend.test"])
+    try:
+        server = dnsmasq()
+        server.set("backend.test", ["127.0.0.1"])
+        gw = gateway(dns_config({"scheme": "https", "tls": {"ca": str(ca)},
+                                 "targets": [{"address": f"backend.test:{backend.port}"}],
+                                 "health": {"active": {"path": "/healthz", "interval": "200ms", "timeout": "200ms",
+                                                       "unhealthy_threshold": 1}}},
+                                server.resolver))
+        resp = gw.request("GET", "/x")
+        assert resp.status == 200 and resp.json()["path"] == "/x"
+        time.sleep(1.0)                 # several checks: a failing one would mark it down
+        assert [(r["address"], r["healthy"]) for r in health_rows(gw)] == \
+            [(f"127.0.0.1:{backend.port}", True)]
+    finally:
+        backend.close()

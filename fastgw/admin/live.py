@@ -151,7 +151,7 @@ class LiveStats:
         }
 
     def _services(self, old: dict, new: dict, rate) -> list[dict]:
-        config = self.sup.store.loaded.config
+        config = self.sup.running                 # named targets: one row per resolved address
         services = []
         for name, spec in config.services.items():
             rows, traffic = [], {}
@@ -159,7 +159,7 @@ class LiveStats:
                 now = new["targets"].get((name, t.address))
                 before = old["targets"].get((name, t.address), now)
                 traffic[t.address] = now["requests"] - before["requests"] if now else 0
-                rows.append({**target_health(t, now), "rps": rate(traffic[t.address])})
+                rows.append({**target_health(t, now, self.sup.dns.state(t)), "rps": rate(traffic[t.address])})
             total = sum(traffic.values())
             for row in rows:
                 row["share"] = _ratio(traffic[row["address"]], total)
