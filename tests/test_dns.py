@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from upstreams import RecordingUpstream, Reply, assert_error, free_port, gateway_config, http_request, route, wait_for
+from upstreams import RecordingUpstream, Reply, assert_error, free_port, gateway_config, route, wait_for
 
 DNSMASQ = shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -361,3 +361,19 @@ def test_an_https_target_named_by_dns_is_verified_under_its_name(gateway, dnsmas
             [(f"127.0.0.1:{backend.port}", True)]
     finally:
         backend.close()
+
+
+def test_a_name_added_through_the_admin_api_is_resolved_before_it_applies(gateway, start_upstream, dnsmasq):
+    server = dnsmasq()
+    one, two = loopback_upstreams(start_upstream, ["127.0.0.1", "127.0.0.2"])
+    server.set("late.test", ["127.0.0.2"])
+    gw = gateway(dns_config({"targets": [{"address": f"127.0.0.1:{one.port}"}],
+                             "balance": {"algorithm": "round_robin"}}, server.resolver))
+    assert served_by(gw, 2) == {"127.0.0.1": 2}
+    resp = gw.admin("POST", "/services/up/targets", {"address": f"late.test:{one.port}"})
+    assert resp.status == 200, resp.body
+    assert served_by(gw, 4) == {"127.0.0.1": 2, "127.0.0.2": 2}      # at once: resolved first
+    resp = gw.admin("DELETE", f"/services/up/targets/late.test:{one.port}")
+    assert resp.status == 200, resp.body
+    assert served_by(gw, 4) == {"127.0.0.1": 4}
+    assert [r["address"] for r in health_rows(gw)] == [f"127.0.0.1:{one.port}"]

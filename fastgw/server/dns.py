@@ -108,13 +108,14 @@ class Resolver:
         self.resolver = _dns_resolver(spec)
 
     def configure(self, spec: Dns) -> None:
-        """A reload may name other resolvers: every name is then resolved afresh through them."""
+        """A reload may change the `dns` section (other resolvers, other bounds): every name is
+        then resolved afresh."""
         if spec != self.spec:
             self.spec, self.resolver, self.answers = spec, _dns_resolver(spec), {}
 
     def state(self, target: Target) -> str | None:
         """resolved, stale or unresolved for a named target; None for an IP literal."""
-        query = query_of(target) if target.address is not None or target.dns is not None else None
+        query = query_of(target)
         if query is None:
             return None
         answer = self.answers.get(query)
@@ -122,11 +123,13 @@ class Resolver:
 
     async def resolve_new(self, config: Config) -> None:
         """Resolve the names of `config` that have no answer yet (at start and before a change is
-        applied), and forget names it no longer has."""
-        wanted = names_in(config)
-        for query in set(self.answers) - wanted:
+        applied)."""
+        await asyncio.gather(*(self._refresh(q) for q in names_in(config) if q not in self.answers))
+
+    def forget_others(self, config: Config) -> None:
+        """Stop re-resolving names the running `config` no longer has."""
+        for query in set(self.answers) - names_in(config):
             del self.answers[query]
-        await asyncio.gather(*(self._refresh(q) for q in wanted if q not in self.answers))
 
     def next_due(self) -> float | None:
         return min((a.due for a in self.answers.values()), default=None)

@@ -108,7 +108,7 @@ class Supervisor:
         self.slots = SlotTable(self.segment.capacity)
         self.dns = Resolver(config.dns)
         self.running = config                  # what the workers run: names resolved (server/dns.py)
-        self.current_slots = self.slots.assign(config)
+        self.current_slots: dict = {}          # assigned in run(), once the names are resolved
         self.segment.config_version = self.store.version
         self.workers = [WorkerHandle(i) for i in range(self.count)]
         self.change_lock = asyncio.Lock()      # one admin change or reload at a time
@@ -329,6 +329,7 @@ class Supervisor:
                 self._abort(live, version)
                 raise
             await self._commit(live, version, running, slots)
+            self.dns.forget_others(loaded.config)
             self.segment.config_version = version
             self._apply_cluster(loaded.config)
             set_log_level(loaded.config.log.level)
@@ -375,6 +376,7 @@ class Supervisor:
             if self.stopping:
                 continue
             async with self.apply_lock:
+                self.dns.forget_others(self.store.loaded.config)
                 running = self.dns.expand(self.store.loaded.config)
                 if running == self.running:
                     continue
