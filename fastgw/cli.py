@@ -17,7 +17,7 @@ from importlib.machinery import EXTENSION_SUFFIXES
 import msgspec
 
 from fastgw.config.errors import ConfigError, ConfigProblem
-from fastgw.config.load import LoadedConfig, load_config, load_text, read_admin_access
+from fastgw.config.load import LoadedConfig, load_config, load_text, pin_problems, read_admin_access
 from fastgw.config.model import Config, schema_hook
 
 STDIN_NAME = "<stdin>"                        # how messages name a config read from `-c -`
@@ -159,7 +159,8 @@ def _check(args: argparse.Namespace) -> int:
         args.usage_error("name the file with -c FILE (or set FASTGW_CONFIG)")
     name = STDIN_NAME if args.config == "-" else args.config
     try:
-        problems = _load_for_check(args.config).warnings
+        loaded = _load_for_check(args.config)
+        problems = loaded.warnings + _unresolvable_names(loaded, name)
     except ConfigError as e:
         problems = e.problems
     errors = [p for p in problems if p.severity == "error"]
@@ -181,6 +182,18 @@ def _load_for_check(path: str) -> LoadedConfig:
         return load_config(path)
     text = sys.stdin.read()
     return load_text(text, STDIN_NAME, "json" if text.lstrip().startswith("{") else "yaml")
+
+
+def _unresolvable_names(loaded: LoadedConfig, name: str) -> list[ConfigProblem]:
+    """Warnings for target names that do not resolve now: not errors, since a name may resolve
+    by the time the gateway runs (and until then its target is `unresolved`)."""
+    import asyncio
+
+    from fastgw.server.dns import unresolvable
+
+    found = asyncio.run(unresolvable(loaded.config))
+    return pin_problems([ConfigProblem(path, message, severity="warning") for path, message in found],
+                        loaded.source, name, loaded.fmt)
 
 
 def _problem_json(problem: ConfigProblem) -> dict:

@@ -359,7 +359,8 @@ class RecordingUpstream:
 
     def __init__(self, handler: Handler | None = None, *, name: str = "up", auto_continue: bool = True,
                  read_rate: float | None = None, store_limit: int = 1 * MiB,
-                 close_after_response: bool = False, close_delay: float = 0.0, port: int = 0):
+                 close_after_response: bool = False, close_delay: float = 0.0, port: int = 0,
+                 host: str = HOST):
         self.handler = handler or (lambda req: describe_request(req, self.name))
         self.name, self.auto_continue, self.read_rate = name, auto_continue, read_rate
         self.store_limit = store_limit
@@ -373,10 +374,11 @@ class RecordingUpstream:
         self._conns: set[socket.socket] = set()
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
-        self._listener = socket.socket()
+        # `host`: another loopback address (127.0.0.2, ::1) for targets that share a port.
+        self._listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         # `port`: come back on the port of an upstream that was stopped (a restarted process).
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._listener.bind((HOST, port))
+        self._listener.bind((host, port))
         self._listener.listen(256)
         self._listener.settimeout(0.1)
         self.port = self._listener.getsockname()[1]

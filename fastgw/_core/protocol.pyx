@@ -1321,6 +1321,12 @@ cdef class ClientConnection(Downstream):
         cdef UpstreamConnection conn
         cdef bint reused = False
         cdef double timeout = req.rule.route.timeout
+        if target is None and service.unresolved and n == 0:
+            # Not a connect error: no name of the service resolved, so there is no one to ask.
+            req.flags = "DF"
+            self._fail_request(req, 503, "upstream_unresolved",
+                               "no target name of the service resolves (DNS)")
+            return
         if target is None or not circuit_admit(target.metric_slot, now):
             req.flags = "UH"
             if service.circuit_window > 0 and _any_circuit_open(service.targets):

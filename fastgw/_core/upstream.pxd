@@ -52,6 +52,7 @@ cdef class Target:
     cdef readonly str address
     cdef readonly str host
     cdef readonly int port
+    cdef readonly str server_name         # TLS name sent and verified: a resolved target's DNS name
     cdef readonly int weight
     cdef readonly Service service
     cdef list idle
@@ -97,6 +98,7 @@ cdef class Service:
     cdef public int send_proxy_protocol   # Layer 4: PROXY header version written to targets, 0 = none
     cdef public object ssl_context        # scheme https: ssl.SSLContext for the targets, else None
     cdef public str tls_server_name       # ... the name sent and verified (None: the target's host)
+    cdef public bint unresolved           # a target name resolves to nothing: no target -> 503 DF
 
     cdef void record_result(self, Target target, bint failed)
     cdef bint retry_budget_allows(self)

@@ -154,12 +154,14 @@ def connection_tokens(bytes value):
 
 
 cdef class Target:
-    def __init__(self, Service service, str address, int weight=1, int metric_slot=-1):
+    def __init__(self, Service service, str address, int weight=1, int metric_slot=-1,
+                 str server_name=None):
         host, _, port = address.rpartition(":")
         self.service = service
         self.address = address
         self.host = host.strip("[]")
         self.port = int(port)
+        self.server_name = server_name or self.host
         self.weight = weight
         self.idle = []
         self.open_connections = 0
@@ -192,7 +194,7 @@ cdef class Target:
         else:
             connecting = conn.loop.create_connection(
                 lambda: conn, self.host, self.port, ssl=self.service.ssl_context,
-                server_hostname=self.service.tls_server_name or self.host,
+                server_hostname=self.service.tls_server_name or self.server_name,
                 ssl_handshake_timeout=self.service.connect_timeout)
         conn.connect_task = conn.loop.create_task(connecting)
         conn.connect_task.add_done_callback(conn._on_connect_done)
@@ -271,8 +273,9 @@ cdef class Service:
         self.max_idle = max_idle
         self.max_connections = max_connections
 
-    def add_target(self, str address, int weight=1, int metric_slot=-1, bint backup=False):
-        target = Target(self, address, weight, metric_slot)
+    def add_target(self, str address, int weight=1, int metric_slot=-1, bint backup=False,
+                   str server_name=None):
+        target = Target(self, address, weight, metric_slot, server_name)
         (self.backups if backup else self.targets).append(target)
         return target
 

@@ -220,10 +220,10 @@ def build_app(sup, token: str | None, guard: SameOrigin) -> AdminApp:
         if service is None:
             raise HTTPError(404, "not_found", f"no service named {name!r}")
         slots = sup.current_slots["targets"]
-        return {"service": name, "targets": [
+        return {"service": name, "targets": [       # named targets: one row per resolved address
             target_health(t, sup.segment.target_stats(slots[(name, t.address)])
-                          if slots.get((name, t.address), -1) >= 0 else None)
-            for t in service.targets]}
+                          if slots.get((name, t.address), -1) >= 0 else None, sup.dns.state(t))
+            for t in sup.running.services.get(name, service).targets]}
 
     return app
 

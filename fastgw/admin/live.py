@@ -16,6 +16,7 @@ import msgspec
 
 from fastgw import __version__
 from fastgw._core.shm import BUCKETS, analytics_key
+from fastgw.server.dns import dns_name
 
 WINDOW = 10                      # seconds that rates and percentiles cover
 MAX_ANALYTICS_MINUTES = 60
@@ -39,12 +40,15 @@ def percentile(hist: list[int], q: float) -> float | None:
     return round(BUCKETS[-1] * 1000, 3)
 
 
-def target_health(target, stats: dict | None) -> dict:
+def target_health(target, stats: dict | None, dns_state: str | None = None) -> dict:
     """A target's row of GET /services/{name}/health (and of the snapshots): its config entry and
-    its shared-memory stats (None: not tracked)."""
+    its shared-memory stats (None: not tracked). A target resolved from a DNS name also has its
+    `name` and `dns` state (resolved, stale or unresolved: then no address and not healthy)."""
+    named = {} if dns_state is None else {"name": dns_name(target), "dns": dns_state}
     return {
         "address": target.address,
-        "healthy": stats["healthy"] if stats else True,
+        **named,
+        "healthy": (stats["healthy"] if stats else True) and target.address is not None,
         "ejected": stats["ejected"] if stats else False,
         "circuit": stats["circuit"] if stats else "closed",
         "active": stats["active"] if stats else 0,
@@ -189,7 +193,7 @@ class LiveStats:
                 for spec in self.sup.store.loaded.config.listeners if slots.get(spec.name, -1) >= 0]
 
     def _services(self, old: dict, new: dict, rate) -> list[dict]:
-        config = self.sup.store.loaded.config
+        config = self.sup.running                 # named targets: one row per resolved address
         services = []
         for name, spec in config.services.items():
             rows, traffic = [], {}
@@ -197,7 +201,7 @@ class LiveStats:
                 now = new["targets"].get((name, t.address))
                 before = old["targets"].get((name, t.address), now)
                 traffic[t.address] = now["requests"] - before["requests"] if now else 0
-                rows.append({**target_health(t, now), "rps": rate(traffic[t.address])})
+                rows.append({**target_health(t, now, self.sup.dns.state(t)), "rps": rate(traffic[t.address])})
             total = sum(traffic.values())
             for row in rows:
                 row["share"] = _ratio(traffic[row["address"]], total)

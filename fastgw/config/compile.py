@@ -390,14 +390,18 @@ def _compile_services(config: Config, target_slots: dict, previous: Runtime | No
             max_idle=spec.pool.max_idle_per_target,
             max_connections=spec.pool.max_connections_per_target)
         for target in spec.targets:
+            if target.address is None:    # a DNS name that resolves to nothing (server/dns.py)
+                service.unresolved = True
+                continue
             if target.drain:              # a drained target takes no new requests
                 continue
             kept = reusable.get((name, target.address, target.weight))
-            if kept is not None:
+            if kept is not None and kept.server_name == (_server_name(target) or kept.host):
                 service.keep_target(kept, target.backup)
             else:
                 service.add_target(target.address, target.weight,
-                                   target_slots.get((name, target.address), -1), target.backup)
+                                   target_slots.get((name, target.address), -1), target.backup,
+                                   _server_name(target))
         service.balancer = _balancer(spec, service.targets)
         # Backups share the load round robin among themselves when no primary is up.
         service.backup_balancer = make_balancer("round_robin", list(service.backups)) \
@@ -429,6 +433,11 @@ def _compile_services(config: Config, target_slots: dict, previous: Runtime | No
             service.max_ejected_percent = spec.health.passive.max_ejected_percent
         services[name] = service
     return services
+
+
+def _server_name(target) -> str | None:
+    """A target resolved from a DNS name is verified (TLS) under that name, not its address."""
+    return target.dns.name if target.dns is not None else None
 
 
 def _balancer(spec, targets: list):

@@ -132,8 +132,17 @@ class Admin(_Base):
 
 # --- services ------------------------------------------------------------------------------------
 
+class TargetDns(_Base):
+    """A target given as a DNS name (fastgw/server/dns.py): one target per address it resolves to."""
+    name: str
+    port: Union[int, None] = None                  # A/AAAA: required; SRV: each record's own port
+    type: Literal["A", "AAAA", "SRV"] = "A"
+    refresh: Union[Duration, None] = None          # re-resolve this often instead of on the TTL
+
+
 class Target(_Base):
-    address: str                                   # host:port
+    address: Union[str, None] = None               # ip:port, or name:port (resolved like dns: {type: A})
+    dns: Union[TargetDns, None] = None             # instead of address
     weight: int = 1
     drain: bool = False                            # takes no new requests; in-flight ones finish
     backup: bool = False                           # takes traffic only when no primary is up
@@ -412,6 +421,17 @@ class Drain(_Base):
     timeout: Duration = 30.0               # in-flight requests get this long to finish
 
 
+class Dns(_Base):
+    """How target names resolve: the hosts file first, then these resolvers (default: the
+    nameservers of /etc/resolv.conf). A name is re-resolved at its TTL bounded to [min_ttl, max_ttl];
+    a failed re-resolution keeps the last good addresses for up to stale_ttl."""
+    resolvers: list[str] = []                      # "ip" or "ip:port", "[v6]:port"
+    timeout: Duration = 2.0                        # one resolution, every resolver and retry included
+    min_ttl: Duration = 5.0
+    max_ttl: Duration = 300.0
+    stale_ttl: Duration = 3600.0
+
+
 class Config(_Base):
     version: Literal[1] = 1
     workers: Union[int, Literal["auto"]] = 1       # auto = the CPUs this process may run on
@@ -419,6 +439,7 @@ class Config(_Base):
     admin: Union[Admin, None] = None
     cluster: Union[Cluster, None] = None
     drain: Drain = msgspec.field(default_factory=Drain)
+    dns: Dns = msgspec.field(default_factory=Dns)
     log: Log = msgspec.field(default_factory=Log)
     tracing: Tracing = msgspec.field(default_factory=Tracing)
     services: dict[str, Service] = {}

@@ -98,6 +98,7 @@ def semantic_problems(config: Config) -> list[ConfigProblem]:
         *_head_problems(config),
         *_consumer_problems(config),
         *_client_problems(config),
+        *_dns_problems(config.dns),
         *(ConfigProblem(path, message) for path, message in plugin_problems(config)),
         *_failing([
             ("log.access.sample", 0.0 <= config.log.access.sample <= 1.0, "must be between 0 and 1"),
@@ -471,14 +472,60 @@ def _one_service(path: str, service: Service) -> Iterator[ConfigProblem]:
     ])
     for i, target in enumerate(service.targets):
         tpath = f"{path}.targets[{i}]"
-        problem = _bind_problem(f"{tpath}.address", target.address)
-        if problem:
-            yield problem
+        yield from _target_address_problems(tpath, target)
         yield from _failing([(f"{tpath}.weight", target.weight >= 0, "must not be negative")])
     weights = [t.weight for t in service.targets]
     yield from _failing([(f"{path}.targets", not weights or any(w > 0 for w in weights),
                           "every target has weight 0: this service receives no traffic")],
                         severity="warning")
+
+
+def _target_address_problems(path: str, target) -> Iterator[ConfigProblem]:
+    if (target.address is None) == (target.dns is None):
+        yield ConfigProblem(path, "a target has either an address (host:port) or dns: {name, port}")
+        return
+    if target.address is not None:
+        problem = _bind_problem(f"{path}.address", target.address)
+        if problem:
+            yield problem
+        return
+    spec = target.dns
+    yield from _failing([
+        (f"{path}.dns.name", bool(_HOSTNAME.match(spec.name)) and not re.fullmatch(r"[\d.]+", spec.name),
+         f"{spec.name!r} is not a host name"),
+        (f"{path}.dns.port", spec.type == "SRV" or spec.port is not None,
+         f"type {spec.type} needs a port (SRV records carry their own)"),
+        (f"{path}.dns.port", spec.type != "SRV" or spec.port is None,
+         "an SRV record gives the port: leave port out"),
+        (f"{path}.dns.port", spec.port is None or 1 <= spec.port <= 65535, "must be in 1..65535"),
+        (f"{path}.dns.refresh", spec.refresh is None or spec.refresh > 0, "must be greater than 0"),
+    ])
+
+
+def _dns_problems(dns) -> Iterator[ConfigProblem]:
+    for i, resolver in enumerate(dns.resolvers):
+        try:
+            parse_resolver(resolver)
+        except ValueError as exc:
+            yield ConfigProblem(f"dns.resolvers[{i}]", str(exc))
+    yield from _failing([
+        ("dns.timeout", dns.timeout > 0, "must be greater than 0"),
+        ("dns.min_ttl", dns.min_ttl > 0, "must be greater than 0"),
+        ("dns.max_ttl", dns.max_ttl >= dns.min_ttl, "must not be less than dns.min_ttl"),
+    ])
+
+
+def parse_resolver(value: str) -> tuple[str, int]:
+    """`ip`, `ip:port` or `[v6]:port` -> (ip, port); a resolver is an address, never a name."""
+    try:
+        return str(ipaddress.ip_address(value)), 53
+    except ValueError:
+        pass
+    host, port = parse_bind(value)
+    try:
+        return str(ipaddress.ip_address(host)), port
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP address (a resolver cannot be a name)") from None
 
 
 def _route_problems(config: Config) -> Iterator[ConfigProblem]:

@@ -27,29 +27,32 @@ class HealthChecker:
             for target in service.targets if spec is not None else ():
                 slot = slots["targets"].get((name, target.address), -1)
                 if slot >= 0:
-                    wanted[(name, target.address)] = (spec, slot, tls)
-        for key, (spec, slot, tls, task) in list(self.tasks.items()):
-            if wanted.get(key) != (spec, slot, tls):
+                    # A target resolved from a DNS name is verified (TLS) under that name.
+                    server_name = target.dns.name if target.dns is not None else None
+                    wanted[(name, target.address)] = (spec, slot, tls, server_name)
+        for key, (spec, slot, tls, server_name, task) in list(self.tasks.items()):
+            if wanted.get(key) != (spec, slot, tls, server_name):
                 task.cancel()
                 del self.tasks[key]
                 if key not in wanted:
                     self.segment.target_set_healthy(slot, True)   # unchecked targets count as up
-        for key, (spec, slot, tls) in wanted.items():
+        for key, (spec, slot, tls, server_name) in wanted.items():
             if key not in self.tasks:
                 context = client_context(tls) if tls is not None and spec.type == "http" else None
-                task = asyncio.get_running_loop().create_task(self._run(key[0], key[1], spec, slot, context))
-                self.tasks[key] = (spec, slot, tls, task)
+                task = asyncio.get_running_loop().create_task(
+                    self._run(key[0], key[1], spec, slot, context, server_name))
+                self.tasks[key] = (spec, slot, tls, server_name, task)
 
     def close(self) -> None:
         for *_, task in self.tasks.values():
             task.cancel()
         self.tasks.clear()
 
-    async def _run(self, service: str, address: str, spec, slot: int, context) -> None:
+    async def _run(self, service: str, address: str, spec, slot: int, context, server_name) -> None:
         healthy = self.segment.target_stats(slot)["healthy"]
         streak = 0                        # successes (> 0) or failures (< 0) in a row
         while True:
-            ok, why = await probe(address, spec, context)
+            ok, why = await probe(address, spec, context, server_name)
             streak = (max(streak, 0) + 1) if ok else (min(streak, 0) - 1)
             if healthy and streak <= -spec.unhealthy_threshold:
                 healthy = False
@@ -63,12 +66,13 @@ class HealthChecker:
             await asyncio.sleep(spec.interval)
 
 
-async def probe(address: str, spec, context=None) -> tuple[bool, str]:
-    """(passed, what failed). `context`: TLS for an https service's HTTP check."""
+async def probe(address: str, spec, context=None, server_name: str | None = None) -> tuple[bool, str]:
+    """(passed, what failed). `context`: TLS for an https service's HTTP check, verified under
+    `server_name` (default: the address's host)."""
     if spec.type == "grpc":
         return await asyncio.get_running_loop().run_in_executor(None, _grpc_check, address, spec)
     try:
-        line = await asyncio.wait_for(_exchange(address, spec, context), spec.timeout)
+        line = await asyncio.wait_for(_exchange(address, spec, context, server_name), spec.timeout)
     except asyncio.TimeoutError:
         return False, f"no answer within {spec.timeout:g}s"
     except OSError as exc:
@@ -82,14 +86,17 @@ async def probe(address: str, spec, context=None) -> tuple[bool, str]:
     return status in spec.expect_status, f"status {status}"
 
 
-async def _exchange(address: str, spec, context) -> bytes:
+async def _exchange(address: str, spec, context, server_name: str | None) -> bytes:
     """Connect; for an HTTP check send the request and return the status line."""
     host, _, port = address.rpartition(":")
-    reader, writer = await asyncio.open_connection(host.strip("[]"), int(port), ssl=context)
+    reader, writer = await asyncio.open_connection(
+        host.strip("[]"), int(port), ssl=context,
+        server_hostname=(server_name or host.strip("[]")) if context is not None else None)
     try:
         if spec.type == "tcp":
             return b""
-        writer.write(f"GET {spec.path} HTTP/1.1\r\nHost: {address}\r\nUser-Agent: fastgw-health\r\n"
+        authority = f"{server_name}:{port}" if server_name else address
+        writer.write(f"GET {spec.path} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: fastgw-health\r\n"
                      f"Connection: close\r\n\r\n".encode("latin-1"))
         return await reader.readline()
     finally:

@@ -26,6 +26,7 @@ from fastgw.config.store import ConfigStore
 from fastgw.server import systemd
 from fastgw.server.cluster import ClusterSync, ConfigSync, cluster_interval
 from fastgw.server.control import WORKER_RUNNING, WORKER_STARTING, ControlChannel
+from fastgw.server.dns import Resolver
 from fastgw.server.health import HealthChecker
 from fastgw.server.log import log, set_log_level
 from fastgw.server.ports import busy_listeners
@@ -60,7 +61,8 @@ class SlotTable:
     def assign(self, config) -> dict:
         routes = {r.name: self._slot(self.routes, r.name, "routes", first=1) for r in config.routes}
         targets = {(name, t.address): self._slot(self.targets, (name, t.address), "targets")
-                   for name, svc in config.services.items() for t in svc.targets}
+                   for name, svc in config.services.items() for t in svc.targets
+                   if t.address is not None}     # an unresolved name has no address to count
         listeners = {spec.name: self._slot(self.listeners, spec.name, "listeners")
                      for spec in config.listeners}
         return {"routes": routes, "targets": targets, "listeners": listeners}
@@ -104,7 +106,9 @@ class Supervisor:
             targets=max(1024, 2 * sum(len(s.targets) for s in config.services.values())),
             listeners=64)
         self.slots = SlotTable(self.segment.capacity)
-        self.current_slots = self.slots.assign(config)
+        self.dns = Resolver(config.dns)
+        self.running = config                  # what the workers run: names resolved (server/dns.py)
+        self.current_slots: dict = {}          # assigned in run(), once the names are resolved
         self.segment.config_version = self.store.version
         self.workers = [WorkerHandle(i) for i in range(self.count)]
         self.change_lock = asyncio.Lock()      # one admin change or reload at a time
@@ -135,6 +139,9 @@ class Supervisor:
         busy = busy_listeners(self.store.loaded.config.listeners)
         for _, bind in busy:
             log(f"{bind}: address already in use", "error")
+        await self.dns.resolve_new(self.store.loaded.config)
+        self.running = self.dns.expand(self.store.loaded.config)
+        self.current_slots = self.slots.assign(self.running)
         started = [] if busy else await asyncio.gather(*(self._start_worker(w) for w in self.workers))
         if busy:
             self.stop()
@@ -144,7 +151,8 @@ class Supervisor:
             self.stop()
             self.exit_code = 1
         else:
-            self.health.apply(self.store.loaded.config, self.current_slots)
+            self.health.apply(self.running, self.current_slots)
+            self.loop.create_task(self._refresh_dns())
             self._apply_cluster(self.store.loaded.config)
             cluster = self.store.loaded.config.cluster
             if cluster is not None and cluster.config_sync:
@@ -211,7 +219,7 @@ class Supervisor:
         self.segment.worker_set(w.index, pid=w.process.pid, config_version=0, state=WORKER_STARTING,
                                 generation=w.restarts)
         version = self.store.version
-        w.channel.send("start", version, self.store.loaded.config, self.current_slots)
+        w.channel.send("start", version, self.running, self.current_slots)
         self.loop.create_task(self._read_replies(w, w.channel))
         reply = await self._reply(w, START_TIMEOUT)
         if reply is None or reply[0] != "ready":
@@ -311,38 +319,74 @@ class Supervisor:
                                                  file=loaded.path or "<config>")
                                    for i, bind in busy])
             version = self.store.version + 1
-            slots = self.slots.assign(loaded.config)
-            for slot in set(slots["targets"].values()) - set(self.current_slots["targets"].values()):
-                if slot >= 0:
-                    self.segment.target_added(slot)
-            live = [w for w in self.workers if w.running]
-            for w in live:
-                w.channel.send("prepare", version, loaded.config, slots)
-            replies = await asyncio.gather(*(self._reply(w, APPLY_TIMEOUT) for w in live))
-            refused = [(w, r) for w, r in zip(live, replies) if r is None or r[0] != "prepared"]
-            if refused:
-                self._abort(live, version)
-                w, reply = refused[0]
-                why = reply[2] if reply is not None and len(reply) > 2 else "no answer in time"
-                raise ConfigError([ConfigProblem("", f"worker {w.index}: {why}")])
+            self.dns.configure(loaded.config.dns)
+            await self.dns.resolve_new(loaded.config)
+            running = self.dns.expand(loaded.config)
+            slots, live = await self._prepare(version, running)
             try:
                 self.store.commit(loaded) if persist else self.store.adopt(loaded)
             except BaseException:             # not written (ConfigWriteError): not applied either
                 self._abort(live, version)
                 raise
-            for w in live:
-                w.channel.send("commit", version)
-            await asyncio.gather(*(self._reply(w, APPLY_TIMEOUT) for w in live))
-            for w in live:
-                w.version = version
-            self.current_slots = slots
+            await self._commit(live, version, running, slots)
+            self.dns.forget_others(loaded.config)
             self.segment.config_version = version
-            self.health.apply(loaded.config, slots)
             self._apply_cluster(loaded.config)
             set_log_level(loaded.config.log.level)
             if self.admin is not None:
                 self.admin.configure(loaded.config.admin)
             return version
+
+    async def _prepare(self, version: int, running) -> tuple[dict, list[WorkerHandle]]:
+        """Every live worker compiles `running` and binds its new listeners -> (slots, workers);
+        ConfigError (and nothing changed) when one refuses."""
+        slots = self.slots.assign(running)
+        for slot in set(slots["targets"].values()) - set(self.current_slots["targets"].values()):
+            if slot >= 0:
+                self.segment.target_added(slot)
+        live = [w for w in self.workers if w.running]
+        for w in live:
+            w.channel.send("prepare", version, running, slots)
+        replies = await asyncio.gather(*(self._reply(w, APPLY_TIMEOUT) for w in live))
+        refused = [(w, r) for w, r in zip(live, replies) if r is None or r[0] != "prepared"]
+        if refused:
+            self._abort(live, version)
+            w, reply = refused[0]
+            why = reply[2] if reply is not None and len(reply) > 2 else "no answer in time"
+            raise ConfigError([ConfigProblem("", f"worker {w.index}: {why}")])
+        return slots, live
+
+    async def _commit(self, live: list[WorkerHandle], version: int, running, slots: dict) -> None:
+        for w in live:
+            w.channel.send("commit", version)
+        await asyncio.gather(*(self._reply(w, APPLY_TIMEOUT) for w in live))
+        for w in live:
+            w.version = version
+        self.running, self.current_slots = running, slots
+        self.health.apply(running, slots)
+
+    async def _refresh_dns(self) -> None:
+        """Re-resolve each name when its time comes; a change of addresses is applied to the
+        workers like an admin change of targets (same config version): an address that went away
+        is removed and drains, its in-flight requests finish."""
+        while not self.stopping:
+            due = self.dns.next_due()
+            await asyncio.sleep(1.0 if due is None else max(0.05, due - time.monotonic()))
+            await self.dns.refresh_due()
+            if self.stopping:
+                continue
+            async with self.apply_lock:
+                self.dns.forget_others(self.store.loaded.config)
+                running = self.dns.expand(self.store.loaded.config)
+                if running == self.running:
+                    continue
+                version = self.store.version
+                try:
+                    slots, live = await self._prepare(version, running)
+                except ConfigError as exc:  # the workers keep the addresses they had; retried
+                    log(f"resolved addresses not applied: {exc}", "error")
+                    continue
+                await self._commit(live, version, running, slots)
 
     async def purge_cache(self, spec: dict) -> int:
         """Remove cached answers in every worker (POST /cache/purge) -> how many entries."""
