@@ -1020,7 +1020,7 @@ cdef class ClientConnection(Downstream):
         """Keep the decision that binds for the access log's `ratelimit`: the refusal, else the
         limit with the fewest requests left."""
         cdef tuple kept = req.limit_logged
-        if kept is not None and (not kept[4] or kept[3] <= d.remaining):
+        if kept is not None and (not kept[4] or d.admitted and kept[3] <= d.remaining):
             return
         req.limit_logged = (policy.name or req.rule.route.name, limit, window_ns / 1e9,
                             d.remaining, d.admitted)
