@@ -32,28 +32,22 @@ def log(message: str, level: str = "info", traceback: str | None = None) -> None
         entry = {"time": _timestamp(), "level": level, "process": _process, "message": message}
         if traceback:
             entry["traceback"] = traceback
-        line = _encode(entry) + b"\n"
+        line = _encode(entry).decode() + "\n"
     else:
         prefix = "fastgw" if _process == "supervisor" else f"fastgw[{_process}]"
-        text = f"{prefix}: {message}\n" + (traceback or "")
-        line = text.encode("utf-8", "backslashreplace")
-    _write(line)
+        line = f"{prefix}: {message}\n" + (traceback or "")
+    # Written and flushed at once: several processes share stderr, and one write() of up to
+    # PIPE_BUF bytes stays whole on a pipe (POSIX), so their lines do not interleave.
+    try:
+        sys.stderr.write(line)
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass                       # stderr is gone: nowhere to say so
 
 
 def log_exception(message: str, exc: BaseException, level: str = "error") -> None:
     """`message` and the traceback of `exc` (one field of one line in json)."""
     log(message, level, "".join(_traceback.format_exception(exc)))
-
-
-def _write(line: bytes) -> None:
-    # One write() per message: several processes share stderr, and a pipe keeps a write of up
-    # to PIPE_BUF bytes whole (POSIX), so their lines do not interleave.
-    sys.stderr.flush()
-    try:
-        while line:
-            line = line[os.write(2, line):]
-    except OSError:
-        pass                       # nowhere to report that stderr is gone
 
 
 def _timestamp() -> str:
