@@ -109,9 +109,19 @@ def _load_or_report(path: str | None) -> LoadedConfig | None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    loaded = _load_or_report(args.config)
-    if loaded is None:
+    """The config's problems are gateway messages here: in $FASTGW_LOG_FORMAT's format when the
+    file cannot be used (its `log.format` is unknown), in its own when it can."""
+    from fastgw.server.log import configure_log, log
+
+    try:
+        loaded = load_config(args.config)
+    except ConfigError as e:
+        for problem in e.problems:
+            log(str(problem), problem.severity)
         return 1
+    configure_log(loaded.config.log)
+    for warning in loaded.warnings:
+        log(str(warning), "warning")
     from fastgw.server.supervisor import serve
 
     return serve(loaded, workers=args.workers)

@@ -128,6 +128,7 @@ cdef class Request:
     cdef int retry_after                  # seconds, for a 429
     cdef bint limits_done                 # the route's rate limits were decided
     cdef list remote_limits               # (policy, key, limit, window) waiting for Redis
+    cdef tuple limit_logged               # for the access log: (name, limit, window_s, remaining, admitted)
 
 
 cdef class ClientConnection(Downstream):
@@ -207,6 +208,7 @@ cdef class ClientConnection(Downstream):
                          UpstreamConnection conn, bint reused)
     cdef bytes _hash_key(self, Request req, tuple hash_on)
     cdef void _build_upstream_head(self, Request req)
+    cdef void _write_upstream_target(self, WriteBuffer h, Request req)
     cdef bytes _request_id(self, Request req)
     cdef void _write_traceparent(self, WriteBuffer h, Request req)
     cdef void _send_body(self, Request req, bytes data)
@@ -227,6 +229,9 @@ cdef class ClientConnection(Downstream):
     cdef void _body_timed_out(self)
     cdef void _finish(self, Request req)
     cdef void _log(self, Request req)
+    cdef void _note_limit(self, Request req, Policy policy, long long limit,
+                          unsigned long long window_ns, Decision* d)
+    cdef str _upstream_uri(self, Request req)
     cdef void _export_span(self, Request req, double now)
     cdef void _flush(self)
     cdef void _pause(self, int reason)

@@ -36,9 +36,7 @@ from fastgw._core.upstream cimport (
 import asyncio
 import socket
 import struct
-import sys
 import time
-import traceback
 from email.utils import formatdate
 from http import HTTPStatus
 
@@ -49,6 +47,7 @@ from httptools import (HttpParserError, HttpParserInvalidMethodError, HttpParser
 from fastgw._core.proxyproto import ProxyHeaderError, parse_proxy_header, peer_trusted
 from fastgw.plugins.api import Headers, Request as PluginRequest, Response as PluginResponse
 from fastgw._core.upstream import connection_tokens, drop_named
+from fastgw.server.log import log, log_exception
 
 cdef enum:
     REPLAY_LIMIT = 65536          # request bytes kept to resend after a stale pooled connection
@@ -1009,6 +1008,8 @@ cdef class ClientConnection(Downstream):
             req.limit_headers = lines if req.limit_headers is None else req.limit_headers + lines
         record_route_event(req.rule.route.metric_slot,
                            EV_RATELIMIT_ALLOWED if d.admitted else EV_RATELIMIT_REJECTED)
+        if self.listener.access_log is not None:
+            self._note_limit(req, policy, limit, window_ns, d)
         if not d.admitted:
             req.flags = "RL"
             req.retry_after = <int>(d.retry_after + 0.999) or 1
@@ -1019,6 +1020,16 @@ cdef class ClientConnection(Downstream):
                 req.limit_release = []
             req.limit_release.append(<size_t>d.entry)
         return False
+
+    cdef void _note_limit(self, Request req, Policy policy, long long limit,
+                          unsigned long long window_ns, Decision* d):
+        """Keep the decision that binds for the access log's `ratelimit`: the refusal, else the
+        limit with the fewest requests left."""
+        cdef tuple kept = req.limit_logged
+        if kept is not None and (not kept[4] or d.admitted and kept[3] <= d.remaining):
+            return
+        req.limit_logged = (policy.name or req.rule.route.name, limit, window_ns / 1e9,
+                            d.remaining, d.admitted)
 
     cdef bytes _limit_key(self, Request req, Policy policy, bint anonymous):
         """The parts of the request the policy counts by, NUL-separated. `anonymous`: as if no
@@ -1134,8 +1145,7 @@ cdef class ClientConnection(Downstream):
         """Go on to the route's answer with what the plugins changed, or answer as they said."""
         view = req.view
         if isinstance(result, BaseException):
-            print(f"fastgw: plugin failed on route {req.rule.route.name}: "
-                  f"{''.join(traceback.format_exception(result))}", file=sys.stderr, flush=True)
+            log_exception(f"plugin failed on route {req.rule.route.name}", result)
             self._write_plugin_answer(req, PluginResponse.error(500, "plugin_error", "a plugin failed"))
             return
         if view.consumer is not None:
@@ -1216,8 +1226,7 @@ cdef class ClientConnection(Downstream):
 
     def _handler_done(self, Request req, result):
         if isinstance(result, BaseException):
-            print(f"fastgw: handler of route {req.rule.route.name} failed: "
-                  f"{''.join(traceback.format_exception(result))}", file=sys.stderr, flush=True)
+            log_exception(f"handler of route {req.rule.route.name} failed", result)
             result = PluginResponse.error(500, "handler_error", "the route's handler failed")
         elif not isinstance(result, PluginResponse):
             result = PluginResponse.error(500, "handler_error", "the route's handler answered nothing")
@@ -1408,6 +1417,23 @@ cdef class ClientConnection(Downstream):
             return None
         return req.consumer               # None before (or without) authentication
 
+    cdef void _write_upstream_target(self, WriteBuffer h, Request req):
+        """The request target sent upstream: the route's path rewrite, then its query."""
+        cdef PathRule rule = req.rule
+        rule.write_path(h, PyBytes_AS_STRING(req.path), PyBytes_GET_SIZE(req.path), &req.caps)
+        if rule.route.query_rewrite is not None:
+            h.write_bytes(rule.route.query_rewrite)
+        else:
+            h.write_bytes(req.query)
+
+    cdef str _upstream_uri(self, Request req):
+        """For the access log: the target that went upstream, or None when none went."""
+        if req.attempts == 0 or req.rule is None or req.path is None:
+            return None
+        cdef WriteBuffer h = WriteBuffer()
+        self._write_upstream_target(h, req)
+        return h.take().decode("latin-1")
+
     cdef void _build_upstream_head(self, Request req):
         cdef WriteBuffer h = _scratch
         cdef PathRule rule = req.rule
@@ -1415,11 +1441,7 @@ cdef class ClientConnection(Downstream):
         cdef list headers = req.headers
         h.write_bytes(req.method)
         h.write(b" ", 1)
-        rule.write_path(h, PyBytes_AS_STRING(req.path), PyBytes_GET_SIZE(req.path), &req.caps)
-        if rule.route.query_rewrite is not None:
-            h.write_bytes(rule.route.query_rewrite)
-        else:
-            h.write_bytes(req.query)
+        self._write_upstream_target(h, req)
         h.write(b" HTTP/1.1\r\nhost: ", 17)
         h.write_bytes(rule.route.host_rewrite if rule.route.host_rewrite is not None else req.host)
         h.write(b"\r\n", 2)
@@ -2087,18 +2109,21 @@ cdef class ClientConnection(Downstream):
         sink((time.time(), self._request_id(req).decode("latin-1"),
               _trace_id(req),
               self.client_ip.decode(), req.method.decode(), (req.host or b"").decode("latin-1"),
+              (req.url or b"").decode("latin-1"), "HTTP/1.1" if req.http11 else "HTTP/1.0",
               (req.path if req.path is not None else req.url or b"").decode("latin-1"),
               req.status, req.flags,
               route.name if route is not None else None,
               route.service.name if route is not None and route.service is not None else None,
               req.target.address if req.target is not None else None,
+              self._upstream_uri(req),
               req.upstream_status or None, req.attempts,
               req.head_bytes + req.body_bytes, req.bytes_out,
               now - req.started if req.started else 0.0,
               req.upstream_elapsed if req.upstream_status else None,
               req.user_agent.decode("latin-1") if req.user_agent is not None else None,
               req.profile,
-              req.consumer.decode() if req.consumer is not None else None))
+              req.consumer.decode() if req.consumer is not None else None,
+              req.limit_logged))
 
     cdef void _export_span(self, Request req, double now):
         """Hand a sampled request to the tracer (fastgw/server/tracing.py); only sampled requests
@@ -2117,7 +2142,7 @@ cdef class ClientConnection(Downstream):
                 req.target.address if req.target is not None else None,
                 self.client_ip.decode()))
         except Exception as exc:           # tracing must never break a request
-            print(f"fastgw: span export failed: {exc!r}", file=sys.stderr)
+            log(f"span export failed: {exc!r}", "error")
 
     # --- transport helpers -----------------------------------------------------------------------
 
@@ -2348,7 +2373,7 @@ async def _pump_stream(conn, req, stream):
         else:
             complete = True
     except Exception as exc:
-        print(f"fastgw: a handler's stream failed: {exc!r}", file=sys.stderr, flush=True)
+        log_exception("a handler's stream failed", exc)
     finally:
         if hasattr(stream, "aclose"):
             await stream.aclose()

@@ -17,11 +17,12 @@ from fastgw._core.shm cimport (CIRCUIT_CLOSED, CIRCUIT_OPEN, circuit_admit, circ
                                target_failure, target_success)
 
 import asyncio
-import sys
 
 cdef int MIN_RETRY_CONCURRENCY = 3      # retries always allowed in flight, whatever the budget
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
+
+from fastgw.server.log import log
 
 
 cdef class Downstream:
@@ -294,11 +295,10 @@ cdef class Service:
                                     <unsigned long long>(self.circuit_open_for * 1e9),
                                     self.circuit_trials)
             if change == CIRCUIT_OPEN:
-                print(f"fastgw: circuit of {self.name} target {target.address} is open for "
-                      f"{self.circuit_open_for:g}s", file=sys.stderr, flush=True)
+                log(f"circuit of {self.name} target {target.address} is open for "
+                    f"{self.circuit_open_for:g}s", "warning")
             elif change == CIRCUIT_CLOSED:
-                print(f"fastgw: circuit of {self.name} target {target.address} is closed again",
-                      file=sys.stderr, flush=True)
+                log(f"circuit of {self.name} target {target.address} is closed again")
         if self.passive_failures <= 0:
             return
         if not failed:
@@ -315,8 +315,8 @@ cdef class Service:
             return
         base = <unsigned long long>(self.ejection_time * 1e9)
         if target_eject(target.metric_slot, now, base, base * 10):
-            print(f"fastgw: ejected {self.name} target {target.address} after {failures} failures "
-                  f"in a row", file=sys.stderr, flush=True)
+            log(f"ejected {self.name} target {target.address} after {failures} failures in a row",
+                "warning")
 
     cdef bint retry_budget_allows(self):
         """Envoy's retry budget: retries in flight stay under budget_ratio of the requests in

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import re
-import sys
 import traceback
 from email.utils import formatdate
 from http import HTTPStatus
@@ -20,6 +19,8 @@ from urllib.parse import parse_qsl, unquote
 
 import httptools
 import msgspec
+
+from fastgw.server.log import log
 
 MAX_CONNECTIONS = 256
 MAX_HEAD = 64 * 1024        # request line plus header fields; beyond: 414 / 431 (RFC 9112 §3, RFC 6585 §5)
@@ -127,8 +128,7 @@ class AdminApp:
         except HTTPError as exc:
             return error_response(exc.status, exc.code, exc.message, exc.headers)
         except Exception:                       # a bug in a handler: log it, keep serving
-            print(f"fastgw admin: {req.method} {req.path} failed", file=sys.stderr)
-            traceback.print_exc(file=sys.stderr)
+            log(f"admin: {req.method} {req.path} failed", "error", traceback.format_exc())
             return error_response(500, "internal_error", "internal error (see the gateway log)")
 
     async def _dispatch(self, req: AdminRequest) -> Response:
@@ -373,7 +373,7 @@ class _Connection(asyncio.Protocol):
         except asyncio.CancelledError:
             pass
         except Exception:
-            traceback.print_exc(file=sys.stderr)
+            log("admin: connection failed", "error", traceback.format_exc())
         finally:
             self._close(linger)
 
@@ -428,8 +428,7 @@ class _Connection(asyncio.Protocol):
         except Exception:
             # Too late for an error answer: close without the last chunk, so the client can tell
             # the body is incomplete (RFC 9112 §7.1).
-            print(f"fastgw admin: stream {req.path} failed", file=sys.stderr)
-            traceback.print_exc(file=sys.stderr)
+            log(f"admin: stream {req.path} failed", "error", traceback.format_exc())
             return False
         finally:
             self.streaming = False
@@ -461,7 +460,7 @@ async def _aclose(iterator) -> None:
         if aclose is not None:
             await aclose()
     except Exception:
-        traceback.print_exc(file=sys.stderr)
+        log("admin: closing a stream failed", "error", traceback.format_exc())
 
 
 class AdminServer:

@@ -399,6 +399,8 @@ class AccessLog(_Base):
 
 class Log(_Base):
     level: Literal["debug", "info", "warning", "error"] = "info"
+    # The gateway's own messages on stderr; not set: $FASTGW_LOG_FORMAT, else text.
+    format: Union[Literal["text", "json"], None] = None
     access: AccessLog = msgspec.field(default_factory=AccessLog)
 
 

@@ -17,10 +17,11 @@ A route without plugins (and no global ones) never creates any of these objects.
 from __future__ import annotations
 
 import re
-import sys
 from typing import Any, ClassVar, Iterable, Iterator
 
 import msgspec
+
+from fastgw.server.log import log
 
 PHASES = ("rewrite", "access", "response", "log")
 _FIELD_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")     # field-vchar, SP, HTAB; latin-1
@@ -94,8 +95,8 @@ def accept_token(req, fields: dict, forward: dict, consumers: dict) -> None:
         if _FIELD_VALUE.fullmatch(text):
             req.headers.set(header, text)
         else:
-            print(f"fastgw: claim {field!r} of the token is not a header value; {header} not sent "
-                  f"(route {req.route}, request {req.request_id})", file=sys.stderr, flush=True)
+            log(f"claim {field!r} of the token is not a header value; {header} not sent "
+                f"(route {req.route}, request {req.request_id})", "warning")
     consumer = consumers.get((fields.get("iss"), fields.get("sub")))
     if consumer is not None:
         req.consumer = consumer

@@ -6,11 +6,11 @@ a chain; it gets None (go on), a Response (answer it), or an awaitable that reso
 """
 from __future__ import annotations
 
-import sys
 import traceback
 
 from fastgw.plugins.api import Plugin, Response
 from fastgw.plugins.client_address import TrustedProxies
+from fastgw.server.log import log
 
 
 class Chain:
@@ -104,5 +104,4 @@ def _overrides(plugin, method: str) -> bool:
 
 
 def _report(plugin, where: str) -> None:
-    print(f"fastgw: plugin {plugin.name} failed in {where}:\n{traceback.format_exc()}",
-          file=sys.stderr, flush=True)
+    log(f"plugin {plugin.name} failed in {where}", "error", traceback.format_exc())

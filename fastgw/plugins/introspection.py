@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import sys
 import time
 from collections import OrderedDict
 from urllib.parse import quote, urlencode
@@ -20,6 +19,7 @@ import msgspec
 from fastgw.config.model import Duration
 from fastgw.plugins.api import Plugin, Response, accept_token, token_consumers
 from fastgw.plugins.fetch import FetchError, fetch
+from fastgw.server.log import log
 
 CHALLENGE = {"www-authenticate": 'Bearer realm="fastgw"'}
 
@@ -76,7 +76,7 @@ class Introspection(Plugin):
         try:
             answer = await asyncio.shield(shared)
         except FetchError as exc:
-            print(f"fastgw: oauth2_introspection: {exc}", file=sys.stderr, flush=True)
+            log(f"oauth2_introspection: {exc}", "error")
             return Response.error(503, "introspection_unavailable", "the token could not be checked now")
         return self._decide(req, answer)
 

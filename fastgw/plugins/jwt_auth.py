@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import sys
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -33,6 +32,7 @@ from jwt.algorithms import get_default_algorithms
 from fastgw.config.model import Duration
 from fastgw.plugins.api import Plugin, Response, accept_token, token_consumers
 from fastgw.plugins.fetch import FetchError, fetch
+from fastgw.server.log import log
 
 HMAC = ("HS256", "HS384", "HS512")
 ASYMMETRIC = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
@@ -252,8 +252,8 @@ class JwtAuth(Plugin):
                 raise FetchError(f"status {status}")
             keys = jwt.PyJWKSet.from_json(body.decode()).keys
         except (FetchError, jwt.PyJWTError, ValueError, UnicodeDecodeError) as exc:
-            print(f"fastgw: jwt: JWKS {self.config.jwks_url} not fetched ({exc}); keeping "
-                  f"{len(self.jwks)} known keys", file=sys.stderr, flush=True)
+            log(f"jwt: JWKS {self.config.jwks_url} not fetched ({exc}); keeping "
+                f"{len(self.jwks)} known keys", "warning")
         else:
             self.jwks = {k.key_id: k for k in keys if k.key_id}
             self.jwks_fetched_at = time.monotonic()

@@ -10,10 +10,16 @@ import time
 
 import msgspec
 
+from fastgw.server.log import log
+
 # Order of the tuple the data plane builds (fastgw/_core/protocol.pyx, ClientConnection._log).
-FIELDS = ("ts", "request_id", "trace_id", "client_ip", "method", "host", "path", "status",
-          "flags", "route", "service", "upstream", "upstream_status", "attempts", "bytes_in",
-          "bytes_out", "duration_s", "upstream_duration_s", "user_agent", "profile", "consumer")
+# The names follow nginx's where it has one (`uri` is its $request_uri, the target as received;
+# `upstream_uri` is the target sent upstream, after the route's rewrite, as Kong logs it).
+FIELDS = ("ts", "request_id", "trace_id", "client_ip", "method", "host", "uri", "protocol", "path",
+          "status", "flags", "route", "service", "upstream", "upstream_uri", "upstream_status",
+          "attempts", "bytes_in", "bytes_out", "duration_s", "upstream_duration_s", "user_agent",
+          "profile", "consumer", "ratelimit")
+RATELIMIT_FIELDS = ("policy", "limit", "window_s", "remaining", "admitted")
 FLUSH_INTERVAL = 0.2
 MAX_PENDING = 10000       # flush early rather than hold more lines than this
 # Every worker writes to the same stdout; a pipe keeps a write whole only up to PIPE_BUF bytes
@@ -86,7 +92,7 @@ class AccessLog:
             else:
                 self._file.write(b"".join(lines))   # O_APPEND: one write() lands whole
         except OSError as exc:                     # a full disk must not stop the proxy
-            print(f"fastgw: access log write failed: {exc}", file=sys.stderr)
+            log(f"access log write failed: {exc}", "error")
 
     def _line(self, record: tuple) -> bytes:
         entry = dict(zip(FIELDS, record))
@@ -96,15 +102,24 @@ class AccessLog:
         if entry["upstream_duration_s"] is not None:
             entry["upstream_duration_s"] = round(entry["upstream_duration_s"], 6)
         if self._format == "combined":
-            return self._combined(entry)
+            return self._combined(entry, ts)
+        if entry["ratelimit"] is not None:
+            entry["ratelimit"] = dict(zip(RATELIMIT_FIELDS, entry["ratelimit"]))
         return self._encode(entry) + b"\n"
 
     @staticmethod
-    def _combined(e: dict) -> bytes:
-        ts = time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(time.time()))
-        request = f'{_escape(e["method"])} {_escape(e["path"])} HTTP/1.1'
-        return (f'{_escape(e["client_ip"])} - - [{ts}] "{request}" {e["status"]} {e["bytes_out"]} '
-                f'"-" "{_escape(e["user_agent"])}" {e["duration_s"]}\n').encode()
+    def _combined(e: dict, ts: float) -> bytes:
+        """nginx's `combined` (the consumer as $remote_user; no Referer is kept), then the
+        duration and, quoted, request id, upstream target and rate-limit decision."""
+        when = time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(ts))
+        request = f'{_escape(e["method"])} {_escape(e["uri"])} {e["protocol"]}'
+        limit = e["ratelimit"]
+        if limit is not None:
+            name, quota, window, remaining, admitted = limit
+            limit = f"{name};q={quota};w={window:g};r={remaining};{'allowed' if admitted else 'refused'}"
+        return (f'{_escape(e["client_ip"])} - {_escape(e["consumer"])} [{when}] "{request}" '
+                f'{e["status"]} {e["bytes_out"]} "-" "{_escape(e["user_agent"])}" {e["duration_s"]} '
+                f'"{_escape(e["request_id"])}" "{_escape(e["upstream_uri"])}" "{_escape(limit)}"\n').encode()
 
     def close(self) -> None:
         self.flush()

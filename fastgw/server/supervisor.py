@@ -28,7 +28,7 @@ from fastgw.server.cluster import ClusterSync, ConfigSync, cluster_interval
 from fastgw.server.control import WORKER_RUNNING, WORKER_STARTING, ControlChannel
 from fastgw.server.dns import Resolver
 from fastgw.server.health import HealthChecker
-from fastgw.server.log import log, set_log_level
+from fastgw.server.log import configure_log, log, log_loop_exception, log_uncaught
 from fastgw.server.ports import busy_listeners
 
 APPLY_TIMEOUT = 30.0          # a worker that cannot compile and bind in this long fails the change
@@ -128,7 +128,8 @@ class Supervisor:
     # --- lifecycle -------------------------------------------------------------------------------
 
     async def run(self) -> int:
-        set_log_level(self.store.loaded.config.log.level)
+        configure_log(self.store.loaded.config.log)
+        self.loop.set_exception_handler(log_loop_exception)
         for sig, handler in ((signal.SIGHUP, self._on_sighup), (signal.SIGTERM, self.drain),
                              (signal.SIGQUIT, self.drain), (signal.SIGINT, self.stop),
                              (signal.SIGUSR1, self._forward_usr1)):
@@ -332,7 +333,7 @@ class Supervisor:
             self.dns.forget_others(loaded.config)
             self.segment.config_version = version
             self._apply_cluster(loaded.config)
-            set_log_level(loaded.config.log.level)
+            configure_log(loaded.config.log)
             if self.admin is not None:
                 self.admin.configure(loaded.config.admin)
             return version
@@ -544,7 +545,8 @@ def raise_open_files_limit() -> int:
 
 def serve(loaded: LoadedConfig, workers=None) -> int:
     """Run the gateway until a stop signal; returns the exit code."""
-    set_log_level(loaded.config.log.level)
+    configure_log(loaded.config.log)
+    sys.excepthook = log_uncaught
     log(f"open files limit: {raise_open_files_limit()}", "debug")
 
     async def main() -> int:

@@ -23,7 +23,7 @@ from fastgw.config.compile import Runtime, compile_config
 from fastgw.config.validate import parse_bind
 from fastgw.server.accesslog import open_access_log
 from fastgw.server.control import WORKER_DRAINING, WORKER_RUNNING, ControlChannel
-from fastgw.server.log import log, set_log_level, set_prefix
+from fastgw.server.log import configure_log, log, log_loop_exception, log_uncaught, set_process
 from fastgw.server.tls import ServerTls
 from fastgw.server.tracing import open_tracer
 
@@ -62,6 +62,7 @@ class Worker:
         self.channel = channel
         self.segment = segment
         self.loop = asyncio.get_running_loop()
+        self.loop.set_exception_handler(log_loop_exception)
         self.version = 0
         self.config = None
         self.runtime: Runtime | None = None
@@ -188,7 +189,7 @@ class Worker:
     def _commit(self, pending: Pending) -> None:
         config, runtime = pending.config, pending.runtime
         old_runtime, old_config = self.runtime, self.config
-        set_log_level(config.log.level)
+        configure_log(config.log)
         if old_config is None or old_config.log.access != config.log.access:
             if self.access_log is not None:
                 self.access_log.close()
@@ -295,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--control-fd", type=int, required=True)
     parser.add_argument("--shm-fd", type=int, required=True)
     args = parser.parse_args(argv)
-    set_prefix(f"fastgw[worker {args.index}]")
+    set_process(f"worker {args.index}")
+    sys.excepthook = log_uncaught
     from fastgw._core.shm import Segment
 
     segment = Segment.attach(args.shm_fd)
