@@ -70,7 +70,7 @@ class Circuit:
                 return False
             self.state = HALF_OPEN
         self.trials_sent += 1
-        if self.trials_sent < self.trial_limit:
+        if self.trials_sent <= self.trial_limit:
             return True
         if self._trials_stale(now):
             self.open_until, self.trials_sent, self.trials_ok = now, 1, 0
@@ -153,7 +153,7 @@ class Ejection:
     def eject(self, now, base, longest):
         if self.until > now:
             return False
-        self.until = now + base * (self.ejections + 1)
+        self.until = now + min(base * (self.ejections + 1), longest)
         self.ejections += 1
         self.streak = 0
         return True
@@ -163,6 +163,7 @@ class Ejection:
 @given(threshold=st.integers(1, 4), base=st.sampled_from([1 * MS, 30 * MS]),
        steps=st.lists(st.tuples(st.booleans(), st.sampled_from([0, 1, MS, 30 * MS, 300 * MS, 10**12])),
                       max_size=80))
+@example(threshold=1, base=MS, steps=[(True, 10**12)] * 12)          # up to the 10 x cap
 def test_ejection_words_match_the_model(segment, threshold, base, steps):
     """Results fed as Service.record_result feeds them (a streak of `threshold` failures asks
     for an ejection of at most 10 x base)."""
@@ -212,7 +213,7 @@ def test_service_ejects_after_a_streak_within_max_ejected_percent(segment, thres
         else:
             streak[index] += 1          # late results of an ejected target count too
             ejects = streak[index] >= threshold and not ejected[index] and \
-                (sum(ejected) + 1) * 100 < max_percent * TARGETS
+                (sum(ejected) + 1) * 100 <= max_percent * TARGETS
         if ejects:
             ejected[index], streak[index] = True, 0
         for i in range(TARGETS):
@@ -238,7 +239,7 @@ def ewma_step(old, seconds, failed):
         new = sample
     else:
         delta = sample - old
-        new = old + delta // 8     # C division truncates
+        new = old + (abs(delta) // 8) * (1 if delta >= 0 else -1)     # C division truncates
     return new or 1
 
 
