@@ -117,6 +117,7 @@ CIRCUIT_STEPS = st.lists(st.tuples(
 @example(params=(10 * MS, 2, 0.5, 5 * MS, 2),
          steps=[("failure", 0), ("failure", 1), ("admit", 5 * MS), ("admit", 0), ("admit", 0),
                 ("success", 0), ("success", 0), ("admit", 0)])
+@example(params=(10 * MS, 2, 0.5, 5 * MS, 1), steps=[("failure", 0), ("failure", 10 * MS)])
 def test_circuit_breaker_matches_the_model(segment, params, steps):
     window, min_requests, ratio, open_for, trials = params
     slot = fresh(segment, 0)
