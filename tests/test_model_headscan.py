@@ -3,12 +3,16 @@ llhttp, which reads every head it hands over. A real UpstreamConnection is fed t
 in one read (the scan may take it) and split inside the head (llhttp reads it all); both must
 report the same thing: accepted or refused, status, header list, framing, body and keep-alive."""
 import asyncio
+import socket
+import threading
+import time
 
 import pytest
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from fastgw._core.upstream import _read_response
+from upstreams import HOST, proxy_config
 
 FAILED_INVALID = ("failed", 5)            # upstream.pxd UPSTREAM_INVALID
 FRAMING_LENGTH = 1
@@ -94,6 +98,10 @@ FLAGS = st.fixed_dictionaries({"head_request": st.booleans(), "upgrade_expected"
 
 @settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=responses(), flags=FLAGS)
+# A HEAD answer whose first read is shorter than a status line was read by llhttp alone, which
+# took it for a close-delimited body and closed a reusable connection.
+@example(data=b"HTTP/1.1 200 OK\r\n\r\n",
+         flags={"head_request": True, "upgrade_expected": False, "eof": False})
 @example(data=b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nX-A: v\r\n\r\nabc",
          flags={"head_request": False, "upgrade_expected": False, "eof": False})
 def test_single_scan_reads_every_head_like_llhttp(loop, data, flags):
@@ -134,3 +142,55 @@ def test_long_bodies_pass_through_like_llhttp(loop, length, extra, version, trai
     for cut in range(1, head_end(data)):
         split, _ = read(loop, [data[:cut], data[cut:]], eof=True)
         assert outcome(split) == outcome(whole), (length, extra, cut)
+
+
+class SplitHeadUpstream:
+    """Answers every request with `answer`, its first few bytes in a write of their own (the
+    gateway's first read then holds less than a status line); counts connections."""
+
+    def __init__(self, answer, first=7):
+        self.answer, self.first = answer, first
+        self.connections = 0
+        self.listener = socket.create_server((HOST, 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return                        # closed: the test is over
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn):
+        with conn:
+            pending = b""
+            while chunk := conn.recv(65536):
+                pending += chunk
+                while b"\r\n\r\n" in pending:  # requests without a body
+                    _, _, pending = pending.partition(b"\r\n\r\n")
+                    conn.sendall(self.answer[:self.first])
+                    time.sleep(0.05)
+                    conn.sendall(self.answer[self.first:])
+
+    def close(self):
+        self.listener.close()
+
+
+@pytest.mark.parametrize("answer", [b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n",
+                                    b"HTTP/1.1 200 OK\r\n\r\n",
+                                    b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\n\r\n"])
+def test_head_answer_read_in_pieces_keeps_the_upstream_connection(gateway, answer):
+    """RFC 9112 §6.3: a response to HEAD has no body, whatever its fields say; the connection
+    stays reusable however the head arrives."""
+    upstream = SplitHeadUpstream(answer)
+    try:
+        gw = gateway(proxy_config(upstream.port))
+        for _ in range(3):
+            response = gw.request("HEAD", "/x")
+            assert response.status == 200 and response.body == b""
+        assert upstream.connections == 1
+    finally:
+        upstream.close()

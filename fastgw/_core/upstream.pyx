@@ -787,7 +787,7 @@ cdef class UpstreamConnection:
             self.headers.append(value)
 
     def on_headers_complete(self):
-        cdef int status = self.peeked_status
+        cdef int status = self.peeked_status, version = self.peeked_version
         cdef int framing
         cdef bint keep_alive
         if status:
@@ -795,6 +795,10 @@ cdef class UpstreamConnection:
         else:
             status = self.parser.get_status_code()
             self.peeked_version = 0
+            # Not llhttp's should_keep_alive(): it does not know the request was HEAD and takes
+            # an answer without Content-Length for a close-delimited body (RFC 9112 §6.3 rule 1:
+            # it has none), closing a reusable connection.
+            version = 11 if self.parser.get_http_version() == "1.1" else 10
         if self.chunked and self.content_length >= 0:
             raise _InvalidResponse("both Content-Length and Transfer-Encoding")
         if 100 <= status < 200:
@@ -826,12 +830,10 @@ cdef class UpstreamConnection:
             framing = FRAMING_CLOSE
         self.framing = framing
         self.head_done = True
-        if self.peeked_version == 11:
+        if version == 11:
             keep_alive = not (self.connection & CONN_CLOSE)
-        elif self.peeked_version == 10:
-            keep_alive = bool(self.connection & CONN_KEEP_ALIVE) and not (self.connection & CONN_CLOSE)
         else:
-            keep_alive = self.parser.should_keep_alive()
+            keep_alive = bool(self.connection & CONN_KEEP_ALIVE) and not (self.connection & CONN_CLOSE)
         self.keep_alive = framing != FRAMING_CLOSE and keep_alive
         if self.connection_tokens:
             self.headers = drop_named(self.headers, self.connection_tokens)
