@@ -3,10 +3,13 @@ generated request sequences (time advances, requests at the same instant) with t
 to the compiled code through its test entry point. Every decision must match exactly: admitted,
 remaining, reset and retry-after; and a key's state must decide like a new key's once its
 `idle after` time has passed (what makes taking over its table entry safe)."""
+import math
+
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from fastgw._core.ratelimit import Policy, _decide_at
+from test_ratelimit import limited_config
 
 START = 10**15                     # a monotonic clock some days after boot, in ns
 
@@ -63,7 +66,8 @@ class SlidingWindow:
         until_end = (self.window - into) / 1e9
         if estimate + 1 > self.limit:
             if current + 1 > self.limit or previous == 0:
-                retry = until_end
+                # the next window begins with this one's count fully weighted
+                retry = until_end + (1.0 - (self.limit - 1) / current) * (self.window / 1e9)
             else:                          # when the previous window's weight has shrunk enough
                 needed = 1.0 - (self.limit - current - 1) / previous
                 retry = max((needed - into / self.window) * (self.window / 1e9), 0.001)
@@ -128,6 +132,9 @@ def test_decisions_match_the_model(scenario):
 
 @settings(max_examples=300, deadline=None)
 @given(scenarios())
+# A full sliding window: the next one starts with all of it as its previous window, so one more
+# request fits only once that weight is down to (limit - 1) / count, not at the window's end.
+@example(("sliding_window", 2, 1_000_000_000, 0, START, [(0, 3)]))
 def test_remaining_and_retry_after_say_what_happens_next(scenario):
     """`remaining` is how many more requests at the same instant are admitted; after a GCRA or
     fixed-window refusal, a request `retry_after` later is admitted and one a nanosecond earlier
@@ -151,3 +158,19 @@ def test_remaining_and_retry_after_say_what_happens_next(scenario):
                 wait = round(retry_after * 1e9)
                 assert _decide_at(policy, state, now + wait)[2] is True
                 assert _decide_at(policy, state, now + wait - 1)[2] is False
+            else:                          # a float estimate: admitted just after, at least
+                wait = math.ceil(retry_after * 1e9) + 1
+                assert _decide_at(policy, state, now + wait)[2] is True, (now, retry_after)
+
+
+def test_sliding_window_retry_after_waits_until_a_request_fits(gateway, upstream):
+    """README "Rate limiting": Retry-After is the seconds until one more request would be
+    admitted. With one request per 60 s window, the refused one has to wait for the next window
+    to begin and then for the first one's weight to be gone: more than 60 s."""
+    gw = gateway(limited_config(upstream, [{"rate_limit": {
+        "limit": 1, "window": "60s", "algorithm": "sliding_window", "key": ["ip"]}}]))
+    assert gw.request("GET", "/api/x").status == 200
+    refused = gw.request("GET", "/api/x")
+    assert refused.status == 429 and refused.json()["error"]["code"] == "rate_limited"
+    assert 60 < int(refused.header("retry-after")) <= 120
+    assert len(upstream.requests) == 1

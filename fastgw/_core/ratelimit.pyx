@@ -407,7 +407,10 @@ cdef void _sliding(uint64_t* e, uint64_t now, long long limit, uint64_t window_n
             d.admitted = False
             d.remaining = 0
             if current + 1 > <uint64_t>limit or previous == 0:
-                d.retry_after = _seconds(window_ns - into)
+                # This window is full: the next one starts with all of it as its previous
+                # window, so one more fits once that weight is down to (limit - 1) / current.
+                d.retry_after = _seconds(window_ns - into) + \
+                    (1.0 - (limit - 1) / <double>current) * _seconds(window_ns)
             else:                              # until the previous window's weight has shrunk enough
                 needed = 1.0 - (limit - current - 1) / <double>previous
                 d.retry_after = (needed - <double>into / window_ns) * _seconds(window_ns)
