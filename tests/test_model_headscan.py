@@ -14,7 +14,6 @@ from hypothesis import strategies as st
 from fastgw._core.upstream import _read_response
 from upstreams import HOST, proxy_config
 
-FAILED_INVALID = ("failed", 5)            # upstream.pxd UPSTREAM_INVALID
 FRAMING_LENGTH = 1
 
 
