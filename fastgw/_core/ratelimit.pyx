@@ -19,7 +19,7 @@ with a secret of this process.
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.stdint cimport UINT64_MAX
 from libc.stdlib cimport calloc
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memset
 
 import os
 
@@ -109,6 +109,18 @@ def _siphash24(bytes key, bytes data):
     """Python entry point (the reference test vectors): SipHash-2-4 of `data` under a 16-byte key."""
     return siphash24(int.from_bytes(key[:8], "little"), int.from_bytes(key[8:16], "little"),
                      <const unsigned char*>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
+
+
+def _decide_at(Policy policy, uint64_t state, uint64_t now):
+    """Test entry point: one decision of `policy` at `now` (monotonic ns) for a key whose state
+    word is `state`, on an entry outside the table. Returns (the state after, idle after,
+    admitted, remaining, reset, retry_after)."""
+    cdef uint64_t entry[WORDS]
+    cdef Decision d
+    memset(entry, 0, sizeof(entry))
+    entry[W_STATE] = state
+    _decide_in(entry, policy, b"", now, policy.limit, policy.window_ns, &d)
+    return entry[W_STATE], entry[W_IDLE_AFTER], d.admitted, d.remaining, d.reset, d.retry_after
 
 
 cdef inline uint64_t _place(bytes full) noexcept:
@@ -395,7 +407,10 @@ cdef void _sliding(uint64_t* e, uint64_t now, long long limit, uint64_t window_n
             d.admitted = False
             d.remaining = 0
             if current + 1 > <uint64_t>limit or previous == 0:
-                d.retry_after = _seconds(window_ns - into)
+                # This window is full: the next one starts with all of it as its previous
+                # window, so one more fits once that weight is down to (limit - 1) / current.
+                d.retry_after = _seconds(window_ns - into) + \
+                    (1.0 - (limit - 1) / <double>current) * _seconds(window_ns)
             else:                              # until the previous window's weight has shrunk enough
                 needed = 1.0 - (limit - current - 1) / <double>previous
                 d.retry_after = (needed - <double>into / window_ns) * _seconds(window_ns)

@@ -974,3 +974,34 @@ def _target_end(int slot, double seconds, bint failed):
 
 def _target_draining(int slot):
     return target_draining(slot)
+
+def _circuit_admit(int slot, unsigned long long now):
+    return circuit_admit(slot, now)
+
+def _circuit_record(int slot, unsigned long long now, bint failed, unsigned long long window_ns,
+                    unsigned long long min_requests, double failure_ratio,
+                    unsigned long long open_ns, unsigned long long trials):
+    return circuit_record(slot, now, failed, window_ns, min_requests, failure_ratio, open_ns,
+                          trials)
+
+def _target_available(int slot, unsigned long long now):
+    return target_available(slot, now)
+
+def _target_failure(int slot):
+    return target_failure(slot)
+
+def _target_success(int slot):
+    target_success(slot)
+
+def _target_eject(int slot, unsigned long long now, unsigned long long base_ns,
+                  unsigned long long max_ns):
+    return target_eject(slot, now, base_ns, max_ns)
+
+def _target_words(int slot):
+    """A target's health words as stored: (circuit, ejected_until, ejections,
+    consecutive_failures, ewma_ns)."""
+    if _targets == NULL or slot < 0 or slot >= _n_targets:
+        return None
+    cdef uint64_t* t = _targets + <Py_ssize_t>slot * TARGET_WORDS
+    return (fg_load(t + T_CIRCUIT), fg_load(t + T_EJECTED_UNTIL), fg_load(t + T_EJECTIONS),
+            fg_load(t + T_CONSECUTIVE_FAILURES), fg_load(t + T_EWMA))

@@ -787,7 +787,7 @@ cdef class UpstreamConnection:
             self.headers.append(value)
 
     def on_headers_complete(self):
-        cdef int status = self.peeked_status
+        cdef int status = self.peeked_status, version = self.peeked_version
         cdef int framing
         cdef bint keep_alive
         if status:
@@ -795,6 +795,10 @@ cdef class UpstreamConnection:
         else:
             status = self.parser.get_status_code()
             self.peeked_version = 0
+            # Not llhttp's should_keep_alive(): it does not know the request was HEAD and takes
+            # an answer without Content-Length for a close-delimited body (RFC 9112 §6.3 rule 1:
+            # it has none), closing a reusable connection.
+            version = 11 if self.parser.get_http_version() == "1.1" else 10
         if self.chunked and self.content_length >= 0:
             raise _InvalidResponse("both Content-Length and Transfer-Encoding")
         if 100 <= status < 200:
@@ -826,12 +830,10 @@ cdef class UpstreamConnection:
             framing = FRAMING_CLOSE
         self.framing = framing
         self.head_done = True
-        if self.peeked_version == 11:
+        if version == 11:
             keep_alive = not (self.connection & CONN_CLOSE)
-        elif self.peeked_version == 10:
-            keep_alive = bool(self.connection & CONN_KEEP_ALIVE) and not (self.connection & CONN_CLOSE)
         else:
-            keep_alive = self.parser.should_keep_alive()
+            keep_alive = bool(self.connection & CONN_KEEP_ALIVE) and not (self.connection & CONN_CLOSE)
         self.keep_alive = framing != FRAMING_CLOSE and keep_alive
         if self.connection_tokens:
             self.headers = drop_named(self.headers, self.connection_tokens)
@@ -865,3 +867,49 @@ def drop_named(list headers, list names):
             out.append(headers[i])
             out.append(headers[i + 1])
     return out
+
+
+# --- test entry point: one response read by a real UpstreamConnection, without a socket ---------
+
+cdef class _RecordingDownstream(Downstream):
+    """Keeps what an exchange reports, in order (tests only)."""
+    cdef list events
+
+    cdef int upstream_head(self, UpstreamConnection conn, int status, list headers,
+                           int framing, long long length) except -1:
+        self.events.append(("head", status, list(headers), framing, length))
+        return 0
+
+    cdef int upstream_body(self, object data) except -1:
+        self.events.append(("body", bytes(data)))
+        return 0
+
+    cdef bint upstream_complete(self, UpstreamConnection conn) except -1:
+        self.events.append(("complete", conn.keep_alive))
+        return True
+
+    cdef int upstream_failed(self, UpstreamConnection conn, int error) except -1:
+        self.events.append(("failed", error))
+        return 0
+
+
+def _read_response(list reads, bint head_request=False, bint upgrade_expected=False,
+                   bint eof=False):
+    """Feed `reads` to a fresh connection as its transport would (then an EOF if `eof`).
+    Returns the events it reported ("head", status, headers, framing, length), ("body", bytes),
+    ("complete", keep_alive), ("failed", error), and whether llhttp read the head (False: the
+    single-scan path did). Call it inside a running event loop: the exchange arms its timer."""
+    cdef Target target = Target(Service("test"), "127.0.0.1:9")
+    cdef UpstreamConnection conn = UpstreamConnection(target)
+    cdef _RecordingDownstream down = _RecordingDownstream()
+    first_parser = conn.parser
+    down.events = []
+    conn.state = CONN_BUSY                    # as connection_made leaves it
+    conn.begin(down, head_request, 0)
+    conn.upgrade_expected = upgrade_expected
+    for data in reads:
+        conn.data_received(data)
+    if eof:
+        conn.eof_received()
+    conn.abort()
+    return down.events, first_parser.get_status_code() != 0
