@@ -55,8 +55,11 @@ def test_four_workers_share_counters_exactly(gateway, upstream):
         c.close()
     assert gw.request("GET", "/nowhere", headers={"Host": "x"}).status == 200   # `all` is /**
     # Each worker counts what it served in its own slot: all four took a share.
-    per_worker = [w["requests"] for w in gw.admin("GET", "/status").json()["workers"]]
-    assert sum(per_worker) == 1201 and all(n > 0 for n in per_worker), per_worker
+    # A worker records a request after its answer is written: wait for the last one to land.
+    def per_worker():
+        return [w["requests"] for w in gw.admin("GET", "/status").json()["workers"]]
+    assert wait_for(lambda: sum(per_worker()) == 1201), per_worker()
+    assert all(n > 0 for n in per_worker()), per_worker()
 
     m = metrics(gw)
     assert sample(m, "fastgw_http_requests_total", route="all", service="up", method="GET", code="200") == 401
