@@ -3,7 +3,7 @@ __version__ = "0.1.0"
 
 __all__ = ["__version__", "Plugin", "Request", "Response", "load_config"]
 
-from fastgw.plugins.api import Plugin, Request, Response  # noqa: E402
+from fastgw.api import Plugin, Request, Response  # noqa: E402
 
 
 def load_config(path=None):

@@ -111,7 +111,7 @@ def _load_or_report(path: str | None) -> LoadedConfig | None:
 def _run(args: argparse.Namespace) -> int:
     """The config's problems are gateway messages here: in $FASTGW_LOG_FORMAT's format when the
     file cannot be used (its `log.format` is unknown), in its own when it can."""
-    from fastgw.server.log import configure_log, log
+    from fastgw.log import configure_log, log
 
     try:
         loaded = load_config(args.config)

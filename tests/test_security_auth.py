@@ -15,7 +15,7 @@ import pytest
 
 import fastgw.plugins.basic_auth as basic_auth_module
 from fastgw.config.model import Consumer
-from fastgw.plugins.api import PluginContext
+from fastgw.api import PluginContext
 from fastgw.plugins.credentials import hash_key, hash_password, verify_password
 from upstreams import HOST, gateway_config, route
 

@@ -45,9 +45,9 @@ from httptools import (HttpParserError, HttpParserInvalidMethodError, HttpParser
                        HttpRequestParser)
 
 from fastgw._core.proxyproto import ProxyHeaderError, parse_proxy_header, peer_trusted
-from fastgw.plugins.api import Headers, Request as PluginRequest, Response as PluginResponse
+from fastgw.api import Headers, Request as PluginRequest, Response as PluginResponse
 from fastgw._core.upstream import connection_tokens, drop_named
-from fastgw.server.log import log, log_exception
+from fastgw.log import log, log_exception
 
 cdef enum:
     REPLAY_LIMIT = 65536          # request bytes kept to resend after a stale pooled connection

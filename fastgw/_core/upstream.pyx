@@ -22,7 +22,7 @@ cdef int MIN_RETRY_CONCURRENCY = 3      # retries always allowed in flight, what
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
-from fastgw.server.log import log
+from fastgw.log import log
 
 
 cdef class Downstream:

@@ -20,7 +20,7 @@ from fastgw.admin.origin import SameOrigin
 from fastgw.config.errors import ConfigError, ConfigWriteError, ConflictError
 from fastgw.config.model import parse_duration
 from fastgw.config.validate import parse_bind
-from fastgw.server.log import log
+from fastgw.log import log
 
 KINDS = ("services", "routes", "consumers")
 # Probes (load balancers, Kubernetes) cannot always send a token: liveness and readiness are open.

@@ -20,7 +20,7 @@ from urllib.parse import parse_qsl, unquote
 import httptools
 import msgspec
 
-from fastgw.server.log import log
+from fastgw.log import log
 
 MAX_CONNECTIONS = 256
 MAX_HEAD = 64 * 1024        # request line plus header fields; beyond: 414 / 431 (RFC 9112 §3, RFC 6585 §5)

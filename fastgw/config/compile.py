@@ -416,7 +416,7 @@ def _compile_services(config: Config, target_slots: dict, previous: Runtime | No
         service.budget_ratio = retries.budget_ratio if retries.budget_ratio is not None else -1.0
         service.send_proxy_protocol = {"v1": 1, "v2": 2}.get(spec.send_proxy_protocol, 0)
         if spec.scheme == "https":
-            from fastgw.server.tls import client_context
+            from fastgw.tls import client_context
 
             service.ssl_context = client_context(spec.tls)
             service.tls_server_name = spec.tls.sni

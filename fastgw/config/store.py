@@ -26,7 +26,7 @@ from fastgw.config.api_rules import change_problems, python_modules
 from fastgw.config.errors import ConfigError, ConfigWriteError, ConflictError
 from fastgw.config.load import DEFAULT_NAME, LoadedConfig, load_config, load_text, pin_problems
 from fastgw.config.model import Admin
-from fastgw.server.log import log
+from fastgw.log import log
 
 REDACTED = "<redacted>"
 SECRET_KEYS = {"token", "secret", "password", "password_hash", "client_secret", "api_keys"}

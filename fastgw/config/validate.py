@@ -259,7 +259,7 @@ def _layer4_problems(config: Config, path: str, listener) -> Iterator[ConfigProb
 
 def _tls_problems(path: str, tls) -> Iterator[ConfigProblem]:
     """An https listener that terminates TLS: certificates that load, mTLS that can verify."""
-    from fastgw.server.tls import ServerTls, TlsFileError
+    from fastgw.tls import ServerTls, TlsFileError
 
     if tls is None or not tls.certificates:
         yield ConfigProblem(f"{path}.certificates", "an https listener needs at least one certificate "
@@ -429,7 +429,7 @@ def _installed(module: str) -> bool:
 
 
 def _upstream_tls_problems(path: str, service: Service) -> Iterator[ConfigProblem]:
-    from fastgw.server.tls import TlsFileError, client_context
+    from fastgw.tls import TlsFileError, client_context
 
     tls = service.tls
     if service.scheme != "https":

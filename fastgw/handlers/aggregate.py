@@ -20,7 +20,7 @@ import msgspec
 
 from fastgw.handlers.loopback import Answer, Call, CallFailed, LoopbackClient
 from fastgw.handlers.shape import Shape
-from fastgw.plugins.api import Response
+from fastgw.api import Response
 
 _decode = msgspec.json.Decoder().decode
 _VAR = re.compile(r"\{([^{}]+)\}")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from urllib.parse import unquote
 
-from fastgw.plugins.api import Response
+from fastgw.api import Response
 
 
 class GrpcClients:

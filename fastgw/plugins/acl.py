@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import msgspec
 
-from fastgw.plugins.api import Plugin, Response
+from fastgw.api import Plugin, Response
 
 
 class Acl(Plugin):

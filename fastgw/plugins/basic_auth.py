@@ -18,7 +18,7 @@ from collections import OrderedDict
 
 import msgspec
 
-from fastgw.plugins.api import Plugin, Response
+from fastgw.api import Plugin, Response
 from fastgw.plugins.credentials import SCRYPT_N, SCRYPT_P, SCRYPT_R, verify_password
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import msgspec
 
 from fastgw.config.model import Duration, Size
-from fastgw.plugins.api import Plugin
+from fastgw.api import Plugin
 
 
 class Cache(Plugin):

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import traceback
 
-from fastgw.plugins.api import Plugin, Response
+from fastgw.api import Plugin, Response
 from fastgw.plugins.client_address import TrustedProxies
-from fastgw.server.log import log
+from fastgw.log import log
 
 
 class Chain:

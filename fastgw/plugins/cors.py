@@ -11,7 +11,7 @@ import re
 import msgspec
 
 from fastgw.config.model import Duration
-from fastgw.plugins.api import Plugin, Response
+from fastgw.api import Plugin, Response
 
 
 class Cors(Plugin):

@@ -17,9 +17,9 @@ from urllib.parse import quote, urlencode
 import msgspec
 
 from fastgw.config.model import Duration
-from fastgw.plugins.api import Plugin, Response, accept_token, token_consumers
+from fastgw.api import Plugin, Response, accept_token, token_consumers
 from fastgw.plugins.fetch import FetchError, fetch
-from fastgw.server.log import log
+from fastgw.log import log
 
 CHALLENGE = {"www-authenticate": 'Bearer realm="fastgw"'}
 

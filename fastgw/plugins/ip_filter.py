@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import msgspec
 
-from fastgw.plugins.api import Plugin, Response
+from fastgw.api import Plugin, Response
 from fastgw.plugins.client_address import DECISIONS_KEPT, TrustedProxies, check_cidrs, networks
 
 

@@ -30,9 +30,9 @@ import msgspec
 from jwt.algorithms import get_default_algorithms
 
 from fastgw.config.model import Duration
-from fastgw.plugins.api import Plugin, Response, accept_token, token_consumers
+from fastgw.api import Plugin, Response, accept_token, token_consumers
 from fastgw.plugins.fetch import FetchError, fetch
-from fastgw.server.log import log
+from fastgw.log import log
 
 HMAC = ("HS256", "HS384", "HS512")
 ASYMMETRIC = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")

@@ -14,7 +14,7 @@ from urllib.parse import parse_qsl, urlencode
 
 import msgspec
 
-from fastgw.plugins.api import Plugin, Response
+from fastgw.api import Plugin, Response
 
 CHALLENGE = {"www-authenticate": 'Key realm="fastgw"'}
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import msgspec
 
-from fastgw.plugins.api import Plugin, Response
-from fastgw.server.tls import peer_subjects
+from fastgw.api import Plugin, Response
+from fastgw.tls import peer_subjects
 
 
 class MtlsAuth(Plugin):

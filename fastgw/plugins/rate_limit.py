@@ -20,7 +20,7 @@ from typing import Literal, Union
 import msgspec
 
 from fastgw.config.model import Duration
-from fastgw.plugins.api import Plugin
+from fastgw.api import Plugin
 from fastgw.plugins.client_address import TrustedProxies, check_cidrs
 
 _KEY = re.compile(r"^(consumer|ip|route|service|profile|(header|query|claim):[!#$%&'*+\-.^_`|~0-9A-Za-z]+)$")

@@ -12,7 +12,7 @@ from typing import Any, Iterator
 
 import msgspec
 
-from fastgw.plugins.api import PHASES, Plugin
+from fastgw.api import PHASES, Plugin
 from fastgw.plugins.chain import Chain
 
 BUILTIN = {
@@ -97,7 +97,7 @@ def build_chains(config, previous_instances: dict, previous_chains: dict) -> tup
     """{route name: Chain or None} and the plugin instances by (name, config). An instance whose
     entry did not change is taken over from the previous config (its caches survive a reload), and
     so is a chain whose instances are all the same."""
-    from fastgw.plugins.api import PluginContext
+    from fastgw.api import PluginContext
 
     context = PluginContext(config.consumers, config.cluster)
     instances: dict = {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import msgspec
 
-from fastgw.plugins.api import Plugin
+from fastgw.api import Plugin
 
 
 class RequestId(Plugin):

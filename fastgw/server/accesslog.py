@@ -10,7 +10,7 @@ import time
 
 import msgspec
 
-from fastgw.server.log import log
+from fastgw.log import log
 
 # Order of the tuple the data plane builds (fastgw/_core/protocol.pyx, ClientConnection._log).
 # The names follow nginx's where it has one (`uri` is its $request_uri, the target as received;

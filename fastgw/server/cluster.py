@@ -20,7 +20,7 @@ import os
 import socket
 import time
 
-from fastgw.server.log import log
+from fastgw.log import log
 
 NODE_TTL = 5.0            # a node that has not synced for this long no longer counts
 

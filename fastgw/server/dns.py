@@ -28,7 +28,7 @@ import msgspec
 
 from fastgw.config.model import Config, Dns, Target, TargetDns
 from fastgw.config.validate import parse_bind, parse_resolver
-from fastgw.server.log import log
+from fastgw.log import log
 
 HOSTS_FILE = "/etc/hosts"
 

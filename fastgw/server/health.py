@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 
-from fastgw.server.log import log
-from fastgw.server.tls import client_context
+from fastgw.log import log
+from fastgw.tls import client_context
 
 
 class HealthChecker:

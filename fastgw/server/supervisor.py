@@ -28,7 +28,7 @@ from fastgw.server.cluster import ClusterSync, ConfigSync, cluster_interval
 from fastgw.server.control import WORKER_RUNNING, WORKER_STARTING, ControlChannel
 from fastgw.server.dns import Resolver
 from fastgw.server.health import HealthChecker
-from fastgw.server.log import configure_log, log, log_loop_exception, log_uncaught
+from fastgw.log import configure_log, log, log_loop_exception, log_uncaught
 from fastgw.server.ports import busy_listeners
 
 APPLY_TIMEOUT = 30.0          # a worker that cannot compile and bind in this long fails the change

@@ -23,8 +23,8 @@ from fastgw.config.compile import Runtime, compile_config
 from fastgw.config.validate import parse_bind
 from fastgw.server.accesslog import open_access_log
 from fastgw.server.control import WORKER_DRAINING, WORKER_RUNNING, ControlChannel
-from fastgw.server.log import configure_log, log, log_loop_exception, log_uncaught, set_process
-from fastgw.server.tls import ServerTls
+from fastgw.log import configure_log, log, log_loop_exception, log_uncaught, set_process
+from fastgw.tls import ServerTls
 from fastgw.server.tracing import open_tracer
 
 HEARTBEAT_INTERVAL = 1.0
