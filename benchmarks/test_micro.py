@@ -7,7 +7,7 @@ import msgspec
 import pytest
 
 from benchmarks.routes import lookups, route_table
-from fastgw.config.compile import compile_config
+from fastgw.runtime.build import compile_config
 from fastgw.config.model import Config, dec_hook
 
 

@@ -8,6 +8,8 @@ from fastgw.api import Plugin, Request, Response  # noqa: E402
 
 def load_config(path=None):
     """Load, validate and return the configuration at `path` (the embedded default if None)."""
-    from fastgw.config.load import load_config as _load
+    # The package's root is imported before any of its modules, so it can only reach the layer
+    # that loads a config (fastgw/runtime/load.py, above everything it imports) when called.
+    from fastgw.runtime.load import load_config as _load
 
     return _load(path)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import re
 from typing import Any, ClassVar, Iterable, Iterator
+from urllib.parse import parse_qsl
 
 import msgspec
 
@@ -215,8 +216,6 @@ class Request:
 
     def query_params(self) -> dict[str, str]:
         """The query string's parameters (first value of each), decoded."""
-        from urllib.parse import parse_qsl
-
         params: dict[str, str] = {}
         for key, value in parse_qsl(self.query[1:] if self.query.startswith("?") else self.query,
                                     keep_blank_values=True):

@@ -1,24 +1,33 @@
 """The `fastgw` command line: run, check, routes, reload, schema, version.
 
-Heavy or not-yet-built modules (the server, the compiler, the Cython core) are imported inside the
-command that needs them, so `check`, `schema` and `version` work on a source checkout.
+The top of the package layers (README.md, "Layers"): it wires the admin API to the server. What
+needs the compiled core (the runtime build, the server) is imported by the command that needs it,
+so that `schema` and `version` work on a source checkout whose core is not built (`version` says
+`core: missing`).
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib
 import importlib.metadata
 import json
 import os
 import platform
 import sys
+import urllib.error
+import urllib.request
 from importlib.machinery import EXTENSION_SUFFIXES
 
 import msgspec
 
+from fastgw import __version__
 from fastgw.config.errors import ConfigError, ConfigProblem
-from fastgw.config.load import LoadedConfig, load_config, load_text, pin_problems, read_admin_access
+from fastgw.config.load import LoadedConfig, pin_problems, read_admin_access
 from fastgw.config.model import Config, schema_hook
+from fastgw.log import configure_log, log
+from fastgw.plugins.credentials import hash_key, hash_password
+from fastgw.server.dns import unresolvable
 
 STDIN_NAME = "<stdin>"                        # how messages name a config read from `-c -`
 
@@ -77,8 +86,6 @@ class _VersionAction(argparse.Action):
 
 
 def _hash(args: argparse.Namespace) -> int:
-    from fastgw.plugins.credentials import hash_key, hash_password
-
     secret = args.secret if args.secret is not None else sys.stdin.readline().rstrip("\r\n")
     if not secret:
         print("fastgw hash: nothing to hash", file=sys.stderr)
@@ -95,10 +102,18 @@ def _workers(value: str) -> int | str:
     raise argparse.ArgumentTypeError(f"expected a number >= 1 or 'auto', got {value!r}")
 
 
+def _runtime_load():
+    """fastgw.runtime.load: a config load with every check, the compiler's too."""
+    # Needs the compiled core (see the module's docstring).
+    from fastgw.runtime import load
+
+    return load
+
+
 def _load_or_report(path: str | None) -> LoadedConfig | None:
     """Load the config; on problems print them to stderr and return None. Warnings go to stderr."""
     try:
-        loaded = load_config(path)
+        loaded = _runtime_load().load_config(path)
     except ConfigError as e:
         for problem in e.problems:
             print(problem, file=sys.stderr)
@@ -111,10 +126,8 @@ def _load_or_report(path: str | None) -> LoadedConfig | None:
 def _run(args: argparse.Namespace) -> int:
     """The config's problems are gateway messages here: in $FASTGW_LOG_FORMAT's format when the
     file cannot be used (its `log.format` is unknown), in its own when it can."""
-    from fastgw.log import configure_log, log
-
     try:
-        loaded = load_config(args.config)
+        loaded = _runtime_load().load_config(args.config)
     except ConfigError as e:
         for problem in e.problems:
             log(str(problem), problem.severity)
@@ -122,6 +135,7 @@ def _run(args: argparse.Namespace) -> int:
     configure_log(loaded.config.log)
     for warning in loaded.warnings:
         log(str(warning), "warning")
+    # Needs the compiled core (see the module's docstring).
     from fastgw.server.supervisor import serve
 
     return serve(loaded, workers=args.workers)
@@ -129,9 +143,6 @@ def _run(args: argparse.Namespace) -> int:
 
 def _reload(args: argparse.Namespace) -> int:
     """POST /reload on the admin API: the running gateway re-reads, validates and applies its file."""
-    import urllib.error
-    import urllib.request
-
     url, admin = args.admin, None
     if args.config:
         try:
@@ -189,18 +200,14 @@ def _check(args: argparse.Namespace) -> int:
 def _load_for_check(path: str) -> LoadedConfig:
     """`-` is standard input: JSON if it starts with `{`, else YAML (TOML needs a file name)."""
     if path != "-":
-        return load_config(path)
+        return _runtime_load().load_config(path)
     text = sys.stdin.read()
-    return load_text(text, STDIN_NAME, "json" if text.lstrip().startswith("{") else "yaml")
+    return _runtime_load().load_text(text, STDIN_NAME, "json" if text.lstrip().startswith("{") else "yaml")
 
 
 def _unresolvable_names(loaded: LoadedConfig, name: str) -> list[ConfigProblem]:
     """Warnings for target names that do not resolve now: not errors, since a name may resolve
     by the time the gateway runs (and until then its target is `unresolved`)."""
-    import asyncio
-
-    from fastgw.server.dns import unresolvable
-
     found = asyncio.run(unresolvable(loaded.config))
     return pin_problems([ConfigProblem(path, message, severity="warning") for path, message in found],
                         loaded.source, name, loaded.fmt)
@@ -214,7 +221,8 @@ def _routes(args: argparse.Namespace) -> int:
     loaded = _load_or_report(args.config)
     if loaded is None:
         return 1
-    from fastgw.config.compile import compile_config
+    # Needs the compiled core (see the module's docstring).
+    from fastgw.runtime.build import compile_config
 
     runtime = compile_config(loaded.config)
     if args.match is None:
@@ -269,8 +277,6 @@ def _dist_version(name: str) -> str:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
         if name == "fastgw":  # a source checkout that was never installed
-            from fastgw import __version__
-
             return __version__
         return "missing"
 

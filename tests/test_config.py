@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from fastgw.config.errors import ConfigError
-from fastgw.config.load import DEFAULT_NAME, load_config
+from fastgw.config.load import DEFAULT_NAME
+from fastgw.runtime.load import load_config
 from fastgw.config.model import Duration, Size
 from fastgw.config.validate import parse_bind
 

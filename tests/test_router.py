@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from fastgw._core.router import parse_pattern
 from fastgw._core.uri import canonical_host, canonical_path
-from fastgw.config.compile import compile_config
+from fastgw.runtime.build import compile_config
 from fastgw.config.model import Config, dec_hook
 
 

@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from fastgw.config.errors import ConfigError, ConfigWriteError, ConflictError
-from fastgw.config.load import DEFAULT_NAME, load_config
+from fastgw.config.load import DEFAULT_NAME
+from fastgw.runtime.load import CHECKS, load_config
 from fastgw.config.store import REDACTED, ConfigStore, serialise
 
 API_KEY = "sha256:" + "ab" * 32
@@ -40,7 +41,7 @@ def store_for(tmp_path, doc=DOC, name="gateway.yaml") -> ConfigStore:
     path = tmp_path / name
     path.write_text(json.dumps(doc, indent=2) if name.endswith(".json")
                     else yaml.safe_dump(doc, sort_keys=False))
-    return ConfigStore(load_config(str(path)))
+    return ConfigStore(load_config(str(path)), CHECKS)
 
 
 def apply(store: ConfigStore, document: dict) -> int:
@@ -258,7 +259,7 @@ def test_symlinked_config_is_written_through(tmp_path):
     store_for(real_dir)
     link = tmp_path / "gateway.yaml"
     link.symlink_to(real_dir / "gateway.yaml")
-    store = ConfigStore(load_config(str(link)))
+    store = ConfigStore(load_config(str(link)), CHECKS)
     apply(store, store.with_target("users", {"address": "127.0.0.1:9003"}))
     assert link.is_symlink() and "127.0.0.1:9003" in (real_dir / "gateway.yaml").read_text()
     assert len(backups(real_dir)) == 1
@@ -299,7 +300,7 @@ def test_toml_file_is_read_but_changes_are_refused(tmp_path):
                     '[services.echo]\nkind = "echo"\n'
                     '[[routes]]\nname = "echo"\nservice = "echo"\n[routes.match]\npaths = ["/echo/**"]\n')
     before = path.read_text()
-    store = ConfigStore(load_config(str(path)))
+    store = ConfigStore(load_config(str(path)), CHECKS)
     assert not store.persistable and "TOML" in store.why_not
     doc = store.with_object("routes", "x", {"match": {"paths": ["/x"]}, "service": "echo"})
     with pytest.raises(ConfigWriteError, match="writing TOML back is not supported"):
@@ -313,7 +314,7 @@ def test_toml_file_is_read_but_changes_are_refused(tmp_path):
 def test_embedded_default_changes_are_kept_in_memory(tmp_path, monkeypatch):
     monkeypatch.delenv("FASTGW_CONFIG", raising=False)
     monkeypatch.chdir(tmp_path)
-    store = ConfigStore(load_config(None))
+    store = ConfigStore(load_config(None), CHECKS)
     assert store.path is None and not store.persistable
     assert store.why_not == "no config file: changes are kept in memory only"
     with pytest.raises(ConfigError) as info:

@@ -10,6 +10,7 @@ import platform
 from pathlib import Path
 
 import msgspec
+import uvloop
 
 from fastgw import __version__
 from fastgw.admin.changelog import describe, entity
@@ -286,8 +287,6 @@ def metric_labels(sup) -> dict:
     """What the renderer needs to name the shared-memory slots of the current config."""
     config = sup.store.loaded.config
     slots = sup.current_slots
-    import uvloop
-
     return {
         "routes": [(0, "", "")] + [(slots["routes"][r.name], r.name, r.service or "")
                                    for r in config.routes if slots["routes"].get(r.name, -1) >= 0],

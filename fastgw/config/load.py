@@ -1,5 +1,6 @@
 """Load a config file: parse it (YAML, TOML or JSON), substitute `${ENV}`, decode it with msgspec,
-run the semantic checks and the compiler, and pin every problem to `file:line: key.path`.
+run the semantic checks, and the plugins' and the compiler's through `Checks` (given by
+fastgw/runtime/load.py), and pin every problem to `file:line: key.path`.
 """
 from __future__ import annotations
 
@@ -11,12 +12,12 @@ import re
 import tomllib
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Protocol
 
 import msgspec
 import yaml
 
-from fastgw.config.errors import CompileError, ConfigError, ConfigProblem
+from fastgw.config.errors import ConfigError, ConfigProblem
 from fastgw.config.model import Admin, Config, dec_hook
 from fastgw.config.validate import semantic_problems
 
@@ -48,17 +49,36 @@ class LoadedConfig:
     fmt: str = "yaml"               # yaml | json | toml
 
 
-def load_config(path: str | None = None) -> LoadedConfig:
+class Checks(Protocol):
+    """What the layers above config add to a load (fastgw/runtime/load.py implements it): the
+    plugins' settings and entries, which only the plugin registry knows, and whether the runtime
+    tables build. config imports nothing of those layers (README.md, "Layers")."""
+
+    def plugin_config(self, name: str) -> type:
+        """The struct an entry `{name: settings}` decodes to (`python`: its module and config);
+        ValueError for a plugin that cannot be found."""
+
+    def python_plugin_config(self, module: str) -> type:
+        """The config struct of the class a `python` entry names; ValueError if it cannot load."""
+
+    def plugin_problems(self, config: Config) -> list[ConfigProblem]:
+        """Plugin entries that cannot be used as written."""
+
+    def build_problems(self, config: Config) -> list[ConfigProblem]:
+        """Errors building the runtime tables, or warnings about routes never matched."""
+
+
+def load_config(path: str | None = None, *, checks: Checks) -> LoadedConfig:
     """Load and validate a config; raise ConfigError listing every problem found."""
     if path is None:
         path = os.environ.get("FASTGW_CONFIG") or None
     if path is None:
         text = resources.files("fastgw").joinpath("default.yaml").read_text("utf-8")
-        return load_text(text, DEFAULT_NAME, "yaml", path=None)
-    return load_text(_read(path), path, _format_of(path), path=path)
+        return load_text(text, DEFAULT_NAME, "yaml", path=None, checks=checks)
+    return load_text(_read(path), path, _format_of(path), path=path, checks=checks)
 
 
-def load_text(text: str, name: str, fmt: str, path: str | None = None) -> LoadedConfig:
+def load_text(text: str, name: str, fmt: str, path: str | None = None, *, checks: Checks) -> LoadedConfig:
     """Load a config from its text; problems are reported against `name`."""
     src = _Source(name, text, fmt)
     document = src.parse()
@@ -67,11 +87,11 @@ def load_text(text: str, name: str, fmt: str, path: str | None = None) -> Loaded
     config, problems = decoded.config, [*missing, *decoded.problems]
     if config is not None:
         _resolve_files(config, os.path.dirname(os.path.abspath(path)) if path else None)
-        plugin_problems, broken_plugins = _plugin_config_problems(config)
-        later = semantic_problems(config)
+        plugin_problems, broken_plugins = _plugin_config_problems(config, checks)
+        later = semantic_problems(config, checks.plugin_problems(config))
         # The compiler assumes references resolve, so it only sees configs that passed the checks.
         if not any(p.severity == "error" for p in later):
-            later += _compile_problems(config)
+            later += checks.build_problems(config)
         if decoded.broken or src.duplicates:  # "unused", "shadowed": unknown while the file is unclear
             later = [p for p in later if p.severity == "error"]
         later, plugin_problems = ([ConfigProblem(decoded.original(p.path), p.message, severity=p.severity)
@@ -151,20 +171,6 @@ def _read(path: str) -> str:
 def _format_of(path: str) -> str:
     ext = os.path.splitext(path)[1].lower()
     return {".toml": "toml", ".json": "json"}.get(ext, "yaml")  # .yaml, .yml and anything else
-
-
-def _compile_problems(config: Config) -> list[ConfigProblem]:
-    """Errors the compiler finds, or, when it builds, warnings about routes never matched."""
-    from fastgw.config.compile import compile_config, shadowed_routes
-
-    try:
-        runtime = compile_config(config)
-    except CompileError as e:
-        return [ConfigProblem(p, m) for p, m in e.problems]
-    try:
-        return [ConfigProblem(p, m, severity="warning") for p, m in shadowed_routes(runtime)]
-    finally:
-        runtime.close()
 
 
 # --- key paths -----------------------------------------------------------------------------------
@@ -467,12 +473,10 @@ def _decode(data: dict) -> _Decoded:
     return _Decoded(config, problems, [format_path(loc) for loc in failed], kept, names)
 
 
-def _plugin_config_problems(config: Config) -> tuple[list[ConfigProblem], list[str]]:
+def _plugin_config_problems(config: Config, checks: Checks) -> tuple[list[ConfigProblem], list[str]]:
     """Each plugin entry's settings decoded against the plugin's own config struct, explained like
     the core keys; and the paths of the entries that failed. Entries whose plugin cannot be found
     are left to the plugin registry's checks, which say why."""
-    from fastgw.plugins.registry import PythonPluginConfig, load_class, plugin_class
-
     problems, failed = [], []
     lists = [(["plugins"], config.plugins)] + [(["routes", i, "plugins"], r.plugins) for i, r in enumerate(config.routes)]
     for where, entries in lists:
@@ -481,14 +485,13 @@ def _plugin_config_problems(config: Config) -> tuple[list[ConfigProblem], list[s
                 continue
             (name, settings), = entry.items()
             prefix = [*where, j, name]
-            # `python` names its class in the entry: its own keys are checked first, then `config:`.
-            root = PythonPluginConfig if name == "python" else None
+            root = None
             try:
-                if root is PythonPluginConfig:
+                root = checks.plugin_config(name)
+                # `python` names its class in the entry: its own keys are checked first, then `config:`.
+                if name == "python":
                     spec = _convert(settings or {}, root)
-                    prefix, settings, root = [*prefix, "config"], spec.config, load_class(spec.module).Config
-                else:
-                    root = plugin_class(name).Config
+                    prefix, settings, root = [*prefix, "config"], spec.config, checks.python_plugin_config(spec.module)
                 _convert(settings or {}, root)
             except msgspec.ValidationError as e:
                 segments, message = _explain(settings or {}, str(e), root)

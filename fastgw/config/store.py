@@ -24,7 +24,7 @@ import yaml
 
 from fastgw.config.api_rules import change_problems, python_modules
 from fastgw.config.errors import ConfigError, ConfigWriteError, ConflictError
-from fastgw.config.load import DEFAULT_NAME, LoadedConfig, load_config, load_text, pin_problems
+from fastgw.config.load import DEFAULT_NAME, Checks, LoadedConfig, load_config, load_text, pin_problems
 from fastgw.config.model import Admin
 from fastgw.log import log
 
@@ -50,8 +50,10 @@ class ConfigStore:
     """The current config (`loaded`, numbered by `version`) and the edits the admin API makes
     to it. Edits return new documents; `validate` then `commit` makes one current."""
 
-    def __init__(self, loaded: LoadedConfig):
+    def __init__(self, loaded: LoadedConfig, checks: Checks):
         self.loaded = loaded
+        # Every config the store takes is checked like the file at start (fastgw/runtime/load.py).
+        self.checks = checks
         self.version = 1
         # Python plugin modules imported from configs read from disk: the only ones a change
         # through the admin API may name (fastgw/config/api_rules.py).
@@ -88,7 +90,7 @@ class ConfigStore:
         wrote it, so the python plugin modules it names may be named by admin changes too."""
         if self.path is None:
             return self.loaded
-        loaded = load_config(self.path)
+        loaded = load_config(self.path, checks=self.checks)
         self.modules |= python_modules(loaded.config)
         return loaded
 
@@ -107,7 +109,7 @@ class ConfigStore:
         if self.loaded.fmt == "toml":
             raise ConfigWriteError(self.why_not)
         text = serialise(document, self.loaded.fmt)
-        return load_text(text, self.path or DEFAULT_NAME, self.loaded.fmt, path=self.path)
+        return load_text(text, self.path or DEFAULT_NAME, self.loaded.fmt, path=self.path, checks=self.checks)
 
     def commit(self, loaded: LoadedConfig) -> int:
         """Write `loaded` to the config file atomically, then make it current; on

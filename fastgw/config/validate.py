@@ -5,6 +5,7 @@ stop at the first problem so that one `fastgw check` run lists everything that i
 """
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import json
 import re
@@ -13,8 +14,8 @@ from typing import Iterable, Iterator
 import msgspec
 
 from fastgw.config.errors import ConfigProblem
-from fastgw.server.tracing import otel_missing
 from fastgw.config.model import Config, Limits, Route, Service
+from fastgw.tls import ServerTls, TlsFileError, client_context
 
 # RFC 9110 §5.6.2: token = 1*tchar. Patterns here end in \Z: `$` also matches before a final
 # newline, so "x-user\n" would pass for a token.
@@ -87,9 +88,9 @@ def _header_map_problems(path: str, headers: dict, *, names_only: bool = False) 
         yield from header_name_problems(where, value) if names_only else header_value_problems(where, value)
 
 
-def semantic_problems(config: Config) -> list[ConfigProblem]:
-    from fastgw.plugins.registry import plugin_problems
-
+def semantic_problems(config: Config, plugin_problems: Iterable[ConfigProblem] = ()) -> list[ConfigProblem]:
+    """Every problem of a decoded config that the model alone shows; `plugin_problems`, found by
+    the layer that knows the plugins (fastgw/runtime/load.py), are listed in their place."""
     otel_problem = otel_missing() if config.tracing.otlp_endpoint else None
     return [
         *_listener_problems(config),
@@ -99,7 +100,7 @@ def semantic_problems(config: Config) -> list[ConfigProblem]:
         *_consumer_problems(config),
         *_client_problems(config),
         *_dns_problems(config.dns),
-        *(ConfigProblem(path, message) for path, message in plugin_problems(config)),
+        *plugin_problems,
         *_failing([
             ("log.access.sample", 0.0 <= config.log.access.sample <= 1.0, "must be between 0 and 1"),
             ("tracing.sample_ratio", 0.0 <= config.tracing.sample_ratio <= 1.0, "must be between 0 and 1"),
@@ -259,8 +260,6 @@ def _layer4_problems(config: Config, path: str, listener) -> Iterator[ConfigProb
 
 def _tls_problems(path: str, tls) -> Iterator[ConfigProblem]:
     """An https listener that terminates TLS: certificates that load, mTLS that can verify."""
-    from fastgw.tls import ServerTls, TlsFileError
-
     if tls is None or not tls.certificates:
         yield ConfigProblem(f"{path}.certificates", "an https listener needs at least one certificate "
                             "(or tls.passthrough: true)")
@@ -422,15 +421,23 @@ def _resilience_problems(path: str, service: Service) -> Iterator[ConfigProblem]
         ])
 
 
-def _installed(module: str) -> bool:
-    import importlib.util
+def otel_missing() -> str | None:
+    """Why spans cannot be exported here (fastgw/server/tracing.py), or None when the SDK is
+    installed."""
+    try:
+        # The otel extra is optional: importing it is the test that it is there and loads.
+        import opentelemetry.exporter.otlp.proto.http.trace_exporter  # noqa: F401
+        import opentelemetry.sdk.trace  # noqa: F401
+    except ImportError as exc:
+        return f"OTLP export needs the otel extra (pip install 'fastgw[otel]'): {exc}"
+    return None
 
+
+def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
 def _upstream_tls_problems(path: str, service: Service) -> Iterator[ConfigProblem]:
-    from fastgw.tls import TlsFileError, client_context
-
     tls = service.tls
     if service.scheme != "https":
         if tls != type(tls)():

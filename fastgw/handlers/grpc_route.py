@@ -28,6 +28,7 @@ class GrpcClients:
     def get(self, name: str, spec, metadata: frozenset[str]) -> tuple[object, object]:
         """(Descriptors, GrpcClient) for service `name`, passing the request headers named in
         `metadata` (besides the defaults); GrpcConfigError from a bad descriptor set."""
+        # handlers.grpc needs the grpc extra (grpcio, protobuf): imported once a route calls gRPC.
         from fastgw.handlers.grpc import DEFAULT_METADATA, Descriptors, GrpcClient
 
         if name not in self.clients:

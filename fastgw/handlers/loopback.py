@@ -14,6 +14,10 @@ from dataclasses import dataclass
 
 import httptools
 
+from fastgw._core.protocol import ListenerState
+from fastgw._core.router import (ROUTE_PROXY_KIND, HeaderEdits, PathRule, RouteEntry, Router,
+                                 compile_conditions)
+
 SERVICE_HEADER = "x-fastgw-service"        # picks the internal route; removed before the upstream
 CLIENT_IP_HEADER = "x-fastgw-client-ip"    # the caller's client address (read, never forwarded)
 MAX_IDLE = 256                             # internal keep-alive connections kept for reuse
@@ -33,8 +37,6 @@ class CallFailed(Exception):
 def internal_routes(services: dict) -> list:
     """Router entries for the internal listener: a request carrying SERVICE_HEADER: NAME goes to
     service NAME with its path and query as they are."""
-    from fastgw._core.router import (ROUTE_PROXY_KIND, HeaderEdits, PathRule, RouteEntry,
-                                     compile_conditions)
     strip = HeaderEdits(remove=[SERVICE_HEADER])
     entries = []
     for i, (name, service) in enumerate(services.items()):
@@ -169,8 +171,6 @@ class LoopbackClient:
 
     def _state(self):
         if self._listener is None:
-            from fastgw._core.protocol import ListenerState
-            from fastgw._core.router import Router
             state = ListenerState("internal", Router.build(self.entries, {}, []),
                                   loop=asyncio.get_running_loop(), max_header_bytes=1 << 20,
                                   max_headers=1000, max_url_bytes=1 << 16, max_body_bytes=1 << 30)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import msgspec
 
+from fastgw._core.native import AclCheck
 from fastgw.api import Plugin, Response
 
 
@@ -24,8 +25,6 @@ class Acl(Plugin):
         self.allow, self.deny = frozenset(self.config.allow_groups), frozenset(self.config.deny_groups)
 
     def native(self):
-        from fastgw._core.native import AclCheck
-
         return AclCheck(self)
 
     def decide(self, name: str | None):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import msgspec
 
+from fastgw._core.cache import ResponseCache
 from fastgw.config.model import Duration, Size
 from fastgw.api import Plugin
 
@@ -46,8 +47,6 @@ class Cache(Plugin):
 
     def __init__(self, config):
         super().__init__(config)
-        from fastgw._core.cache import ResponseCache
-
         self.response_cache = ResponseCache(
             ttl=config.ttl, stale_if_error=config.stale_if_error, vary=config.vary,
             max_bytes=config.max_bytes, max_entry_bytes=config.max_entry_bytes, statuses=config.statuses)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import msgspec
 
+from fastgw._core.native import IpFilterCheck
 from fastgw.api import Plugin, Response
 from fastgw.plugins.client_address import DECISIONS_KEPT, TrustedProxies, check_cidrs, networks
 
@@ -38,8 +39,6 @@ class IpFilter(Plugin):
             (not self.allow or any(address in net for net in self.allow))
 
     def native(self):
-        from fastgw._core.native import IpFilterCheck
-
         return IpFilterCheck(self)
 
     @staticmethod

@@ -14,6 +14,7 @@ from urllib.parse import parse_qsl, urlencode
 
 import msgspec
 
+from fastgw._core.native import KeyAuthCheck
 from fastgw.api import Plugin, Response
 
 CHALLENGE = {"www-authenticate": 'Key realm="fastgw"'}
@@ -59,8 +60,6 @@ class KeyAuth(Plugin):
         config = self.config
         if config.query or config.cookie or config.hide_credentials or not config.header or self.consumes_header:
             return None
-        from fastgw._core.native import KeyAuthCheck
-
         return KeyAuthCheck(self, self.config.header)
 
     def missing(self):

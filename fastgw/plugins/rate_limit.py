@@ -19,9 +19,11 @@ from typing import Literal, Union
 
 import msgspec
 
+from fastgw._core.ratelimit import HEADERS_DRAFT, HEADERS_LEGACY, HEADERS_NONE, Policy
 from fastgw.config.model import Duration
 from fastgw.api import Plugin
 from fastgw.plugins.client_address import TrustedProxies, check_cidrs
+from fastgw.plugins.redis_store import RequestStore
 
 _KEY = re.compile(r"^(consumer|ip|route|service|profile|(header|query|claim):[!#$%&'*+\-.^_`|~0-9A-Za-z]+)$")
 
@@ -72,8 +74,6 @@ class RateLimit(Plugin):
 
     def __init__(self, config):
         super().__init__(config)
-        from fastgw._core.ratelimit import HEADERS_DRAFT, HEADERS_LEGACY, HEADERS_NONE, Policy
-
         parts = []
         for part in config.key:
             kind, _, name = part.partition(":")
@@ -100,8 +100,6 @@ class RateLimit(Plugin):
 
     def setup(self, context):
         if self.config.scope == "cluster" and self.config.sync_interval == 0 and context.cluster is not None:
-            from fastgw.server.cluster import RequestStore
-
             if getattr(self, "store", None) is None or self.store.spec != context.cluster:
                 self.store = RequestStore(context.cluster)
             self.policy.remote = self.decide_in_redis

@@ -12,7 +12,8 @@ from typing import Any, Iterator
 
 import msgspec
 
-from fastgw.api import PHASES, Plugin
+from fastgw.api import PHASES, Plugin, PluginContext
+from fastgw.config.model import dec_hook
 from fastgw.plugins.chain import Chain
 
 BUILTIN = {
@@ -63,8 +64,6 @@ def plugin_class(name: str) -> type[Plugin]:
 
 def resolve(entry: Any) -> tuple[str, type[Plugin], Any]:
     """One config entry -> (name, class, decoded config). ValueError / msgspec.ValidationError."""
-    from fastgw.config.model import dec_hook
-
     if not isinstance(entry, dict) or len(entry) != 1:
         raise ValueError("a plugin is written as a one-key mapping, like {key_auth: {header: x-api-key}}")
     (name, raw), = entry.items()
@@ -97,8 +96,6 @@ def build_chains(config, previous_instances: dict, previous_chains: dict) -> tup
     """{route name: Chain or None} and the plugin instances by (name, config). An instance whose
     entry did not change is taken over from the previous config (its caches survive a reload), and
     so is a chain whose instances are all the same."""
-    from fastgw.api import PluginContext
-
     context = PluginContext(config.consumers, config.cluster)
     instances: dict = {}
 

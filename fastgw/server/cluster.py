@@ -16,11 +16,16 @@ The data plane never waits for Redis.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import time
 
+from fastgw._core.ratelimit import cluster_grant, cluster_take
+from fastgw.config.errors import ConfigError
+from fastgw.config.model import parse_duration
 from fastgw.log import log
+from fastgw.plugins.redis_store import redis_client
 
 NODE_TTL = 5.0            # a node that has not synced for this long no longer counts
 
@@ -28,8 +33,6 @@ NODE_TTL = 5.0            # a node that has not synced for this long no longer c
 def cluster_interval(config) -> float | None:
     """The sync interval the config asks for, or None when nothing has cluster scope. Limits
     decided per request (sync_interval 0) still need the node count: a sync every second."""
-    from fastgw.config.model import parse_duration
-
     intervals = [float(parse_duration(settings.get("sync_interval", 0.1)))
                  for entries in [config.plugins, *(r.plugins for r in config.routes)]
                  for entry in entries if isinstance(entry, dict) and "rate_limit" in entry
@@ -37,14 +40,6 @@ def cluster_interval(config) -> float | None:
     if config.cluster is None or not intervals:
         return None
     return min([i for i in intervals if i > 0] or [1.0])
-
-
-def redis_client(cluster):
-    """A redis.asyncio client whose every call gives up after `cluster.timeout`."""
-    import redis.asyncio as aioredis
-
-    return aioredis.from_url(cluster.redis, socket_timeout=cluster.timeout,
-                             socket_connect_timeout=cluster.timeout)
 
 
 class _RedisLoop:
@@ -92,8 +87,6 @@ class ClusterSync(_RedisLoop):
             await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - started)))
 
     async def sync_once(self) -> None:
-        from fastgw._core.ratelimit import cluster_grant, cluster_take
-
         taken = cluster_take()
         now = time.time()
         nodes = max(self.segment.cluster_nodes, 1)
@@ -144,50 +137,6 @@ class ClusterSync(_RedisLoop):
             log("cluster store reachable again: cluster rate limits are shared again")
 
 
-# Per-request decisions (sync_interval: 0): one atomic script per request, in the worker.
-_COUNT = """
-local n = redis.call('INCR', KEYS[1])
-if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
-return n
-"""
-MAX_IN_FLIGHT = 256       # Redis calls one worker has waiting; beyond that, on_store_error at once
-
-
-class StoreBusy(Exception):
-    pass
-
-
-class RequestStore:
-    """A worker's Redis client for per-request rate-limit decisions, made at first use (in the
-    worker's loop). Each call is bounded by `cluster.timeout` and by MAX_IN_FLIGHT calls waiting,
-    so a slow Redis costs a request at most the timeout and never piles up."""
-
-    def __init__(self, cluster):
-        self.spec = cluster
-        self.prefix = cluster.key_prefix
-        self.redis = None
-        self.script = None
-        self.in_flight = 0
-
-    async def count(self, key_hash: int, window_ns: int) -> tuple[int, int]:
-        """(the window's count after this request, the window number)."""
-        if self.in_flight >= MAX_IN_FLIGHT:
-            raise StoreBusy(f"{MAX_IN_FLIGHT} Redis calls already waiting")
-        if self.redis is None:
-            self.redis = redis_client(self.spec)
-            self.script = self.redis.register_script(_COUNT)
-        window_ms = window_ns // 1_000_000
-        number = time.time_ns() // window_ns
-        self.in_flight += 1
-        try:
-            count = await asyncio.wait_for(
-                self.script(keys=[f"{self.prefix}rl:{key_hash:016x}:{window_ms}:{number}"],
-                            args=[2 * window_ms]), self.spec.timeout)
-        finally:
-            self.in_flight -= 1
-        return int(count), number
-
-
 # --- config distribution (cluster.config_sync) -------------------------------------------------
 
 SHARED_SECTIONS = ("services", "routes", "consumers", "plugins", "clients")   # not listeners, admin, workers
@@ -212,8 +161,6 @@ class ConfigSync(_RedisLoop):
 
     async def publish(self, document: dict) -> None:
         """After a local admin change: make it the cluster's current version."""
-        import json
-
         shared = json.dumps({k: document[k] for k in SHARED_SECTIONS if k in document})
         try:
             async with self.redis.pipeline(transaction=True) as pipe:
@@ -238,10 +185,6 @@ class ConfigSync(_RedisLoop):
             await asyncio.sleep(CONFIG_POLL)
 
     async def _catch_up(self) -> None:
-        import json
-
-        from fastgw.config.errors import ConfigError
-
         version = await self.redis.get(self.version_key)
         if version is None or int(version) <= self.applied:
             return

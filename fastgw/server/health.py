@@ -111,6 +111,7 @@ def _grpc_check(address: str, spec) -> tuple[bool, str]:
     The messages are tiny, so they are written and read by hand rather than with generated stubs:
     HealthCheckRequest {string service = 1}, HealthCheckResponse {ServingStatus status = 1},
     SERVING = 1."""
+    # grpcio is the grpc extra's: needed only by services with gRPC health checks.
     import grpc
 
     channel = _grpc_channels.get(address)

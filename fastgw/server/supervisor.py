@@ -20,9 +20,11 @@ from dataclasses import dataclass, field
 
 import uvloop
 
+from fastgw._core.shm import Segment
 from fastgw.config.errors import ConfigError, ConfigProblem, ConfigWriteError
 from fastgw.config.load import LoadedConfig
 from fastgw.config.store import ConfigStore
+from fastgw.runtime.load import CHECKS
 from fastgw.server import systemd
 from fastgw.server.cluster import ClusterSync, ConfigSync, cluster_interval
 from fastgw.server.control import WORKER_RUNNING, WORKER_STARTING, ControlChannel
@@ -95,10 +97,8 @@ class WorkerHandle:
 
 class Supervisor:
     def __init__(self, loaded: LoadedConfig, workers=None):
-        from fastgw._core.shm import Segment
-
         self.loop = asyncio.get_running_loop()
-        self.store = ConfigStore(loaded)
+        self.store = ConfigStore(loaded, CHECKS)
         config = loaded.config
         self.count = worker_count(workers if workers is not None else config.workers)
         self.segment = Segment.create(

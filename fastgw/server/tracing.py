@@ -15,20 +15,11 @@ SPAN_FIELDS = ("trace_id", "span_id", "parent_span_id", "start_ns", "end_ns", "m
                "path", "status", "flags", "route", "service", "upstream", "client_ip")
 
 
-def otel_missing() -> str | None:
-    """Why spans cannot be exported here, or None when the SDK is installed."""
-    try:
-        import opentelemetry.exporter.otlp.proto.http.trace_exporter  # noqa: F401
-        import opentelemetry.sdk.trace  # noqa: F401
-    except ImportError as exc:
-        return f"OTLP export needs the otel extra (pip install 'fastgw[otel]'): {exc}"
-    return None
-
-
 class SpanExporter:
     """callable(span tuple); `close()` flushes what is queued."""
 
     def __init__(self, endpoint: str, service_name: str = "fastgw"):
+        # The otel extra is optional (config/validate.py's otel_missing says when it is absent).
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import ReadableSpan

@@ -19,11 +19,15 @@ from dataclasses import dataclass
 
 import uvloop
 
-from fastgw.config.compile import Runtime, compile_config
+from fastgw._core.protocol import ListenerState
+from fastgw._core.proxyproto import trusted_networks
+from fastgw._core.shm import Segment
+from fastgw._core.tcp import TcpListenerState
 from fastgw.config.validate import parse_bind
+from fastgw.log import configure_log, log, log_loop_exception, log_uncaught, set_process
+from fastgw.runtime.build import Runtime, compile_config
 from fastgw.server.accesslog import open_access_log
 from fastgw.server.control import WORKER_DRAINING, WORKER_RUNNING, ControlChannel
-from fastgw.log import configure_log, log, log_loop_exception, log_uncaught, set_process
 from fastgw.tls import ServerTls
 from fastgw.server.tracing import open_tracer
 
@@ -166,9 +170,6 @@ class Worker:
         return Pending(version, config, runtime, slots, opened, certificates)
 
     async def _open(self, spec, runtime: Runtime, slots: dict) -> OpenListener:
-        from fastgw._core.protocol import ListenerState
-        from fastgw._core.tcp import TcpListenerState
-
         host, port = parse_bind(spec.bind)
         tls = None
         if _kind(spec) == "l4":               # tcp, or https passed through by SNI
@@ -276,8 +277,6 @@ class Worker:
 
 
 def _configure(state, spec, slots: dict) -> None:
-    from fastgw._core.proxyproto import trusted_networks
-
     limits = spec.limits
     state.configure(
         max_header_bytes=limits.max_header_bytes, max_headers=limits.max_headers,
@@ -298,8 +297,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     set_process(f"worker {args.index}")
     sys.excepthook = log_uncaught
-    from fastgw._core.shm import Segment
-
     segment = Segment.attach(args.shm_fd)
     segment.activate(args.index)
     sock = socket.socket(fileno=args.control_fd)

@@ -1,5 +1,8 @@
 """Config -> runtime tables: the Router with its RouteEntry objects and the Services.
 
+The one module that knows every package below the server (README.md, "Layers"): the config's
+model, the data plane's types, the plugins and the handlers meet here and nowhere else.
+
 Everything that can be decided once per config load is decided here (lower-cased header names,
 response bytes of `respond` routes, rewrite templates bound to capture slots, method bits), so
 the data plane does no per-request work that depends only on the config.
@@ -17,9 +20,21 @@ from urllib.parse import urlsplit
 
 import msgspec
 
+from fastgw._core.balancer import ZonePreferring, make_balancer
+from fastgw._core.router import (ROUTE_ECHO_KIND, ROUTE_HANDLER_KIND, ROUTE_PROXY_KIND, ROUTE_RESPOND_KIND,
+                                 HeaderEdits, PathRule, PatternError, RouteEntry, Router, compile_conditions,
+                                 parse_pattern)
+from fastgw._core.shm import analytics_key
+from fastgw._core.upstream import Service
+from fastgw._core.uri import canonical_host, canonical_path
 from fastgw.config.errors import CompileError
 from fastgw.config.model import Config, HeaderEdits as HeaderEditsSpec, Route
+from fastgw.handlers.aggregate import Aggregator
+from fastgw.handlers.grpc_route import GrpcClients, GrpcRouteHandler
+from fastgw.handlers.loopback import LoopbackClient, internal_routes
+from fastgw.handlers.shape import Shape
 from fastgw.plugins.registry import build_chains
+from fastgw.tls import client_context
 
 
 @dataclass
@@ -51,8 +66,6 @@ class Runtime:
     def explain(self, method: str, url: str) -> dict | None:
         """The route `method url` hits, as the data plane sees it: Host and path made canonical
         first (ValueError for what it answers 400)."""
-        from fastgw._core.uri import canonical_host, canonical_path
-
         parts = urlsplit(url if "://" in url else "http://" + url)   # "/p" -> no host
         host = canonical_host(parts.netloc.encode()).decode()
         path = canonical_path((parts.path or "/").encode()).decode()
@@ -123,8 +136,6 @@ def compile_config(config: Config, slots: dict | None = None, previous: Runtime 
 
 
 def _compile(config: Config, slots: dict | None, previous: Runtime | None) -> Runtime:
-    from fastgw._core.router import Router
-
     problems: list[tuple[str, str]] = []
     route_slots = slots["routes"] if slots else {}
     services = _compile_services(config, slots["targets"] if slots else {}, previous)
@@ -193,8 +204,6 @@ class _Handlers:
 
     def loopback(self):
         if self._loopback is None:
-            from fastgw.handlers.loopback import LoopbackClient, internal_routes
-
             self._loopback = LoopbackClient(internal_routes(self.services))
         return self._loopback
 
@@ -208,8 +217,6 @@ class _Handlers:
 
     def grpc(self, name: str):
         """(Descriptors, GrpcClient) of gRPC service `name`."""
-        from fastgw.handlers.grpc_route import GrpcClients
-
         if self._grpc_clients is None:
             self._grpc_clients = GrpcClients(self._previous_grpc)
         metadata = frozenset(h.lower() for r in self.config.routes
@@ -218,8 +225,6 @@ class _Handlers:
 
 
 def _shapes(route: Route, where: str, problems: list) -> dict | None:
-    from fastgw.handlers.shape import Shape
-
     shapes = {}
     for name, spec in route.profiles.items():
         try:
@@ -230,8 +235,6 @@ def _shapes(route: Route, where: str, problems: list) -> dict | None:
 
 
 def _aggregator(route: Route, where: str, shapes, handlers: _Handlers, problems: list):
-    from fastgw.handlers.aggregate import Aggregator
-
     try:
         return Aggregator(route.aggregate, handlers.loopback(), shapes, route.timeout,
                           set(handlers.services))
@@ -243,8 +246,8 @@ def _aggregator(route: Route, where: str, shapes, handlers: _Handlers, problems:
 
 def _grpc_handlers(route: Route, where: str, handlers: _Handlers, problems: list) -> list:
     """[(path pattern or None for the route's own paths, HTTP method or None, handler)]."""
+    # handlers.grpc needs the grpc extra (grpcio, protobuf): imported only for a route that has `grpc`.
     from fastgw.handlers.grpc import GrpcConfigError
-    from fastgw.handlers.grpc_route import GrpcRouteHandler
 
     spec = route.grpc
     service = handlers.services[spec.service]
@@ -288,11 +291,6 @@ def _with_head(methods) -> set[str]:
 
 def _compile_route(route: Route, i: int, service, slot: int, chain, method_bits: dict,
                    problems: list, handlers: _Handlers) -> CompiledRoute:
-    from fastgw._core.router import (ROUTE_ECHO_KIND, ROUTE_HANDLER_KIND, ROUTE_PROXY_KIND,
-                                     ROUTE_RESPOND_KIND, HeaderEdits, PathRule, PatternError,
-                                     RouteEntry)
-    from fastgw._core.shm import analytics_key
-
     where = f"routes[{i}]"
     match = route.match
     wanted_profiles = [match.profile] if isinstance(match.profile, str) else match.profile
@@ -365,16 +363,10 @@ def _compile_route(route: Route, i: int, service, slot: int, chain, method_bits:
 
 
 def _conditions(headers, query, profiles):
-    from fastgw._core.router import compile_conditions
-
     return compile_conditions(headers, query, profiles)
 
 
 def _compile_services(config: Config, target_slots: dict, previous: Runtime | None) -> dict:
-    from fastgw._core.balancer import make_balancer
-    from fastgw._core.router import ROUTE_ECHO_KIND, ROUTE_PROXY_KIND
-    from fastgw._core.upstream import Service
-
     services = {}
     reusable = _reusable_targets(config, previous)
     for name, spec in config.services.items():
@@ -416,8 +408,6 @@ def _compile_services(config: Config, target_slots: dict, previous: Runtime | No
         service.budget_ratio = retries.budget_ratio if retries.budget_ratio is not None else -1.0
         service.send_proxy_protocol = {"v1": 1, "v2": 2}.get(spec.send_proxy_protocol, 0)
         if spec.scheme == "https":
-            from fastgw.tls import client_context
-
             service.ssl_context = client_context(spec.tls)
             service.tls_server_name = spec.tls.sni
         if spec.circuit_breaker is not None:
@@ -442,8 +432,6 @@ def _server_name(target) -> str | None:
 
 def _balancer(spec, targets: list):
     """The service's balancer; with `locality`, one that prefers the targets of our zone."""
-    from fastgw._core.balancer import ZonePreferring, make_balancer
-
     def make(chosen):
         return make_balancer(spec.balance.algorithm, list(chosen), spec.balance.bounded_load or 0.0,
                              spec.slow_start or 0.0)
@@ -505,8 +493,6 @@ def _probe_hosts(hosts: list[str]) -> list[str]:
 
 
 def _probe_paths(pattern: str) -> list[str]:
-    from fastgw._core.router import parse_pattern
-
     parts = []
     for kind, value in parse_pattern(pattern):
         if kind == "lit":
