@@ -136,9 +136,10 @@ def _run(args: argparse.Namespace) -> int:
     for warning in loaded.warnings:
         log(str(warning), "warning")
     # Needs the compiled core (see the module's docstring).
+    from fastgw.admin.api import start_admin
     from fastgw.server.supervisor import serve
 
-    return serve(loaded, workers=args.workers)
+    return serve(loaded, workers=args.workers, start_admin=start_admin)
 
 
 def _reload(args: argparse.Namespace) -> int:

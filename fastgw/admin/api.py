@@ -22,6 +22,7 @@ from fastgw.config.errors import ConfigError, ConfigWriteError, ConflictError
 from fastgw.config.model import parse_duration
 from fastgw.config.validate import parse_bind
 from fastgw.log import log
+from fastgw.server.control_plane import ControlPlane
 
 KINDS = ("services", "routes", "consumers")
 # Probes (load balancers, Kubernetes) cannot always send a token: liveness and readiness are open.
@@ -34,7 +35,9 @@ STATIC_TYPES = {"index.html": "text/html; charset=utf-8", "dashboard.css": "text
 
 
 class Admin:
-    def __init__(self, supervisor, server: AdminServer, app: AdminApp, bind_host: str):
+    """The admin API as the supervisor keeps it (fastgw.server.control_plane.AdminHandle)."""
+
+    def __init__(self, supervisor: ControlPlane, server: AdminServer, app: AdminApp, bind_host: str):
         self.supervisor, self.server, self.app, self.bind_host = supervisor, server, app, bind_host
 
     def configure(self, spec) -> None:
@@ -46,7 +49,8 @@ class Admin:
         await self.server.close()
 
 
-async def start_admin(supervisor, spec) -> Admin:
+async def start_admin(supervisor: ControlPlane, spec) -> Admin:
+    """fastgw.server.control_plane.StartAdmin: listen on `admin.bind`."""
     host, port = parse_bind(spec.bind)
     app = build_app(supervisor, spec.token, SameOrigin(host, spec.allowed_hosts))
     server = AdminServer(app)
@@ -61,7 +65,7 @@ def _config_error(exc: ConfigError) -> Response:
                                     "problems": problems}}, status=400)
 
 
-def build_app(sup, token: str | None, guard: SameOrigin) -> AdminApp:
+def build_app(sup: ControlPlane, token: str | None, guard: SameOrigin) -> AdminApp:
     app = AdminApp(token=token, public=PUBLIC, guard=guard)
     store = sup.store
 
@@ -223,7 +227,7 @@ def build_app(sup, token: str | None, guard: SameOrigin) -> AdminApp:
         slots = sup.current_slots["targets"]
         return {"service": name, "targets": [       # named targets: one row per resolved address
             target_health(t, sup.segment.target_stats(slots[(name, t.address)])
-                          if slots.get((name, t.address), -1) >= 0 else None, sup.dns.state(t))
+                          if slots.get((name, t.address), -1) >= 0 else None, sup.dns_state(t))
             for t in sup.running.services.get(name, service).targets]}
 
     return app
@@ -283,7 +287,7 @@ def _message(exc: LookupError) -> str:
     return exc.args[0] if exc.args else str(exc)
 
 
-def metric_labels(sup) -> dict:
+def metric_labels(sup: ControlPlane) -> dict:
     """What the renderer needs to name the shared-memory slots of the current config."""
     config = sup.store.loaded.config
     slots = sup.current_slots
@@ -295,7 +299,7 @@ def metric_labels(sup) -> dict:
         "listeners": [(slot, name) for name, slot in slots["listeners"].items() if slot >= 0],
         "config_version": sup.store.version,
         "reloads": dict(sup.reloads),
-        "workers": sum(1 for w in sup.workers if w.running),
+        "workers": sup.workers_running(),
         "build": {"version": __version__, "python": platform.python_version(),
                   "uvloop": uvloop.__version__, "msgspec": msgspec.__version__},
     }

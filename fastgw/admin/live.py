@@ -16,6 +16,7 @@ import msgspec
 
 from fastgw import __version__
 from fastgw._core.shm import BUCKETS, analytics_key
+from fastgw.server.control_plane import ControlPlane
 from fastgw.server.dns import dns_name
 
 WINDOW = 10                      # seconds that rates and percentiles cover
@@ -78,7 +79,7 @@ def _add(a: dict, b: dict) -> dict:
 
 
 class LiveStats:
-    def __init__(self, sup):
+    def __init__(self, sup: ControlPlane):
         self.sup = sup
         self.samples: deque = deque(maxlen=WINDOW + 1)
         self.listeners = 0
@@ -201,7 +202,7 @@ class LiveStats:
                 now = new["targets"].get((name, t.address))
                 before = old["targets"].get((name, t.address), now)
                 traffic[t.address] = now["requests"] - before["requests"] if now else 0
-                rows.append({**target_health(t, now, self.sup.dns.state(t)), "rps": rate(traffic[t.address])})
+                rows.append({**target_health(t, now, self.sup.dns_state(t)), "rps": rate(traffic[t.address])})
             total = sum(traffic.values())
             for row in rows:
                 row["share"] = _ratio(traffic[row["address"]], total)
@@ -209,7 +210,7 @@ class LiveStats:
         return services
 
 
-def history(sup, minutes: int) -> dict:
+def history(sup: ControlPlane, minutes: int) -> dict:
     """All traffic (every route's and the unmatched requests) per minute over the last `minutes`,
     oldest first, the current minute last: what the dashboard's charts start from. A minute's
     `seconds` are those it covers (60, but less for the current minute and for the one the gateway
@@ -230,7 +231,7 @@ def history(sup, minutes: int) -> dict:
     return {"ts": round(now, 3), "window_s": minutes * 60, "minutes": rows}
 
 
-def analytics(sup, by: str, minutes: int) -> dict:
+def analytics(sup: ControlPlane, by: str, minutes: int) -> dict:
     """Requests, 5xx errors and latency percentiles per route, service or consumer over the last
     `minutes` (one-minute resolution, the current minute included)."""
     config = sup.store.loaded.config

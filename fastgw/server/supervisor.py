@@ -24,13 +24,14 @@ from fastgw._core.shm import Segment
 from fastgw.config.errors import ConfigError, ConfigProblem, ConfigWriteError
 from fastgw.config.load import LoadedConfig
 from fastgw.config.store import ConfigStore
+from fastgw.log import configure_log, log, log_loop_exception, log_uncaught
 from fastgw.runtime.load import CHECKS
 from fastgw.server import systemd
 from fastgw.server.cluster import ClusterSync, ConfigSync, cluster_interval
 from fastgw.server.control import WORKER_RUNNING, WORKER_STARTING, ControlChannel
+from fastgw.server.control_plane import AdminHandle, ControlPlane, StartAdmin
 from fastgw.server.dns import Resolver
 from fastgw.server.health import HealthChecker
-from fastgw.log import configure_log, log, log_loop_exception, log_uncaught
 from fastgw.server.ports import busy_listeners
 
 APPLY_TIMEOUT = 30.0          # a worker that cannot compile and bind in this long fails the change
@@ -95,9 +96,10 @@ class WorkerHandle:
     replies: asyncio.Queue = field(default_factory=asyncio.Queue)
 
 
-class Supervisor:
-    def __init__(self, loaded: LoadedConfig, workers=None):
+class Supervisor(ControlPlane):
+    def __init__(self, loaded: LoadedConfig, workers=None, start_admin: StartAdmin | None = None):
         self.loop = asyncio.get_running_loop()
+        self.start_admin = start_admin         # the admin API, given by the CLI (server/control_plane.py)
         self.store = ConfigStore(loaded, CHECKS)
         config = loaded.config
         self.count = worker_count(workers if workers is not None else config.workers)
@@ -120,7 +122,7 @@ class Supervisor:
         self.draining = False
         self.done = asyncio.Event()
         self.exit_code = 0
-        self.admin = None
+        self.admin: AdminHandle | None = None
         self.health = HealthChecker(self.segment)
         self.cluster: ClusterSync | None = None
         self.config_sync: ConfigSync | None = None
@@ -193,10 +195,13 @@ class Supervisor:
         spec = self.store.loaded.config.admin
         if spec is None:
             return
-        from fastgw.admin.api import start_admin
-
+        if self.start_admin is None:
+            log(f"admin listener on {spec.bind}: this process has no admin API to start", "error")
+            self.stop()
+            self.exit_code = 1
+            return
         try:
-            self.admin = await start_admin(self, spec)
+            self.admin = await self.start_admin(self, spec)
         except OSError as exc:
             log(f"admin listener on {spec.bind}: {exc.strerror or exc}", "error")
             self.stop()
@@ -455,6 +460,12 @@ class Supervisor:
         return (not self.draining and not self.stopping
                 and all(w.running and w.version == self.store.version for w in self.workers))
 
+    def workers_running(self) -> int:
+        return sum(1 for w in self.workers if w.running)
+
+    def dns_state(self, target) -> str | None:
+        return self.dns.state(target)
+
     def status(self) -> dict:
         beats = {info["index"]: info for info in self.segment.workers()}
         return {
@@ -543,14 +554,15 @@ def raise_open_files_limit() -> int:
     return soft
 
 
-def serve(loaded: LoadedConfig, workers=None) -> int:
-    """Run the gateway until a stop signal; returns the exit code."""
+def serve(loaded: LoadedConfig, workers=None, start_admin: StartAdmin | None = None) -> int:
+    """Run the gateway until a stop signal; returns the exit code. `start_admin` starts the admin
+    API when the config has `admin:` (the CLI passes fastgw.admin.api.start_admin)."""
     configure_log(loaded.config.log)
     sys.excepthook = log_uncaught
     log(f"open files limit: {raise_open_files_limit()}", "debug")
 
     async def main() -> int:
-        return await Supervisor(loaded, workers).run()
+        return await Supervisor(loaded, workers, start_admin).run()
 
     try:
         return uvloop.run(main())
