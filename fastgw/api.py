@@ -262,5 +262,6 @@ class Response:
 
     @classmethod
     def error(cls, status: int, code: str, message: str, headers: dict | None = None) -> "Response":
-        """The gateway's JSON error shape (SPEC §4); the request id is added when it is sent."""
+        """The gateway's JSON error shape (README.md, "Proxy behaviour", **Errors**); the request id is
+        added when it is sent."""
         return cls(status, headers, json={"error": {"status": status, "code": code, "message": message}})

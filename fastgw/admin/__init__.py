@@ -1,1 +1,1 @@
-"""Admin API (SPEC.md §7) and dashboard (§8), served by the supervisor."""
+"""Admin API and dashboard (README.md, "Admin API" and "Dashboard"), served by the supervisor."""

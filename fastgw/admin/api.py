@@ -1,8 +1,8 @@
-"""The admin API (SPEC.md §7) on `admin.bind`, served by the supervisor.
+"""The admin API (README.md, "Admin API") on `admin.bind`, served by the supervisor.
 
 Every change goes the same way: edit a copy of the config document (fastgw/config/store.py),
 validate it exactly as `fastgw check` would, let every worker prepare it, persist it, switch it on
-(Supervisor.change). Anything that fails on the way leaves the running config as it was.
+(ControlPlane.change, fastgw/server/control_plane.py). Anything that fails on the way leaves the running config as it was.
 """
 from __future__ import annotations
 

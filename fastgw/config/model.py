@@ -1,4 +1,4 @@
-"""The configuration schema: msgspec Structs that mirror SPEC.md §3 key for key.
+"""The configuration schema: msgspec Structs that mirror README.md's "Configuration" key for key.
 
 Only the keys that the gateway implements are modelled; anything else is an unknown field and
 therefore an error, so a config never silently asks for a feature that does nothing. Durations
