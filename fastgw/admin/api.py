@@ -2,7 +2,8 @@
 
 Every change goes the same way: edit a copy of the config document (fastgw/config/store.py),
 validate it exactly as `fastgw check` would, let every worker prepare it, persist it, switch it on
-(ControlPlane.change, fastgw/server/control_plane.py). Anything that fails on the way leaves the running config as it was.
+(ControlPlane.change, fastgw/server/control_plane.py). Anything that fails on the way leaves the
+running config as it was.
 """
 from __future__ import annotations
 
