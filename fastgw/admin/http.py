@@ -3,8 +3,8 @@
 Not on the hot path, so clarity wins over speed: httptools parses, requests on one connection are
 answered one at a time in order (pipelining works, RFC 9112 §9.3.2), bodies are buffered up to
 `max_body`, and every answer is framed by Content-Length or chunked encoding. Errors are the
-gateway's JSON error shape (README.md, "Proxy behaviour", **Errors**). Every endpoint except the public ones needs `Authorization: Bearer <admin.token>` when a token
-is set.
+gateway's JSON error shape (README.md, "Proxy behaviour", **Errors**). Every endpoint except the
+public ones needs `Authorization: Bearer <admin.token>` when a token is set.
 """
 from __future__ import annotations
 

@@ -491,7 +491,8 @@ def _plugin_config_problems(config: Config, checks: Checks) -> tuple[list[Config
                 # `python` names its class in the entry: its own keys are checked first, then `config:`.
                 if name == "python":
                     spec = _convert(settings or {}, root)
-                    prefix, settings, root = [*prefix, "config"], spec.config, checks.python_plugin_config(spec.module)
+                    own = checks.python_plugin_config(spec.module)
+                    prefix, settings, root = [*prefix, "config"], spec.config, own
                 _convert(settings or {}, root)
             except msgspec.ValidationError as e:
                 segments, message = _explain(settings or {}, str(e), root)
