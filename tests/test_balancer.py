@@ -8,7 +8,7 @@ import http.client
 
 import pytest
 
-from fastgw._core import shm
+from fastgw._core import health, shm
 from fastgw._core.balancer import (NEAREST_PROBE_EVERY, VNODES_PER_WEIGHT, ConsistentHash, LeastConn,
                                    Nearest, P2CEwma, RoundRobin, SmoothWeighted, WeightedRandom,
                                    ZonePreferring, hash_key)
@@ -136,11 +136,11 @@ def test_p2c_prefers_the_faster_and_less_busy_target(segment):
     ts = targets(1, 1, 1)
     for _ in range(50):
         shm._target_begin(0)
-        shm._target_end(0, 0.050, False)   # slow: 50 ms
+        health._target_end(0, 0.050, False)   # slow: 50 ms
         shm._target_begin(1)
-        shm._target_end(1, 0.002, False)   # fast: 2 ms
+        health._target_end(1, 0.002, False)   # fast: 2 ms
         shm._target_begin(2)
-        shm._target_end(2, 0.002, False)
+        health._target_end(2, 0.002, False)
     b = P2CEwma(ts)
     counts = collections.Counter(b.choose().address for _ in range(9000))
     # The slow target wins only the draws it is not in: never (two distinct targets per draw).
@@ -156,7 +156,7 @@ def test_p2c_prefers_the_faster_and_less_busy_target(segment):
 def test_p2c_gives_a_target_without_samples_its_share(segment):
     ts = targets(1, 1)
     shm._target_begin(0)
-    shm._target_end(0, 0.0003, False)      # measured, fast; target 1 never measured
+    health._target_end(0, 0.0003, False)      # measured, fast; target 1 never measured
     b = P2CEwma(ts)
     counts = collections.Counter(b.choose().address for _ in range(2000))
     assert counts["10.0.0.1:80"] > 500
@@ -165,7 +165,7 @@ def test_p2c_gives_a_target_without_samples_its_share(segment):
 def _measure(slot, seconds, times=20):
     for _ in range(times):
         shm._target_begin(slot)
-        shm._target_end(slot, seconds, False)
+        health._target_end(slot, seconds, False)
 
 
 def test_nearest_takes_the_lowest_ewma_and_probes_the_others(segment):

@@ -1,8 +1,8 @@
 """Target selection: one Balancer per service, built at config load, asked once per request.
 
 Every algorithm reads in-flight requests and latency from the shared-memory target slots
-(fastgw/_core/shm.pyx), so all workers balance on the same numbers; a target without a slot
-falls back to this worker's own count. Hashing uses a fixed 64-bit function (FNV-1a folded
+(fastgw/_core/shm.pyx; whether a target is up: fastgw/_core/health.pyx), so all workers balance
+on the same numbers; a target without a slot falls back to this worker's own count. Hashing uses a fixed 64-bit function (FNV-1a folded
 through the splitmix64 finaliser), never Python's per-process randomised `hash`, so every
 worker and every host maps a key to the same target.
 """
@@ -12,8 +12,8 @@ from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.stdint cimport int64_t, uint64_t
 
 from fastgw._core.buffer cimport hash64, random64
-from fastgw._core.shm cimport (monotonic_ns, target_active, target_available, target_ewma_ns,
-                               target_up_since)
+from fastgw._core.health cimport target_available, target_ewma_ns, target_up_since
+from fastgw._core.shm cimport monotonic_ns, target_active
 from fastgw._core.upstream cimport Target
 
 ALGORITHMS = ("round_robin", "weighted_round_robin", "least_conn", "p2c_ewma", "consistent_hash",

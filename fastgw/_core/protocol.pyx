@@ -22,11 +22,12 @@ from fastgw._core.cache cimport CachedResponse, ResponseCache, credential_digest
 from fastgw._core.router cimport (ROUTE_ECHO, ROUTE_HANDLER, ROUTE_PROXY, ROUTE_RESPOND, HeaderEdits,
                                   PathRule, RouteEntry, Router, write_fields)
 from fastgw._core.uri cimport canonical_host, canonical_path
+from fastgw._core.health cimport circuit_admit, circuit_is_open, target_available, target_end
 from fastgw._core.shm cimport (EV_CACHE_HIT, EV_CACHE_MISS, EV_CACHE_STALE, EV_RATELIMIT_ALLOWED,
                                EV_RATELIMIT_REJECTED, consumer_analytics_key, record_analytics,
-                               record_route_event, circuit_admit, circuit_is_open, listener_admits, listener_closed,
-                               method_index, monotonic_ns, record_request, target_available,
-                               target_begin, target_end, target_release, unmatched_analytics_key)
+                               record_route_event, listener_admits, listener_closed,
+                               method_index, monotonic_ns, record_request,
+                               target_begin, target_release, unmatched_analytics_key)
 from fastgw._core.upstream cimport (
     FRAMING_CHUNKED, FRAMING_CLOSE, FRAMING_LENGTH, FRAMING_NONE, UPSTREAM_CONNECT_FAILED,
     UPSTREAM_CONNECT_TIMEOUT, UPSTREAM_INVALID, UPSTREAM_POOL_FULL, UPSTREAM_RESET,
