@@ -194,27 +194,6 @@ def test_odd_durations_and_statuses():
     seg.close()
 
 
-def test_ewma_first_sample_then_converges():
-    seg = Segment.create(workers=1, routes=1, targets=2, listeners=1, ratelimit_entries=1)
-    seg.activate()
-    assert seg.target_stats(0)["ewma_ms"] == 0
-    shm._target_begin(0)
-    health._target_end(0, 0.100, False)
-    assert seg.target_stats(0)["ewma_ms"] == pytest.approx(100.0)        # the first sample sets it
-    shm._target_begin(0)
-    health._target_end(0, 0.001, True)      # a fast failure counts as max(250 ms, 4 x EWMA) = 400 ms
-    assert seg.target_stats(0)["ewma_ms"] == pytest.approx(100 + (400 - 100) / 8, rel=1e-6)
-    shm._target_begin(0)
-    health._target_end(0, 0.004, False)
-    assert seg.target_stats(0)["ewma_ms"] == pytest.approx(137.5 + (4 - 137.5) / 8, rel=1e-6)
-    for _ in range(100):
-        shm._target_begin(0)
-        health._target_end(0, 0.004, False)
-    assert seg.target_stats(0)["ewma_ms"] == pytest.approx(4.0, rel=1e-3)
-    assert seg.target_stats(1)["ewma_ms"] == 0
-    seg.close()
-
-
 def test_target_flags_and_reset():
     seg = Segment.create(workers=1, routes=1, targets=2, listeners=1, ratelimit_entries=1)
     seg.activate()
