@@ -8,10 +8,10 @@ import http.client
 
 import pytest
 
-from fastgw._core import shm
-from fastgw._core.balancer import (NEAREST_PROBE_EVERY, VNODES_PER_WEIGHT, ConsistentHash, LeastConn,
-                                   Nearest, P2CEwma, RoundRobin, SmoothWeighted, WeightedRandom,
-                                   ZonePreferring, hash_key)
+from fastgw._core import health, shm
+from fastgw._core.balancer import (ALGORITHMS, NEAREST_PROBE_EVERY, VNODES_PER_WEIGHT, ConsistentHash,
+                                   LeastConn, Nearest, P2CEwma, RoundRobin, Single, SmoothWeighted,
+                                   WeightedRandom, ZonePreferring, hash_key, make_balancer)
 from fastgw._core.upstream import Service
 from upstreams import HOST, RecordingUpstream, describe_request, gateway_config, route
 
@@ -136,11 +136,11 @@ def test_p2c_prefers_the_faster_and_less_busy_target(segment):
     ts = targets(1, 1, 1)
     for _ in range(50):
         shm._target_begin(0)
-        shm._target_end(0, 0.050, False)   # slow: 50 ms
+        health._target_end(0, 0.050, False)   # slow: 50 ms
         shm._target_begin(1)
-        shm._target_end(1, 0.002, False)   # fast: 2 ms
+        health._target_end(1, 0.002, False)   # fast: 2 ms
         shm._target_begin(2)
-        shm._target_end(2, 0.002, False)
+        health._target_end(2, 0.002, False)
     b = P2CEwma(ts)
     counts = collections.Counter(b.choose().address for _ in range(9000))
     # The slow target wins only the draws it is not in: never (two distinct targets per draw).
@@ -156,7 +156,7 @@ def test_p2c_prefers_the_faster_and_less_busy_target(segment):
 def test_p2c_gives_a_target_without_samples_its_share(segment):
     ts = targets(1, 1)
     shm._target_begin(0)
-    shm._target_end(0, 0.0003, False)      # measured, fast; target 1 never measured
+    health._target_end(0, 0.0003, False)      # measured, fast; target 1 never measured
     b = P2CEwma(ts)
     counts = collections.Counter(b.choose().address for _ in range(2000))
     assert counts["10.0.0.1:80"] > 500
@@ -165,7 +165,7 @@ def test_p2c_gives_a_target_without_samples_its_share(segment):
 def _measure(slot, seconds, times=20):
     for _ in range(times):
         shm._target_begin(slot)
-        shm._target_end(slot, seconds, False)
+        health._target_end(slot, seconds, False)
 
 
 def test_nearest_takes_the_lowest_ewma_and_probes_the_others(segment):
@@ -209,6 +209,39 @@ def test_slow_start_gives_a_new_target_a_small_share_first(segment):
     segment.target_set_healthy(0, False)                   # the only one up is ramping: still used
     ramping = RoundRobin(ts, 30.0)
     assert {ramping.choose().address for _ in range(50)} == {"10.0.0.1:80"}
+
+
+# --- one target; a retry's pick (exclude) ---------------------------------------------------------
+
+ALGORITHM_CLASSES = {"round_robin": RoundRobin, "weighted_round_robin": SmoothWeighted,
+                     "least_conn": LeastConn, "p2c_ewma": P2CEwma, "random": WeightedRandom,
+                     "nearest": Nearest}
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_one_target_gets_the_balancer_that_answers_what_every_algorithm_would(segment, algorithm):
+    [t] = targets(1)
+    b = make_balancer(algorithm, [t], 0.0, 30.0)
+    full = ConsistentHash([t]) if algorithm == "consistent_hash" else ALGORITHM_CLASSES[algorithm]([t], 30.0)
+    assert type(b) is Single
+    segment.target_added(0)                                # in slow start: still the one to use
+    assert b.choose() is t and b.choose(b"key") is t and full.choose(b"key") is t
+    segment.target_set_healthy(0, False)
+    assert b.choose() is None and full.choose(b"key") is None
+    segment.target_set_healthy(0, True)
+    assert b.choose(None, t) is None and b.choose(None, (t,)) is None   # a retry: no other one
+
+
+def test_a_retry_never_gets_the_target_it_excludes(segment):
+    ts = targets(1, 1, 1)
+    for b in (RoundRobin(ts), SmoothWeighted(ts), LeastConn(ts), P2CEwma(ts), WeightedRandom(ts),
+              Nearest(ts), ConsistentHash(ts), ZonePreferring(RoundRobin(ts[:1]), RoundRobin(ts), 0.5)):
+        picks = [b.choose(b"k", ts[0]) for _ in range(60)]
+        assert ts[0] not in picks and None not in picks, type(b).__name__
+        assert {b.choose(b"k", (ts[0], ts[1])) for _ in range(20)} == {ts[2]}, type(b).__name__
+    segment.target_set_healthy(2, False)                   # the only one not excluded is down
+    assert RoundRobin(ts).choose(None, (ts[0], ts[1])) is None
+    assert {RoundRobin(ts).choose(None, ts[0]) for _ in range(10)} == {ts[1]}
 
 
 # --- through the gateway ---------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import os
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from fastgw._core import shm
+from fastgw._core import health, shm
 from fastgw._core.shm import BUCKETS, Segment
 from fastgw.admin.metrics import render
 
@@ -44,7 +44,7 @@ def text():
         shm._record_route_event(1, event)
     for i in range(10):
         shm._target_begin(0)
-        shm._target_end(0, 0.02, i % 5 == 0)                # 8 ok (le=0.025), 2 failures
+        health._target_end(0, 0.02, i % 5 == 0)                # 8 ok (le=0.025), 2 failures
     shm._target_begin(0)                                    # one still in flight
     seg.target_set_healthy(1, False)
     _set_circuit(seg, 1, 2)

@@ -1,4 +1,4 @@
-"""The circuit breaker, outlier ejection and latency EWMA of shm.pyx against Python models of the
+"""The circuit breaker, outlier ejection and latency EWMA of health.pyx against Python models of the
 rules README "Health" and "Circuit breaker" state, on generated sequences of results, with the
 clock given to the compiled code (its test entry points take `now`); and the service-level rules
 (consecutive failures, max_ejected_percent) through Target.call_finished, the data plane's own
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from fastgw._core import shm
+from fastgw._core import health, shm
 from fastgw._core.shm import Segment
 from fastgw._core.upstream import Service
 
@@ -126,13 +126,13 @@ def test_circuit_breaker_matches_the_model(segment, params, steps):
     for action, advance in steps:
         now += advance
         if action == "admit":
-            assert shm._circuit_admit(slot, now) == model.admit(now), (action, now)
+            assert health._circuit_admit(slot, now) == model.admit(now), (action, now)
         else:
             failed = action == "failure"
-            change = shm._circuit_record(slot, now, failed, window, min_requests, ratio, open_for, trials)
+            change = health._circuit_record(slot, now, failed, window, min_requests, ratio, open_for, trials)
             assert change == model.record(now, failed), (action, now)
-        assert shm._target_words(slot)[0] == model.state
-        assert shm._target_available(slot, now) == model.available(now)
+        assert health._target_words(slot)[0] == model.state
+        assert health._target_available(slot, now) == model.available(now)
 
 
 # --- outlier ejection: the shared-memory words -------------------------------------------------
@@ -174,16 +174,16 @@ def test_ejection_words_match_the_model(segment, threshold, base, steps):
     for failed, advance in steps:
         now += advance
         if failed:
-            streak = shm._target_failure(slot)
+            streak = health._target_failure(slot)
             assert streak == model.failure()
             if streak >= threshold:
-                assert shm._target_eject(slot, now, base, 10 * base) == model.eject(now, base, 10 * base)
+                assert health._target_eject(slot, now, base, 10 * base) == model.eject(now, base, 10 * base)
         else:
-            shm._target_success(slot)
+            health._target_success(slot)
             model.success()
-        _, until, ejections, streak, _ = shm._target_words(slot)
+        _, until, ejections, streak, _ = health._target_words(slot)
         assert (until, ejections, streak) == (model.until, model.ejections, model.streak)
-        assert shm._target_available(slot, now) == (model.until <= now)
+        assert health._target_available(slot, now) == (model.until <= now)
 
 
 # --- outlier ejection: the service's rules, through the data plane's entry point ---------------
@@ -218,10 +218,10 @@ def test_service_ejects_after_a_streak_within_max_ejected_percent(segment, thres
         if ejects:
             ejected[index], streak[index] = True, 0
         for i in range(TARGETS):
-            _, until, ejections, words_streak, _ = shm._target_words(i)
+            _, until, ejections, words_streak, _ = health._target_words(i)
             assert (ejections, words_streak) == (int(ejected[i]), streak[i]), (i, index, failed)
         if ejects:
-            assert before + length <= shm._target_words(index)[1] <= after + length
+            assert before + length <= health._target_words(index)[1] <= after + length
 
 
 # --- latency EWMA -----------------------------------------------------------------------------
@@ -252,6 +252,27 @@ def test_latency_ewma_matches_the_model(segment, results):
     expected = 0
     for seconds, failed in results:
         shm._target_begin(slot)
-        shm._target_end(slot, seconds, failed)
+        health._target_end(slot, seconds, failed)
         expected = ewma_step(expected, seconds, failed)
-        assert shm._target_words(slot)[4] == expected
+        assert health._target_words(slot)[4] == expected
+
+
+def test_ewma_first_sample_then_converges():
+    seg = Segment.create(workers=1, routes=1, targets=2, listeners=1, ratelimit_entries=1)
+    seg.activate()
+    assert seg.target_stats(0)["ewma_ms"] == 0
+    shm._target_begin(0)
+    health._target_end(0, 0.100, False)
+    assert seg.target_stats(0)["ewma_ms"] == pytest.approx(100.0)        # the first sample sets it
+    shm._target_begin(0)
+    health._target_end(0, 0.001, True)      # a fast failure counts as max(250 ms, 4 x EWMA) = 400 ms
+    assert seg.target_stats(0)["ewma_ms"] == pytest.approx(100 + (400 - 100) / 8, rel=1e-6)
+    shm._target_begin(0)
+    health._target_end(0, 0.004, False)
+    assert seg.target_stats(0)["ewma_ms"] == pytest.approx(137.5 + (4 - 137.5) / 8, rel=1e-6)
+    for _ in range(100):
+        shm._target_begin(0)
+        health._target_end(0, 0.004, False)
+    assert seg.target_stats(0)["ewma_ms"] == pytest.approx(4.0, rel=1e-3)
+    assert seg.target_stats(1)["ewma_ms"] == 0
+    seg.close()

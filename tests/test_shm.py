@@ -13,7 +13,7 @@ from collections import Counter
 
 import pytest
 
-from fastgw._core import shm
+from fastgw._core import health, shm
 from fastgw._core.shm import BUCKETS, CODE_LABELS, METHOD_NAMES, Segment
 
 N = 20_000
@@ -25,7 +25,7 @@ SECONDS = (0.0003, 0.002, 0.007, 0.3, 1.7, 12.0, 45.0, 0.04, 0.0009, -1.0, 0.000
 
 WORKER = f"""
 import sys
-from fastgw._core import shm
+from fastgw._core import health, shm
 METHODS, STATUSES, SECONDS = {METHODS!r}, {STATUSES!r}, {SECONDS!r}
 seg = shm.Segment.attach(int(sys.argv[1]))
 seg.activate(int(sys.argv[2]))
@@ -34,7 +34,7 @@ for i in range(n):
     shm._listener_admit(0, 1 << 40)
     shm._record_request(1 + i % 3, METHODS[i % 8], STATUSES[i % 7], SECONDS[i % 11])
     shm._target_begin(5 + i % 2)
-    shm._target_end(5 + i % 2, SECONDS[i % 11], i % 10 == 0)
+    health._target_end(5 + i % 2, SECONDS[i % 11], i % 10 == 0)
     shm._listener_closed(0)
     shm._listener_opened(1)
     if i % 7 == 0:
@@ -156,7 +156,7 @@ def test_out_of_range_slots_are_ignored():
         shm._listener_closed(slot)
     for slot in (-1, 1, 7):
         shm._target_begin(slot)
-        shm._target_end(slot, 0.1, False)
+        health._target_end(slot, 0.1, False)
         assert shm._target_draining(slot) is False
     assert shm._listener_admit(3, 10) == -1
     assert seg.route_requests(0) == [] and seg.route_requests(1) == []
@@ -194,27 +194,6 @@ def test_odd_durations_and_statuses():
     seg.close()
 
 
-def test_ewma_first_sample_then_converges():
-    seg = Segment.create(workers=1, routes=1, targets=2, listeners=1, ratelimit_entries=1)
-    seg.activate()
-    assert seg.target_stats(0)["ewma_ms"] == 0
-    shm._target_begin(0)
-    shm._target_end(0, 0.100, False)
-    assert seg.target_stats(0)["ewma_ms"] == pytest.approx(100.0)        # the first sample sets it
-    shm._target_begin(0)
-    shm._target_end(0, 0.001, True)      # a fast failure counts as max(250 ms, 4 x EWMA) = 400 ms
-    assert seg.target_stats(0)["ewma_ms"] == pytest.approx(100 + (400 - 100) / 8, rel=1e-6)
-    shm._target_begin(0)
-    shm._target_end(0, 0.004, False)
-    assert seg.target_stats(0)["ewma_ms"] == pytest.approx(137.5 + (4 - 137.5) / 8, rel=1e-6)
-    for _ in range(100):
-        shm._target_begin(0)
-        shm._target_end(0, 0.004, False)
-    assert seg.target_stats(0)["ewma_ms"] == pytest.approx(4.0, rel=1e-3)
-    assert seg.target_stats(1)["ewma_ms"] == 0
-    seg.close()
-
-
 def test_target_flags_and_reset():
     seg = Segment.create(workers=1, routes=1, targets=2, listeners=1, ratelimit_entries=1)
     seg.activate()
@@ -225,14 +204,14 @@ def test_target_flags_and_reset():
     assert (t["healthy"], t["draining"], t["ejected"]) == (False, True, False)
     for _ in range(3):
         shm._target_begin(1)
-    shm._target_end(1, 0.01, False)
-    shm._target_end(1, 0.01, True)
+    health._target_end(1, 0.01, False)
+    health._target_end(1, 0.01, True)
     seg.target_reset(1)
     t = seg.target_stats(1)
     assert (t["healthy"], t["draining"], t["requests"], t["failures"], t["ewma_ms"]) == (True, False, 0, 0, 0)
     assert t["duration"] == ([0] * 16, 0.0, 0)
     assert t["active"] == 1                     # still in flight; its target_end brings it to 0
-    shm._target_end(1, 0.01, False)
+    health._target_end(1, 0.01, False)
     assert seg.target_stats(1)["active"] == 0
     seg.close()
 

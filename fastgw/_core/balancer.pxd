@@ -10,8 +10,13 @@ cdef class Balancer:
     cdef uint64_t slow_start_ns           # 0 = no slow start
     cdef bint ramping                     # slow start is on (off while a pick falls back)
 
-    cdef Target pick(self, bytes key)     # None when no target is up
+    cdef Target pick(self, bytes key, object exclude=*)   # None when no target is up
     cdef Target select(self, bytes key)   # the algorithm
+    cdef Target _other_than(self, object exclude)
+
+
+cdef class Single(Balancer):
+    pass
 
 
 cdef class RoundRobin(Balancer):

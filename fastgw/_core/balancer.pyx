@@ -1,8 +1,8 @@
 """Target selection: one Balancer per service, built at config load, asked once per request.
 
 Every algorithm reads in-flight requests and latency from the shared-memory target slots
-(fastgw/_core/shm.pyx), so all workers balance on the same numbers; a target without a slot
-falls back to this worker's own count. Hashing uses a fixed 64-bit function (FNV-1a folded
+(fastgw/_core/shm.pyx; whether a target is up: fastgw/_core/health.pyx), so all workers balance
+on the same numbers; a target without a slot falls back to this worker's own count. Hashing uses a fixed 64-bit function (FNV-1a folded
 through the splitmix64 finaliser), never Python's per-process randomised `hash`, so every
 worker and every host maps a key to the same target.
 """
@@ -11,9 +11,9 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.stdint cimport int64_t, uint64_t
 
-from fastgw._core.buffer cimport hash64, random64
-from fastgw._core.shm cimport (monotonic_ns, target_active, target_available, target_ewma_ns,
-                               target_up_since)
+from fastgw._core.buffer cimport hash64, monotonic, random64
+from fastgw._core.health cimport target_available, target_ewma_ns, target_up_since
+from fastgw._core.shm cimport monotonic_ns, target_active
 from fastgw._core.upstream cimport Target
 
 ALGORITHMS = ("round_robin", "weighted_round_robin", "least_conn", "p2c_ewma", "consistent_hash",
@@ -22,6 +22,7 @@ VNODES_PER_WEIGHT = 160        # ring points per unit of weight (Ketama uses 160
 DEFAULT_EWMA_NS = 1000000      # when neither of two targets has a latency sample yet
 SLOW_START_FLOOR = 0.1         # a target just back gets at least this share of its weight
 NEAREST_PROBE_EVERY = 32       # nearest: one pick in this many measures another target
+cdef double REFUSED_MEMORY = 1.0   # seconds a failed connect steers retries away from a target
 
 
 def hash_key(bytes key):
@@ -57,6 +58,18 @@ cdef inline double _cost(Target t, uint64_t ewma) noexcept:
     return ewma * <double>(_active(t) + 1)
 
 
+cdef inline bint _refused_lately(Target t) noexcept:
+    """This worker's last connect to `t` failed less than REFUSED_MEMORY seconds ago."""
+    return t.connect_failed_at > 0 and monotonic() - t.connect_failed_at < REFUSED_MEMORY
+
+
+cdef inline bint _excluded(Target t, object exclude):
+    """`exclude` is a Target or a tuple of them (Balancer.pick)."""
+    if isinstance(exclude, Target):
+        return t is exclude
+    return t in exclude
+
+
 cdef class Balancer:
     def __init__(self, list targets, double slow_start=0.0):
         self.targets = targets
@@ -64,7 +77,10 @@ cdef class Balancer:
         self.slow_start_ns = <uint64_t>(slow_start * 1e9)
         self.ramping = self.slow_start_ns > 0
 
-    cdef Target pick(self, bytes key):
+    cdef Target pick(self, bytes key, object exclude=None):
+        """The target for a request, None when no target is up. `exclude` (a retry: the target
+        that just failed, or a tuple of targets) is never picked; the pick then also passes over
+        a target this worker could not connect to a moment ago while another one is up."""
         cdef Target t = self.select(key)
         if t is None and self.ramping:
             # Every target that is up is still ramping and the draws all said no: a target in
@@ -72,13 +88,52 @@ cdef class Balancer:
             self.ramping = False
             t = self.select(key)
             self.ramping = True
+        if exclude is not None and t is not None and (_excluded(t, exclude) or _refused_lately(t)):
+            t = self._other_than(exclude)
         return t
 
     cdef Target select(self, bytes key):
         raise NotImplementedError
 
-    def choose(self, key=None):
+    cdef Target _other_than(self, object exclude):
+        """A retry's target when the algorithm drew an excluded one or one that refused a
+        connect lately. A target that fails fast looks idle to the load-aware algorithms and
+        would be drawn again and again, and one this worker could not connect to a moment ago
+        is most likely down (killed, restarting) even before passive health ejects it: so the
+        next target that is up from a random place, one that did not refuse us if there is one."""
+        cdef Py_ssize_t i, start
+        cdef Target t, refused = None
+        cdef uint64_t now = monotonic_ns()
+        if self.count == 0:
+            return None
+        start = random64() % <uint64_t>self.count
+        for i in range(self.count):
+            t = self.targets[(start + i) % self.count]
+            if not _excluded(t, exclude) and target_available(t.metric_slot, now):
+                if not _refused_lately(t):
+                    return t
+                if refused is None:
+                    refused = t
+        return refused
+
+    def choose(self, key=None, exclude=None):
         """Python entry point (tests, the reference comparison)."""
+        return self.pick(key, exclude)
+
+
+@cython.final
+cdef class Single(Balancer):
+    """A service with one target: nothing to choose, so no draw, no hash, no scan — that target
+    while it is up. Every algorithm would answer the same (slow start included: with no other
+    target up, Balancer.pick takes one that is still ramping)."""
+
+    cdef Target pick(self, bytes key, object exclude=None):
+        cdef Target t = <Target>self.targets[0]
+        if exclude is not None and _excluded(t, exclude):
+            return None
+        return t if target_available(t.metric_slot, monotonic_ns()) else None
+
+    cdef Target select(self, bytes key):
         return self.pick(key)
 
 
@@ -344,6 +399,8 @@ cdef class ZonePreferring(Balancer):
 
 
 def make_balancer(str algorithm, list targets, double bounded_load=0.0, double slow_start=0.0):
+    if len(targets) == 1 and algorithm in ALGORITHMS:
+        return Single(targets, slow_start)
     if algorithm == "round_robin":
         return RoundRobin(targets, slow_start)
     if algorithm == "weighted_round_robin":

@@ -22,11 +22,12 @@ from fastgw._core.cache cimport CachedResponse, ResponseCache, credential_digest
 from fastgw._core.router cimport (ROUTE_ECHO, ROUTE_HANDLER, ROUTE_PROXY, ROUTE_RESPOND, HeaderEdits,
                                   PathRule, RouteEntry, Router, write_fields)
 from fastgw._core.uri cimport canonical_host, canonical_path
+from fastgw._core.health cimport circuit_admit, circuit_is_open, target_available, target_end
 from fastgw._core.shm cimport (EV_CACHE_HIT, EV_CACHE_MISS, EV_CACHE_STALE, EV_RATELIMIT_ALLOWED,
                                EV_RATELIMIT_REJECTED, consumer_analytics_key, record_analytics,
-                               record_route_event, circuit_admit, circuit_is_open, listener_admits, listener_closed,
-                               method_index, monotonic_ns, record_request, target_available,
-                               target_begin, target_end, target_release, unmatched_analytics_key)
+                               record_route_event, listener_admits, listener_closed,
+                               method_index, monotonic_ns, record_request,
+                               target_begin, target_release, unmatched_analytics_key)
 from fastgw._core.upstream cimport (
     FRAMING_CHUNKED, FRAMING_CLOSE, FRAMING_LENGTH, FRAMING_NONE, UPSTREAM_CONNECT_FAILED,
     UPSTREAM_CONNECT_TIMEOUT, UPSTREAM_INVALID, UPSTREAM_POOL_FULL, UPSTREAM_RESET,
@@ -64,7 +65,6 @@ for _code in range(100, 600):
 cdef frozenset IDEMPOTENT = frozenset([b"GET", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"TRACE"])
 cdef bytes CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 cdef list ECHO_FIELDS = [b"content-type", b"application/json"]
-cdef double REFUSED_MEMORY = 1.0   # seconds a failed connect steers retries away from a target
 cdef bytes HTTP_SCHEME = b"http"
 cdef const char* HEXDIGITS = b"0123456789abcdef"
 
@@ -203,11 +203,6 @@ cdef bint _any_circuit_open(list targets):
         if circuit_is_open((<Target>t).metric_slot):
             return True
     return False
-
-
-cdef inline bint _refused_lately(Target target):
-    """This worker's last connect to `target` failed less than REFUSED_MEMORY seconds ago."""
-    return target.connect_failed_at > 0 and monotonic() - target.connect_failed_at < REFUSED_MEMORY
 
 
 cdef bint _valid_request_id(bytes value):
@@ -1950,30 +1945,15 @@ cdef class ClientConnection(Downstream):
         """Send what we hold of `req` to another target than the one that just failed.
         False when there is no other target to try."""
         cdef Service service = <Service>req.rule.route.service
-        cdef Target failed = req.target, target = None
+        cdef Target failed = req.target, target
         cdef UpstreamConnection conn
         cdef bint reused = False
-        cdef Py_ssize_t i, n = len(service.targets), start
         cdef unsigned long long now = monotonic_ns()
-        if n < 2:
+        if len(service.targets) < 2:
             return False
+        # Not the target that failed, and rather not one that refused us lately (Balancer.pick).
         target = (<Balancer>service.balancer).pick(
-            self._hash_key(req, service.hash_on) if service.hash_on is not None else None)
-        if target is failed or target is not None and _refused_lately(target):
-            # A target that fails fast looks idle to the load-aware algorithms and would be drawn
-            # again and again, and one this worker could not connect to a moment ago is most
-            # likely down (killed, restarting) even before passive health ejects it: take the
-            # next target that is up instead, one that did not refuse us if there is one.
-            target = None
-            start = random64() % <unsigned long long>n
-            for i in range(n):
-                candidate = service.targets[(start + i) % n]
-                if candidate is not failed and target_available((<Target>candidate).metric_slot, now):
-                    if not _refused_lately(candidate):
-                        target = candidate
-                        break
-                    if target is None:
-                        target = candidate
+            self._hash_key(req, service.hash_on) if service.hash_on is not None else None, failed)
         if target is None or not circuit_admit(target.metric_slot, now):
             return False
         conn = target.acquire(self, &reused)

@@ -8,10 +8,54 @@ cdef extern from "atomics.h":
     int fg_cas(uint64_t* p, uint64_t* expected, uint64_t desired) noexcept nogil
 
 
+# The values of a target's T_CIRCUIT word (the state machine is fastgw/_core/health.pyx).
 cdef enum:
     CIRCUIT_CLOSED = 0
     CIRCUIT_OPEN = 1
     CIRCUIT_HALF_OPEN = 2
+
+# The words of a target slot (the layout is described at the top of shm.pyx).
+cdef enum:
+    T_HEALTHY = 0
+    T_DRAINING = 1
+    T_EJECTED_UNTIL = 2
+    T_CIRCUIT = 3                       # 0 closed, 1 open, 2 half_open
+    T_CONSECUTIVE_FAILURES = 4
+    T_EJECTIONS = 5
+    T_ACTIVE = 6
+    T_EWMA = 7                          # latency EWMA, ns (0 = no sample yet)
+    T_REQUESTS = 8
+    T_FAILURES = 9
+    T_UP_SINCE = 10                     # ns when it last became healthy (slow start); 0 = long ago
+    T_CB_WINDOW = 11                    # circuit breaker: start of the counting window (ns)
+    T_CB_REQUESTS = 12                  # ... results in that window
+    T_CB_FAILURES = 13                  # ... failures among them
+    T_CB_OPEN_UNTIL = 14                # open: no requests until then (ns)
+    T_CB_TRIALS = 15                    # half-open: trial requests let through so far
+    T_CB_TRIAL_OK = 16                  # half-open: trials that succeeded
+    T_CB_TRIAL_LIMIT = 17               # half-open: trials allowed (half_open_requests)
+    T_CB_OPEN_NS = 18                   # open_for, for trials whose results never came back
+    # 19..23 are kept for the balancer
+    T_DURATION = 24
+    T_SUM = 40
+    T_COUNT = 41
+    TARGET_WORDS = 48
+
+
+# The target section of the active segment: set by Segment.activate, NULL / 0 while this process
+# has none. Read it only through target_words.
+cdef uint64_t* target_table
+cdef int target_slots
+
+
+cdef inline uint64_t* target_words(int slot) noexcept:
+    """The words of target slot `slot`, or NULL when it is not tracked here: no active segment,
+    slot -1 (a target without a slot) or out of range. Inline: every health decision starts with
+    it, on the path of every proxied request."""
+    if target_table == NULL or slot < 0 or slot >= target_slots:
+        return NULL
+    return target_table + <Py_ssize_t>slot * TARGET_WORDS
+
 
 # Per-route event counters (words of a route's slot, after its request counters and histogram).
 cdef enum RouteEvent:
@@ -36,28 +80,15 @@ cdef void listener_opened(int slot) noexcept
 cdef void listener_closed(int slot) noexcept
 cdef void listener_rejected(int slot) noexcept
 cdef void target_begin(int slot) noexcept
-cdef void target_end(int slot, double seconds, bint failed) noexcept
 cdef void target_release(int slot) noexcept
+cdef uint64_t target_count_end(uint64_t* t, double seconds, bint failed) noexcept   # the ns
 cdef bint target_draining(int slot) noexcept
 cdef uint64_t* ratelimit_table(Py_ssize_t* entries) noexcept
 cdef const uint64_t* ratelimit_key() noexcept
 cdef uint64_t cluster_nodes() noexcept
 cdef bint cluster_down() noexcept
 cdef long long target_active(int slot) noexcept      # -1: not tracked
-cdef unsigned long long target_ewma_ns(int slot) noexcept   # 0: no sample or not tracked
-# Health: the supervisor's active checks write `healthy`; passive ejection is decided in the data
-# plane by whichever worker sees the failure that crosses the threshold.
 cdef unsigned long long monotonic_ns() noexcept
-cdef bint target_available(int slot, unsigned long long now) noexcept
-cdef long long target_failure(int slot) noexcept      # consecutive failures after this one, -1 untracked
-cdef void target_success(int slot) noexcept
-cdef unsigned long long target_up_since(int slot, unsigned long long now) noexcept
-cdef bint circuit_admit(int slot, unsigned long long now) noexcept
-cdef int circuit_record(int slot, unsigned long long now, bint failed, unsigned long long window_ns,
-                        unsigned long long min_requests, double failure_ratio,
-                        unsigned long long open_ns, unsigned long long trials) noexcept
-cdef bint circuit_is_open(int slot) noexcept
-cdef bint target_eject(int slot, unsigned long long now, unsigned long long base_ns, unsigned long long max_ns) noexcept
 
 
 cdef class Segment:

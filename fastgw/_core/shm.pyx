@@ -18,6 +18,9 @@ maps it from an inherited file descriptor. Layout, in 64-bit words, each section
   ratelimit   [K] entries of 8 words (key hash + algorithm state), zeroed and reserved for the
                   rate limiter (open addressing over the key hash, keyed with the header's secret)
 
+The health words are changed by the decisions of fastgw/_core/health.pyx, which reaches a target's
+words through `target_words(slot)` (shm.pxd) like every other reader of a target slot here.
+
 Slots are numbered by the supervisor (one writer of the name -> slot tables), so workers never
 allocate in shared memory. Pages never touched cost no memory, so capacities are generous.
 """
@@ -90,30 +93,7 @@ cdef enum:
     # 354..358: RouteEvent counters (shm.pxd)
     ROUTE_WORDS = 360
 
-    T_HEALTHY = 0
-    T_DRAINING = 1
-    T_EJECTED_UNTIL = 2
-    T_CIRCUIT = 3                       # 0 closed, 1 open, 2 half_open
-    T_CONSECUTIVE_FAILURES = 4
-    T_EJECTIONS = 5
-    T_ACTIVE = 6
-    T_EWMA = 7                          # latency EWMA, ns (0 = no sample yet)
-    T_REQUESTS = 8
-    T_FAILURES = 9
-    T_UP_SINCE = 10                     # ns when it last became healthy (slow start); 0 = long ago
-    T_CB_WINDOW = 11                    # circuit breaker: start of the counting window (ns)
-    T_CB_REQUESTS = 12                  # ... results in that window
-    T_CB_FAILURES = 13                  # ... failures among them
-    T_CB_OPEN_UNTIL = 14                # open: no requests until then (ns)
-    T_CB_TRIALS = 15                    # half-open: trial requests let through so far
-    T_CB_TRIAL_OK = 16                  # half-open: trials that succeeded
-    T_CB_TRIAL_LIMIT = 17               # half-open: trials allowed (half_open_requests)
-    T_CB_OPEN_NS = 18                   # open_for, for trials whose results never came back
-    # 19..23 are kept for the balancer
-    T_DURATION = 24
-    T_SUM = 40
-    T_COUNT = 41
-    TARGET_WORDS = 48
+    # T_*, TARGET_WORDS: the target slot's words (shm.pxd, read by health.pyx too)
 
     # Rate-limit table: reserved and zeroed here; fastgw/_core/ratelimit.pyx defines the entry
     # (open addressing over the keyed hash, 0 = empty entry, the algorithm's state updated with
@@ -148,19 +128,14 @@ for _i, _c in enumerate(EXACT_CODES):
 for _i, _b in enumerate(BUCKETS):
     _bucket_ns[_i] = <uint64_t>(_b * 1e9 + 0.5)
 
-# The segment this process records into (set by Segment.activate), and its worker slot.
-# The latency sample a failed request counts as: at least this, and 4x the EWMA up to the max.
-cdef uint64_t FAILURE_PENALTY_NS = 250000000ULL
-cdef uint64_t FAILURE_PENALTY_MAX_NS = 60000000000ULL
-
+# The segment this process records into (set by Segment.activate), and its worker slot. The
+# target section is `target_table` / `target_slots` (declared in shm.pxd for target_words).
 cdef uint64_t* _base = NULL
 cdef uint64_t* _workers = NULL
 cdef uint64_t* _listeners = NULL
 cdef uint64_t* _routes = NULL
-cdef uint64_t* _targets = NULL
 cdef int _n_listeners = 0
 cdef int _n_routes = 0
-cdef int _n_targets = 0
 cdef uint64_t* _ratelimit = NULL
 cdef Py_ssize_t _n_ratelimit = 0
 cdef uint64_t* _my_requests = NULL
@@ -347,209 +322,45 @@ cdef void listener_rejected(int slot) noexcept:
 
 
 cdef void target_begin(int slot) noexcept:
-    if _targets != NULL and 0 <= slot < _n_targets:
-        fg_add(_targets + <Py_ssize_t>slot * TARGET_WORDS + T_ACTIVE, 1)
+    cdef uint64_t* t = target_words(slot)
+    if t != NULL:
+        fg_add(t + T_ACTIVE, 1)
 
 
 cdef void target_release(int slot) noexcept:
     """A Layer 4 connection ended: in flight again, without a latency sample (a connection's
     life says nothing about the target's speed)."""
-    if _targets != NULL and 0 <= slot < _n_targets:
-        fg_sub(_targets + <Py_ssize_t>slot * TARGET_WORDS + T_ACTIVE, 1)
+    cdef uint64_t* t = target_words(slot)
+    if t != NULL:
+        fg_sub(t + T_ACTIVE, 1)
 
 
-cdef void target_end(int slot, double seconds, bint failed) noexcept:
-    if _targets == NULL or slot < 0 or slot >= _n_targets:
-        return
-    cdef uint64_t* t = _targets + <Py_ssize_t>slot * TARGET_WORDS
+cdef uint64_t target_count_end(uint64_t* t, double seconds, bint failed) noexcept:
+    """A request to the target `t` (target_words) ended: one fewer in flight, counted among its
+    requests and failures, a success's duration in its histogram. Returns the duration in ns
+    (fastgw/_core/health.pyx feeds it to the latency EWMA)."""
     cdef uint64_t ns = _ns(seconds)
-    cdef uint64_t old, new
-    cdef uint64_t sample = ns
     fg_sub(t + T_ACTIVE, 1)
     fg_add(t + T_REQUESTS, 1)
     if failed:
         fg_add(t + T_FAILURES, 1)
     else:
         _observe(t + T_DURATION, ns)
-    # EWMA with weight 1/8 (Finagle's and Envoy's peak-EWMA idea, without the decay clock yet):
-    # a CAS loop because every worker updates the same word. A failure counts as a very slow
-    # answer, so a target that fails fast does not look like the fastest one to p2c and nearest.
-    old = fg_load(t + T_EWMA)
-    while True:
-        if failed:
-            sample = ns if ns > FAILURE_PENALTY_NS else FAILURE_PENALTY_NS
-            if sample < 4 * old:
-                sample = 4 * old if old < FAILURE_PENALTY_MAX_NS / 4 else FAILURE_PENALTY_MAX_NS
-        new = sample if old == 0 else <uint64_t>(<int64_t>old + (<int64_t>sample - <int64_t>old) / 8)
-        if new == 0:
-            new = 1
-        if fg_cas(t + T_EWMA, &old, new):
-            break
+    return ns
 
 
 cdef long long target_active(int slot) noexcept:
-    if _targets == NULL or slot < 0 or slot >= _n_targets:
-        return -1
-    return <int64_t>fg_load(_targets + <Py_ssize_t>slot * TARGET_WORDS + T_ACTIVE)
-
-
-cdef unsigned long long target_ewma_ns(int slot) noexcept:
-    if _targets == NULL or slot < 0 or slot >= _n_targets:
-        return 0
-    return fg_load(_targets + <Py_ssize_t>slot * TARGET_WORDS + T_EWMA)
+    cdef uint64_t* t = target_words(slot)
+    return <int64_t>fg_load(t + T_ACTIVE) if t != NULL else -1
 
 
 cdef unsigned long long monotonic_ns() noexcept:
     return _monotonic_ns()
 
 
-cdef bint target_available(int slot, unsigned long long now) noexcept:
-    if _targets == NULL or slot < 0 or slot >= _n_targets:
-        return True
-    cdef uint64_t* t = _targets + <Py_ssize_t>slot * TARGET_WORDS
-    if fg_load(t + T_HEALTHY) == 0 or fg_load(t + T_EJECTED_UNTIL) > now:
-        return False
-    cdef uint64_t circuit = fg_load(t + T_CIRCUIT)
-    if circuit == CIRCUIT_OPEN:
-        return fg_load(t + T_CB_OPEN_UNTIL) <= now      # time for trials: circuit_admit decides
-    if circuit == CIRCUIT_HALF_OPEN:
-        return fg_load(t + T_CB_TRIALS) < fg_load(t + T_CB_TRIAL_LIMIT) or _trials_stale(t, now)
-    return True
-
-
-cdef inline bint _trials_stale(uint64_t* t, uint64_t now) noexcept:
-    """Half-open trials whose results never came (their clients went away): after another
-    open_for, a new round of trials may start."""
-    return now >= fg_load(t + T_CB_OPEN_UNTIL) + fg_load(t + T_CB_OPEN_NS)
-
-
-cdef unsigned long long target_up_since(int slot, unsigned long long now) noexcept:
-    """When the target last came back: turned healthy (active checks), ended an ejection, or
-    was added. 0 when that was never (a target marked up at start is not "coming back")."""
-    if _targets == NULL or slot < 0 or slot >= _n_targets:
-        return 0
-    cdef uint64_t* t = _targets + <Py_ssize_t>slot * TARGET_WORDS
-    cdef uint64_t since = fg_load(t + T_UP_SINCE), ejected_until = fg_load(t + T_EJECTED_UNTIL)
-    if ejected_until <= now and ejected_until > since:
-        return ejected_until
-    return since
-
-
-# --- circuit breaker: closed -> open -> half-open -> closed (or open again) ------------------
-# Every worker counts into the same window and sees the same state. The small races between
-# workers (a window reset losing a few counts, one trial too many) only blur the numbers a bit;
-# the state word itself only ever changes by CAS.
-
-cdef bint circuit_admit(int slot, unsigned long long now) noexcept:
-    """May a request go to this target now? Closed: yes. Open: no until open_until, then the
-    first caller turns it half-open. Half-open: the first `trial limit` requests."""
-    if _targets == NULL or slot < 0 or slot >= _n_targets:
-        return True
-    cdef uint64_t* t = _targets + <Py_ssize_t>slot * TARGET_WORDS
-    cdef uint64_t state = fg_load(t + T_CIRCUIT)
-    if state == CIRCUIT_CLOSED:
-        return True
-    if state == CIRCUIT_OPEN:
-        if fg_load(t + T_CB_OPEN_UNTIL) > now:
-            return False
-        fg_cas(t + T_CIRCUIT, &state, CIRCUIT_HALF_OPEN)    # whoever wins, it is half-open now
-    if fg_add(t + T_CB_TRIALS, 1) < fg_load(t + T_CB_TRIAL_LIMIT):
-        return True
-    if _trials_stale(t, now):
-        fg_store(t + T_CB_OPEN_UNTIL, now)                  # a new round of trials from now
-        fg_store(t + T_CB_TRIALS, 1)
-        fg_store(t + T_CB_TRIAL_OK, 0)
-        return True
-    return False
-
-
-cdef int circuit_record(int slot, unsigned long long now, bint failed, unsigned long long window_ns,
-                        unsigned long long min_requests, double failure_ratio,
-                        unsigned long long open_ns, unsigned long long trials) noexcept:
-    """Count one result. Returns CIRCUIT_OPEN when this result opened the circuit,
-    CIRCUIT_CLOSED when it closed it, -1 otherwise."""
-    if _targets == NULL or slot < 0 or slot >= _n_targets:
-        return -1
-    cdef uint64_t* t = _targets + <Py_ssize_t>slot * TARGET_WORDS
-    cdef uint64_t state = fg_load(t + T_CIRCUIT), start, requests, failures
-    if state == CIRCUIT_CLOSED:
-        start = fg_load(t + T_CB_WINDOW)
-        if now - start > window_ns and fg_cas(t + T_CB_WINDOW, &start, now):
-            fg_store(t + T_CB_REQUESTS, 0)
-            fg_store(t + T_CB_FAILURES, 0)
-        requests = fg_add(t + T_CB_REQUESTS, 1) + 1
-        failures = fg_add(t + T_CB_FAILURES, 1) + 1 if failed else fg_load(t + T_CB_FAILURES)
-        if requests >= min_requests and failures >= failure_ratio * requests:
-            _circuit_prepare_open(t, now, open_ns, trials)
-            if fg_cas(t + T_CIRCUIT, &state, CIRCUIT_OPEN):
-                return CIRCUIT_OPEN
-    elif state == CIRCUIT_HALF_OPEN:
-        if failed:
-            _circuit_prepare_open(t, now, open_ns, trials)
-            if fg_cas(t + T_CIRCUIT, &state, CIRCUIT_OPEN):
-                return CIRCUIT_OPEN
-        elif fg_add(t + T_CB_TRIAL_OK, 1) + 1 >= trials:
-            fg_store(t + T_CB_WINDOW, now)
-            fg_store(t + T_CB_REQUESTS, 0)
-            fg_store(t + T_CB_FAILURES, 0)
-            if fg_cas(t + T_CIRCUIT, &state, CIRCUIT_CLOSED):
-                return CIRCUIT_CLOSED
-    return -1                             # open: late answers of requests sent before it opened
-
-
-cdef inline void _circuit_prepare_open(uint64_t* t, uint64_t now, uint64_t open_ns,
-                                       uint64_t trials) noexcept:
-    fg_store(t + T_CB_OPEN_UNTIL, now + open_ns)
-    fg_store(t + T_CB_OPEN_NS, open_ns)
-    fg_store(t + T_CB_TRIALS, 0)
-    fg_store(t + T_CB_TRIAL_OK, 0)
-    fg_store(t + T_CB_TRIAL_LIMIT, trials)
-
-
-cdef bint circuit_is_open(int slot) noexcept:
-    if _targets == NULL or slot < 0 or slot >= _n_targets:
-        return False
-    return fg_load(_targets + <Py_ssize_t>slot * TARGET_WORDS + T_CIRCUIT) != CIRCUIT_CLOSED
-
-
-cdef long long target_failure(int slot) noexcept:
-    if _targets == NULL or slot < 0 or slot >= _n_targets:
-        return -1
-    return <long long>fg_add(_targets + <Py_ssize_t>slot * TARGET_WORDS + T_CONSECUTIVE_FAILURES, 1) + 1
-
-
-cdef void target_success(int slot) noexcept:
-    if _targets == NULL or slot < 0 or slot >= _n_targets:
-        return
-    cdef uint64_t* p = _targets + <Py_ssize_t>slot * TARGET_WORDS + T_CONSECUTIVE_FAILURES
-    if fg_load(p) != 0:                   # read first: no shared-cache-line write per success
-        fg_store(p, 0)
-
-
-cdef bint target_eject(int slot, unsigned long long now, unsigned long long base_ns,
-                       unsigned long long max_ns) noexcept:
-    """Eject for base x (ejections so far + 1), at most max_ns (Envoy's outlier detection).
-    Only one worker wins the CAS for one ejection; the others see it already ejected."""
-    if _targets == NULL or slot < 0 or slot >= _n_targets:
-        return False
-    cdef uint64_t* t = _targets + <Py_ssize_t>slot * TARGET_WORDS
-    cdef uint64_t until = fg_load(t + T_EJECTED_UNTIL)
-    cdef uint64_t length = base_ns * (fg_load(t + T_EJECTIONS) + 1)
-    if until > now:
-        return False
-    if length > max_ns:
-        length = max_ns
-    if not fg_cas(t + T_EJECTED_UNTIL, &until, now + length):
-        return False
-    fg_add(t + T_EJECTIONS, 1)
-    fg_store(t + T_CONSECUTIVE_FAILURES, 0)
-    return True
-
-
 cdef bint target_draining(int slot) noexcept:
-    if _targets == NULL or slot < 0 or slot >= _n_targets:
-        return False
-    return fg_load(_targets + <Py_ssize_t>slot * TARGET_WORDS + T_DRAINING) != 0
+    cdef uint64_t* t = target_words(slot)
+    return t != NULL and fg_load(t + T_DRAINING) != 0
 
 
 cdef uint64_t cluster_nodes() noexcept:
@@ -684,28 +495,28 @@ cdef class Segment:
 
     def activate(self, int worker_index=-1):
         """Make this the segment the data plane of this process records into."""
-        global _base, _workers, _listeners, _routes, _targets, _n_listeners, _n_routes, _n_targets
+        global _base, _workers, _listeners, _routes, target_table, _n_listeners, _n_routes, target_slots
         global _my_requests, _ratelimit, _n_ratelimit, _analytics, _n_analytics
         cdef uint64_t* h = self.base
         _analytics, _n_analytics = h + h[H_OFF_ANALYTICS], h[H_ANALYTICS]
         _workers = h + h[H_OFF_WORKERS]
         _listeners = h + h[H_OFF_LISTENERS]
         _routes = h + h[H_OFF_ROUTES]
-        _targets = h + h[H_OFF_TARGETS]
-        _n_listeners, _n_routes, _n_targets = h[H_LISTENERS], h[H_ROUTES], h[H_TARGETS]
+        target_table = h + h[H_OFF_TARGETS]
+        _n_listeners, _n_routes, target_slots = h[H_LISTENERS], h[H_ROUTES], h[H_TARGETS]
         _ratelimit, _n_ratelimit = h + h[H_OFF_RATELIMIT], h[H_RATELIMIT]
         _my_requests = self._worker(worker_index) + W_REQUESTS if worker_index >= 0 else NULL
         _base = h
 
     def close(self):
-        global _base, _workers, _listeners, _routes, _targets, _n_listeners, _n_routes, _n_targets
+        global _base, _workers, _listeners, _routes, target_table, _n_listeners, _n_routes, target_slots
         global _my_requests, _ratelimit, _n_ratelimit, _analytics, _n_analytics
         if self.base == NULL:
             return
         if _base == self.base:
-            _base = _workers = _listeners = _routes = _targets = _my_requests = _ratelimit = NULL
+            _base = _workers = _listeners = _routes = target_table = _my_requests = _ratelimit = NULL
             _analytics = NULL
-            _n_listeners = _n_routes = _n_targets = _n_ratelimit = _n_analytics = 0
+            _n_listeners = _n_routes = target_slots = _n_ratelimit = _n_analytics = 0
         self.base = NULL
         try:
             self._map.close()
@@ -969,39 +780,6 @@ def _listener_rejected(int slot):
 def _target_begin(int slot):
     target_begin(slot)
 
-def _target_end(int slot, double seconds, bint failed):
-    target_end(slot, seconds, failed)
-
 def _target_draining(int slot):
     return target_draining(slot)
 
-def _circuit_admit(int slot, unsigned long long now):
-    return circuit_admit(slot, now)
-
-def _circuit_record(int slot, unsigned long long now, bint failed, unsigned long long window_ns,
-                    unsigned long long min_requests, double failure_ratio,
-                    unsigned long long open_ns, unsigned long long trials):
-    return circuit_record(slot, now, failed, window_ns, min_requests, failure_ratio, open_ns,
-                          trials)
-
-def _target_available(int slot, unsigned long long now):
-    return target_available(slot, now)
-
-def _target_failure(int slot):
-    return target_failure(slot)
-
-def _target_success(int slot):
-    target_success(slot)
-
-def _target_eject(int slot, unsigned long long now, unsigned long long base_ns,
-                  unsigned long long max_ns):
-    return target_eject(slot, now, base_ns, max_ns)
-
-def _target_words(int slot):
-    """A target's health words as stored: (circuit, ejected_until, ejections,
-    consecutive_failures, ewma_ns)."""
-    if _targets == NULL or slot < 0 or slot >= _n_targets:
-        return None
-    cdef uint64_t* t = _targets + <Py_ssize_t>slot * TARGET_WORDS
-    return (fg_load(t + T_CIRCUIT), fg_load(t + T_EJECTED_UNTIL), fg_load(t + T_EJECTIONS),
-            fg_load(t + T_CONSECUTIVE_FAILURES), fg_load(t + T_EWMA))

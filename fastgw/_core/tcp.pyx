@@ -11,8 +11,9 @@ resets, or after the listener's `idle_timeout` without a byte either way.
 """
 from fastgw._core.balancer cimport Balancer
 from fastgw._core.buffer cimport monotonic
-from fastgw._core.shm cimport (circuit_admit, listener_admits, listener_closed, monotonic_ns,
-                               target_available, target_begin, target_release)
+from fastgw._core.health cimport circuit_admit, target_available
+from fastgw._core.shm cimport (listener_admits, listener_closed, monotonic_ns, target_begin,
+                               target_release)
 from fastgw._core.timer cimport TimedProtocol
 from fastgw._core.upstream cimport Service, Target
 

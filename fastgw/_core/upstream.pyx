@@ -12,9 +12,9 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 from libc.string cimport memchr, memcmp
 
 from fastgw._core.buffer cimport ascii_ieq, ascii_lower, monotonic, plain_field, plain_text
-from fastgw._core.shm cimport (CIRCUIT_CLOSED, CIRCUIT_OPEN, circuit_admit, circuit_record,
-                               monotonic_ns, target_available, target_begin, target_eject, target_end,
-                               target_failure, target_success)
+from fastgw._core.health cimport (circuit_admit, circuit_record, target_available, target_eject,
+                                  target_end, target_failure, target_success)
+from fastgw._core.shm cimport CIRCUIT_CLOSED, CIRCUIT_OPEN, monotonic_ns, target_begin
 
 import asyncio
 
