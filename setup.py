@@ -10,7 +10,7 @@ from Cython.Build import cythonize
 from setuptools import Extension, setup
 
 DEBUG = os.environ.get("FASTGW_DEBUG") == "1"
-CORE_MODULES = ["buffer", "timer", "shm", "uri", "router", "upstream", "balancer", "proxyproto", "sni", "tcp",
+CORE_MODULES = ["buffer", "timer", "shm", "uri", "router", "http1", "upstream", "balancer", "proxyproto", "sni", "tcp",
                 "native", "ratelimit", "cache", "protocol"]
 
 macros = [("CYTHON_TRACE_NOGIL", "1")] if DEBUG else []
