@@ -198,8 +198,16 @@ cdef bint is_hop_by_hop(const char* name, Py_ssize_t n) noexcept:
     """RFC 9110 §7.6.1 connection-specific fields (Connection, Keep-Alive, TE, Trailer, Upgrade),
     plus Proxy-*: never forwarded (RFC 9110 §11.7: credentials and options for this proxy). A
     proxy must also drop what Connection names: connection_tokens() and drop_named().
-    Content-Length and Transfer-Encoding are handled apart: the proxy re-frames bodies."""
-    return hop_by_hop_field(known_header(name, n), name, n)
+    Content-Length and Transfer-Encoding are handled apart: the proxy re-frames bodies.
+    By length first, not through known_header(): protocol.pyx asks it of every field it forwards,
+    and most are none of these (hop_by_hop_field() is the test for a name already looked up)."""
+    if n == 2:
+        return _name_is(name, b"te", 2)
+    if n == 7:
+        return _name_is(name, b"trailer", 7) or _name_is(name, b"upgrade", 7)
+    if n == 10:
+        return _name_is(name, b"connection", 10) or _name_is(name, b"keep-alive", 10)
+    return n > 6 and _name_is(name, b"proxy-", 6)
 
 
 # --- Python-visible: what the Python-level readers and writers of HTTP/1 share ------------------
