@@ -18,3 +18,11 @@ def test_every_pyx_is_listed():
 
     sources = {p.stem for p in Path(fastgw._core.__file__).parent.glob("*.pyx")}
     assert sources == set(fastgw._core.MODULES)
+
+
+def test_every_pyx_has_a_pxd():
+    # Its C-level interface (issue 19: every .pyx has a .pxd), empty for Python-level modules.
+    from pathlib import Path
+
+    folder = Path(fastgw._core.__file__).parent
+    assert {p.stem for p in folder.glob("*.pyx")} == {p.stem for p in folder.glob("*.pxd")}

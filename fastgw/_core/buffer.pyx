@@ -2,7 +2,7 @@
 """WriteBuffer and the small C helpers every data-plane module uses."""
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
-from libc.string cimport memchr, memcpy
+from libc.string cimport memcpy
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 import os
@@ -11,12 +11,6 @@ cdef const char* HEX = b"0123456789abcdef"
 
 # xorshift64* state: request ids and span ids need uniqueness, not secrecy.
 cdef unsigned long long _rng_state = int.from_bytes(os.urandom(8), "little") | 1
-
-
-# RFC 9110 §5.6.2 tchar: the bytes a field name may hold.
-cdef bint TCHAR[256]
-for _c in bytearray(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"):
-    TCHAR[_c] = True
 
 
 cdef double monotonic() noexcept nogil:
@@ -163,41 +157,3 @@ cdef unsigned long long hash64(const char* data, Py_ssize_t n) noexcept:
     h *= 0x94d049bb133111ebULL
     h ^= h >> 31
     return h
-
-
-cdef bint plain_text(const unsigned char* s, Py_ssize_t n) noexcept:
-    """RFC 9110 §5.5 field-vchar / SP / HTAB (a reason phrase's set too): no control bytes."""
-    cdef Py_ssize_t i
-    for i in range(n):
-        if (s[i] < 0x20 and s[i] != 0x09) or s[i] == 0x7f:
-            return False
-    return True
-
-
-cdef Py_ssize_t plain_field(const unsigned char* s, Py_ssize_t pos, Py_ssize_t end, Py_ssize_t* colon,
-                            Py_ssize_t* vstart, Py_ssize_t* vend) noexcept:
-    """The field line at `pos` of a head (`end`: where its blank line ends) when it is plainly
-    valid: a token name, the colon right after it, then text, ending in CRLF. Sets the name's
-    end (`colon`) and the value's bounds (leading whitespace skipped); returns the offset of the
-    next line. -1 for anything else (obs-fold, a bare LF, a bad name, space before the colon,
-    control bytes): the caller hands the head to llhttp, which decides."""
-    cdef const unsigned char* nl = <const unsigned char*>memchr(s + pos, b'\n', end - pos)
-    cdef Py_ssize_t eol, c, a, b
-    if nl == NULL:
-        return -1
-    eol = nl - s
-    if eol == pos or s[eol - 1] != b'\r':
-        return -1
-    c = pos
-    while c < eol and TCHAR[s[c]]:
-        c += 1
-    if c == pos or s[c] != b':':
-        return -1
-    a = c + 1
-    while a < eol - 1 and (s[a] == b' ' or s[a] == b'\t'):
-        a += 1
-    b = eol - 1                           # trailing whitespace stays, as llhttp leaves it
-    if not plain_text(s + a, b - a):
-        return -1
-    colon[0], vstart[0], vend[0] = c, a, b
-    return eol + 1

@@ -17,22 +17,16 @@ cdef enum Framing:
     FRAMING_CHUNKED = 2
     FRAMING_CLOSE = 3               # body ends when the upstream closes
 
-cdef enum ConnectionOption:
-    CONN_CLOSE = 1
-    CONN_KEEP_ALIVE = 2
-    CONN_NAMES = 4                  # the Connection header names other fields
-    CONN_UPGRADE = 8                # ... among them Upgrade: the client asks to switch protocols
-
 cdef enum ConnState:
     CONN_CONNECTING = 0
     CONN_BUSY = 1
     CONN_IDLE = 2
     CONN_CLOSED = 3
 
-
-cdef long long parse_content_length(bytes value) except -2
-cdef bint is_hop_by_hop(const char* name, Py_ssize_t n) noexcept
-cdef int connection_flags(bytes value)
+# HTTP/1 grammar that lived here, now in the codec; re-exported for protocol.pyx until it cimports
+# them from fastgw._core.http1.
+from fastgw._core.http1 cimport (CONN_CLOSE, CONN_KEEP_ALIVE, CONN_NAMES, CONN_UPGRADE, connection_flags,
+                                 is_hop_by_hop, parse_content_length)
 
 
 cdef class Downstream(TimedProtocol):

@@ -3,17 +3,21 @@
 
 An UpstreamConnection parses responses with httptools and reports to its Downstream (the client
 connection) through C-level calls. The common answer (a whole head in the first read, plain
-fields, a Content-Length body) is read by a single scan here instead (`_simple_response`), which
-hands anything it does not fully validate to httptools. Responses get the same strictness as requests: anything that
-is not valid HTTP/1.x, or whose framing is ambiguous, fails the exchange and discards the
-connection (SPEC §4).
+fields, a Content-Length body) is read by the codec's head scanner instead (`_simple_response`,
+with fastgw/_core/http1.pyx `scan_fields`), which hands anything it does not fully validate to
+httptools. Responses get the same strictness as requests: anything that is not valid HTTP/1.x, or
+whose framing is ambiguous (RFC 9112 §6.3), fails the exchange and discards the connection.
 """
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from libc.string cimport memchr, memcmp
+from libc.string cimport memchr
 
-from fastgw._core.buffer cimport ascii_ieq, ascii_lower, monotonic, plain_field, plain_text
+from fastgw._core.buffer cimport ascii_lower, monotonic
 from fastgw._core.health cimport (circuit_admit, circuit_record, target_available, target_eject,
                                   target_end, target_failure, target_success)
+from fastgw._core.http1 cimport (H_CONNECTION, H_CONTENT_LENGTH, H_DATE, H_TRANSFER_ENCODING, H_UPGRADE,
+                                 HEAD_FIELDS_MAX, FieldSpan, connection_options, content_length_of,
+                                 end_of_head, hop_by_hop_field, known_header, plain_text, scan_fields,
+                                 status_line)
 from fastgw._core.shm cimport CIRCUIT_CLOSED, CIRCUIT_OPEN, monotonic_ns, target_begin
 
 import asyncio
@@ -23,6 +27,8 @@ cdef int MIN_RETRY_CONCURRENCY = 3      # retries always allowed in flight, what
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
 from fastgw.log import log
+# Also what protocol.pyx imports from here (until it imports them from fastgw._core.http1).
+from fastgw._core.http1 import connection_tokens, drop_named
 
 
 cdef class Downstream:
@@ -55,103 +61,8 @@ cdef class Downstream:
 cdef enum:
     PASS_THROUGH_MIN = 16384      # body bytes still due for a response to skip the parser
 
-cdef extern from "string.h":
-    void* memmem(const void* haystack, size_t haystacklen, const void* needle, size_t needlelen)
-
-
-cdef Py_ssize_t _head_end(bytes data):
-    """Offset just past the first CRLFCRLF (the end of a head that starts the read), or -1."""
-    cdef const char* s = PyBytes_AS_STRING(data)
-    cdef const char* found = <const char*>memmem(s, PyBytes_GET_SIZE(data), b"\r\n\r\n", 4)
-    return (found - s) + 4 if found is not NULL else -1
-
-
 class _InvalidResponse(Exception):
     """Raised inside parser callbacks to stop llhttp on a response we refuse."""
-
-
-cdef inline bint _field_is(bytes name, const char* lower, Py_ssize_t n) noexcept:
-    return PyBytes_GET_SIZE(name) == n and ascii_ieq(PyBytes_AS_STRING(name), n, lower, n)
-
-
-cdef long long parse_content_length(bytes value) except -2:
-    """RFC 9110 §8.6: 1*DIGIT. Returns -1 if invalid (lists, signs, spaces, empty, overflow)."""
-    cdef Py_ssize_t n = PyBytes_GET_SIZE(value), i
-    cdef const char* s = PyBytes_AS_STRING(value)
-    cdef long long result = 0
-    if n == 0 or n > 18:
-        return -1
-    for i in range(n):
-        if s[i] < 48 or s[i] > 57:
-            return -1
-        result = result * 10 + (s[i] - 48)
-    return result
-
-
-cdef bint is_hop_by_hop(const char* name, Py_ssize_t n) noexcept:
-    """RFC 9110 §7.6.1 connection-specific fields, plus Proxy-* (never forwarded, SPEC §4).
-    Content-Length and Transfer-Encoding are handled separately: the proxy re-frames bodies."""
-    if n == 2:
-        return ascii_ieq(name, n, b"te", 2)
-    if n == 7:
-        return ascii_ieq(name, n, b"trailer", 7) or ascii_ieq(name, n, b"upgrade", 7)
-    if n == 10:
-        return ascii_ieq(name, n, b"connection", 10) or ascii_ieq(name, n, b"keep-alive", 10)
-    if n > 6 and ascii_ieq(name, 6, b"proxy-", 6):
-        return True
-    return False
-
-
-cdef int connection_flags(bytes value):
-    """The options of a Connection header (RFC 9110 §7.6.1): CONN_CLOSE, CONN_KEEP_ALIVE, and
-    CONN_NAMES when it also names other fields (then connection_tokens() lists them)."""
-    cdef Py_ssize_t n = PyBytes_GET_SIZE(value), i = 0, start, end
-    cdef const char* s = PyBytes_AS_STRING(value)
-    cdef int flags = 0
-    while i < n:
-        while i < n and (s[i] == b' ' or s[i] == b'\t' or s[i] == b','):
-            i += 1
-        start = i
-        while i < n and s[i] != b',':
-            i += 1
-        end = i
-        while end > start and (s[end - 1] == b' ' or s[end - 1] == b'\t'):
-            end -= 1
-        if end == start:
-            continue
-        if ascii_ieq(s + start, end - start, b"close", 5):
-            flags |= CONN_CLOSE
-        elif ascii_ieq(s + start, end - start, b"keep-alive", 10):
-            flags |= CONN_KEEP_ALIVE
-        else:
-            if ascii_ieq(s + start, end - start, b"upgrade", 7):
-                flags |= CONN_UPGRADE
-            flags |= CONN_NAMES
-    return flags
-
-
-cdef int status_line(object data, int* status) noexcept:
-    """11 or 10 and the status code when `data` starts with "HTTP/1.x NNN ", else 0. Read off
-    the raw bytes to spare two Python calls per response; llhttp validates the same line."""
-    if type(data) is not bytes or PyBytes_GET_SIZE(<bytes>data) < 13:
-        return 0
-    cdef const char* s = PyBytes_AS_STRING(<bytes>data)
-    if memcmp(s, b"HTTP/1.", 7) != 0 or s[8] != b' ' or s[12] != b' ':
-        return 0
-    if not (b'1' <= s[9] <= b'5' and b'0' <= s[10] <= b'9' and b'0' <= s[11] <= b'9'):
-        return 0
-    status[0] = (s[9] - 48) * 100 + (s[10] - 48) * 10 + (s[11] - 48)
-    if s[7] == b'1':
-        return 11
-    if s[7] == b'0':
-        return 10
-    return 0
-
-
-def connection_tokens(bytes value):
-    """Lower-case tokens of a Connection header, minus close/keep-alive."""
-    return [t for t in (p.strip().lower() for p in value.split(b","))
-            if t and t not in (b"close", b"keep-alive")]
 
 
 cdef class Target:
@@ -536,7 +447,7 @@ cdef class UpstreamConnection:
         if self.received == 0:
             self.peeked_version = status_line(data, &self.peeked_status)
             if self.peeked_version:
-                head_end = _head_end(data)
+                head_end = end_of_head(data)
                 if head_end > 0 and self._simple_response(<bytes>data, head_end):
                     return
                 if n <= PASS_THROUGH_MIN:
@@ -588,46 +499,46 @@ cdef class UpstreamConnection:
         passes through as read. Anything else returns False with nothing changed, and the
         parser reads the response (and refuses it if it is invalid)."""
         cdef const unsigned char* s = <const unsigned char*>PyBytes_AS_STRING(data)
-        cdef Py_ssize_t n = PyBytes_GET_SIZE(data), pos, eol, colon, vstart, vend
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(data), eol, count, i
         cdef const unsigned char* nl
-        cdef int status = self.peeked_status, connection = 0
+        cdef int status = self.peeked_status, connection = 0, known
         cdef long long length = -1
         cdef bint has_date = False, keep_alive
         cdef list headers = []
-        cdef bytes name, value
+        cdef FieldSpan spans[HEAD_FIELDS_MAX]
+        cdef FieldSpan* f
         if status < 200 or status == 204 or status == 304 or self.head_request or \
                 self.upgrade_expected:
             return False
-        # The status line: "HTTP/1.x NNN " was checked by status_line(); then the reason.
+        # The status line (RFC 9112 §4): "HTTP/1.x NNN " was checked by status_line(); then the
+        # reason.
         nl = <const unsigned char*>memchr(s, b'\n', head_end)
         eol = nl - s
         if eol < 13 or s[eol - 1] != b'\r' or not plain_text(s + 13, eol - 14):
             return False
-        pos = eol + 1
-        while pos < head_end - 2:
-            eol = plain_field(s, pos, head_end, &colon, &vstart, &vend)
-            if eol < 0:
-                return False
-            name = PyBytes_FromStringAndSize(<const char*>s + pos, colon - pos)
-            value = PyBytes_FromStringAndSize(<const char*>s + vstart, vend - vstart)
-            pos = eol
-            if _field_is(name, b"content-length", 14):
+        count = scan_fields(s, eol + 1, head_end, spans, HEAD_FIELDS_MAX)
+        if count < 0:
+            return False
+        for i in range(count):
+            f = &spans[i]
+            known = f.known
+            if known == H_CONTENT_LENGTH:
                 if length != -1:
                     return False
-                length = parse_content_length(value)
+                length = content_length_of(<const char*>s + f.value, f.value_end - f.value)
                 if length < 0:
                     return False
-            elif _field_is(name, b"transfer-encoding", 17):
+            elif known == H_TRANSFER_ENCODING:
                 return False
-            elif _field_is(name, b"connection", 10):
-                connection |= connection_flags(value)
+            elif known == H_CONNECTION:
+                connection |= connection_options(<const char*>s + f.value, f.value_end - f.value)
                 if connection & CONN_NAMES:
                     return False
-            elif not is_hop_by_hop(PyBytes_AS_STRING(name), PyBytes_GET_SIZE(name)):
-                if _field_is(name, b"date", 4):
+            elif not hop_by_hop_field(known, <const char*>s + f.name, f.colon - f.name):
+                if known == H_DATE:
                     has_date = True
-                headers.append(name)
-                headers.append(value)
+                headers.append(PyBytes_FromStringAndSize(<const char*>s + f.name, f.colon - f.name))
+                headers.append(PyBytes_FromStringAndSize(<const char*>s + f.value, f.value_end - f.value))
         if length < 0 or n - head_end > length:
             return False
         # The same state as the parser's callbacks would leave (on_header, on_headers_complete).
@@ -763,25 +674,28 @@ cdef class UpstreamConnection:
     def on_header(self, bytes name, bytes value):
         cdef Py_ssize_t n = PyBytes_GET_SIZE(name)
         cdef const char* s = PyBytes_AS_STRING(name)
-        if n == 14 and ascii_ieq(s, n, b"content-length", 14):
+        cdef int known = known_header(s, n)
+        if known == H_CONTENT_LENGTH:
+            # RFC 9112 §6.3 rule 5: a repeated or invalid length is unrecoverable framing.
             if self.content_length != -1:
                 raise _InvalidResponse("duplicate Content-Length")
             self.content_length = parse_content_length(value)
             if self.content_length < 0:
                 raise _InvalidResponse("invalid Content-Length")
-        elif n == 17 and ascii_ieq(s, n, b"transfer-encoding", 17):
-            # Only exactly "chunked" is understood; anything else is ambiguous framing.
+        elif known == H_TRANSFER_ENCODING:
+            # Only exactly "chunked" is understood (RFC 9112 §6.1); anything else is ambiguous
+            # framing.
             if self.chunked or ascii_lower(value) != b"chunked":
                 raise _InvalidResponse("unsupported Transfer-Encoding")
             self.chunked = True
-        elif n == 10 and ascii_ieq(s, n, b"connection", 10):
+        elif known == H_CONNECTION:
             self.connection |= connection_flags(value)
             if self.connection & CONN_NAMES:
                 self.connection_tokens = (self.connection_tokens or []) + connection_tokens(value)
-        elif n == 7 and self.upgrade_expected and ascii_ieq(s, n, b"upgrade", 7):
+        elif known == H_UPGRADE and self.upgrade_expected:
             self.upgrade = value
-        elif not is_hop_by_hop(s, n):
-            if n == 4 and ascii_ieq(s, n, b"date", 4):
+        elif not hop_by_hop_field(known, s, n):
+            if known == H_DATE:
                 self.has_date = True
             self.headers.append(name)
             self.headers.append(value)
@@ -805,7 +719,7 @@ cdef class UpstreamConnection:
             if status == 101:
                 if not self.upgrade_expected or self.upgrade is None:
                     raise _InvalidResponse("101 Switching Protocols without an upgrade request")
-                # SPEC §4: the connection becomes a raw tunnel; it never returns to the pool.
+                # RFC 9110 §7.8: after the 101 the connection is a raw tunnel; it never returns to the pool.
                 self.tunneling = True
                 self.head_done = True
                 self.keep_alive = False
@@ -857,16 +771,6 @@ cdef class UpstreamConnection:
             return
         if not self.tunneling:
             self.complete = True
-
-
-def drop_named(list headers, list names):
-    """Headers without the ones a Connection header named (RFC 9110 §7.6.1)."""
-    out = []
-    for i in range(0, len(headers), 2):
-        if ascii_lower(headers[i]) not in names:
-            out.append(headers[i])
-            out.append(headers[i + 1])
-    return out
 
 
 # --- test entry point: one response read by a real UpstreamConnection, without a socket ---------

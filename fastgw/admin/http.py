@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import re
 import traceback
 from email.utils import formatdate
 from http import HTTPStatus
@@ -20,14 +19,13 @@ from urllib.parse import parse_qsl, unquote
 import httptools
 import msgspec
 
+from fastgw._core.http1 import LAST_CHUNK, chunk, response_head, splits_head, valid_field_name
 from fastgw.log import log
 
 MAX_CONNECTIONS = 256
 MAX_HEAD = 64 * 1024        # request line plus header fields; beyond: 414 / 431 (RFC 9112 §3, RFC 6585 §5)
 MAX_PIPELINE = 8            # parsed but unanswered requests before we stop reading the socket
 LINGER = 2.0                # seconds to read and discard after an error answer (RFC 9112 §9.6)
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")          # field-name (RFC 9110 §5.1)
-_BAD_VALUE = re.compile(r"[\x00\r\n]")                            # would split the response
 
 
 class HTTPError(Exception):
@@ -86,7 +84,7 @@ def _check(resp: Response) -> None:
     if not isinstance(resp.status, int) or not 200 <= resp.status <= 599:
         raise ValueError(f"bad status {resp.status!r}")   # 1xx are interim, never the answer
     for name, value in resp.headers.items():
-        if not _TOKEN.match(name) or _BAD_VALUE.search(value):
+        if not valid_field_name(name) or splits_head(value):
             raise ValueError(f"bad response header {name!r}: {value!r}")
 
 
@@ -354,7 +352,7 @@ class _Connection(asyncio.Protocol):
                     self.transport.resume_reading()
                 if isinstance(item, _Pending) and not item.done.is_set():
                     if item.expect:             # now, not earlier: it must not cut into an answer
-                        self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")   # RFC 9110 §15.2.1
+                        self.transport.write(response_head(100, "Continue"))   # RFC 9110 §15.2.1
                     await item.done.wait()      # the body
                 if isinstance(item, _Pending) and item.error is not None:
                     item = item.error
@@ -418,12 +416,12 @@ class _Connection(asyncio.Protocol):
             async for piece in resp.iterator:
                 piece = piece.encode() if isinstance(piece, str) else piece
                 if piece:
-                    self.transport.write(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+                    self.transport.write(chunk(piece) if chunked else piece)
                 await self.writable.wait()          # a slow reader must not grow our buffer
                 if self.lost:
                     return False
             if chunked:
-                self.transport.write(b"0\r\n\r\n")
+                self.transport.write(LAST_CHUNK)
             return keep
         except Exception:
             # Too late for an error answer: close without the last chunk, so the client can tell
@@ -450,8 +448,7 @@ class _Connection(asyncio.Protocol):
         elif not http11:
             headers["connection"] = "keep-alive"    # HTTP/1.0 persistence (RFC 9112 Appendix C.2.2)
         phrase = HTTPStatus(resp.status).phrase if resp.status in HTTPStatus._value2member_map_ else ""
-        self.transport.write((f"HTTP/1.1 {resp.status} {phrase}\r\n" + "".join(
-            f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n").encode("latin-1"))
+        self.transport.write(response_head(resp.status, phrase, headers.items()))
 
 
 async def _aclose(iterator) -> None:

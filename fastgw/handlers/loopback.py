@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import httptools
 
+from fastgw._core.http1 import request_head
 from fastgw._core.protocol import ListenerState
 from fastgw._core.router import (ROUTE_PROXY_KIND, HeaderEdits, PathRule, RouteEntry, Router,
                                  compile_conditions)
@@ -190,9 +191,9 @@ class LoopbackClient:
                 conn = None
         if conn is None:
             conn = InternalConnection(loop, self)
-        head = (f"{method} {target} HTTP/1.1\r\nhost: {host}\r\n{SERVICE_HEADER}: {service}\r\n"
-                f"{CLIENT_IP_HEADER}: {client_ip}\r\ncontent-length: {len(body)}\r\n{headers}\r\n")
-        return conn.send(head.encode("latin-1") + body, max_bytes)
+        head = request_head(method, target, (("host", host), (SERVICE_HEADER, service), (CLIENT_IP_HEADER, client_ip),
+                                             ("content-length", len(body))), headers)
+        return conn.send(head + body, max_bytes)
 
     def release(self, conn: InternalConnection) -> None:
         if len(self.idle) < MAX_IDLE:

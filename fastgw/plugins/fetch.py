@@ -10,6 +10,8 @@ from urllib.parse import urlsplit
 
 from httptools import HttpResponseParser
 
+from fastgw._core.http1 import request_head
+
 MAX_BODY = 1024 * 1024
 
 
@@ -46,10 +48,11 @@ async def fetch(url: str, *, method: str = "GET", headers: dict | None = None, b
         context = ssl.create_default_context(cafile=ca)
     port = parts.port or (443 if context else 80)
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    lines = [f"{method} {target} HTTP/1.1", f"Host: {parts.netloc}", "Connection: close",
-             "User-Agent: fastgw", f"Content-Length: {len(body)}" if body or method != "GET" else None]
-    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
-    request = ("\r\n".join(line for line in lines if line) + "\r\n\r\n").encode("latin-1") + body
+    fields = [("Host", parts.netloc), ("Connection", "close"), ("User-Agent", "fastgw")]
+    if body or method != "GET":
+        fields.append(("Content-Length", len(body)))
+    fields += (headers or {}).items()
+    request = request_head(method, target, fields) + body
     try:
         return await asyncio.wait_for(_exchange(parts.hostname, port, context, request), timeout)
     except asyncio.TimeoutError:
