@@ -2,6 +2,7 @@ from fastgw._core.buffer cimport WriteBuffer
 from fastgw._core.cache cimport CachedResponse, ResponseCache
 from fastgw._core.router cimport Captures, HeaderEdits, PathRule, Router
 from fastgw._core.ratelimit cimport Decision, Policy
+from fastgw._core.request cimport Request
 from fastgw._core.upstream cimport Downstream, Service, Target, UpstreamConnection
 
 cdef enum PauseReason:
@@ -41,94 +42,6 @@ cdef class ListenerState:
     cdef readonly long long rejected_connections
     cdef readonly long long requests
     cdef readonly set connections
-
-
-cdef class Request:
-    cdef bytes method
-    cdef bytes url
-    cdef list headers                     # [name, value, ...] that are forwarded as they came
-    cdef bytes host
-    cdef bytes forwarded_for
-    cdef bytes request_id
-    cdef bytes traceparent                # as received, when valid
-    cdef unsigned long long trace_hi      # a trace started here (no valid traceparent came)
-    cdef unsigned long long trace_lo
-    cdef unsigned long long span_id       # ours: the parent id sent upstream
-    cdef bint sampled                     # the trace flags say sampled: export a span
-    cdef bytes user_agent
-    cdef bytes upgrade                    # Upgrade header of a request whose Connection names it
-    cdef bint tunnel_counted              # after its 101: the target counts the tunnel as active
-    cdef list connection_tokens
-    cdef int connection                   # ConnectionOption bits of the request
-    cdef long long content_length         # -1: none
-    cdef bint chunked
-    cdef bint expect_continue
-    cdef bint keep_alive
-    cdef bint http11
-    cdef int header_count
-    cdef long long head_bytes
-    cdef long long max_body
-    # body
-    cdef long long body_bytes
-    cdef bint body_done
-    cdef list body_buffer                 # body bytes not yet sent anywhere
-    cdef list replay                      # everything sent upstream, while small enough to resend
-    # routing
-    cdef bytes path                       # normalised path, no query
-    cdef bytes query                      # including the '?', or b""
-    cdef PathRule rule
-    cdef object profile                   # client profile name (str) or None
-    cdef Captures caps
-    # upstream
-    cdef Target target
-    cdef bint target_counted              # counted in the target's active requests (shm)
-    cdef UpstreamConnection upstream
-    cdef bint upstream_reused
-    cdef int attempts
-    cdef int retried_elsewhere            # retries on another target (retries.attempts caps it)
-    cdef bint service_counted             # counted in the service's in_flight (retry budget)
-    cdef bint retry_counted               # ... and in its retries_in_flight
-    cdef double deadline                  # the route timeout, over all tries; 0 = none
-    cdef double started
-    cdef double upstream_started
-    cdef double upstream_elapsed
-    # response
-    cdef int status
-    cdef int upstream_status
-    cdef bint response_started
-    cdef bint response_done
-    cdef bint chunked_out
-    cdef long long bytes_out
-    cdef str flags
-    # plugins (only on routes that have them)
-    cdef object view                      # the fastgw.Request plugins see
-    cdef bytes consumer                   # the consumer's name once a plugin identified it
-    cdef bint in_plugins                  # an async plugin or a handler runs: body bytes are held
-    cdef bint answer_ready                # echo/handler routes: answer once the body is complete
-    # a JSON answer reshaped for the client's profile: the upstream's response held whole
-    cdef object collect                   # fastgw.handlers.shape.Shape, or None
-    cdef int collect_status
-    cdef list collect_headers
-    cdef list collect_parts
-    cdef long long collect_bytes
-    # response cache (routes with the cache plugin)
-    cdef bint cache_checked               # looked up once, after plugins and rate limits
-    cdef bytes cache_key                  # set when the cache was consulted
-    cdef bint cache_fill                  # this request fetches the key; others wait for it
-    cdef bint cache_rewaited              # woken by a fill of another variant, it waits once more
-    cdef CachedResponse cache_stale       # an expired entry that stale_if_error may still serve
-    cdef list cache_parts                 # the answer's body as it streams past, while storable
-    cdef long long cache_bytes
-    cdef int cache_status
-    cdef list cache_headers
-    cdef double cache_ttl
-    # rate limits
-    cdef bytes limit_headers              # RateLimit(-Policy) lines for the answer, or None
-    cdef list limit_release               # concurrency entries (addresses) to release at the end
-    cdef int retry_after                  # seconds, for a 429
-    cdef bint limits_done                 # the route's rate limits were decided
-    cdef list remote_limits               # (policy, key, limit, window) waiting for Redis
-    cdef tuple limit_logged               # for the access log: (name, limit, window_s, remaining, admitted)
 
 
 cdef class ClientConnection(Downstream):
@@ -209,7 +122,6 @@ cdef class ClientConnection(Downstream):
     cdef bytes _hash_key(self, Request req, tuple hash_on)
     cdef void _build_upstream_head(self, Request req)
     cdef void _write_upstream_target(self, WriteBuffer h, Request req)
-    cdef bytes _request_id(self, Request req)
     cdef void _write_traceparent(self, WriteBuffer h, Request req)
     cdef void _send_body(self, Request req, bytes data)
     cdef void _keep_for_replay(self, Request req, bytes data)
@@ -232,7 +144,6 @@ cdef class ClientConnection(Downstream):
     cdef void _note_limit(self, Request req, Policy policy, long long limit,
                           unsigned long long window_ns, Decision* d)
     cdef str _upstream_uri(self, Request req)
-    cdef void _export_span(self, Request req, double now)
     cdef void _flush(self)
     cdef void _pause(self, int reason)
     cdef void _resume(self, int reason)

@@ -19,14 +19,15 @@ from fastgw._core.ratelimit cimport Decision, Policy, release
 from fastgw._core.ratelimit import ALG_CONCURRENCY
 from fastgw._core.buffer cimport WriteBuffer, ascii_ieq, ascii_lower, monotonic, plain_field, random64
 from fastgw._core.cache cimport CachedResponse, ResponseCache, credential_digest
+from fastgw._core.observe cimport record_finished, write_access_log
+from fastgw._core.request cimport Request, request_id_of
 from fastgw._core.router cimport (ROUTE_ECHO, ROUTE_HANDLER, ROUTE_PROXY, ROUTE_RESPOND, HeaderEdits,
                                   PathRule, RouteEntry, Router, write_fields)
 from fastgw._core.uri cimport canonical_host, canonical_path
 from fastgw._core.shm cimport (EV_CACHE_HIT, EV_CACHE_MISS, EV_CACHE_STALE, EV_RATELIMIT_ALLOWED,
-                               EV_RATELIMIT_REJECTED, consumer_analytics_key, record_analytics,
-                               record_route_event, circuit_admit, circuit_is_open, listener_admits, listener_closed,
-                               method_index, monotonic_ns, record_request, target_available,
-                               target_begin, target_end, target_release, unmatched_analytics_key)
+                               EV_RATELIMIT_REJECTED, record_route_event, circuit_admit,
+                               circuit_is_open, listener_admits, listener_closed, monotonic_ns,
+                               target_available, target_begin, target_end, target_release)
 from fastgw._core.upstream cimport (
     FRAMING_CHUNKED, FRAMING_CLOSE, FRAMING_LENGTH, FRAMING_NONE, UPSTREAM_CONNECT_FAILED,
     UPSTREAM_CONNECT_TIMEOUT, UPSTREAM_INVALID, UPSTREAM_POOL_FULL, UPSTREAM_RESET,
@@ -36,7 +37,6 @@ from fastgw._core.upstream cimport (
 import asyncio
 import socket
 import struct
-import time
 from email.utils import formatdate
 from http import HTTPStatus
 
@@ -66,7 +66,6 @@ cdef bytes CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 cdef list ECHO_FIELDS = [b"content-type", b"application/json"]
 cdef double REFUSED_MEMORY = 1.0   # seconds a failed connect steers retries away from a target
 cdef bytes HTTP_SCHEME = b"http"
-cdef const char* HEXDIGITS = b"0123456789abcdef"
 
 # Upstream heads and chunk headers are built here and taken at once, with no callback in
 # between, so every connection of the worker can share it.
@@ -85,12 +84,6 @@ _LINGER_RESET = struct.pack("ii", 1, 0)
 
 class _Reject(Exception):
     """Raised inside a parser callback to stop parsing; the status is on the connection."""
-
-
-@cython.final
-@cython.freelist(64)
-cdef class Request:
-    pass
 
 
 cdef class ListenerState:
@@ -1095,7 +1088,7 @@ cdef class ClientConnection(Downstream):
             req.method.decode("latin-1"), req.host.decode("latin-1"), req.path.decode("latin-1"),
             req.query.decode("latin-1"), Headers(raw=req.headers),
             self.client_ip.decode(), self.peer_ip.decode(), req.rule.route.name,
-            self._request_id(req).decode("latin-1"),
+            request_id_of(req).decode("latin-1"),
             req.forwarded_for.decode("latin-1") if req.forwarded_for is not None else None,
             self.transport.get_extra_info("peercert") if self.listener.scheme is not HTTP_SCHEME else None)
 
@@ -1178,7 +1171,7 @@ cdef class ClientConnection(Downstream):
         if resp.headers.get("content-type") == "application/json" and resp.body.startswith(b'{"error"'):
             # Our error shape: the request id goes into the body as on every other error.
             resp.body = resp.body[:-2] + b',"request_id":' + \
-                _json_encode(self._request_id(req).decode("latin-1")) + b"}}"
+                _json_encode(request_id_of(req).decode("latin-1")) + b"}}"
         fields = self._answer_fields(req, resp)
         if req.cache_key is not None and req.rule.route.kind == ROUTE_HANDLER:
             if resp.status >= 500 and self._serve_stale(req):
@@ -1212,7 +1205,7 @@ cdef class ClientConnection(Downstream):
             req.view = self._plugin_view(req)
         body = b"".join(req.body_buffer) if req.body_buffer else b""
         req.body_buffer = None
-        forward = {"x-request-id": self._request_id(req).decode("latin-1"),
+        forward = {"x-request-id": request_id_of(req).decode("latin-1"),
                    "traceparent": self._outgoing_traceparent(req).decode("latin-1")}
         if req.consumer is not None:
             forward["x-consumer-name"] = req.consumer.decode("latin-1")
@@ -1255,7 +1248,7 @@ cdef class ClientConnection(Downstream):
         o.write_bytes(_date_header())
         write_fields(o, fields, req.rule.route.response_edits)
         o.write(b"x-request-id: ", 14)
-        o.write_bytes(self._request_id(req))
+        o.write_bytes(request_id_of(req))
         o.write(b"\r\n", 2)
         if req.http11:
             o.write(b"transfer-encoding: chunked\r\n", 28)
@@ -1460,7 +1453,7 @@ cdef class ClientConnection(Downstream):
         h.write(b"\r\nx-forwarded-host: ", 20)
         h.write_bytes(req.host)
         h.write(b"\r\nvia: 1.1 fastgw\r\nx-request-id: ", 33)
-        h.write_bytes(self._request_id(req))
+        h.write_bytes(request_id_of(req))
         if req.consumer is not None:
             h.write(b"\r\nx-consumer-name: ", 19)
             h.write_bytes(req.consumer)
@@ -1480,19 +1473,6 @@ cdef class ClientConnection(Downstream):
         else:
             h.write(b"\r\n\r\n", 4)
         req.replay = [h.take()]
-
-    cdef bytes _request_id(self, Request req):
-        cdef char text[32]
-        cdef unsigned long long bits = 0
-        cdef int i
-        if req.request_id is None:
-            for i in range(32):
-                if i % 16 == 0:
-                    bits = random64()
-                text[i] = HEXDIGITS[bits & 15]
-                bits >>= 4
-            req.request_id = PyBytes_FromStringAndSize(text, 32)
-        return req.request_id
 
     cdef void _write_traceparent(self, WriteBuffer h, Request req):
         """W3C Trace Context: keep trace id and flags, new parent id; start a trace if none."""
@@ -1599,7 +1579,7 @@ cdef class ClientConnection(Downstream):
         payload = _json_encode({
             "method": req.method.decode(), "path": req.path.decode("latin-1"),
             "query": req.query[1:].decode("latin-1"), "http_version": "1.1" if req.http11 else "1.0",
-            "client_ip": self.client_ip.decode(), "request_id": self._request_id(req).decode(),
+            "client_ip": self.client_ip.decode(), "request_id": request_id_of(req).decode(),
             "route": req.rule.route.name, "headers": headers,
             "body": body.decode("utf-8", "replace"),
         })
@@ -1617,7 +1597,7 @@ cdef class ClientConnection(Downstream):
         self._response_finished(req)
 
     cdef void _send_error(self, Request req, int status, str code, str message):
-        cdef bytes rid = self._request_id(req)
+        cdef bytes rid = request_id_of(req)
         body = _json_encode({"error": {"status": status, "code": code, "message": message,
                                        "request_id": rid.decode("latin-1")}})
         self._write_simple(req, status, b"application/json", body,
@@ -1642,7 +1622,7 @@ cdef class ClientConnection(Downstream):
         o.write(b"\r\n", 2)
         if request_id:
             o.write(b"x-request-id: ", 14)
-            o.write_bytes(self._request_id(req))
+            o.write_bytes(request_id_of(req))
             o.write(b"\r\n", 2)
         if retry_after > 0:
             o.write(b"retry-after: ", 13)
@@ -2061,8 +2041,9 @@ cdef class ClientConnection(Downstream):
             self._close()
 
     cdef void _log(self, Request req):
-        """The request is over (answered, failed or abandoned): count it in shared memory and
-        hand it to the access log. Called exactly once per request."""
+        """The request is over (answered, failed or abandoned): let go of what it holds, then
+        record it (fastgw/_core/observe.pyx) and run the route's log plugins. Called exactly once
+        per request."""
         cdef object sink = self.listener.access_log
         cdef double now = monotonic()
         if req.method is None:
@@ -2087,62 +2068,11 @@ cdef class ClientConnection(Downstream):
             (<Service>route.service).in_flight -= 1
             if req.retry_counted:
                 (<Service>route.service).retries_in_flight -= 1
-        elapsed = now - req.started if req.started else 0.0
-        record_request((<RouteEntry>route).metric_slot if route is not None else 0,
-                       method_index(PyBytes_AS_STRING(req.method), PyBytes_GET_SIZE(req.method)),
-                       req.status, elapsed)
-        if route is not None and not self.listener.internal:
-            # GET /analytics: usage per route, service and consumer over the last hour.
-            record_analytics((<RouteEntry>route).analytics_route, elapsed, req.status >= 500)
-            if (<RouteEntry>route).analytics_service:
-                record_analytics((<RouteEntry>route).analytics_service, elapsed, req.status >= 500)
-            record_analytics(consumer_analytics_key(req.consumer), elapsed, req.status >= 500)
-        elif not self.listener.internal:
-            # GET /history counts them too, so the dashboard's history is all the traffic.
-            record_analytics(unmatched_analytics_key(), elapsed, req.status >= 500)
-        if req.sampled and self.listener.tracer is not None:
-            self._export_span(req, now)
+        record_finished(req, self.listener.internal, self.listener.tracer, self.client_ip, now)
         if req.view is not None and route.plugins is not None and route.plugins.log_plugins:
             route.plugins.run_log(req.view, PluginResponse(req.status))
-        if sink is None:
-            return
-        sink((time.time(), self._request_id(req).decode("latin-1"),
-              _trace_id(req),
-              self.client_ip.decode(), req.method.decode(), (req.host or b"").decode("latin-1"),
-              (req.url or b"").decode("latin-1"), "HTTP/1.1" if req.http11 else "HTTP/1.0",
-              (req.path if req.path is not None else req.url or b"").decode("latin-1"),
-              req.status, req.flags,
-              route.name if route is not None else None,
-              route.service.name if route is not None and route.service is not None else None,
-              req.target.address if req.target is not None else None,
-              self._upstream_uri(req),
-              req.upstream_status or None, req.attempts,
-              req.head_bytes + req.body_bytes, req.bytes_out,
-              now - req.started if req.started else 0.0,
-              req.upstream_elapsed if req.upstream_status else None,
-              req.user_agent.decode("latin-1") if req.user_agent is not None else None,
-              req.profile,
-              req.consumer.decode() if req.consumer is not None else None,
-              req.limit_logged))
-
-    cdef void _export_span(self, Request req, double now):
-        """Hand a sampled request to the tracer (fastgw/server/tracing.py); only sampled requests
-        pay for this."""
-        route = req.rule.route if req.rule is not None else None
-        ended = time.time_ns()
-        parent = req.traceparent[36:52].decode() if req.traceparent is not None else None
-        try:
-            self.listener.tracer((
-                _trace_id(req), f"{req.span_id:016x}", parent,
-                ended - <long long>((now - req.started) * 1e9), ended,
-                req.method.decode(), (req.host or b"").decode("latin-1"),
-                (req.path or b"").decode("latin-1"), req.status, req.flags,
-                route.name if route is not None else None,
-                route.service.name if route is not None and route.service is not None else None,
-                req.target.address if req.target is not None else None,
-                self.client_ip.decode()))
-        except Exception as exc:           # tracing must never break a request
-            log(f"span export failed: {exc!r}", "error")
+        if sink is not None:
+            write_access_log(sink, req, self.client_ip, self._upstream_uri(req), now)
 
     # --- transport helpers -----------------------------------------------------------------------
 
@@ -2230,14 +2160,6 @@ cdef bytes _date_header():
         _date_second = now
         _date_line = b"date: " + formatdate(now, usegmt=True).encode() + b"\r\n"
     return _date_line
-
-
-cdef str _trace_id(Request req):
-    if req.traceparent is not None:
-        return req.traceparent[3:35].decode()
-    if req.trace_hi or req.trace_lo:
-        return f"{req.trace_hi:016x}{req.trace_lo:016x}"
-    return None
 
 
 cdef int _request_line_version(object data):
