@@ -11,13 +11,15 @@ cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.stdint cimport uint64_t
 from libc.string cimport memchr, memcmp
-from libc.time cimport time as c_time
 
 from fastgw._core.balancer cimport Balancer
 from fastgw._core.native cimport NativeCheck
 from fastgw._core.ratelimit cimport Decision, Policy, release
 from fastgw._core.ratelimit import ALG_CONCURRENCY
 from fastgw._core.buffer cimport WriteBuffer, ascii_ieq, ascii_lower, monotonic, plain_field, random64
+from fastgw._core.answers cimport (can_discard, date_header, error_body_with_request_id, echo_body,
+                                   status_line, write_answer, write_cached, write_connection_header,
+                                   write_error, write_respond)
 from fastgw._core.cache cimport CachedResponse, ResponseCache, credential_digest
 from fastgw._core.observe cimport record_finished, write_access_log
 from fastgw._core.request cimport Request, request_id_of
@@ -37,10 +39,7 @@ from fastgw._core.upstream cimport (
 import asyncio
 import socket
 import struct
-from email.utils import formatdate
-from http import HTTPStatus
 
-import msgspec
 from httptools import (HttpParserError, HttpParserInvalidMethodError, HttpParserUpgrade,
                        HttpRequestParser)
 
@@ -51,15 +50,7 @@ from fastgw.server.log import log, log_exception
 
 cdef enum:
     REPLAY_LIMIT = 65536          # request bytes kept to resend after a stale pooled connection
-    DISCARD_LIMIT = 65536         # unread body bytes we read and drop to keep a connection open
     LINGER_SECONDS = 2            # after an answer sent before the body ended (RFC 9112 §9.6)
-
-cdef list STATUS_LINES = [None] * 600
-for _status in HTTPStatus:
-    STATUS_LINES[_status.value] = f"HTTP/1.1 {_status.value} {_status.phrase}\r\n".encode()
-for _code in range(100, 600):
-    if STATUS_LINES[_code] is None:
-        STATUS_LINES[_code] = f"HTTP/1.1 {_code} Status {_code}\r\n".encode()
 
 cdef frozenset IDEMPOTENT = frozenset([b"GET", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"TRACE"])
 cdef bytes CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -78,7 +69,6 @@ cdef enum:                          # where the result of ClientConnection._awai
 # A JSON answer reshaped for a client profile is held whole up to this size; larger is a 502.
 DEF COLLECT_LIMIT = 8 * 1024 * 1024
 
-_json_encode = msgspec.json.Encoder().encode
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
 
@@ -698,7 +688,9 @@ cdef class ClientConnection(Downstream):
         self.active = req
         self.closing = True
         req.status = self.fatal_status
-        self._send_error(req, self.fatal_status, self.fatal_code, self.fatal_message)
+        self.closing = write_error(self.out, req, self.fatal_status, self.fatal_code, self.fatal_message,
+                                   self.closing)
+        self._flush()
         if req.method is not None:
             self._log(req)
         self.active = None
@@ -779,6 +771,7 @@ cdef class ClientConnection(Downstream):
             req.body_buffer = None
             req.status = route.respond_status
             self._write_respond(req)
+            self._flush()
             self._response_finished(req)
         elif route.kind == ROUTE_ECHO or route.kind == ROUTE_HANDLER:
             if not req.body_done:
@@ -869,22 +862,13 @@ cdef class ClientConnection(Downstream):
         self._answer_route(req)
 
     cdef void _write_cached(self, Request req, CachedResponse entry, bytes state, double now):
-        cdef WriteBuffer o = self.out
         record_route_event(req.rule.route.metric_slot, EV_CACHE_HIT if state == b"HIT" else EV_CACHE_STALE)
         cdef list headers = entry.headers
         cdef int status = entry.status
         if req.view is not None and req.rule.route.plugins.response_plugins:
             headers = self._response_plugins(req, &status, headers)
-        req.status = status
-        o.write_bytes(<bytes>STATUS_LINES[status])
-        write_fields(o, headers, req.rule.route.response_edits)
-        o.write_bytes(_date_header())
-        o.write(b"age: ", 5)
-        o.write_int(<long long>(now - entry.stored))
-        o.write(b"\r\nx-cache: ", 11)
-        o.write_bytes(state)
-        o.write(b"\r\n", 2)
-        self._finish_head_and_body(req, entry.body, 0, True)
+        self.closing = write_cached(self.out, req, entry, status, headers, state, now, self.closing)
+        self._flush()
         self._response_finished(req)
 
     cdef bint _serve_stale(self, Request req):
@@ -1162,16 +1146,12 @@ cdef class ClientConnection(Downstream):
 
     cdef void _write_plugin_answer(self, Request req, object resp):
         """A plugin's local answer, after the response plugins saw it."""
-        cdef WriteBuffer o = self.out
-        cdef bytes body
-        cdef int status
         req.body_buffer = None
         if resp.status < 200 or resp.status > 599:
             resp = PluginResponse.error(500, "plugin_error", f"a plugin answered status {resp.status}")
         if resp.headers.get("content-type") == "application/json" and resp.body.startswith(b'{"error"'):
             # Our error shape: the request id goes into the body as on every other error.
-            resp.body = resp.body[:-2] + b',"request_id":' + \
-                _json_encode(request_id_of(req).decode("latin-1")) + b"}}"
+            resp.body = error_body_with_request_id(req, resp.body)
         fields = self._answer_fields(req, resp)
         if req.cache_key is not None and req.rule.route.kind == ROUTE_HANDLER:
             if resp.status >= 500 and self._serve_stale(req):
@@ -1186,15 +1166,9 @@ cdef class ClientConnection(Downstream):
                            req.rule.route.response_edits if req.rule.route.kind == ROUTE_HANDLER else None)
 
     cdef void _write_answer(self, Request req, int status, list fields, bytes body, HeaderEdits edits):
-        """A whole answer made here (plugin, handler, reshaped JSON): head, length, body; the
-        request is finished."""
-        cdef WriteBuffer o = self.out
-        req.status = status
-        o.write_bytes(<bytes>STATUS_LINES[status])
-        o.write_bytes(_date_header())
-        write_fields(o, fields, edits)
-        # Once: a response plugin (request_id) may have put it among the fields already.
-        self._finish_head_and_body(req, body, 0, not _header_value(fields, b"x-request-id"))
+        """A whole answer made here (fastgw/_core/answers.pyx) goes out; the request is finished."""
+        self.closing = write_answer(self.out, req, status, fields, body, edits, self.closing)
+        self._flush()
         self._response_finished(req)
 
     # --- handler routes (aggregation, gRPC): Python answers with the whole request at hand ------
@@ -1244,8 +1218,8 @@ cdef class ClientConnection(Downstream):
         cdef WriteBuffer o = self.out
         fields = self._answer_fields(req, resp)
         req.status = resp.status
-        o.write_bytes(<bytes>STATUS_LINES[resp.status])
-        o.write_bytes(_date_header())
+        o.write_bytes(status_line(resp.status))
+        o.write_bytes(date_header())
         write_fields(o, fields, req.rule.route.response_edits)
         o.write(b"x-request-id: ", 14)
         o.write_bytes(request_id_of(req))
@@ -1255,7 +1229,7 @@ cdef class ClientConnection(Downstream):
             req.chunked_out = req.method != b"HEAD"
         else:
             self.closing = True           # HTTP/1.0: the body ends when we close
-        self._write_connection_header(req)
+        self.closing = write_connection_header(o, req, self.closing)
         o.write(b"\r\n", 2)
         req.response_started = True
         req.bytes_out += o.length
@@ -1531,58 +1505,17 @@ cdef class ClientConnection(Downstream):
     cdef void _write_respond(self, Request req):
         """A `respond` route's answer is the route's like a proxied one: its response edits
         (response_headers, deprecation) and response plugins (CORS) apply. Without either, the
-        head compiled with the config goes out as it is."""
-        cdef WriteBuffer o = self.out
+        head compiled with the config goes out as it is (fastgw/_core/answers.pyx)."""
         cdef RouteEntry route = req.rule.route
         cdef int status = route.respond_status
         cdef list fields = route.respond_fields
         cdef bint plugins = req.view is not None and route.plugins.response_plugins
-        if route.response_edits is None and not plugins:
-            o.write_bytes(route.respond_head)
-        else:
-            if plugins:
-                fields = self._response_plugins(req, &status, fields)
-            req.status = status
-            o.write_bytes(<bytes>STATUS_LINES[status])
-            write_fields(o, fields, route.response_edits)
-            o.write(b"content-length: ", 16)
-            o.write_int(PyBytes_GET_SIZE(route.respond_body))
-            o.write(b"\r\n", 2)
-        o.write_bytes(_date_header())
-        self._write_connection_header(req)
-        o.write(b"\r\n", 2)
-        if req.method != b"HEAD":
-            o.write_bytes(req.rule.route.respond_body)
-        req.response_started = True
-        req.bytes_out += o.length
-        self._flush()
-
-    cdef void _write_connection_header(self, Request req):
-        if req.limit_headers is not None:     # every answer of a rate-limited route says its quota
-            self.out.write_bytes(req.limit_headers)
-        if not req.body_done and not _can_discard(req) or req.upgrade is not None:
-            # Its body will not be read to the end, or an upgrade was refused: what the client
-            # sends next may not be HTTP.
-            self.closing = True
-        if self.closing or not req.keep_alive:
-            self.closing = True
-            self.out.write(b"connection: close\r\n", 19)
-        elif not req.http11:
-            self.out.write(b"connection: keep-alive\r\n", 24)
+        if plugins:
+            fields = self._response_plugins(req, &status, fields)
+        self.closing = write_respond(self.out, req, status, fields, plugins, self.closing)
 
     cdef void _answer_echo(self, Request req):
-        headers = {"host": req.host.decode("latin-1")}
-        for i in range(0, len(req.headers), 2):
-            headers[req.headers[i].decode("latin-1").lower()] = req.headers[i + 1].decode("latin-1")
-        body = b"".join(req.body_buffer) if req.body_buffer else b""
-        req.body_buffer = None
-        payload = _json_encode({
-            "method": req.method.decode(), "path": req.path.decode("latin-1"),
-            "query": req.query[1:].decode("latin-1"), "http_version": "1.1" if req.http11 else "1.0",
-            "client_ip": self.client_ip.decode(), "request_id": request_id_of(req).decode(),
-            "route": req.rule.route.name, "headers": headers,
-            "body": body.decode("utf-8", "replace"),
-        })
+        payload = echo_body(req, self.client_ip)
         # The echo service's answer is the route's: response edits and plugins apply to it.
         cdef int status = 200
         cdef list fields = ECHO_FIELDS
@@ -1593,48 +1526,9 @@ cdef class ClientConnection(Downstream):
     cdef void _fail_request(self, Request req, int status, str code, str message):
         """Answer `req` with a JSON error and finish it."""
         req.status = status
-        self._send_error(req, status, code, message)
-        self._response_finished(req)
-
-    cdef void _send_error(self, Request req, int status, str code, str message):
-        cdef bytes rid = request_id_of(req)
-        body = _json_encode({"error": {"status": status, "code": code, "message": message,
-                                       "request_id": rid.decode("latin-1")}})
-        self._write_simple(req, status, b"application/json", body,
-                           1 if status == 503 else req.retry_after if status == 429 else 0)
-
-    cdef void _write_simple(self, Request req, int status, bytes content_type, bytes body,
-                            int retry_after=0):
-        cdef WriteBuffer o = self.out
-        o.write_bytes(<bytes>STATUS_LINES[status])
-        o.write_bytes(_date_header())
-        o.write(b"content-type: ", 14)
-        o.write_bytes(content_type)
-        o.write(b"\r\n", 2)
-        self._finish_head_and_body(req, body, retry_after, True)
-
-    cdef void _finish_head_and_body(self, Request req, bytes body, int retry_after, bint request_id):
-        """The end of an answer made here: its length, request id (unless told it is written),
-        Retry-After, connection header, the blank line and the body (none for HEAD), written out."""
-        cdef WriteBuffer o = self.out
-        o.write(b"content-length: ", 16)
-        o.write_int(PyBytes_GET_SIZE(body))
-        o.write(b"\r\n", 2)
-        if request_id:
-            o.write(b"x-request-id: ", 14)
-            o.write_bytes(request_id_of(req))
-            o.write(b"\r\n", 2)
-        if retry_after > 0:
-            o.write(b"retry-after: ", 13)
-            o.write_int(retry_after)
-            o.write(b"\r\n", 2)
-        self._write_connection_header(req)
-        o.write(b"\r\n", 2)
-        if req.method != b"HEAD":
-            o.write_bytes(body)
-        req.response_started = True
-        req.bytes_out += o.length
+        self.closing = write_error(self.out, req, status, code, message, self.closing)
         self._flush()
+        self._response_finished(req)
 
     # --- the upstream's answer (Downstream interface) --------------------------------------------
 
@@ -1674,12 +1568,12 @@ cdef class ClientConnection(Downstream):
             headers = self._response_plugins(req, &status, headers)
         req.status = status
         req.response_started = True
-        o.write_bytes(<bytes>STATUS_LINES[status])
+        o.write_bytes(status_line(status))
         write_fields(o, headers, edits)
         if req.cache_key is not None:
             o.write(b"x-cache: MISS\r\n", 15)
         if not conn.has_date:
-            o.write_bytes(_date_header())     # RFC 9110 §6.6.1: a proxy with a clock adds it
+            o.write_bytes(date_header())      # RFC 9110 §6.6.1: a proxy with a clock adds it
         if framing == FRAMING_LENGTH or (framing == FRAMING_NONE and length >= 0):
             o.write(b"content-length: ", 16)
             o.write_int(length)
@@ -1692,7 +1586,7 @@ cdef class ClientConnection(Downstream):
                 self.closing = True       # HTTP/1.0: the body ends when we close
         elif framing == FRAMING_NONE and conn.chunked:
             o.write(b"transfer-encoding: chunked\r\n", 28)
-        self._write_connection_header(req)
+        self.closing = write_connection_header(o, req, self.closing)
         o.write(b"\r\n", 2)
         return 0
 
@@ -1703,7 +1597,7 @@ cdef class ClientConnection(Downstream):
         cdef Service service = <Service>req.rule.route.service
         req.status = 101
         req.response_started = True
-        o.write_bytes(<bytes>STATUS_LINES[101])
+        o.write_bytes(status_line(101))
         write_fields(o, headers, req.rule.route.response_edits)
         o.write(b"connection: upgrade\r\nupgrade: ", 30)
         o.write_bytes(conn.upgrade)
@@ -1984,7 +1878,7 @@ cdef class ClientConnection(Downstream):
         self._log(req)
         if req.body_done:
             self._finish(req)
-        elif self.closing or not _can_discard(req):
+        elif self.closing or not can_discard(req):
             self._linger_close()
         # else: the rest of the body is read and dropped, then _on_message_done finishes it
 
@@ -2148,20 +2042,6 @@ cdef class ClientConnection(Downstream):
             self._close()                 # idle keep-alive connection
 
 
-cdef long _date_second = -1
-cdef bytes _date_line = b""
-
-
-cdef bytes _date_header():
-    """ "date: <IMF-fixdate>\r\n" (RFC 9110 §6.6.1), formatted once per second."""
-    global _date_second, _date_line
-    cdef long now = <long>c_time(NULL)           # not time.time(): a module lookup and a float
-    if now != _date_second:
-        _date_second = now
-        _date_line = b"date: " + formatdate(now, usegmt=True).encode() + b"\r\n"
-    return _date_line
-
-
 cdef int _request_line_version(object data):
     """11 or 10 when `data` starts with a whole request line ending in HTTP/1.1 or HTTP/1.0,
     else 0 (then the parser is asked). Spares a per-request string from httptools; llhttp still
@@ -2264,13 +2144,6 @@ cdef bytes _absolute_form(Request req, bytes url):
     if end == n or url[end] == 63:
         return b"/" + url[end:]                                # "http://h?q" is "/?q"
     return url[end:]
-
-
-cdef inline bint _can_discard(Request req):
-    """Is the unread rest of the body small enough to read and drop (keeping the connection)?"""
-    if req.chunked:
-        return False
-    return (req.content_length if req.content_length > 0 else 0) - req.body_bytes <= DISCARD_LIMIT
 
 
 cdef inline bint _answers_locally(RouteEntry route):
