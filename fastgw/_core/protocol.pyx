@@ -22,7 +22,8 @@ from fastgw._core.answers cimport (can_discard, date_header, error_body_with_req
                                    write_error, write_respond)
 from fastgw._core.cache cimport CachedResponse, ResponseCache, credential_digest
 from fastgw._core.observe cimport record_finished, write_access_log
-from fastgw._core.request cimport Request, request_id_of
+from fastgw._core.request cimport (PHASE_ANSWER, PHASE_CACHE, PHASE_DONE, PHASE_FILTERS, PHASE_LIMITS,
+                                   PHASE_ROUTE, Request, request_id_of)
 from fastgw._core.router cimport (ROUTE_ECHO, ROUTE_HANDLER, ROUTE_PROXY, ROUTE_RESPOND, HeaderEdits,
                                   PathRule, RouteEntry, Router, write_fields)
 from fastgw._core.uri cimport canonical_host, canonical_path
@@ -699,14 +700,50 @@ cdef class ClientConnection(Downstream):
     # --- dispatch --------------------------------------------------------------------------------
 
     cdef void _dispatch(self, Request req):
+        self.active = req
+        if self.listener.draining:
+            self.closing = True
+        self._advance(req)
+
+    cdef void _advance(self, Request req):
+        """Walk `req` through its phases (request.pxd, Phase) from the one it stands at: route ->
+        filters -> limits -> cache -> answer. A phase that answers the request, or waits (an async
+        plugin, Redis limits, a cache fill), returns; what it waited for calls this again, and
+        the walk goes on at the phase stored before the wait. Routes without plugins go from the
+        route straight to the answer."""
+        cdef RouteEntry route
+        while True:
+            if req.phase == PHASE_ROUTE:
+                if not self._route(req):
+                    return                        # refused: 400, 404, 413
+                req.phase = PHASE_FILTERS if req.rule.route.plugins is not None else PHASE_ANSWER
+            elif req.phase == PHASE_FILTERS:
+                req.phase = PHASE_LIMITS
+                if not self._run_plugins(req):
+                    return                        # answered, or an async plugin decides
+            elif req.phase == PHASE_LIMITS:
+                req.phase = PHASE_CACHE
+                if req.rule.route.plugins.ratelimits and self._rate_limited(req, False):
+                    return                        # refused, or waiting for Redis
+            elif req.phase == PHASE_CACHE:
+                req.phase = PHASE_ANSWER
+                route = req.rule.route
+                if route.plugins.cache is not None and \
+                        (route.kind == ROUTE_PROXY or route.kind == ROUTE_HANDLER) and \
+                        self._from_cache(req, <ResponseCache>route.plugins.cache):
+                    return                        # answered from the cache, or waiting for a fill
+            else:
+                self._answer(req)
+                return
+
+    cdef bint _route(self, Request req):
+        """The route phase: the request target read (RFC 9112 §3.2) and matched to a route, the
+        body size checked against it. False when that refused the request (answered)."""
         cdef ListenerState listener = self.listener
         cdef PathRule rule
         cdef Py_ssize_t q
         cdef bytes url = req.url
         cdef const char* u = PyBytes_AS_STRING(url)
-        self.active = req
-        if listener.draining:
-            self.closing = True
         # Request target (RFC 9112 §3.2): origin-form, or absolute-form whose authority replaces
         # Host (§3.2.2). Host and path are brought to their one canonical form (uri.pyx) before
         # routing: what the router judges is exactly what goes upstream.
@@ -714,12 +751,12 @@ cdef class ClientConnection(Downstream):
             url = _absolute_form(req, url)
             if url is None:
                 self._fail_request(req, 400, "bad_request", "invalid request target")
-                return
+                return False
         # One pass over the target: where the query starts, and whether the path needs work.
         cdef int target_flags = _scan_target(url, &q)
         if target_flags & TARGET_FRAGMENT:
             self._fail_request(req, 400, "bad_request", "fragment in request target")
-            return
+            return False
         if q >= 0:
             # Not url[:q]: Cython slices bytes through PySequence_GetSlice and a slice object.
             u = PyBytes_AS_STRING(url)
@@ -734,7 +771,7 @@ cdef class ClientConnection(Downstream):
                 req.path = canonical_path(req.path, listener.keep_escaped_slashes)
         except ValueError as exc:
             self._fail_request(req, 400, "bad_request", str(exc))
-            return
+            return False
         if listener.router.profiles:
             req.profile = listener.router.classify(req.headers, req.query)
         rule = listener.router.match(req.method, PyBytes_AS_STRING(req.host),
@@ -744,29 +781,18 @@ cdef class ClientConnection(Downstream):
         if rule is None:
             req.flags = "NR"
             self._fail_request(req, 404, "no_route", "no route matches the request")
-            return
+            return False
         req.rule = rule
         req.max_body = rule.route.max_body if rule.route.max_body >= 0 else listener.max_body_bytes
         if req.content_length > req.max_body or req.body_bytes > req.max_body:
             self.closing = True           # the body is not read: the connection cannot be reused
             self._fail_request(req, 413, "payload_too_large", "request body too large")
-            return
-        if rule.route.plugins is not None:
-            self._run_plugins(req)
-        else:
-            self._answer_route(req)
+            return False
+        return True
 
-    cdef void _answer_route(self, Request req):
+    cdef void _answer(self, Request req):
+        """The answer phase: the request goes upstream, or is answered here."""
         cdef RouteEntry route = req.rule.route
-        if route.plugins is not None and route.plugins.ratelimits and not req.limits_done:
-            req.limits_done = True
-            if self._rate_limited(req, False):
-                return                            # refused, or waiting for Redis
-        if route.plugins is not None and route.plugins.cache is not None and not req.cache_checked and \
-                (route.kind == ROUTE_PROXY or route.kind == ROUTE_HANDLER):
-            req.cache_checked = True
-            if self._from_cache(req, <ResponseCache>route.plugins.cache):
-                return                            # answered from the cache, or waiting for a fill
         if route.kind == ROUTE_RESPOND:
             req.body_buffer = None
             req.status = route.respond_status
@@ -859,7 +885,7 @@ cdef class ClientConnection(Downstream):
         if waiting is None and req.method == b"GET":
             cache.filling[req.cache_key] = []
             req.cache_fill = True
-        self._answer_route(req)
+        self._advance(req)                # on at the answer phase
 
     cdef void _write_cached(self, Request req, CachedResponse entry, bytes state, double now):
         record_route_event(req.rule.route.metric_slot, EV_CACHE_HIT if state == b"HIT" else EV_CACHE_STALE)
@@ -975,7 +1001,7 @@ cdef class ClientConnection(Downstream):
                 d.admitted, d.remaining, d.reset, d.retry_after = result
             if self._limit_decided(req, policy, limit, window_ns, &d):
                 return
-        self._answer_route(req)
+        self._advance(req)
 
     cdef bint _limit_decided(self, Request req, Policy policy, long long limit,
                              unsigned long long window_ns, Decision* d):
@@ -1048,23 +1074,23 @@ cdef class ClientConnection(Downstream):
 
     # --- plugins (fastgw/plugins): only routes that have a chain come here -----------------------
 
-    cdef void _run_plugins(self, Request req):
+    cdef bint _run_plugins(self, Request req):
+        """The filters phase. True: the request goes on to the next phase now; False: it was
+        answered, or an async plugin decides (its result goes on from _awaited)."""
         if req.rule.route.plugins.ratelimits and self._rate_limited(req, True):
-            return                                # refused before authentication
+            return False                          # refused before authentication
         natives = req.rule.route.plugins.native
         if natives is not None:
-            self._run_native_checks(req, natives)
-            return
+            return self._run_native_checks(req, natives)
         req.view = self._plugin_view(req)
         try:
             result = req.rule.route.plugins.run_request(req.view)
         except Exception as exc:
-            self._plugins_decided(req, exc)
-            return
+            return self._plugins_decided(req, exc)
         if result is None or isinstance(result, PluginResponse):
-            self._plugins_decided(req, result)
-            return
+            return self._plugins_decided(req, result)
         self._await(req, result, AWAIT_PLUGINS)      # an async plugin
+        return False
 
     cdef object _plugin_view(self, Request req):
         """The fastgw.Request that plugins and handlers see."""
@@ -1076,15 +1102,15 @@ cdef class ClientConnection(Downstream):
             req.forwarded_for.decode("latin-1") if req.forwarded_for is not None else None,
             self.transport.get_extra_info("peercert") if self.listener.scheme is not HTTP_SCHEME else None)
 
-    cdef void _run_native_checks(self, Request req, tuple natives):
-        """Every plugin of the route has a data-plane check (fastgw/_core/native.pyx)."""
+    cdef bint _run_native_checks(self, Request req, tuple natives):
+        """Every plugin of the route has a data-plane check (fastgw/_core/native.pyx). True when
+        they all let the request through."""
         for check in natives:
             try:
                 result = (<NativeCheck>check).run(req.headers, self.peer_ip, self.client_ip,
                                                   req.forwarded_for, req.consumer)
             except Exception as exc:
-                self._plugins_decided(req, exc)
-                return
+                return self._plugins_decided(req, exc)
             if result is None:
                 continue
             if type(result) is bytes:
@@ -1092,8 +1118,8 @@ cdef class ClientConnection(Downstream):
                 continue
             if not self._refusal_limited(req, result):
                 self._write_plugin_answer(req, result)
-            return
-        self._answer_route(req)
+            return False
+        return True
 
     cdef void _await(self, Request req, object work, int then):
         """Run `work` (an awaitable: an async plugin, Redis limits, a handler) for `req`: reads
@@ -1112,25 +1138,27 @@ cdef class ClientConnection(Downstream):
         exc = task.exception()
         result = exc if exc is not None else task.result()
         if then == AWAIT_PLUGINS:
-            self._plugins_decided(req, result)
+            if self._plugins_decided(req, result):
+                self._advance(req)
         elif then == AWAIT_LIMITS:
             self._remote_limits_decided(req, result)
         else:
             self._handler_done(req, result)
 
-    cdef void _plugins_decided(self, Request req, object result):
-        """Go on to the route's answer with what the plugins changed, or answer as they said."""
+    cdef bint _plugins_decided(self, Request req, object result):
+        """Take what the plugins changed and return True (the request goes on to its next
+        phase), or answer as they said and return False."""
         view = req.view
         if isinstance(result, BaseException):
             log_exception(f"plugin failed on route {req.rule.route.name}", result)
             self._write_plugin_answer(req, PluginResponse.error(500, "plugin_error", "a plugin failed"))
-            return
+            return False
         if view.consumer is not None:
             req.consumer = view.consumer.name.encode()
         if result is not None:
             if not self._refusal_limited(req, result):
                 self._write_plugin_answer(req, result)
-            return
+            return False
         try:
             if view.headers.changed:
                 req.headers = _encode_fields(view.headers)
@@ -1140,9 +1168,8 @@ cdef class ClientConnection(Downstream):
                     raise ValueError(f"invalid query string {view.query!r} from a plugin")
                 req.query = query
         except ValueError as exc:
-            self._plugins_decided(req, exc)
-            return
-        self._answer_route(req)
+            return self._plugins_decided(req, exc)
+        return True
 
     cdef void _write_plugin_answer(self, Request req, object resp):
         """A plugin's local answer, after the response plugins saw it."""
@@ -1874,6 +1901,7 @@ cdef class ClientConnection(Downstream):
     # --- finishing requests ----------------------------------------------------------------------
 
     cdef void _response_finished(self, Request req):
+        req.phase = PHASE_DONE
         req.response_done = True
         self._log(req)
         if req.body_done:

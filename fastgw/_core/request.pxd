@@ -7,6 +7,18 @@ from fastgw._core.router cimport Captures, PathRule
 from fastgw._core.upstream cimport Target, UpstreamConnection
 
 
+cdef enum Phase:
+    # Where a request stands on its one walk (ClientConnection._advance in
+    # fastgw/_core/protocol.pyx): each phase either hands on to the next at once, or answers, or
+    # waits (an async plugin, Redis, a cache fill) and is resumed at the phase stored here.
+    PHASE_ROUTE = 0               # target normalised, route matched, body size checked
+    PHASE_FILTERS = 1             # the route's plugins, and the rate limits that need no identity
+    PHASE_LIMITS = 2              # the rate limits keyed on the consumer, and those decided in Redis
+    PHASE_CACHE = 3               # the response cache: a hit, a wait for a fill, or a miss
+    PHASE_ANSWER = 4              # upstream, or answered here (respond, echo, handler)
+    PHASE_DONE = 5                # the response is complete
+
+
 cdef class Request:
     cdef bytes method
     cdef bytes url
@@ -38,6 +50,7 @@ cdef class Request:
     cdef list body_buffer                 # body bytes not yet sent anywhere
     cdef list replay                      # everything sent upstream, while small enough to resend
     # routing
+    cdef Phase phase
     cdef bytes path                       # normalised path, no query
     cdef bytes query                      # including the '?', or b""
     cdef PathRule rule
@@ -76,7 +89,6 @@ cdef class Request:
     cdef list collect_parts
     cdef long long collect_bytes
     # response cache (routes with the cache plugin)
-    cdef bint cache_checked               # looked up once, after plugins and rate limits
     cdef bytes cache_key                  # set when the cache was consulted
     cdef bint cache_fill                  # this request fetches the key; others wait for it
     cdef bint cache_rewaited              # woken by a fill of another variant, it waits once more
@@ -90,7 +102,6 @@ cdef class Request:
     cdef bytes limit_headers              # RateLimit(-Policy) lines for the answer, or None
     cdef list limit_release               # concurrency entries (addresses) to release at the end
     cdef int retry_after                  # seconds, for a 429
-    cdef bint limits_done                 # the route's rate limits were decided
     cdef list remote_limits               # (policy, key, limit, window) waiting for Redis
     cdef tuple limit_logged               # for the access log: (name, limit, window_s, remaining, admitted)
 
