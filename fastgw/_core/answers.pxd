@@ -19,6 +19,7 @@ cdef inline bint can_discard(Request req) noexcept:
 
 
 cdef bytes status_line(int status)        # "HTTP/1.1 <status> <reason>\r\n"
+cdef list status_lines()                  # the table status_line reads, indexed by status
 cdef bytes date_header()                  # "date: <IMF-fixdate>\r\n", made once per second
 cdef bint write_connection_header(WriteBuffer o, Request req, bint closing) except -1
 cdef bint finish_head_and_body(WriteBuffer o, Request req, bytes body, int retry_after,

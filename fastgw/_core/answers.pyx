@@ -32,6 +32,10 @@ cdef bytes status_line(int status):
     return <bytes>STATUS_LINES[status]
 
 
+cdef list status_lines():
+    return STATUS_LINES
+
+
 cdef long _date_second = -1
 cdef bytes _date_line = b""
 

@@ -27,19 +27,20 @@ cdef str trace_id(Request req):
     return None
 
 
-cdef void record_finished(Request req, bint internal, object tracer, bytes client_ip, double now):
+cdef void record_finished(Request req, RouteEntry route, bint internal, object tracer, bytes client_ip,
+                          double now):
     """The request's counts in shared memory (route metrics, GET /analytics), and its span when
-    it was sampled. `internal`: a listener of the gateway's own calls, left out of analytics."""
-    route = req.rule.route if req.rule is not None else None
-    elapsed = now - req.started if req.started else 0.0
-    record_request((<RouteEntry>route).metric_slot if route is not None else 0,
+    it was sampled. `route`: its route, None when none matched; `internal`: a listener of the
+    gateway's own calls, left out of analytics."""
+    cdef double elapsed = now - req.started if req.started else 0.0
+    record_request(route.metric_slot if route is not None else 0,
                    method_index(PyBytes_AS_STRING(req.method), PyBytes_GET_SIZE(req.method)),
                    req.status, elapsed)
     if route is not None and not internal:
         # GET /analytics: usage per route, service and consumer over the last hour.
-        record_analytics((<RouteEntry>route).analytics_route, elapsed, req.status >= 500)
-        if (<RouteEntry>route).analytics_service:
-            record_analytics((<RouteEntry>route).analytics_service, elapsed, req.status >= 500)
+        record_analytics(route.analytics_route, elapsed, req.status >= 500)
+        if route.analytics_service:
+            record_analytics(route.analytics_service, elapsed, req.status >= 500)
         record_analytics(consumer_analytics_key(req.consumer), elapsed, req.status >= 500)
     elif not internal:
         # GET /history counts them too, so the dashboard's history is all the traffic.

@@ -18,7 +18,7 @@ from fastgw._core.ratelimit cimport Decision, Policy, release
 from fastgw._core.ratelimit import ALG_CONCURRENCY
 from fastgw._core.buffer cimport WriteBuffer, ascii_ieq, ascii_lower, monotonic, plain_field, random64
 from fastgw._core.answers cimport (can_discard, date_header, error_body_with_request_id, echo_body,
-                                   status_line, write_answer, write_cached, write_connection_header,
+                                   status_lines, write_answer, write_cached, write_connection_header,
                                    write_error, write_respond)
 from fastgw._core.cache cimport CachedResponse, ResponseCache, credential_digest
 from fastgw._core.observe cimport record_finished, write_access_log
@@ -53,6 +53,8 @@ cdef enum:
     REPLAY_LIMIT = 65536          # request bytes kept to resend after a stale pooled connection
     LINGER_SECONDS = 2            # after an answer sent before the body ended (RFC 9112 §9.6)
 
+# answers.pyx's table, held here too: the status line of every proxied answer is an index, not a call.
+cdef list STATUS_LINES = status_lines()
 cdef frozenset IDEMPOTENT = frozenset([b"GET", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"TRACE"])
 cdef bytes CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 cdef list ECHO_FIELDS = [b"content-type", b"application/json"]
@@ -466,7 +468,7 @@ cdef class ClientConnection(Downstream):
         if self.closed or self.closing and self.active is None and req is None:
             raise _Reject("connection closing")
         if req is None:
-            req = self.parsing = Request()
+            req = self.parsing = Request.__new__(Request)
             req.headers = []
             req.content_length = -1
             req.status = 0
@@ -678,7 +680,7 @@ cdef class ClientConnection(Downstream):
             return
         req = self.parsing if self.parsing is not None else self.active
         if req is None:
-            req = Request()
+            req = Request.__new__(Request)
             req.headers = []
             req.flags = "-"
         if req.upstream is not None:
@@ -712,12 +714,12 @@ cdef class ClientConnection(Downstream):
         the walk goes on at the phase stored before the wait. Routes without plugins go from the
         route straight to the answer."""
         cdef RouteEntry route
-        while True:
-            if req.phase == PHASE_ROUTE:
-                if not self._route(req):
-                    return                        # refused: 400, 404, 413
-                req.phase = PHASE_FILTERS if req.rule.route.plugins is not None else PHASE_ANSWER
-            elif req.phase == PHASE_FILTERS:
+        if req.phase == PHASE_ROUTE:
+            if not self._route(req):
+                return                            # refused: 400, 404, 413
+            req.phase = PHASE_FILTERS if req.rule.route.plugins is not None else PHASE_ANSWER
+        while req.phase != PHASE_ANSWER:
+            if req.phase == PHASE_FILTERS:
                 req.phase = PHASE_LIMITS
                 if not self._run_plugins(req):
                     return                        # answered, or an async plugin decides
@@ -725,16 +727,14 @@ cdef class ClientConnection(Downstream):
                 req.phase = PHASE_CACHE
                 if req.rule.route.plugins.ratelimits and self._rate_limited(req, False):
                     return                        # refused, or waiting for Redis
-            elif req.phase == PHASE_CACHE:
+            else:                                 # PHASE_CACHE
                 req.phase = PHASE_ANSWER
                 route = req.rule.route
                 if route.plugins.cache is not None and \
                         (route.kind == ROUTE_PROXY or route.kind == ROUTE_HANDLER) and \
                         self._from_cache(req, <ResponseCache>route.plugins.cache):
                     return                        # answered from the cache, or waiting for a fill
-            else:
-                self._answer(req)
-                return
+        self._answer(req)
 
     cdef bint _route(self, Request req):
         """The route phase: the request target read (RFC 9112 §3.2) and matched to a route, the
@@ -1245,7 +1245,7 @@ cdef class ClientConnection(Downstream):
         cdef WriteBuffer o = self.out
         fields = self._answer_fields(req, resp)
         req.status = resp.status
-        o.write_bytes(status_line(resp.status))
+        o.write_bytes(<bytes>STATUS_LINES[resp.status])
         o.write_bytes(date_header())
         write_fields(o, fields, req.rule.route.response_edits)
         o.write(b"x-request-id: ", 14)
@@ -1595,7 +1595,7 @@ cdef class ClientConnection(Downstream):
             headers = self._response_plugins(req, &status, headers)
         req.status = status
         req.response_started = True
-        o.write_bytes(status_line(status))
+        o.write_bytes(<bytes>STATUS_LINES[status])
         write_fields(o, headers, edits)
         if req.cache_key is not None:
             o.write(b"x-cache: MISS\r\n", 15)
@@ -1624,7 +1624,7 @@ cdef class ClientConnection(Downstream):
         cdef Service service = <Service>req.rule.route.service
         req.status = 101
         req.response_started = True
-        o.write_bytes(status_line(101))
+        o.write_bytes(<bytes>STATUS_LINES[101])
         write_fields(o, headers, req.rule.route.response_edits)
         o.write(b"connection: upgrade\r\nupgrade: ", 30)
         o.write_bytes(conn.upgrade)
@@ -1990,7 +1990,8 @@ cdef class ClientConnection(Downstream):
             (<Service>route.service).in_flight -= 1
             if req.retry_counted:
                 (<Service>route.service).retries_in_flight -= 1
-        record_finished(req, self.listener.internal, self.listener.tracer, self.client_ip, now)
+        record_finished(req, <RouteEntry>route, self.listener.internal, self.listener.tracer, self.client_ip,
+                        now)
         if req.view is not None and route.plugins is not None and route.plugins.log_plugins:
             route.plugins.run_log(req.view, PluginResponse(req.status))
         if sink is not None:
