@@ -92,7 +92,6 @@ cdef class ClientConnection(Downstream):
     cdef bytes _read_proxy_header(self, data)
     cdef void _advance(self, Request req)
     cdef bint _route(self, Request req)
-    cdef void _answer(self, Request req)
     cdef bint _rate_limited(self, Request req, bint before_plugins)
     cdef bint _refusal_limited(self, Request req, object resp)
     cdef bint _limit_decided(self, Request req, Policy policy, long long limit,
@@ -127,7 +126,6 @@ cdef class ClientConnection(Downstream):
     cdef void _write_traceparent(self, WriteBuffer h, Request req)
     cdef void _send_body(self, Request req, bytes data)
     cdef void _keep_for_replay(self, Request req, bytes data)
-    cdef void _write_respond(self, Request req)
     cdef void _answer_echo(self, Request req)
     cdef void _fail_request(self, Request req, int status, str code, str message)
     cdef void _start_tunnel(self, Request req, UpstreamConnection conn, list headers)

@@ -714,6 +714,9 @@ cdef class ClientConnection(Downstream):
         the walk goes on at the phase stored before the wait. Routes without plugins go from the
         route straight to the answer."""
         cdef RouteEntry route
+        cdef int status
+        cdef list fields
+        cdef bint plugins
         if req.phase == PHASE_ROUTE:
             if not self._route(req):
                 return                            # refused: 400, 404, 413
@@ -734,7 +737,32 @@ cdef class ClientConnection(Downstream):
                         (route.kind == ROUTE_PROXY or route.kind == ROUTE_HANDLER) and \
                         self._from_cache(req, <ResponseCache>route.plugins.cache):
                     return                        # answered from the cache, or waiting for a fill
-        self._answer(req)
+        # PHASE_ANSWER: upstream, or answered here.
+        route = req.rule.route
+        if route.kind == ROUTE_RESPOND:
+            # The route's answer like a proxied one: its response edits (response_headers,
+            # deprecation) and response plugins (CORS) apply; without either, the head compiled
+            # with the config goes out as it is (fastgw/_core/answers.pyx).
+            req.body_buffer = None
+            req.status = status = route.respond_status
+            fields = route.respond_fields
+            plugins = req.view is not None and route.plugins.response_plugins
+            if plugins:
+                fields = self._response_plugins(req, &status, fields)
+            self.closing = write_respond(self.out, req, status, fields, plugins, self.closing)
+            self._flush()
+            self._response_finished(req)
+        elif route.kind == ROUTE_ECHO or route.kind == ROUTE_HANDLER:
+            if not req.body_done:
+                req.answer_ready = True           # _on_message_done answers
+                if req.expect_continue:
+                    self.transport.write(CONTINUE)
+            elif route.kind == ROUTE_ECHO:
+                self._answer_echo(req)
+            else:
+                self._run_handler(req)
+        else:
+            self._forward(req)
 
     cdef bint _route(self, Request req):
         """The route phase: the request target read (RFC 9112 §3.2) and matched to a route, the
@@ -789,27 +817,6 @@ cdef class ClientConnection(Downstream):
             self._fail_request(req, 413, "payload_too_large", "request body too large")
             return False
         return True
-
-    cdef void _answer(self, Request req):
-        """The answer phase: the request goes upstream, or is answered here."""
-        cdef RouteEntry route = req.rule.route
-        if route.kind == ROUTE_RESPOND:
-            req.body_buffer = None
-            req.status = route.respond_status
-            self._write_respond(req)
-            self._flush()
-            self._response_finished(req)
-        elif route.kind == ROUTE_ECHO or route.kind == ROUTE_HANDLER:
-            if not req.body_done:
-                req.answer_ready = True           # _on_message_done answers
-                if req.expect_continue:
-                    self.transport.write(CONTINUE)
-            elif route.kind == ROUTE_ECHO:
-                self._answer_echo(req)
-            else:
-                self._run_handler(req)
-        else:
-            self._forward(req)
 
     # --- the response cache (fastgw/_core/cache.pyx, the `cache` plugin) ------------------------
 
@@ -1528,18 +1535,6 @@ cdef class ClientConnection(Downstream):
                 req.replay.append(data)
 
     # --- answers produced here -------------------------------------------------------------------
-
-    cdef void _write_respond(self, Request req):
-        """A `respond` route's answer is the route's like a proxied one: its response edits
-        (response_headers, deprecation) and response plugins (CORS) apply. Without either, the
-        head compiled with the config goes out as it is (fastgw/_core/answers.pyx)."""
-        cdef RouteEntry route = req.rule.route
-        cdef int status = route.respond_status
-        cdef list fields = route.respond_fields
-        cdef bint plugins = req.view is not None and route.plugins.response_plugins
-        if plugins:
-            fields = self._response_plugins(req, &status, fields)
-        self.closing = write_respond(self.out, req, status, fields, plugins, self.closing)
 
     cdef void _answer_echo(self, Request req):
         payload = echo_body(req, self.client_ip)
