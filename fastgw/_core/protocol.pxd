@@ -13,6 +13,13 @@ cdef enum PauseReason:
     PAUSE_UPGRADE = 16        # an upgrade request waits for its 101: the next bytes are not HTTP
 
 
+cdef enum ClientState:
+    CLIENT_OPEN = 0               # reading and answering requests
+    CLIENT_LINGERING = 1          # answered before its body ended: what still comes is dropped for
+                                  # a moment, then the connection closes (RFC 9112 §9.6)
+    CLIENT_CLOSED = 2             # closed, aborted or turned away: nothing more is read or written
+
+
 cdef class ListenerState:
     """Per listener and worker: limits, the current routing table, counters."""
     cdef readonly str name
@@ -58,9 +65,8 @@ cdef class ClientConnection(Downstream):
     cdef WriteBuffer out                  # response bytes batched into one write
     cdef int paused
     cdef bint closing
-    cdef bint closed
+    cdef ClientState state
     cdef bint admitted                    # counted in open_connections
-    cdef bint lingering
     cdef bint write_blocked               # the client is not reading what we send
     cdef bint in_head
     cdef int line_version                 # 11/10 read off the raw request line, 0 = ask httptools

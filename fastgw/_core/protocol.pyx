@@ -236,7 +236,7 @@ cdef class ClientConnection(Downstream):
         # shared-memory slot; else for this worker alone.
         if not listener_admits(listener.metric_slot, listener.max_connections, listener.open_connections):
             listener.rejected_connections += 1
-            self.closed = True
+            self.state = CLIENT_CLOSED
             transport.abort()
             return
         self.admitted = True
@@ -249,13 +249,13 @@ cdef class ClientConnection(Downstream):
             if peer_trusted(listener.proxy_trusted, self.peer_ip):
                 self.proxy_head = b""
             elif not listener.proxy_untrusted_plain:
-                self.closed = True        # only the balancers in front may say who the client is
+                self.state = CLIENT_CLOSED        # only the balancers in front may say who the client is
                 transport.abort()
                 return
         self.arm(monotonic() + listener.header_timeout)
 
     def connection_lost(self, exc):
-        self.closed = True
+        self.state = CLIENT_CLOSED
         self.parser = None                # it holds our bound methods: break the cycle
         if not self.admitted:
             return                        # turned away by max_connections, never counted
@@ -279,7 +279,7 @@ cdef class ClientConnection(Downstream):
 
     def data_received(self, data):
         cdef ListenerState listener = self.listener
-        if self.closed or self.fatal_status or self.lingering:
+        if self.state != CLIENT_OPEN or self.fatal_status:
             return
         if self.tunnel is not None:
             self.tunnel.tunnel_send(data)
@@ -316,7 +316,7 @@ cdef class ClientConnection(Downstream):
         try:
             used, client = parse_proxy_header(head)
         except ProxyHeaderError:
-            self.closed = True
+            self.state = CLIENT_CLOSED
             self.transport.abort()
             return b""
         if used == 0:
@@ -366,7 +366,7 @@ cdef class ClientConnection(Downstream):
                     PyBytes_FromStringAndSize(<const char*>s + spans[i][2], spans[i][3] - spans[i][2]))
             self._on_headers_complete()
         except _Reject:
-            if not (self.closed or self.lingering):
+            if self.state == CLIENT_OPEN:
                 self._reject_now(400, "bad_request", "malformed request")
             return True
         self._on_message_done()
@@ -399,11 +399,11 @@ cdef class ClientConnection(Downstream):
                 self._dispatch_ready()
             return
         except HttpParserInvalidMethodError:
-            if not (self.closed or self.lingering):
+            if self.state == CLIENT_OPEN:
                 self._reject_now(501, "not_implemented", "unknown method")
             return
         except HttpParserError as exc:
-            if not (self.closed or self.lingering):
+            if self.state == CLIENT_OPEN:
                 self._reject_now(400, "bad_request", "malformed request: " + str(exc))
             return
         self._dispatch_ready()
@@ -428,7 +428,7 @@ cdef class ClientConnection(Downstream):
                 return False
             self.tunnel.tunnel_write_eof()
             return True                   # half-closed: the upstream may still answer
-        if self.active is None or self.lingering or self.parsing is not None:
+        if self.active is None or self.state == CLIENT_LINGERING or self.parsing is not None:
             if self.active is not None and self.active.upstream is not None:
                 self.active.flags = "DC"
                 self.active.upstream.abort()
@@ -465,7 +465,7 @@ cdef class ClientConnection(Downstream):
 
     cdef int _on_url(self, bytes url) except -1:
         cdef Request req = self.parsing
-        if self.closed or self.closing and self.active is None and req is None:
+        if self.state == CLIENT_CLOSED or self.closing and self.active is None and req is None:
             raise _Reject("connection closing")
         if req is None:
             req = self.parsing = Request.__new__(Request)
@@ -671,7 +671,7 @@ cdef class ClientConnection(Downstream):
     cdef void _reject_pending(self):
         """Send the fatal error once nothing before it is left to answer, then close."""
         cdef Request req
-        if self.closed:
+        if self.state == CLIENT_CLOSED:
             return
         if self.active is not None and self.active is not self.parsing:
             return                        # _finish comes back here when it is answered
@@ -872,7 +872,7 @@ cdef class ClientConnection(Downstream):
         may have stored another variant (RFC 9111 §4.1): then this request fetches its own, or
         waits once more for a request already fetching the key."""
         cdef double now = monotonic()
-        if self.closed or req is not self.active:
+        if self.state == CLIENT_CLOSED or req is not self.active:
             return
         req.in_plugins = False
         self._resume(PAUSE_PLUGIN)
@@ -1138,7 +1138,7 @@ cdef class ClientConnection(Downstream):
         task.add_done_callback(lambda t, r=req, k=then: self._awaited(r, t, k))
 
     def _awaited(self, Request req, task, int then):
-        if task.cancelled() or self.closed or req is not self.active:
+        if task.cancelled() or self.state == CLIENT_CLOSED or req is not self.active:
             return
         req.in_plugins = False
         self._resume(PAUSE_PLUGIN)
@@ -1272,7 +1272,7 @@ cdef class ClientConnection(Downstream):
 
     def _stream_chunk(self, Request req, bytes chunk):
         """False when the client is gone (the handler's stream is then closed)."""
-        if self.closed or req is not self.active:
+        if self.state == CLIENT_CLOSED or req is not self.active:
             return False
         if req.method != b"HEAD":
             self.upstream_body(chunk)
@@ -1280,7 +1280,7 @@ cdef class ClientConnection(Downstream):
         return True
 
     def _stream_end(self, Request req, bint complete):
-        if self.closed or req is not self.active:
+        if self.state == CLIENT_CLOSED or req is not self.active:
             return
         if not complete:
             req.flags = "UC"              # cut short: the client must not see a complete body
@@ -1667,7 +1667,7 @@ cdef class ClientConnection(Downstream):
             self._end_tunnel()
         else:
             self._flush()
-            if not self.closed and self.transport.can_write_eof():
+            if self.state != CLIENT_CLOSED and self.transport.can_write_eof():
                 self.transport.write_eof()
         return 0
 
@@ -1910,7 +1910,7 @@ cdef class ClientConnection(Downstream):
         Closing at once would make the kernel reset the connection and the client could lose
         the answer (RFC 9112 §9.6)."""
         self.closing = True
-        self.lingering = True
+        self.state = CLIENT_LINGERING
         self.active = None
         self.queued = []
         self._flush()
@@ -1925,7 +1925,7 @@ cdef class ClientConnection(Downstream):
         if req is not self.active:
             return
         self.active = None
-        if self.closed:
+        if self.state == CLIENT_CLOSED:
             return
         if self.closing and not self.fatal_status:
             self._close()
@@ -1934,7 +1934,7 @@ cdef class ClientConnection(Downstream):
             return                        # the loop below picks up the next request
         self.in_finish_loop = True
         try:
-            while self.active is None and self.queued and not self.closed:
+            while self.active is None and self.queued and self.state != CLIENT_CLOSED:
                 nxt = self.queued.pop(0)
                 self._dispatch(nxt)
                 if self.active is None and self.closing and not self.fatal_status:
@@ -1995,29 +1995,29 @@ cdef class ClientConnection(Downstream):
     # --- transport helpers -----------------------------------------------------------------------
 
     cdef inline void _flush(self):
-        if self.out.length and not self.closed:
+        if self.out.length and self.state != CLIENT_CLOSED:
             self.transport.write(self.out.take())
 
     cdef void _pause(self, int reason):
-        if self.paused == 0 and not self.closed:
+        if self.paused == 0 and self.state != CLIENT_CLOSED:
             self.transport.pause_reading()
         self.paused |= reason
 
     cdef void _resume(self, int reason):
         if self.paused & reason:
             self.paused &= ~reason
-            if self.paused == 0 and not self.closed:
+            if self.paused == 0 and self.state != CLIENT_CLOSED:
                 self.transport.resume_reading()
 
     cdef void _close(self):
-        if not self.closed:
-            self.closed = True
+        if self.state != CLIENT_CLOSED:
+            self.state = CLIENT_CLOSED
             self._flush()
             self.transport.close()
 
     cdef void _abort_client(self):
-        if not self.closed:
-            self.closed = True
+        if self.state != CLIENT_CLOSED:
+            self.state = CLIENT_CLOSED
             self.out.take()
             self.transport.abort()
 
@@ -2038,10 +2038,10 @@ cdef class ClientConnection(Downstream):
             self._reject_now(408, "request_timeout", "request body not received in time")
 
     cdef double due(self):
-        return 0 if self.closed else self.deadline
+        return 0 if self.state == CLIENT_CLOSED else self.deadline
 
     cdef void expired(self):
-        if self.lingering:
+        if self.state == CLIENT_LINGERING:
             self._close()
         elif self.write_blocked:
             if self.active is not None:
