@@ -2,6 +2,7 @@ from fastgw._core.buffer cimport WriteBuffer
 from fastgw._core.cache cimport CachedResponse, ResponseCache
 from fastgw._core.router cimport Captures, HeaderEdits, PathRule, Router
 from fastgw._core.ratelimit cimport Decision, Policy
+from fastgw._core.request cimport Request
 from fastgw._core.upstream cimport Downstream, Service, Target, UpstreamConnection
 
 cdef enum PauseReason:
@@ -10,6 +11,13 @@ cdef enum PauseReason:
     PAUSE_FATAL = 4           # a later request was invalid: read nothing more
     PAUSE_PLUGIN = 8          # an async plugin decides about the active request
     PAUSE_UPGRADE = 16        # an upgrade request waits for its 101: the next bytes are not HTTP
+
+
+cdef enum ClientState:
+    CLIENT_OPEN = 0               # reading and answering requests
+    CLIENT_LINGERING = 1          # answered before its body ended: what still comes is dropped for
+                                  # a moment, then the connection closes (RFC 9112 §9.6)
+    CLIENT_CLOSED = 2             # closed, aborted or turned away: nothing more is read or written
 
 
 cdef class ListenerState:
@@ -43,94 +51,6 @@ cdef class ListenerState:
     cdef readonly set connections
 
 
-cdef class Request:
-    cdef bytes method
-    cdef bytes url
-    cdef list headers                     # [name, value, ...] that are forwarded as they came
-    cdef bytes host
-    cdef bytes forwarded_for
-    cdef bytes request_id
-    cdef bytes traceparent                # as received, when valid
-    cdef unsigned long long trace_hi      # a trace started here (no valid traceparent came)
-    cdef unsigned long long trace_lo
-    cdef unsigned long long span_id       # ours: the parent id sent upstream
-    cdef bint sampled                     # the trace flags say sampled: export a span
-    cdef bytes user_agent
-    cdef bytes upgrade                    # Upgrade header of a request whose Connection names it
-    cdef bint tunnel_counted              # after its 101: the target counts the tunnel as active
-    cdef list connection_tokens
-    cdef int connection                   # ConnectionOption bits of the request
-    cdef long long content_length         # -1: none
-    cdef bint chunked
-    cdef bint expect_continue
-    cdef bint keep_alive
-    cdef bint http11
-    cdef int header_count
-    cdef long long head_bytes
-    cdef long long max_body
-    # body
-    cdef long long body_bytes
-    cdef bint body_done
-    cdef list body_buffer                 # body bytes not yet sent anywhere
-    cdef list replay                      # everything sent upstream, while small enough to resend
-    # routing
-    cdef bytes path                       # normalised path, no query
-    cdef bytes query                      # including the '?', or b""
-    cdef PathRule rule
-    cdef object profile                   # client profile name (str) or None
-    cdef Captures caps
-    # upstream
-    cdef Target target
-    cdef bint target_counted              # counted in the target's active requests (shm)
-    cdef UpstreamConnection upstream
-    cdef bint upstream_reused
-    cdef int attempts
-    cdef int retried_elsewhere            # retries on another target (retries.attempts caps it)
-    cdef bint service_counted             # counted in the service's in_flight (retry budget)
-    cdef bint retry_counted               # ... and in its retries_in_flight
-    cdef double deadline                  # the route timeout, over all tries; 0 = none
-    cdef double started
-    cdef double upstream_started
-    cdef double upstream_elapsed
-    # response
-    cdef int status
-    cdef int upstream_status
-    cdef bint response_started
-    cdef bint response_done
-    cdef bint chunked_out
-    cdef long long bytes_out
-    cdef str flags
-    # plugins (only on routes that have them)
-    cdef object view                      # the fastgw.Request plugins see
-    cdef bytes consumer                   # the consumer's name once a plugin identified it
-    cdef bint in_plugins                  # an async plugin or a handler runs: body bytes are held
-    cdef bint answer_ready                # echo/handler routes: answer once the body is complete
-    # a JSON answer reshaped for the client's profile: the upstream's response held whole
-    cdef object collect                   # fastgw.handlers.shape.Shape, or None
-    cdef int collect_status
-    cdef list collect_headers
-    cdef list collect_parts
-    cdef long long collect_bytes
-    # response cache (routes with the cache plugin)
-    cdef bint cache_checked               # looked up once, after plugins and rate limits
-    cdef bytes cache_key                  # set when the cache was consulted
-    cdef bint cache_fill                  # this request fetches the key; others wait for it
-    cdef bint cache_rewaited              # woken by a fill of another variant, it waits once more
-    cdef CachedResponse cache_stale       # an expired entry that stale_if_error may still serve
-    cdef list cache_parts                 # the answer's body as it streams past, while storable
-    cdef long long cache_bytes
-    cdef int cache_status
-    cdef list cache_headers
-    cdef double cache_ttl
-    # rate limits
-    cdef bytes limit_headers              # RateLimit(-Policy) lines for the answer, or None
-    cdef list limit_release               # concurrency entries (addresses) to release at the end
-    cdef int retry_after                  # seconds, for a 429
-    cdef bint limits_done                 # the route's rate limits were decided
-    cdef list remote_limits               # (policy, key, limit, window) waiting for Redis
-    cdef tuple limit_logged               # for the access log: (name, limit, window_s, remaining, admitted)
-
-
 cdef class ClientConnection(Downstream):
     cdef object transport
     cdef ListenerState listener
@@ -145,9 +65,8 @@ cdef class ClientConnection(Downstream):
     cdef WriteBuffer out                  # response bytes batched into one write
     cdef int paused
     cdef bint closing
-    cdef bint closed
+    cdef ClientState state
     cdef bint admitted                    # counted in open_connections
-    cdef bint lingering
     cdef bint write_blocked               # the client is not reading what we send
     cdef bint in_head
     cdef int line_version                 # 11/10 read off the raw request line, 0 = ask httptools
@@ -177,16 +96,17 @@ cdef class ClientConnection(Downstream):
     cdef void _reject_pending(self)
     cdef void _dispatch(self, Request req)
     cdef bytes _read_proxy_header(self, data)
-    cdef void _answer_route(self, Request req)
+    cdef void _advance(self, Request req)
+    cdef bint _route(self, Request req)
     cdef bint _rate_limited(self, Request req, bint before_plugins)
     cdef bint _refusal_limited(self, Request req, object resp)
     cdef bint _limit_decided(self, Request req, Policy policy, long long limit,
                              unsigned long long window_ns, Decision* d)
     cdef bytes _limit_key(self, Request req, Policy policy, bint anonymous)
     cdef bytes _limit_client(self, Request req, Policy policy)
-    cdef void _run_plugins(self, Request req)
-    cdef void _run_native_checks(self, Request req, tuple natives)
-    cdef void _plugins_decided(self, Request req, object result)
+    cdef bint _run_plugins(self, Request req)
+    cdef bint _run_native_checks(self, Request req, tuple natives)
+    cdef bint _plugins_decided(self, Request req, object result)
     cdef void _await(self, Request req, object work, int then)
     cdef void _remote_limits_decided(self, Request req, object results)
     cdef void _write_plugin_answer(self, Request req, object resp)
@@ -209,17 +129,13 @@ cdef class ClientConnection(Downstream):
     cdef bytes _hash_key(self, Request req, tuple hash_on)
     cdef void _build_upstream_head(self, Request req)
     cdef void _write_upstream_target(self, WriteBuffer h, Request req)
-    cdef bytes _request_id(self, Request req)
     cdef void _write_traceparent(self, WriteBuffer h, Request req)
     cdef void _send_body(self, Request req, bytes data)
     cdef void _keep_for_replay(self, Request req, bytes data)
-    cdef void _write_respond(self, Request req)
-    cdef void _write_connection_header(self, Request req)
     cdef void _answer_echo(self, Request req)
     cdef void _fail_request(self, Request req, int status, str code, str message)
     cdef void _start_tunnel(self, Request req, UpstreamConnection conn, list headers)
     cdef void _end_tunnel(self)
-    cdef void _send_error(self, Request req, int status, str code, str message)
     cdef bint _retry_fresh(self, Request req, double head_deadline)
     cdef bint _may_retry(self, Request req, Service service)
     cdef bint _retry_elsewhere(self, Request req)
@@ -232,11 +148,8 @@ cdef class ClientConnection(Downstream):
     cdef void _note_limit(self, Request req, Policy policy, long long limit,
                           unsigned long long window_ns, Decision* d)
     cdef str _upstream_uri(self, Request req)
-    cdef void _export_span(self, Request req, double now)
     cdef void _flush(self)
     cdef void _pause(self, int reason)
     cdef void _resume(self, int reason)
     cdef void _close(self)
     cdef void _abort_client(self)
-    cdef void _write_simple(self, Request req, int status, bytes content_type, bytes body, int retry_after=*)
-    cdef void _finish_head_and_body(self, Request req, bytes body, int retry_after, bint request_id)

@@ -5,29 +5,32 @@ Bytes go to an httptools parser; its callbacks fill a Request. A request whose h
 is dispatched at once if nothing else is being answered, otherwise it waits in `queued`
 (pipelining: answers go out in order) and reading pauses. The upstream request head is built
 from the parsed fields, never from the client's raw bytes, so one client request is exactly one
-upstream request (SPEC §4).
+upstream request (RFC 9112 §11.2: no request smuggling).
 """
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.stdint cimport uint64_t
 from libc.string cimport memchr, memcmp
-from libc.time cimport time as c_time
 
 from fastgw._core.balancer cimport Balancer
 from fastgw._core.native cimport NativeCheck
 from fastgw._core.ratelimit cimport Decision, Policy, release
 from fastgw._core.ratelimit import ALG_CONCURRENCY
 from fastgw._core.buffer cimport WriteBuffer, ascii_ieq, ascii_lower, monotonic, plain_field, random64
+from fastgw._core.answers cimport (can_discard, date_header, error_body_with_request_id, echo_body,
+                                   status_lines, write_answer, write_cached, write_connection_header,
+                                   write_error, write_respond)
 from fastgw._core.cache cimport CachedResponse, ResponseCache, credential_digest
+from fastgw._core.observe cimport record_finished, write_access_log
+from fastgw._core.request cimport (PHASE_ANSWER, PHASE_CACHE, PHASE_DONE, PHASE_FILTERS, PHASE_LIMITS,
+                                   PHASE_ROUTE, Request, request_id_of)
 from fastgw._core.router cimport (ROUTE_ECHO, ROUTE_HANDLER, ROUTE_PROXY, ROUTE_RESPOND, HeaderEdits,
                                   PathRule, RouteEntry, Router, write_fields)
 from fastgw._core.uri cimport canonical_host, canonical_path
 from fastgw._core.health cimport circuit_admit, circuit_is_open, target_available, target_end
 from fastgw._core.shm cimport (EV_CACHE_HIT, EV_CACHE_MISS, EV_CACHE_STALE, EV_RATELIMIT_ALLOWED,
-                               EV_RATELIMIT_REJECTED, consumer_analytics_key, record_analytics,
-                               record_route_event, listener_admits, listener_closed,
-                               method_index, monotonic_ns, record_request,
-                               target_begin, target_release, unmatched_analytics_key)
+                               EV_RATELIMIT_REJECTED, record_route_event, listener_admits, listener_closed,
+                               monotonic_ns, target_begin, target_release)
 from fastgw._core.upstream cimport (
     FRAMING_CHUNKED, FRAMING_CLOSE, FRAMING_LENGTH, FRAMING_NONE, UPSTREAM_CONNECT_FAILED,
     UPSTREAM_CONNECT_TIMEOUT, UPSTREAM_INVALID, UPSTREAM_POOL_FULL, UPSTREAM_RESET,
@@ -37,11 +40,7 @@ from fastgw._core.upstream cimport (
 import asyncio
 import socket
 import struct
-import time
-from email.utils import formatdate
-from http import HTTPStatus
 
-import msgspec
 from httptools import (HttpParserError, HttpParserInvalidMethodError, HttpParserUpgrade,
                        HttpRequestParser)
 
@@ -52,21 +51,14 @@ from fastgw.log import log, log_exception
 
 cdef enum:
     REPLAY_LIMIT = 65536          # request bytes kept to resend after a stale pooled connection
-    DISCARD_LIMIT = 65536         # unread body bytes we read and drop to keep a connection open
     LINGER_SECONDS = 2            # after an answer sent before the body ended (RFC 9112 §9.6)
 
-cdef list STATUS_LINES = [None] * 600
-for _status in HTTPStatus:
-    STATUS_LINES[_status.value] = f"HTTP/1.1 {_status.value} {_status.phrase}\r\n".encode()
-for _code in range(100, 600):
-    if STATUS_LINES[_code] is None:
-        STATUS_LINES[_code] = f"HTTP/1.1 {_code} Status {_code}\r\n".encode()
-
+# answers.pyx's table, held here too: the status line of every proxied answer is an index, not a call.
+cdef list STATUS_LINES = status_lines()
 cdef frozenset IDEMPOTENT = frozenset([b"GET", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"TRACE"])
 cdef bytes CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 cdef list ECHO_FIELDS = [b"content-type", b"application/json"]
 cdef bytes HTTP_SCHEME = b"http"
-cdef const char* HEXDIGITS = b"0123456789abcdef"
 
 # Upstream heads and chunk headers are built here and taken at once, with no callback in
 # between, so every connection of the worker can share it.
@@ -79,18 +71,11 @@ cdef enum:                          # where the result of ClientConnection._awai
 # A JSON answer reshaped for a client profile is held whole up to this size; larger is a 502.
 DEF COLLECT_LIMIT = 8 * 1024 * 1024
 
-_json_encode = msgspec.json.Encoder().encode
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
 
 class _Reject(Exception):
     """Raised inside a parser callback to stop parsing; the status is on the connection."""
-
-
-@cython.final
-@cython.freelist(64)
-cdef class Request:
-    pass
 
 
 cdef class ListenerState:
@@ -245,7 +230,7 @@ cdef class ClientConnection(Downstream):
         # shared-memory slot; else for this worker alone.
         if not listener_admits(listener.metric_slot, listener.max_connections, listener.open_connections):
             listener.rejected_connections += 1
-            self.closed = True
+            self.state = CLIENT_CLOSED
             transport.abort()
             return
         self.admitted = True
@@ -258,13 +243,13 @@ cdef class ClientConnection(Downstream):
             if peer_trusted(listener.proxy_trusted, self.peer_ip):
                 self.proxy_head = b""
             elif not listener.proxy_untrusted_plain:
-                self.closed = True        # only the balancers in front may say who the client is
+                self.state = CLIENT_CLOSED        # only the balancers in front may say who the client is
                 transport.abort()
                 return
         self.arm(monotonic() + listener.header_timeout)
 
     def connection_lost(self, exc):
-        self.closed = True
+        self.state = CLIENT_CLOSED
         self.parser = None                # it holds our bound methods: break the cycle
         if not self.admitted:
             return                        # turned away by max_connections, never counted
@@ -288,7 +273,7 @@ cdef class ClientConnection(Downstream):
 
     def data_received(self, data):
         cdef ListenerState listener = self.listener
-        if self.closed or self.fatal_status or self.lingering:
+        if self.state != CLIENT_OPEN or self.fatal_status:
             return
         if self.tunnel is not None:
             self.tunnel.tunnel_send(data)
@@ -325,7 +310,7 @@ cdef class ClientConnection(Downstream):
         try:
             used, client = parse_proxy_header(head)
         except ProxyHeaderError:
-            self.closed = True
+            self.state = CLIENT_CLOSED
             self.transport.abort()
             return b""
         if used == 0:
@@ -375,7 +360,7 @@ cdef class ClientConnection(Downstream):
                     PyBytes_FromStringAndSize(<const char*>s + spans[i][2], spans[i][3] - spans[i][2]))
             self._on_headers_complete()
         except _Reject:
-            if not (self.closed or self.lingering):
+            if self.state == CLIENT_OPEN:
                 self._reject_now(400, "bad_request", "malformed request")
             return True
         self._on_message_done()
@@ -408,11 +393,11 @@ cdef class ClientConnection(Downstream):
                 self._dispatch_ready()
             return
         except HttpParserInvalidMethodError:
-            if not (self.closed or self.lingering):
+            if self.state == CLIENT_OPEN:
                 self._reject_now(501, "not_implemented", "unknown method")
             return
         except HttpParserError as exc:
-            if not (self.closed or self.lingering):
+            if self.state == CLIENT_OPEN:
                 self._reject_now(400, "bad_request", "malformed request: " + str(exc))
             return
         self._dispatch_ready()
@@ -437,7 +422,7 @@ cdef class ClientConnection(Downstream):
                 return False
             self.tunnel.tunnel_write_eof()
             return True                   # half-closed: the upstream may still answer
-        if self.active is None or self.lingering or self.parsing is not None:
+        if self.active is None or self.state == CLIENT_LINGERING or self.parsing is not None:
             if self.active is not None and self.active.upstream is not None:
                 self.active.flags = "DC"
                 self.active.upstream.abort()
@@ -474,10 +459,10 @@ cdef class ClientConnection(Downstream):
 
     cdef int _on_url(self, bytes url) except -1:
         cdef Request req = self.parsing
-        if self.closed or self.closing and self.active is None and req is None:
+        if self.state == CLIENT_CLOSED or self.closing and self.active is None and req is None:
             raise _Reject("connection closing")
         if req is None:
-            req = self.parsing = Request()
+            req = self.parsing = Request.__new__(Request)
             req.headers = []
             req.content_length = -1
             req.status = 0
@@ -680,7 +665,7 @@ cdef class ClientConnection(Downstream):
     cdef void _reject_pending(self):
         """Send the fatal error once nothing before it is left to answer, then close."""
         cdef Request req
-        if self.closed:
+        if self.state == CLIENT_CLOSED:
             return
         if self.active is not None and self.active is not self.parsing:
             return                        # _finish comes back here when it is answered
@@ -689,7 +674,7 @@ cdef class ClientConnection(Downstream):
             return
         req = self.parsing if self.parsing is not None else self.active
         if req is None:
-            req = Request()
+            req = Request.__new__(Request)
             req.headers = []
             req.flags = "-"
         if req.upstream is not None:
@@ -700,7 +685,9 @@ cdef class ClientConnection(Downstream):
         self.active = req
         self.closing = True
         req.status = self.fatal_status
-        self._send_error(req, self.fatal_status, self.fatal_code, self.fatal_message)
+        self.closing = write_error(self.out, req, self.fatal_status, self.fatal_code, self.fatal_message,
+                                   self.closing)
+        self._flush()
         if req.method is not None:
             self._log(req)
         self.active = None
@@ -709,14 +696,76 @@ cdef class ClientConnection(Downstream):
     # --- dispatch --------------------------------------------------------------------------------
 
     cdef void _dispatch(self, Request req):
+        self.active = req
+        if self.listener.draining:
+            self.closing = True
+        self._advance(req)
+
+    cdef void _advance(self, Request req):
+        """Walk `req` through its phases (request.pxd, Phase) from the one it stands at: route ->
+        filters -> limits -> cache -> answer. A phase that answers the request, or waits (an async
+        plugin, Redis limits, a cache fill), returns; what it waited for calls this again, and
+        the walk goes on at the phase stored before the wait. Routes without plugins go from the
+        route straight to the answer."""
+        cdef RouteEntry route
+        cdef int status
+        cdef list fields
+        cdef bint plugins
+        if req.phase == PHASE_ROUTE:
+            if not self._route(req):
+                return                            # refused: 400, 404, 413
+            req.phase = PHASE_FILTERS if req.rule.route.plugins is not None else PHASE_ANSWER
+        while req.phase != PHASE_ANSWER:
+            if req.phase == PHASE_FILTERS:
+                req.phase = PHASE_LIMITS
+                if not self._run_plugins(req):
+                    return                        # answered, or an async plugin decides
+            elif req.phase == PHASE_LIMITS:
+                req.phase = PHASE_CACHE
+                if req.rule.route.plugins.ratelimits and self._rate_limited(req, False):
+                    return                        # refused, or waiting for Redis
+            else:                                 # PHASE_CACHE
+                req.phase = PHASE_ANSWER
+                route = req.rule.route
+                if route.plugins.cache is not None and \
+                        (route.kind == ROUTE_PROXY or route.kind == ROUTE_HANDLER) and \
+                        self._from_cache(req, <ResponseCache>route.plugins.cache):
+                    return                        # answered from the cache, or waiting for a fill
+        # PHASE_ANSWER: upstream, or answered here.
+        route = req.rule.route
+        if route.kind == ROUTE_RESPOND:
+            # The route's answer like a proxied one: its response edits (response_headers,
+            # deprecation) and response plugins (CORS) apply; without either, the head compiled
+            # with the config goes out as it is (fastgw/_core/answers.pyx).
+            req.body_buffer = None
+            req.status = status = route.respond_status
+            fields = route.respond_fields
+            plugins = req.view is not None and route.plugins.response_plugins
+            if plugins:
+                fields = self._response_plugins(req, &status, fields)
+            self.closing = write_respond(self.out, req, status, fields, plugins, self.closing)
+            self._flush()
+            self._response_finished(req)
+        elif route.kind == ROUTE_ECHO or route.kind == ROUTE_HANDLER:
+            if not req.body_done:
+                req.answer_ready = True           # _on_message_done answers
+                if req.expect_continue:
+                    self.transport.write(CONTINUE)
+            elif route.kind == ROUTE_ECHO:
+                self._answer_echo(req)
+            else:
+                self._run_handler(req)
+        else:
+            self._forward(req)
+
+    cdef bint _route(self, Request req):
+        """The route phase: the request target read (RFC 9112 §3.2) and matched to a route, the
+        body size checked against it. False when that refused the request (answered)."""
         cdef ListenerState listener = self.listener
         cdef PathRule rule
         cdef Py_ssize_t q
         cdef bytes url = req.url
         cdef const char* u = PyBytes_AS_STRING(url)
-        self.active = req
-        if listener.draining:
-            self.closing = True
         # Request target (RFC 9112 §3.2): origin-form, or absolute-form whose authority replaces
         # Host (§3.2.2). Host and path are brought to their one canonical form (uri.pyx) before
         # routing: what the router judges is exactly what goes upstream.
@@ -724,12 +773,12 @@ cdef class ClientConnection(Downstream):
             url = _absolute_form(req, url)
             if url is None:
                 self._fail_request(req, 400, "bad_request", "invalid request target")
-                return
+                return False
         # One pass over the target: where the query starts, and whether the path needs work.
         cdef int target_flags = _scan_target(url, &q)
         if target_flags & TARGET_FRAGMENT:
             self._fail_request(req, 400, "bad_request", "fragment in request target")
-            return
+            return False
         if q >= 0:
             # Not url[:q]: Cython slices bytes through PySequence_GetSlice and a slice object.
             u = PyBytes_AS_STRING(url)
@@ -744,7 +793,7 @@ cdef class ClientConnection(Downstream):
                 req.path = canonical_path(req.path, listener.keep_escaped_slashes)
         except ValueError as exc:
             self._fail_request(req, 400, "bad_request", str(exc))
-            return
+            return False
         if listener.router.profiles:
             req.profile = listener.router.classify(req.headers, req.query)
         rule = listener.router.match(req.method, PyBytes_AS_STRING(req.host),
@@ -754,45 +803,14 @@ cdef class ClientConnection(Downstream):
         if rule is None:
             req.flags = "NR"
             self._fail_request(req, 404, "no_route", "no route matches the request")
-            return
+            return False
         req.rule = rule
         req.max_body = rule.route.max_body if rule.route.max_body >= 0 else listener.max_body_bytes
         if req.content_length > req.max_body or req.body_bytes > req.max_body:
             self.closing = True           # the body is not read: the connection cannot be reused
             self._fail_request(req, 413, "payload_too_large", "request body too large")
-            return
-        if rule.route.plugins is not None:
-            self._run_plugins(req)
-        else:
-            self._answer_route(req)
-
-    cdef void _answer_route(self, Request req):
-        cdef RouteEntry route = req.rule.route
-        if route.plugins is not None and route.plugins.ratelimits and not req.limits_done:
-            req.limits_done = True
-            if self._rate_limited(req, False):
-                return                            # refused, or waiting for Redis
-        if route.plugins is not None and route.plugins.cache is not None and not req.cache_checked and \
-                (route.kind == ROUTE_PROXY or route.kind == ROUTE_HANDLER):
-            req.cache_checked = True
-            if self._from_cache(req, <ResponseCache>route.plugins.cache):
-                return                            # answered from the cache, or waiting for a fill
-        if route.kind == ROUTE_RESPOND:
-            req.body_buffer = None
-            req.status = route.respond_status
-            self._write_respond(req)
-            self._response_finished(req)
-        elif route.kind == ROUTE_ECHO or route.kind == ROUTE_HANDLER:
-            if not req.body_done:
-                req.answer_ready = True           # _on_message_done answers
-                if req.expect_continue:
-                    self.transport.write(CONTINUE)
-            elif route.kind == ROUTE_ECHO:
-                self._answer_echo(req)
-            else:
-                self._run_handler(req)
-        else:
-            self._forward(req)
+            return False
+        return True
 
     # --- the response cache (fastgw/_core/cache.pyx, the `cache` plugin) ------------------------
 
@@ -848,7 +866,7 @@ cdef class ClientConnection(Downstream):
         may have stored another variant (RFC 9111 §4.1): then this request fetches its own, or
         waits once more for a request already fetching the key."""
         cdef double now = monotonic()
-        if self.closed or req is not self.active:
+        if self.state == CLIENT_CLOSED or req is not self.active:
             return
         req.in_plugins = False
         self._resume(PAUSE_PLUGIN)
@@ -868,25 +886,16 @@ cdef class ClientConnection(Downstream):
         if waiting is None and req.method == b"GET":
             cache.filling[req.cache_key] = []
             req.cache_fill = True
-        self._answer_route(req)
+        self._advance(req)                # on at the answer phase
 
     cdef void _write_cached(self, Request req, CachedResponse entry, bytes state, double now):
-        cdef WriteBuffer o = self.out
         record_route_event(req.rule.route.metric_slot, EV_CACHE_HIT if state == b"HIT" else EV_CACHE_STALE)
         cdef list headers = entry.headers
         cdef int status = entry.status
         if req.view is not None and req.rule.route.plugins.response_plugins:
             headers = self._response_plugins(req, &status, headers)
-        req.status = status
-        o.write_bytes(<bytes>STATUS_LINES[status])
-        write_fields(o, headers, req.rule.route.response_edits)
-        o.write_bytes(_date_header())
-        o.write(b"age: ", 5)
-        o.write_int(<long long>(now - entry.stored))
-        o.write(b"\r\nx-cache: ", 11)
-        o.write_bytes(state)
-        o.write(b"\r\n", 2)
-        self._finish_head_and_body(req, entry.body, 0, True)
+        self.closing = write_cached(self.out, req, entry, status, headers, state, now, self.closing)
+        self._flush()
         self._response_finished(req)
 
     cdef bint _serve_stale(self, Request req):
@@ -993,7 +1002,7 @@ cdef class ClientConnection(Downstream):
                 d.admitted, d.remaining, d.reset, d.retry_after = result
             if self._limit_decided(req, policy, limit, window_ns, &d):
                 return
-        self._answer_route(req)
+        self._advance(req)
 
     cdef bint _limit_decided(self, Request req, Policy policy, long long limit,
                              unsigned long long window_ns, Decision* d):
@@ -1066,23 +1075,23 @@ cdef class ClientConnection(Downstream):
 
     # --- plugins (fastgw/plugins): only routes that have a chain come here -----------------------
 
-    cdef void _run_plugins(self, Request req):
+    cdef bint _run_plugins(self, Request req):
+        """The filters phase. True: the request goes on to the next phase now; False: it was
+        answered, or an async plugin decides (its result goes on from _awaited)."""
         if req.rule.route.plugins.ratelimits and self._rate_limited(req, True):
-            return                                # refused before authentication
+            return False                          # refused before authentication
         natives = req.rule.route.plugins.native
         if natives is not None:
-            self._run_native_checks(req, natives)
-            return
+            return self._run_native_checks(req, natives)
         req.view = self._plugin_view(req)
         try:
             result = req.rule.route.plugins.run_request(req.view)
         except Exception as exc:
-            self._plugins_decided(req, exc)
-            return
+            return self._plugins_decided(req, exc)
         if result is None or isinstance(result, PluginResponse):
-            self._plugins_decided(req, result)
-            return
+            return self._plugins_decided(req, result)
         self._await(req, result, AWAIT_PLUGINS)      # an async plugin
+        return False
 
     cdef object _plugin_view(self, Request req):
         """The fastgw.Request that plugins and handlers see."""
@@ -1090,19 +1099,19 @@ cdef class ClientConnection(Downstream):
             req.method.decode("latin-1"), req.host.decode("latin-1"), req.path.decode("latin-1"),
             req.query.decode("latin-1"), Headers(raw=req.headers),
             self.client_ip.decode(), self.peer_ip.decode(), req.rule.route.name,
-            self._request_id(req).decode("latin-1"),
+            request_id_of(req).decode("latin-1"),
             req.forwarded_for.decode("latin-1") if req.forwarded_for is not None else None,
             self.transport.get_extra_info("peercert") if self.listener.scheme is not HTTP_SCHEME else None)
 
-    cdef void _run_native_checks(self, Request req, tuple natives):
-        """Every plugin of the route has a data-plane check (fastgw/_core/native.pyx)."""
+    cdef bint _run_native_checks(self, Request req, tuple natives):
+        """Every plugin of the route has a data-plane check (fastgw/_core/native.pyx). True when
+        they all let the request through."""
         for check in natives:
             try:
                 result = (<NativeCheck>check).run(req.headers, self.peer_ip, self.client_ip,
                                                   req.forwarded_for, req.consumer)
             except Exception as exc:
-                self._plugins_decided(req, exc)
-                return
+                return self._plugins_decided(req, exc)
             if result is None:
                 continue
             if type(result) is bytes:
@@ -1110,8 +1119,8 @@ cdef class ClientConnection(Downstream):
                 continue
             if not self._refusal_limited(req, result):
                 self._write_plugin_answer(req, result)
-            return
-        self._answer_route(req)
+            return False
+        return True
 
     cdef void _await(self, Request req, object work, int then):
         """Run `work` (an awaitable: an async plugin, Redis limits, a handler) for `req`: reads
@@ -1123,32 +1132,34 @@ cdef class ClientConnection(Downstream):
         task.add_done_callback(lambda t, r=req, k=then: self._awaited(r, t, k))
 
     def _awaited(self, Request req, task, int then):
-        if task.cancelled() or self.closed or req is not self.active:
+        if task.cancelled() or self.state == CLIENT_CLOSED or req is not self.active:
             return
         req.in_plugins = False
         self._resume(PAUSE_PLUGIN)
         exc = task.exception()
         result = exc if exc is not None else task.result()
         if then == AWAIT_PLUGINS:
-            self._plugins_decided(req, result)
+            if self._plugins_decided(req, result):
+                self._advance(req)
         elif then == AWAIT_LIMITS:
             self._remote_limits_decided(req, result)
         else:
             self._handler_done(req, result)
 
-    cdef void _plugins_decided(self, Request req, object result):
-        """Go on to the route's answer with what the plugins changed, or answer as they said."""
+    cdef bint _plugins_decided(self, Request req, object result):
+        """Take what the plugins changed and return True (the request goes on to its next
+        phase), or answer as they said and return False."""
         view = req.view
         if isinstance(result, BaseException):
             log_exception(f"plugin failed on route {req.rule.route.name}", result)
             self._write_plugin_answer(req, PluginResponse.error(500, "plugin_error", "a plugin failed"))
-            return
+            return False
         if view.consumer is not None:
             req.consumer = view.consumer.name.encode()
         if result is not None:
             if not self._refusal_limited(req, result):
                 self._write_plugin_answer(req, result)
-            return
+            return False
         try:
             if view.headers.changed:
                 req.headers = _encode_fields(view.headers)
@@ -1158,22 +1169,17 @@ cdef class ClientConnection(Downstream):
                     raise ValueError(f"invalid query string {view.query!r} from a plugin")
                 req.query = query
         except ValueError as exc:
-            self._plugins_decided(req, exc)
-            return
-        self._answer_route(req)
+            return self._plugins_decided(req, exc)
+        return True
 
     cdef void _write_plugin_answer(self, Request req, object resp):
         """A plugin's local answer, after the response plugins saw it."""
-        cdef WriteBuffer o = self.out
-        cdef bytes body
-        cdef int status
         req.body_buffer = None
         if resp.status < 200 or resp.status > 599:
             resp = PluginResponse.error(500, "plugin_error", f"a plugin answered status {resp.status}")
         if resp.headers.get("content-type") == "application/json" and resp.body.startswith(b'{"error"'):
             # Our error shape: the request id goes into the body as on every other error.
-            resp.body = resp.body[:-2] + b',"request_id":' + \
-                _json_encode(self._request_id(req).decode("latin-1")) + b"}}"
+            resp.body = error_body_with_request_id(req, resp.body)
         fields = self._answer_fields(req, resp)
         if req.cache_key is not None and req.rule.route.kind == ROUTE_HANDLER:
             if resp.status >= 500 and self._serve_stale(req):
@@ -1188,15 +1194,9 @@ cdef class ClientConnection(Downstream):
                            req.rule.route.response_edits if req.rule.route.kind == ROUTE_HANDLER else None)
 
     cdef void _write_answer(self, Request req, int status, list fields, bytes body, HeaderEdits edits):
-        """A whole answer made here (plugin, handler, reshaped JSON): head, length, body; the
-        request is finished."""
-        cdef WriteBuffer o = self.out
-        req.status = status
-        o.write_bytes(<bytes>STATUS_LINES[status])
-        o.write_bytes(_date_header())
-        write_fields(o, fields, edits)
-        # Once: a response plugin (request_id) may have put it among the fields already.
-        self._finish_head_and_body(req, body, 0, not _header_value(fields, b"x-request-id"))
+        """A whole answer made here (fastgw/_core/answers.pyx) goes out; the request is finished."""
+        self.closing = write_answer(self.out, req, status, fields, body, edits, self.closing)
+        self._flush()
         self._response_finished(req)
 
     # --- handler routes (aggregation, gRPC): Python answers with the whole request at hand ------
@@ -1207,7 +1207,7 @@ cdef class ClientConnection(Downstream):
             req.view = self._plugin_view(req)
         body = b"".join(req.body_buffer) if req.body_buffer else b""
         req.body_buffer = None
-        forward = {"x-request-id": self._request_id(req).decode("latin-1"),
+        forward = {"x-request-id": request_id_of(req).decode("latin-1"),
                    "traceparent": self._outgoing_traceparent(req).decode("latin-1")}
         if req.consumer is not None:
             forward["x-consumer-name"] = req.consumer.decode("latin-1")
@@ -1247,17 +1247,17 @@ cdef class ClientConnection(Downstream):
         fields = self._answer_fields(req, resp)
         req.status = resp.status
         o.write_bytes(<bytes>STATUS_LINES[resp.status])
-        o.write_bytes(_date_header())
+        o.write_bytes(date_header())
         write_fields(o, fields, req.rule.route.response_edits)
         o.write(b"x-request-id: ", 14)
-        o.write_bytes(self._request_id(req))
+        o.write_bytes(request_id_of(req))
         o.write(b"\r\n", 2)
         if req.http11:
             o.write(b"transfer-encoding: chunked\r\n", 28)
             req.chunked_out = req.method != b"HEAD"
         else:
             self.closing = True           # HTTP/1.0: the body ends when we close
-        self._write_connection_header(req)
+        self.closing = write_connection_header(o, req, self.closing)
         o.write(b"\r\n", 2)
         req.response_started = True
         req.bytes_out += o.length
@@ -1266,7 +1266,7 @@ cdef class ClientConnection(Downstream):
 
     def _stream_chunk(self, Request req, bytes chunk):
         """False when the client is gone (the handler's stream is then closed)."""
-        if self.closed or req is not self.active:
+        if self.state == CLIENT_CLOSED or req is not self.active:
             return False
         if req.method != b"HEAD":
             self.upstream_body(chunk)
@@ -1274,7 +1274,7 @@ cdef class ClientConnection(Downstream):
         return True
 
     def _stream_end(self, Request req, bint complete):
-        if self.closed or req is not self.active:
+        if self.state == CLIENT_CLOSED or req is not self.active:
             return
         if not complete:
             req.flags = "UC"              # cut short: the client must not see a complete body
@@ -1455,7 +1455,7 @@ cdef class ClientConnection(Downstream):
         h.write(b"\r\nx-forwarded-host: ", 20)
         h.write_bytes(req.host)
         h.write(b"\r\nvia: 1.1 fastgw\r\nx-request-id: ", 33)
-        h.write_bytes(self._request_id(req))
+        h.write_bytes(request_id_of(req))
         if req.consumer is not None:
             h.write(b"\r\nx-consumer-name: ", 19)
             h.write_bytes(req.consumer)
@@ -1475,19 +1475,6 @@ cdef class ClientConnection(Downstream):
         else:
             h.write(b"\r\n\r\n", 4)
         req.replay = [h.take()]
-
-    cdef bytes _request_id(self, Request req):
-        cdef char text[32]
-        cdef unsigned long long bits = 0
-        cdef int i
-        if req.request_id is None:
-            for i in range(32):
-                if i % 16 == 0:
-                    bits = random64()
-                text[i] = HEXDIGITS[bits & 15]
-                bits >>= 4
-            req.request_id = PyBytes_FromStringAndSize(text, 32)
-        return req.request_id
 
     cdef void _write_traceparent(self, WriteBuffer h, Request req):
         """W3C Trace Context: keep trace id and flags, new parent id; start a trace if none."""
@@ -1543,61 +1530,8 @@ cdef class ClientConnection(Downstream):
 
     # --- answers produced here -------------------------------------------------------------------
 
-    cdef void _write_respond(self, Request req):
-        """A `respond` route's answer is the route's like a proxied one: its response edits
-        (response_headers, deprecation) and response plugins (CORS) apply. Without either, the
-        head compiled with the config goes out as it is."""
-        cdef WriteBuffer o = self.out
-        cdef RouteEntry route = req.rule.route
-        cdef int status = route.respond_status
-        cdef list fields = route.respond_fields
-        cdef bint plugins = req.view is not None and route.plugins.response_plugins
-        if route.response_edits is None and not plugins:
-            o.write_bytes(route.respond_head)
-        else:
-            if plugins:
-                fields = self._response_plugins(req, &status, fields)
-            req.status = status
-            o.write_bytes(<bytes>STATUS_LINES[status])
-            write_fields(o, fields, route.response_edits)
-            o.write(b"content-length: ", 16)
-            o.write_int(PyBytes_GET_SIZE(route.respond_body))
-            o.write(b"\r\n", 2)
-        o.write_bytes(_date_header())
-        self._write_connection_header(req)
-        o.write(b"\r\n", 2)
-        if req.method != b"HEAD":
-            o.write_bytes(req.rule.route.respond_body)
-        req.response_started = True
-        req.bytes_out += o.length
-        self._flush()
-
-    cdef void _write_connection_header(self, Request req):
-        if req.limit_headers is not None:     # every answer of a rate-limited route says its quota
-            self.out.write_bytes(req.limit_headers)
-        if not req.body_done and not _can_discard(req) or req.upgrade is not None:
-            # Its body will not be read to the end, or an upgrade was refused: what the client
-            # sends next may not be HTTP.
-            self.closing = True
-        if self.closing or not req.keep_alive:
-            self.closing = True
-            self.out.write(b"connection: close\r\n", 19)
-        elif not req.http11:
-            self.out.write(b"connection: keep-alive\r\n", 24)
-
     cdef void _answer_echo(self, Request req):
-        headers = {"host": req.host.decode("latin-1")}
-        for i in range(0, len(req.headers), 2):
-            headers[req.headers[i].decode("latin-1").lower()] = req.headers[i + 1].decode("latin-1")
-        body = b"".join(req.body_buffer) if req.body_buffer else b""
-        req.body_buffer = None
-        payload = _json_encode({
-            "method": req.method.decode(), "path": req.path.decode("latin-1"),
-            "query": req.query[1:].decode("latin-1"), "http_version": "1.1" if req.http11 else "1.0",
-            "client_ip": self.client_ip.decode(), "request_id": self._request_id(req).decode(),
-            "route": req.rule.route.name, "headers": headers,
-            "body": body.decode("utf-8", "replace"),
-        })
+        payload = echo_body(req, self.client_ip)
         # The echo service's answer is the route's: response edits and plugins apply to it.
         cdef int status = 200
         cdef list fields = ECHO_FIELDS
@@ -1608,48 +1542,9 @@ cdef class ClientConnection(Downstream):
     cdef void _fail_request(self, Request req, int status, str code, str message):
         """Answer `req` with a JSON error and finish it."""
         req.status = status
-        self._send_error(req, status, code, message)
-        self._response_finished(req)
-
-    cdef void _send_error(self, Request req, int status, str code, str message):
-        cdef bytes rid = self._request_id(req)
-        body = _json_encode({"error": {"status": status, "code": code, "message": message,
-                                       "request_id": rid.decode("latin-1")}})
-        self._write_simple(req, status, b"application/json", body,
-                           1 if status == 503 else req.retry_after if status == 429 else 0)
-
-    cdef void _write_simple(self, Request req, int status, bytes content_type, bytes body,
-                            int retry_after=0):
-        cdef WriteBuffer o = self.out
-        o.write_bytes(<bytes>STATUS_LINES[status])
-        o.write_bytes(_date_header())
-        o.write(b"content-type: ", 14)
-        o.write_bytes(content_type)
-        o.write(b"\r\n", 2)
-        self._finish_head_and_body(req, body, retry_after, True)
-
-    cdef void _finish_head_and_body(self, Request req, bytes body, int retry_after, bint request_id):
-        """The end of an answer made here: its length, request id (unless told it is written),
-        Retry-After, connection header, the blank line and the body (none for HEAD), written out."""
-        cdef WriteBuffer o = self.out
-        o.write(b"content-length: ", 16)
-        o.write_int(PyBytes_GET_SIZE(body))
-        o.write(b"\r\n", 2)
-        if request_id:
-            o.write(b"x-request-id: ", 14)
-            o.write_bytes(self._request_id(req))
-            o.write(b"\r\n", 2)
-        if retry_after > 0:
-            o.write(b"retry-after: ", 13)
-            o.write_int(retry_after)
-            o.write(b"\r\n", 2)
-        self._write_connection_header(req)
-        o.write(b"\r\n", 2)
-        if req.method != b"HEAD":
-            o.write_bytes(body)
-        req.response_started = True
-        req.bytes_out += o.length
+        self.closing = write_error(self.out, req, status, code, message, self.closing)
         self._flush()
+        self._response_finished(req)
 
     # --- the upstream's answer (Downstream interface) --------------------------------------------
 
@@ -1694,7 +1589,7 @@ cdef class ClientConnection(Downstream):
         if req.cache_key is not None:
             o.write(b"x-cache: MISS\r\n", 15)
         if not conn.has_date:
-            o.write_bytes(_date_header())     # RFC 9110 §6.6.1: a proxy with a clock adds it
+            o.write_bytes(date_header())      # RFC 9110 §6.6.1: a proxy with a clock adds it
         if framing == FRAMING_LENGTH or (framing == FRAMING_NONE and length >= 0):
             o.write(b"content-length: ", 16)
             o.write_int(length)
@@ -1707,12 +1602,12 @@ cdef class ClientConnection(Downstream):
                 self.closing = True       # HTTP/1.0: the body ends when we close
         elif framing == FRAMING_NONE and conn.chunked:
             o.write(b"transfer-encoding: chunked\r\n", 28)
-        self._write_connection_header(req)
+        self.closing = write_connection_header(o, req, self.closing)
         o.write(b"\r\n", 2)
         return 0
 
     cdef void _start_tunnel(self, Request req, UpstreamConnection conn, list headers):
-        """The upstream switched protocols (SPEC §4): pass its 101 on, then bytes both ways as
+        """The upstream switched protocols (RFC 9110 §7.8): pass its 101 on, then bytes both ways as
         they come, with each side's backpressure holding the other's reads."""
         cdef WriteBuffer o = self.out
         cdef Service service = <Service>req.rule.route.service
@@ -1766,7 +1661,7 @@ cdef class ClientConnection(Downstream):
             self._end_tunnel()
         else:
             self._flush()
-            if not self.closed and self.transport.can_write_eof():
+            if self.state != CLIENT_CLOSED and self.transport.can_write_eof():
                 self.transport.write_eof()
         return 0
 
@@ -1980,11 +1875,12 @@ cdef class ClientConnection(Downstream):
     # --- finishing requests ----------------------------------------------------------------------
 
     cdef void _response_finished(self, Request req):
+        req.phase = PHASE_DONE
         req.response_done = True
         self._log(req)
         if req.body_done:
             self._finish(req)
-        elif self.closing or not _can_discard(req):
+        elif self.closing or not can_discard(req):
             self._linger_close()
         # else: the rest of the body is read and dropped, then _on_message_done finishes it
 
@@ -1993,7 +1889,7 @@ cdef class ClientConnection(Downstream):
         Closing at once would make the kernel reset the connection and the client could lose
         the answer (RFC 9112 §9.6)."""
         self.closing = True
-        self.lingering = True
+        self.state = CLIENT_LINGERING
         self.active = None
         self.queued = []
         self._flush()
@@ -2008,7 +1904,7 @@ cdef class ClientConnection(Downstream):
         if req is not self.active:
             return
         self.active = None
-        if self.closed:
+        if self.state == CLIENT_CLOSED:
             return
         if self.closing and not self.fatal_status:
             self._close()
@@ -2017,7 +1913,7 @@ cdef class ClientConnection(Downstream):
             return                        # the loop below picks up the next request
         self.in_finish_loop = True
         try:
-            while self.active is None and self.queued and not self.closed:
+            while self.active is None and self.queued and self.state != CLIENT_CLOSED:
                 nxt = self.queued.pop(0)
                 self._dispatch(nxt)
                 if self.active is None and self.closing and not self.fatal_status:
@@ -2041,8 +1937,9 @@ cdef class ClientConnection(Downstream):
             self._close()
 
     cdef void _log(self, Request req):
-        """The request is over (answered, failed or abandoned): count it in shared memory and
-        hand it to the access log. Called exactly once per request."""
+        """The request is over (answered, failed or abandoned): let go of what it holds, then
+        record it (fastgw/_core/observe.pyx) and run the route's log plugins. Called exactly once
+        per request."""
         cdef object sink = self.listener.access_log
         cdef double now = monotonic()
         if req.method is None:
@@ -2067,89 +1964,39 @@ cdef class ClientConnection(Downstream):
             (<Service>route.service).in_flight -= 1
             if req.retry_counted:
                 (<Service>route.service).retries_in_flight -= 1
-        elapsed = now - req.started if req.started else 0.0
-        record_request((<RouteEntry>route).metric_slot if route is not None else 0,
-                       method_index(PyBytes_AS_STRING(req.method), PyBytes_GET_SIZE(req.method)),
-                       req.status, elapsed)
-        if route is not None and not self.listener.internal:
-            # GET /analytics: usage per route, service and consumer over the last hour.
-            record_analytics((<RouteEntry>route).analytics_route, elapsed, req.status >= 500)
-            if (<RouteEntry>route).analytics_service:
-                record_analytics((<RouteEntry>route).analytics_service, elapsed, req.status >= 500)
-            record_analytics(consumer_analytics_key(req.consumer), elapsed, req.status >= 500)
-        elif not self.listener.internal:
-            # GET /history counts them too, so the dashboard's history is all the traffic.
-            record_analytics(unmatched_analytics_key(), elapsed, req.status >= 500)
-        if req.sampled and self.listener.tracer is not None:
-            self._export_span(req, now)
+        record_finished(req, <RouteEntry>route, self.listener.internal, self.listener.tracer, self.client_ip,
+                        now)
         if req.view is not None and route.plugins is not None and route.plugins.log_plugins:
             route.plugins.run_log(req.view, PluginResponse(req.status))
-        if sink is None:
-            return
-        sink((time.time(), self._request_id(req).decode("latin-1"),
-              _trace_id(req),
-              self.client_ip.decode(), req.method.decode(), (req.host or b"").decode("latin-1"),
-              (req.url or b"").decode("latin-1"), "HTTP/1.1" if req.http11 else "HTTP/1.0",
-              (req.path if req.path is not None else req.url or b"").decode("latin-1"),
-              req.status, req.flags,
-              route.name if route is not None else None,
-              route.service.name if route is not None and route.service is not None else None,
-              req.target.address if req.target is not None else None,
-              self._upstream_uri(req),
-              req.upstream_status or None, req.attempts,
-              req.head_bytes + req.body_bytes, req.bytes_out,
-              now - req.started if req.started else 0.0,
-              req.upstream_elapsed if req.upstream_status else None,
-              req.user_agent.decode("latin-1") if req.user_agent is not None else None,
-              req.profile,
-              req.consumer.decode() if req.consumer is not None else None,
-              req.limit_logged))
-
-    cdef void _export_span(self, Request req, double now):
-        """Hand a sampled request to the tracer (fastgw/server/tracing.py); only sampled requests
-        pay for this."""
-        route = req.rule.route if req.rule is not None else None
-        ended = time.time_ns()
-        parent = req.traceparent[36:52].decode() if req.traceparent is not None else None
-        try:
-            self.listener.tracer((
-                _trace_id(req), f"{req.span_id:016x}", parent,
-                ended - <long long>((now - req.started) * 1e9), ended,
-                req.method.decode(), (req.host or b"").decode("latin-1"),
-                (req.path or b"").decode("latin-1"), req.status, req.flags,
-                route.name if route is not None else None,
-                route.service.name if route is not None and route.service is not None else None,
-                req.target.address if req.target is not None else None,
-                self.client_ip.decode()))
-        except Exception as exc:           # tracing must never break a request
-            log(f"span export failed: {exc!r}", "error")
+        if sink is not None:
+            write_access_log(sink, req, self.client_ip, self._upstream_uri(req), now)
 
     # --- transport helpers -----------------------------------------------------------------------
 
     cdef inline void _flush(self):
-        if self.out.length and not self.closed:
+        if self.out.length and self.state != CLIENT_CLOSED:
             self.transport.write(self.out.take())
 
     cdef void _pause(self, int reason):
-        if self.paused == 0 and not self.closed:
+        if self.paused == 0 and self.state != CLIENT_CLOSED:
             self.transport.pause_reading()
         self.paused |= reason
 
     cdef void _resume(self, int reason):
         if self.paused & reason:
             self.paused &= ~reason
-            if self.paused == 0 and not self.closed:
+            if self.paused == 0 and self.state != CLIENT_CLOSED:
                 self.transport.resume_reading()
 
     cdef void _close(self):
-        if not self.closed:
-            self.closed = True
+        if self.state != CLIENT_CLOSED:
+            self.state = CLIENT_CLOSED
             self._flush()
             self.transport.close()
 
     cdef void _abort_client(self):
-        if not self.closed:
-            self.closed = True
+        if self.state != CLIENT_CLOSED:
+            self.state = CLIENT_CLOSED
             self.out.take()
             self.transport.abort()
 
@@ -2170,10 +2017,10 @@ cdef class ClientConnection(Downstream):
             self._reject_now(408, "request_timeout", "request body not received in time")
 
     cdef double due(self):
-        return 0 if self.closed else self.deadline
+        return 0 if self.state == CLIENT_CLOSED else self.deadline
 
     cdef void expired(self):
-        if self.lingering:
+        if self.state == CLIENT_LINGERING:
             self._close()
         elif self.write_blocked:
             if self.active is not None:
@@ -2196,28 +2043,6 @@ cdef class ClientConnection(Downstream):
             self._reject_now(408, "request_timeout", "request head not received in time")
         else:
             self._close()                 # idle keep-alive connection
-
-
-cdef long _date_second = -1
-cdef bytes _date_line = b""
-
-
-cdef bytes _date_header():
-    """ "date: <IMF-fixdate>\r\n" (RFC 9110 §6.6.1), formatted once per second."""
-    global _date_second, _date_line
-    cdef long now = <long>c_time(NULL)           # not time.time(): a module lookup and a float
-    if now != _date_second:
-        _date_second = now
-        _date_line = b"date: " + formatdate(now, usegmt=True).encode() + b"\r\n"
-    return _date_line
-
-
-cdef str _trace_id(Request req):
-    if req.traceparent is not None:
-        return req.traceparent[3:35].decode()
-    if req.trace_hi or req.trace_lo:
-        return f"{req.trace_hi:016x}{req.trace_lo:016x}"
-    return None
 
 
 cdef int _request_line_version(object data):
@@ -2322,13 +2147,6 @@ cdef bytes _absolute_form(Request req, bytes url):
     if end == n or url[end] == 63:
         return b"/" + url[end:]                                # "http://h?q" is "/?q"
     return url[end:]
-
-
-cdef inline bint _can_discard(Request req):
-    """Is the unread rest of the body small enough to read and drop (keeping the connection)?"""
-    if req.chunked:
-        return False
-    return (req.content_length if req.content_length > 0 else 0) - req.body_bytes <= DISCARD_LIMIT
 
 
 cdef inline bint _answers_locally(RouteEntry route):

@@ -12,7 +12,7 @@ import msgspec
 
 from fastgw.log import log
 
-# Order of the tuple the data plane builds (fastgw/_core/protocol.pyx, ClientConnection._log).
+# Order of the tuple the data plane builds (fastgw/_core/observe.pyx, write_access_log).
 # The names follow nginx's where it has one (`uri` is its $request_uri, the target as received;
 # `upstream_uri` is the target sent upstream, after the route's rewrite, as Kong logs it).
 FIELDS = ("ts", "request_id", "trace_id", "client_ip", "method", "host", "uri", "protocol", "path",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from fastgw import __version__
 
-# Order of the tuple built by ClientConnection._export_span (fastgw/_core/protocol.pyx).
+# Order of the tuple built by export_span (fastgw/_core/observe.pyx).
 SPAN_FIELDS = ("trace_id", "span_id", "parent_span_id", "start_ns", "end_ns", "method", "host",
                "path", "status", "flags", "route", "service", "upstream", "client_ip")
 
