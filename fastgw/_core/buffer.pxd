@@ -21,6 +21,3 @@ cdef unsigned long long random64() noexcept
 cdef bint ascii_ieq(const char* a, Py_ssize_t alen, const char* lower_b, Py_ssize_t blen) noexcept
 cdef bytes ascii_lower(bytes value)
 cdef unsigned long long hash64(const char* data, Py_ssize_t n) noexcept
-# The field-line scanner moved to the HTTP/1 codec; re-exported until protocol.pyx cimports it
-# from fastgw._core.http1.
-from fastgw._core.http1 cimport plain_field, plain_text

@@ -16,7 +16,14 @@ from fastgw._core.balancer cimport Balancer
 from fastgw._core.native cimport NativeCheck
 from fastgw._core.ratelimit cimport Decision, Policy, release
 from fastgw._core.ratelimit import ALG_CONCURRENCY
-from fastgw._core.buffer cimport WriteBuffer, ascii_ieq, ascii_lower, monotonic, plain_field, random64
+from fastgw._core.buffer cimport WriteBuffer, ascii_ieq, ascii_lower, monotonic, random64
+from fastgw._core.http1 cimport (CONN_CLOSE, CONN_KEEP_ALIVE, CONN_NAMES, CONN_UPGRADE, H_CONNECTION,
+                                 H_CONTENT_LENGTH, H_EXPECT, H_FORWARDED, H_HOST, H_PROXY_AUTHORIZATION,
+                                 H_TRACEPARENT, H_TRANSFER_ENCODING, H_UPGRADE, H_USER_AGENT,
+                                 H_X_CONSUMER_NAME, H_X_FASTGW_CLIENT_IP, H_X_FORWARDED_FOR,
+                                 H_X_FORWARDED_HOST, H_X_FORWARDED_PROTO, H_X_REAL_IP, H_X_REQUEST_ID,
+                                 HEAD_FIELDS_MAX, FieldSpan, connection_flags, hop_by_hop_field,
+                                 known_header, parse_content_length, scan_fields)
 from fastgw._core.answers cimport (can_discard, date_header, error_body_with_request_id, echo_body,
                                    status_lines, write_answer, write_cached, write_connection_header,
                                    write_error, write_respond)
@@ -34,8 +41,7 @@ from fastgw._core.shm cimport (EV_CACHE_HIT, EV_CACHE_MISS, EV_CACHE_STALE, EV_R
 from fastgw._core.upstream cimport (
     FRAMING_CHUNKED, FRAMING_CLOSE, FRAMING_LENGTH, FRAMING_NONE, UPSTREAM_CONNECT_FAILED,
     UPSTREAM_CONNECT_TIMEOUT, UPSTREAM_INVALID, UPSTREAM_POOL_FULL, UPSTREAM_RESET,
-    UPSTREAM_TIMEOUT, Downstream, Service, Target, UpstreamConnection, is_hop_by_hop,
-    parse_content_length, CONN_CLOSE, CONN_KEEP_ALIVE, CONN_NAMES, CONN_UPGRADE, connection_flags)
+    UPSTREAM_TIMEOUT, Downstream, Service, Target, UpstreamConnection)
 
 import asyncio
 import socket
@@ -46,7 +52,7 @@ from httptools import (HttpParserError, HttpParserInvalidMethodError, HttpParser
 
 from fastgw._core.proxyproto import ProxyHeaderError, parse_proxy_header, peer_trusted
 from fastgw.api import Headers, Request as PluginRequest, Response as PluginResponse
-from fastgw._core.upstream import connection_tokens, drop_named
+from fastgw._core.http1 import connection_tokens, drop_named
 from fastgw.log import log, log_exception
 
 cdef enum:
@@ -149,8 +155,8 @@ cdef bytes _query_value(bytes query, bytes name):
 
 cdef inline bint _is_client_address_field(bytes name):
     """Forwarded (RFC 7239) and X-Real-IP: who the client is, believed only from a trusted proxy."""
-    return PyBytes_GET_SIZE(name) == 9 and (ascii_ieq(PyBytes_AS_STRING(name), 9, b"forwarded", 9) or
-                                            ascii_ieq(PyBytes_AS_STRING(name), 9, b"x-real-ip", 9))
+    cdef int known = known_header(PyBytes_AS_STRING(name), PyBytes_GET_SIZE(name))
+    return known == H_FORWARDED or known == H_X_REAL_IP
 
 
 cdef bint _has_client_address_field(list headers):
@@ -329,9 +335,10 @@ cdef class ClientConnection(Downstream):
         Expect, Upgrade). Then the parser's callback steps run on it, limits and all. Anything
         else returns False untouched, and llhttp reads it (and refuses what is invalid)."""
         cdef const unsigned char* s = <const unsigned char*>PyBytes_AS_STRING(data)
-        cdef Py_ssize_t n = PyBytes_GET_SIZE(data), pos, eol, colon, vstart, vend, i, count = 0
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(data), eol, i, count = 0
         cdef Py_ssize_t target_start = PyBytes_GET_SIZE(self.line_method) + 1, target_end
-        cdef Py_ssize_t spans[SIMPLE_FIELDS_MAX][4]   # line start, colon, value start, value end
+        cdef FieldSpan spans[HEAD_FIELDS_MAX]
+        cdef int known
         if n > self.listener.max_header_bytes or memcmp(s + n - 4, b"\r\n\r\n", 4) != 0:
             return False
         eol = <const unsigned char*>memchr(s, b'\n', n) - s
@@ -342,22 +349,20 @@ cdef class ClientConnection(Downstream):
             if s[i] <= 0x20 or s[i] >= 0x7f:
                 return False
         # Every line is checked before any step runs: nothing changes unless the head is plain.
-        pos = eol + 1
-        while pos < n - 2:
-            if count == SIMPLE_FIELDS_MAX:
+        count = scan_fields(s, eol + 1, n, spans, HEAD_FIELDS_MAX)
+        if count < 0:
+            return False
+        for i in range(count):
+            known = spans[i].known
+            if known == H_CONTENT_LENGTH or known == H_TRANSFER_ENCODING or known == H_EXPECT or \
+                    known == H_UPGRADE:
                 return False
-            eol = plain_field(s, pos, n, &colon, &vstart, &vend)
-            if eol < 0 or _brings_body_or_upgrade(<const char*>s + pos, colon - pos):
-                return False
-            spans[count][0], spans[count][1], spans[count][2], spans[count][3] = pos, colon, vstart, vend
-            count += 1
-            pos = eol
         try:
             self._on_url(PyBytes_FromStringAndSize(<const char*>s + target_start, target_end - target_start))
             for i in range(count):
                 self._on_header(
-                    PyBytes_FromStringAndSize(<const char*>s + spans[i][0], spans[i][1] - spans[i][0]),
-                    PyBytes_FromStringAndSize(<const char*>s + spans[i][2], spans[i][3] - spans[i][2]))
+                    PyBytes_FromStringAndSize(<const char*>s + spans[i].name, spans[i].colon - spans[i].name),
+                    PyBytes_FromStringAndSize(<const char*>s + spans[i].value, spans[i].value_end - spans[i].value))
             self._on_headers_complete()
         except _Reject:
             if self.state == CLIENT_OPEN:
@@ -482,23 +487,24 @@ cdef class ClientConnection(Downstream):
         cdef Request req = self.parsing
         cdef Py_ssize_t n = PyBytes_GET_SIZE(name)
         cdef const char* s = PyBytes_AS_STRING(name)
+        cdef int known = known_header(s, n)
         req.header_count += 1
         req.head_bytes += n + PyBytes_GET_SIZE(value) + 4
         if req.header_count > self.listener.max_headers:
             self._reject(431, "too_many_headers", "too many request headers")
         if req.head_bytes > self.listener.max_header_bytes:
             self._reject(431, "header_too_large", "request head too large")
-        if n == 4 and ascii_ieq(s, n, b"host", 4):
+        if known == H_HOST:
             if req.host is not None:
                 self._reject(400, "bad_request", "more than one Host header")
             req.host = value
-        elif n == 14 and ascii_ieq(s, n, b"content-length", 14):
+        elif known == H_CONTENT_LENGTH:
             if req.content_length != -1:
                 self._reject(400, "bad_request", "more than one Content-Length")
             req.content_length = parse_content_length(value)
             if req.content_length < 0:
                 self._reject(400, "bad_request", "invalid Content-Length")
-        elif n == 17 and ascii_ieq(s, n, b"transfer-encoding", 17):
+        elif known == H_TRANSFER_ENCODING:
             # RFC 9112 §6.1: only "chunked", alone, is accepted; an unknown coding is 501.
             if req.chunked:
                 self._reject(400, "bad_request", "more than one Transfer-Encoding")
@@ -507,32 +513,31 @@ cdef class ClientConnection(Downstream):
                     self._reject(400, "bad_request", "Transfer-Encoding must be exactly chunked")
                 self._reject(501, "not_implemented", "unsupported transfer coding")
             req.chunked = True
-        elif n == 10 and ascii_ieq(s, n, b"connection", 10):
+        elif known == H_CONNECTION:
             req.connection |= connection_flags(value)
             if req.connection & CONN_NAMES:
                 req.connection_tokens = (req.connection_tokens or []) + connection_tokens(value)
-        elif n == 6 and ascii_ieq(s, n, b"expect", 6):
+        elif known == H_EXPECT:
             if ascii_lower(value) != b"100-continue":
                 self._reject(417, "expectation_failed", "only 100-continue is supported")
             req.expect_continue = True
-        elif n == 15 and ascii_ieq(s, n, b"x-forwarded-for", 15):
+        elif known == H_X_FORWARDED_FOR:
             req.forwarded_for = value if req.forwarded_for is None else req.forwarded_for + b", " + value
-        elif n == 12 and ascii_ieq(s, n, b"x-request-id", 12):
+        elif known == H_X_REQUEST_ID:
             if _valid_request_id(value):
                 req.request_id = value
-        elif n == 11 and ascii_ieq(s, n, b"traceparent", 11):
+        elif known == H_TRACEPARENT:
             req.traceparent = value
-        elif n == 7 and ascii_ieq(s, n, b"upgrade", 7):
+        elif known == H_UPGRADE:
             req.upgrade = value                   # forwarded only when Connection names it
-        elif n == 15 and ascii_ieq(s, n, b"x-consumer-name", 15):
+        elif known == H_X_CONSUMER_NAME:
             if self.listener.internal:            # an aggregation call passes its caller's identity
                 req.consumer = value
-        elif n == 18 and self.listener.internal and ascii_ieq(s, n, b"x-fastgw-client-ip", 18):
+        elif known == H_X_FASTGW_CLIENT_IP and self.listener.internal:
             self.client_ip = value                # ... and its client (internal connections are reused)
             # else dropped: the proxy writes its own, only after authentication
-        elif (n == 17 and ascii_ieq(s, n, b"x-forwarded-proto", 17)) or \
-                (n == 16 and ascii_ieq(s, n, b"x-forwarded-host", 16)) or \
-                is_hop_by_hop(s, n) and not (n == 19 and ascii_ieq(s, n, b"proxy-authorization", 19)):
+        elif known == H_X_FORWARDED_PROTO or known == H_X_FORWARDED_HOST or \
+                hop_by_hop_field(known, s, n) and known != H_PROXY_AUTHORIZATION:
             # The proxy writes its own. Proxy-Authorization goes on (RFC 9110 §11.7.2: a proxy
             # relays it unless it consumes it, as nginx and HAProxy do): the plugin that reads
             # its credential from it removes it.
@@ -542,7 +547,7 @@ cdef class ClientConnection(Downstream):
             # Transfer_Encoding, Content_Length or X_Forwarded_For as the fields with "-".
             pass
         else:
-            if n == 10 and ascii_ieq(s, n, b"user-agent", 10):
+            if known == H_USER_AGENT:
                 req.user_agent = value
             req.headers.append(name)
             req.headers.append(value)
@@ -2061,17 +2066,6 @@ cdef int _request_line_version(object data):
     if (cr - 1)[0] == b'0':
         return 10
     return 0
-
-
-cdef enum:
-    SIMPLE_FIELDS_MAX = 64                # more fields than this: llhttp reads the head
-
-
-cdef inline bint _brings_body_or_upgrade(const char* name, Py_ssize_t n) noexcept:
-    return (n == 14 and ascii_ieq(name, n, b"content-length", 14)) or \
-        (n == 17 and ascii_ieq(name, n, b"transfer-encoding", 17)) or \
-        (n == 6 and ascii_ieq(name, n, b"expect", 6)) or \
-        (n == 7 and ascii_ieq(name, n, b"upgrade", 7))
 
 
 cdef bytes GET = b"GET", POST = b"POST", PUT = b"PUT", DELETE = b"DELETE", HEAD = b"HEAD"

@@ -23,10 +23,6 @@ cdef enum ConnState:
     CONN_IDLE = 2
     CONN_CLOSED = 3
 
-# HTTP/1 grammar that lived here, now in the codec; re-exported for protocol.pyx until it cimports
-# them from fastgw._core.http1.
-from fastgw._core.http1 cimport (CONN_CLOSE, CONN_KEEP_ALIVE, CONN_NAMES, CONN_UPGRADE, connection_flags,
-                                 is_hop_by_hop, parse_content_length)
 
 
 cdef class Downstream(TimedProtocol):

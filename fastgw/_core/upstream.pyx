@@ -14,10 +14,11 @@ from libc.string cimport memchr
 from fastgw._core.buffer cimport ascii_lower, monotonic
 from fastgw._core.health cimport (circuit_admit, circuit_record, target_available, target_eject,
                                   target_end, target_failure, target_success)
-from fastgw._core.http1 cimport (H_CONNECTION, H_CONTENT_LENGTH, H_DATE, H_TRANSFER_ENCODING, H_UPGRADE,
-                                 HEAD_FIELDS_MAX, FieldSpan, connection_options, content_length_of,
-                                 end_of_head, hop_by_hop_field, known_header, plain_text, scan_fields,
-                                 status_line)
+from fastgw._core.http1 cimport (CONN_CLOSE, CONN_KEEP_ALIVE, CONN_NAMES, H_CONNECTION, H_CONTENT_LENGTH,
+                                 H_DATE, H_TRANSFER_ENCODING, H_UPGRADE, HEAD_FIELDS_MAX, FieldSpan,
+                                 connection_flags, connection_options, content_length_of, end_of_head,
+                                 hop_by_hop_field, known_header, parse_content_length, plain_text,
+                                 scan_fields, status_line)
 from fastgw._core.shm cimport CIRCUIT_CLOSED, CIRCUIT_OPEN, monotonic_ns, target_begin
 
 import asyncio
@@ -27,7 +28,6 @@ cdef int MIN_RETRY_CONCURRENCY = 3      # retries always allowed in flight, what
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
 from fastgw.log import log
-# Also what protocol.pyx imports from here (until it imports them from fastgw._core.http1).
 from fastgw._core.http1 import connection_tokens, drop_named
 
 
