@@ -64,7 +64,7 @@ class Service:
     def max_connections(self) -> int: ...
     backup_balancer: Balancer | None
     balancer: Balancer | None
-    hash_on: tuple[str, str | None] | None
+    hash_on: tuple[str, bytes] | None      # consistent_hash key: (kind, name)
     passive_failures: int
     ejection_time: float
     max_ejected_percent: int
