@@ -131,6 +131,19 @@ def test_stub_lists_what_python_can_use(name):
             _check_signature(value, node)
         elif isinstance(node, ast.ClassDef):
             _check_class(value, node)
+        elif isinstance(node, ast.AnnAssign):
+            _check_constant(attr, value, node.annotation)
+
+
+# What a constant's annotation names, by its outermost type ("tuple[str, ...]" -> tuple).
+_CONSTANT_TYPES = {"int": int, "float": float, "bool": bool, "str": str, "bytes": bytes,
+                   "tuple": tuple, "list": list, "dict": dict, "frozenset": frozenset}
+
+
+def _check_constant(name, value, annotation):
+    outer = ast.unparse(annotation.value if isinstance(annotation, ast.Subscript) else annotation)
+    if outer in _CONSTANT_TYPES:
+        assert type(value) is _CONSTANT_TYPES[outer], f"{name}: {type(value).__name__}, stub says {outer}"
 
 
 def _check_class(cls, node):
