@@ -82,12 +82,3 @@ def test_field_names(name, valid):
                                            ("é", False)])
 def test_values_that_split_a_head(value, splits):
     assert http1.splits_head(value) is splits
-
-
-def test_stub_lists_what_python_can_call():
-    import ast
-
-    stub = ast.parse((ROOT / "fastgw" / "_core" / "http1.pyi").read_text())
-    declared = {n.name for n in stub.body if isinstance(n, ast.FunctionDef)}
-    public = {n for n in dir(http1) if not n.startswith("_") and callable(getattr(http1, n))}
-    assert declared == public

@@ -5,8 +5,10 @@ import shutil
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 import urllib.request
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -53,6 +55,13 @@ def test_sdist_to_wheel_to_fresh_venv_runs_the_gateway(tmp_path):
         wheel = next((tmp_path / "repaired").glob("fastgw-*manylinux*.whl"))
         shown = _run(sys.executable, "-m", "auditwheel", "show", str(wheel)).stdout
         assert "manylinux" in shown, shown
+    # The type information travels with the package (PEP 561): py.typed and the stub of every
+    # compiled module that has one (tests/test_core_stubs.py), in the sdist and in the wheel.
+    typed = {"fastgw/py.typed", *(p.relative_to(REPO).as_posix() for p in (REPO / "fastgw" / "_core").glob("*.pyi"))}
+    with tarfile.open(sdist) as tar:
+        assert typed - {name.partition("/")[2] for name in tar.getnames()} == set(), "missing from the sdist"
+    with zipfile.ZipFile(wheel) as whl:
+        assert typed - set(whl.namelist()) == set(), "missing from the wheel"
 
     venv = tmp_path / "venv"
     _run(sys.executable, "-m", "venv", str(venv))

@@ -1,0 +1,6 @@
+# fastgw/_core/buffer.pyx: the write buffer and byte helpers of the data plane, C-level
+# (buffer.pxd) but for the class and the per-worker reseed of the random sequence.
+
+class WriteBuffer: ...
+
+def reseed() -> None: ...

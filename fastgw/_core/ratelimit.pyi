@@ -1,0 +1,59 @@
+# The Python-visible part of rate limiting (fastgw/_core/ratelimit.pyx): the rate_limit plugin
+# (fastgw/plugins/rate_limit.py) builds Policies, the cluster syncer (fastgw/server/cluster.py)
+# trades reserves; the per-request decision is ratelimit.pxd.
+from typing import Any
+
+ALG_GCRA: int
+ALG_SLIDING: int
+ALG_FIXED: int
+ALG_CONCURRENCY: int
+ALGORITHMS: dict[str, int]
+HEADERS_NONE: int
+HEADERS_DRAFT: int
+HEADERS_LEGACY: int
+STORE_ERROR: dict[str, int]
+CLUSTER_MAX: int
+SLIDING_MAX: int
+
+class Policy:
+    def __init__(self, algorithm: str, limit: int, window: float, burst: int = ..., *,
+                 key_parts: tuple[tuple[str, bytes | None], ...] = ..., headers: int = ...,
+                 name: str | None = ..., prefix: bytes = ..., cluster: bool = ...,
+                 on_store_error: str = ...) -> None: ...
+    @property
+    def name(self) -> str | None: ...
+    @property
+    def algorithm(self) -> int: ...
+    @property
+    def limit(self) -> int: ...
+    @property
+    def window_ns(self) -> int: ...
+    @property
+    def burst(self) -> int: ...
+    @property
+    def key_parts(self) -> tuple[tuple[str, bytes | None], ...]: ...
+    @property
+    def headers(self) -> int: ...
+    @property
+    def cluster(self) -> bool: ...
+    @property
+    def on_store_error(self) -> int: ...
+    @property
+    def needs_identity(self) -> bool: ...
+    prefix: bytes
+    plans: dict[bytes, tuple[int, int]]
+    client_key: Any                 # (peer, PROXY address, X-Forwarded-For) -> the `ip` key, or None
+    remote: Any                     # cluster, sync_interval 0: async (key, limit, window_ns) -> ..., or None
+    # (admitted, remaining, reset seconds, retry_after seconds)
+    def check(self, key: bytes) -> tuple[bool, int, float, float]: ...
+    def key_hash(self, key: bytes) -> int: ...
+    def done(self, key: bytes) -> None: ...
+
+# [(entry index, key hash, window ms, limit, window number, admitted, reserve)]
+def cluster_take() -> list[tuple[int, int, int, int, int, int, int]]: ...
+def cluster_grant(i: int, h: int, number: int, change: int) -> None: ...
+
+# Test entry points (tests/test_model_ratelimit.py and the SipHash vectors).
+def _siphash24(key: bytes, data: bytes) -> int: ...
+# (state after, idle after, admitted, remaining, reset, retry_after)
+def _decide_at(policy: Policy, state: int, now: int) -> tuple[int, int, bool, int, float, float]: ...
