@@ -86,7 +86,7 @@ cdef class ClientConnection(Downstream):
     cdef void _feed(self, data)
     cdef bint _simple_request(self, bytes data) except -1
     cdef int _on_url(self, bytes url) except -1
-    cdef int _on_header(self, bytes name, bytes value) except -1
+    cdef int _on_header(self, bytes name, bytes value, int known) except -1   # known: KnownHeader
     cdef int _on_headers_complete(self) except -1
     cdef list _answer_fields(self, Request req, resp)
     cdef void _dispatch_ready(self)

@@ -362,7 +362,8 @@ cdef class ClientConnection(Downstream):
             for i in range(count):
                 self._on_header(
                     PyBytes_FromStringAndSize(<const char*>s + spans[i].name, spans[i].colon - spans[i].name),
-                    PyBytes_FromStringAndSize(<const char*>s + spans[i].value, spans[i].value_end - spans[i].value))
+                    PyBytes_FromStringAndSize(<const char*>s + spans[i].value, spans[i].value_end - spans[i].value),
+                    spans[i].known)
             self._on_headers_complete()
         except _Reject:
             if self.state == CLIENT_OPEN:
@@ -457,7 +458,7 @@ cdef class ClientConnection(Downstream):
         self._on_url(url)
 
     def on_header(self, bytes name, bytes value):
-        self._on_header(name, value)
+        self._on_header(name, value, known_header(PyBytes_AS_STRING(name), PyBytes_GET_SIZE(name)))
 
     def on_headers_complete(self):
         self._on_headers_complete()
@@ -483,11 +484,10 @@ cdef class ClientConnection(Downstream):
             self._reject(414, "uri_too_long", "request target too long")
         return 0
 
-    cdef int _on_header(self, bytes name, bytes value) except -1:
+    cdef int _on_header(self, bytes name, bytes value, int known) except -1:
         cdef Request req = self.parsing
         cdef Py_ssize_t n = PyBytes_GET_SIZE(name)
         cdef const char* s = PyBytes_AS_STRING(name)
-        cdef int known = known_header(s, n)
         req.header_count += 1
         req.head_bytes += n + PyBytes_GET_SIZE(value) + 4
         if req.header_count > self.listener.max_headers:
