@@ -8,8 +8,9 @@ one at a time; the origin answers like nginx does (Server, Date, Content-Type, C
 Connection; 2-byte body). The run is made twice, with `--small` and `--large` requests, and the
 difference of the two totals divided by the difference of the counts is the cost of one request,
 start-up excluded. The client and the origin are counted too (they are the same for every build),
-so compare builds with this script, not with other figures. `local` answers from a `respond`
-route instead (no origin). Needs `valgrind`.
+so compare builds with this script, not with other figures. The hash salt is fixed
+(PYTHONHASHSEED=0 unless set): the same build then gives the same figure within ~20 instructions
+instead of ~±200. `local` answers from a `respond` route instead (no origin). Needs `valgrind`.
 
     python benchmarks/instructions.py [--path proxy|local] [--small 1000] [--large 6000]
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import re
 import shutil
 import subprocess
@@ -85,7 +87,10 @@ def instructions(path: str, count: int, workdir: Path) -> int:
     out = workdir / f"callgrind.{path}.{count}"
     run = subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
                           sys.executable, __file__, "--run", path, str(count)],
-                         capture_output=True, text=True, timeout=900)
+                         capture_output=True, text=True, timeout=900,
+                         # str hashes are salted per process, which moves dict probing by a few
+                         # hundred instructions per request from run to run: fix the salt.
+                         env={**os.environ, "PYTHONHASHSEED": os.environ.get("PYTHONHASHSEED", "0")})
     found = re.search(r"Collected : (\d+)", run.stderr)
     if run.returncode != 0 or not found:
         raise SystemExit(f"valgrind run failed:\n{run.stderr[-2000:]}")
