@@ -734,7 +734,7 @@ cdef class ClientConnection(Downstream):
                 route = req.rule.route
                 if route.plugins.cache is not None and \
                         (route.kind == ROUTE_PROXY or route.kind == ROUTE_HANDLER) and \
-                        self._from_cache(req, <ResponseCache>route.plugins.cache):
+                        self._from_cache(req, route.plugins.cache):
                     return                        # answered from the cache, or waiting for a fill
         # PHASE_ANSWER: upstream, or answered here.
         route = req.rule.route
@@ -908,13 +908,13 @@ cdef class ClientConnection(Downstream):
         cdef double now = monotonic()
         if req.cache_stale is None or req.response_started or now >= req.cache_stale.stale_until:
             return False
-        (<ResponseCache>req.rule.route.plugins.cache).stale_hits += 1
+        req.rule.route.plugins.cache.stale_hits += 1
         self._write_cached(req, req.cache_stale, b"STALE", now)
         return True
 
     cdef void _cache_begin(self, Request req, int status, list headers):
         """The answer that fills the key has its head: keep its body as it passes, if storable."""
-        cdef ResponseCache cache = <ResponseCache>req.rule.route.plugins.cache
+        cdef ResponseCache cache = req.rule.route.plugins.cache
         req.cache_ttl = cache.storable_ttl(status, headers)
         if req.cache_ttl > 0:
             req.cache_status = status
@@ -924,7 +924,7 @@ cdef class ClientConnection(Downstream):
 
     cdef void _cache_store(self, Request req, bytes body):
         req.cache_parts = None
-        (<ResponseCache>req.rule.route.plugins.cache).store(
+        req.rule.route.plugins.cache.store(
             req.cache_key, req.host, req.path, req.query, req.headers, req.cache_status,
             req.cache_headers, body, req.cache_ttl, monotonic())
 
@@ -1692,7 +1692,7 @@ cdef class ClientConnection(Downstream):
             return 0
         if req.cache_parts is not None:
             req.cache_bytes += n
-            if req.cache_bytes > (<ResponseCache>req.rule.route.plugins.cache).max_entry_bytes:
+            if req.cache_bytes > req.rule.route.plugins.cache.max_entry_bytes:
                 req.cache_parts = None    # too large to keep: passed through only
             else:
                 req.cache_parts.append(bytes(data))
@@ -1947,6 +1947,7 @@ cdef class ClientConnection(Downstream):
         per request."""
         cdef object sink = self.listener.access_log
         cdef double now = monotonic()
+        cdef RouteEntry route
         if req.method is None:
             return
         route = req.rule.route if req.rule is not None else None
@@ -1957,7 +1958,7 @@ cdef class ClientConnection(Downstream):
                        req.upstream_status == 0 or req.flags == "UC")
         if req.cache_fill:
             req.cache_fill = False
-            waiting = (<ResponseCache>route.plugins.cache).filling.pop(req.cache_key, None)
+            waiting = route.plugins.cache.filling.pop(req.cache_key, None)
             if waiting:
                 self.loop.call_soon(_wake_cache_waiters, waiting, route.plugins.cache)
         if req.limit_release is not None:
@@ -1969,7 +1970,7 @@ cdef class ClientConnection(Downstream):
             (<Service>route.service).in_flight -= 1
             if req.retry_counted:
                 (<Service>route.service).retries_in_flight -= 1
-        record_finished(req, <RouteEntry>route, self.listener.internal, self.listener.tracer, self.client_ip,
+        record_finished(req, route, self.listener.internal, self.listener.tracer, self.client_ip,
                         now)
         if req.view is not None and route.plugins is not None and route.plugins.log_plugins:
             route.plugins.run_log(req.view, PluginResponse(req.status))

@@ -1,4 +1,5 @@
 from fastgw._core.buffer cimport WriteBuffer
+from fastgw._core.filters cimport RouteFilters
 
 cdef enum:
     MAX_CAPTURES = 32
@@ -49,7 +50,7 @@ cdef class RouteEntry:
                                           # what response edits and plugins start from
     cdef readonly int metric_slot         # shared-memory counters (fastgw._core.shm), -1 = none
     cdef readonly tuple conditions        # header / query / profile conditions, None = none
-    cdef readonly object plugins          # fastgw.plugins.chain.Chain, None = no plugins at all
+    cdef readonly RouteFilters plugins    # what its plugins ask of the data plane; None = no plugins
     cdef readonly object handler          # ROUTE_HANDLER: async handle(view, params, body, forward)
     cdef readonly dict shapes             # client profile -> fastgw.handlers.shape.Shape, or None
     cdef readonly unsigned long long analytics_route     # shm.analytics_key of the route (0: none)

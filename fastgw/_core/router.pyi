@@ -4,6 +4,7 @@
 from re import Pattern
 from typing import Any, Iterable, Mapping, Sequence
 
+from fastgw._core.filters import RouteFilters
 from fastgw._core.upstream import Service
 
 COND_HEADER: int
@@ -80,7 +81,7 @@ class RouteEntry:
     @property
     def conditions(self) -> tuple[_Condition, ...] | None: ...
     @property
-    def plugins(self) -> Any: ...            # fastgw.plugins.chain.Chain, or None
+    def plugins(self) -> RouteFilters | None: ...
     @property
     def handler(self) -> Any: ...            # ROUTE_HANDLER: async handle(view, params, body, forward)
     @property

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import traceback
 
+from fastgw._core.filters import RouteFilters
 from fastgw.api import Plugin, Response
 from fastgw.plugins.client_address import TrustedProxies
 from fastgw.log import log
@@ -36,6 +37,13 @@ class Chain:
         natives = [p.native() if hasattr(p, "native") else None for p in self.request_plugins]
         self.native = tuple(natives) if all(natives) and not self.response_plugins and not self.log_plugins \
             else None
+
+    def route_filters(self) -> RouteFilters:
+        """What this chain asks of the data plane, typed for it (fastgw/_core/filters.pxd)."""
+        return RouteFilters(ratelimits=self.ratelimits, native=self.native, cache=self.cache,
+                            credential_fields=self.credential_fields, trusted=self.trusted,
+                            response_plugins=bool(self.response_plugins), log_plugins=bool(self.log_plugins),
+                            chain=self)
 
     def run_request(self, req):
         for i, plugin in enumerate(self.request_plugins):

@@ -326,7 +326,7 @@ def _compile_route(route: Route, i: int, service, slot: int, chain, method_bits:
         timeout=route.timeout or 0.0,
         max_body=route.max_body_bytes if route.max_body_bytes is not None else -1,
         metric_slot=slot,
-        plugins=chain,
+        plugins=chain.route_filters() if chain is not None else None,
         shapes=shapes,
         analytics_route=analytics_key("route", route.name),
         analytics_service=analytics_key("service", route.service) if route.service else 0,
