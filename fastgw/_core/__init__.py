@@ -1,3 +1,3 @@
 """The Cython data plane. Every module listed here must be a compiled extension."""
 MODULES = ("buffer", "timer", "shm", "health", "uri", "router", "http1", "upstream", "balancer", "proxyproto",
-           "sni", "tcp", "native", "ratelimit", "cache", "request", "answers", "observe", "protocol")
+           "sni", "tcp", "native", "ratelimit", "cache", "request", "answers", "observe", "retry", "protocol")
