@@ -1,7 +1,7 @@
 # cython: language_level=3
 """Retry decisions and the retry budget: may a failed try of a request be sent again?
 
-The rules are the README's "Retries" (under Load balancing) and "Stale pooled connections":
+The rules are the README's "Retries" (Load balancing) and "Stale pooled connections" (Proxy behaviour):
 a request goes to another target, up to `retries.attempts` times, after a connect failure (any
 method: nothing reached the target), a reset before any response, a listed 5xx status or a per-try
 timeout (only idempotent methods, RFC 9110 §9.2.2, whose whole request is held and before any of
