@@ -12,7 +12,7 @@ from setuptools import Extension, setup
 DEBUG = os.environ.get("FASTGW_DEBUG") == "1"
 CORE_MODULES = ["buffer", "timer", "shm", "health", "uri", "router", "http1", "upstream", "balancer", "proxyproto",
                 "sni", "tcp", "native", "ratelimit", "cache", "filters",
-                "request", "answers", "observe", "protocol"]
+                "request", "answers", "observe", "retry", "protocol"]
 
 macros = [("CYTHON_TRACE_NOGIL", "1")] if DEBUG else []
 compile_args = ["-O2"] if not DEBUG else ["-O0", "-g"]

@@ -137,7 +137,6 @@ cdef class ClientConnection(Downstream):
     cdef void _start_tunnel(self, Request req, UpstreamConnection conn, list headers)
     cdef void _end_tunnel(self)
     cdef bint _retry_fresh(self, Request req, double head_deadline)
-    cdef bint _may_retry(self, Request req, Service service)
     cdef bint _retry_elsewhere(self, Request req)
     cdef void _response_finished(self, Request req)
     cdef void _linger_close(self)

@@ -31,6 +31,8 @@ from fastgw._core.cache cimport CachedResponse, ResponseCache, credential_digest
 from fastgw._core.observe cimport record_finished, write_access_log
 from fastgw._core.request cimport (PHASE_ANSWER, PHASE_CACHE, PHASE_DONE, PHASE_FILTERS, PHASE_LIMITS,
                                    PHASE_ROUTE, Request, request_id_of)
+from fastgw._core.retry cimport (count_request, count_retry, retries_failure, retries_stale_connection,
+                                 retries_status, uncount_request)
 from fastgw._core.router cimport (ROUTE_ECHO, ROUTE_HANDLER, ROUTE_PROXY, ROUTE_RESPOND, HeaderEdits,
                                   PathRule, RouteEntry, Router, write_fields)
 from fastgw._core.uri cimport canonical_host, canonical_path
@@ -61,7 +63,6 @@ cdef enum:
 
 # answers.pyx's table, held here too: the status line of every proxied answer is an index, not a call.
 cdef list STATUS_LINES = status_lines()
-cdef frozenset IDEMPOTENT = frozenset([b"GET", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"TRACE"])
 cdef bytes CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 cdef list ECHO_FIELDS = [b"content-type", b"application/json"]
 cdef bytes HTTP_SCHEME = b"http"
@@ -1350,8 +1351,7 @@ cdef class ClientConnection(Downstream):
             self._fail_request(req, 503, "no_healthy_upstream",
                                "every target is at max_connections_per_target")
             return
-        service.in_flight += 1
-        req.service_counted = True
+        count_request(req, service)
         req.upstream_started = monotonic()
         req.deadline = req.upstream_started + timeout if timeout > 0 else 0
         self._start_try(req, service, target, conn, reused)
@@ -1560,8 +1560,7 @@ cdef class ClientConnection(Downstream):
         cdef HeaderEdits edits = req.rule.route.response_edits
         cdef Service service = <Service>req.rule.route.service
         service.record_result(req.target, status >= 500)
-        if status >= 500 and status in service.retry_statuses and self._may_retry(req, service) \
-                and self._retry_elsewhere(req):
+        if retries_status(req, service, status) and self._retry_elsewhere(req):
             conn.abort()                  # its answer is not wanted: drop it with the connection
             return 0
         req.upstream_status = status
@@ -1631,10 +1630,7 @@ cdef class ClientConnection(Downstream):
             target_begin(req.target.metric_slot)
             req.tunnel_counted = True
         if req.service_counted:
-            req.service_counted = False
-            service.in_flight -= 1
-            if req.retry_counted:
-                service.retries_in_flight -= 1
+            uncount_request(req, service)
         self.tunnel = conn
         self.upgrading = None
         self.queued = []                  # nothing after the upgrade request is HTTP
@@ -1760,29 +1756,18 @@ cdef class ClientConnection(Downstream):
             self._end_tunnel()            # idle for timeouts.read, or gone
             return 0
         req.upstream = None
-        if error == UPSTREAM_RESET and req.upstream_reused and req.replay is not None and \
-                (req.body_done or not req.body_bytes) and req.method in IDEMPOTENT and \
-                self._retry_fresh(req, conn.head_deadline):
+        if retries_stale_connection(req, error) and self._retry_fresh(req, conn.head_deadline):
             # A pooled connection the upstream closed as we reused it (RFC 9112 §9.3.1.1): not
             # the target failing, so the same try goes on over a fresh connection, whether it is
-            # the first try or a retry; a fresh connection is never reused, so this cannot loop.
+            # the first try or a retry (fastgw/_core/retry.pyx decides).
             return 0
         cdef Service service = <Service>req.rule.route.service
         if error != UPSTREAM_POOL_FULL:
             service.record_result(req.target, True)
-        if error == UPSTREAM_CONNECT_FAILED or error == UPSTREAM_CONNECT_TIMEOUT:
-            # Nothing reached the target: any method may go to another one, if we hold it all.
-            if service.retry_connect and req.replay is not None and \
-                    req.retried_elsewhere < service.retries and service.retry_budget_allows() and \
-                    self._retry_elsewhere(req):
-                return 0
-        elif error == UPSTREAM_RESET and service.retry_reset or \
-                error == UPSTREAM_TIMEOUT and 504 in service.retry_statuses and \
-                (req.deadline == 0 or monotonic() < req.deadline):
-            # Reset, or the per-try timeout, before any response: the target may have acted on
-            # the request, so only an idempotent one is sent again (RFC 9110 §9.2.2).
-            if self._may_retry(req, service) and self._retry_elsewhere(req):
-                return 0
+        # Connect failures retry any method, resets and per-try timeouts only idempotent ones
+        # (RFC 9110 §9.2.2): fastgw/_core/retry.pyx decides, the retry is made here.
+        if retries_failure(req, service, error) and self._retry_elsewhere(req):
+            return 0
         if req.response_started and error == UPSTREAM_INVALID and req.bytes_out == 0 and self.out.length:
             # Invalid framing in the read that brought the head: the head is still in our
             # buffer and no body byte went on, so the client has seen nothing yet: a 502.
@@ -1833,14 +1818,6 @@ cdef class ClientConnection(Downstream):
         conn.send_many(req.replay)
         return True
 
-    cdef bint _may_retry(self, Request req, Service service):
-        """Can `req` be sent again after its target answered badly or not at all? Only an
-        idempotent request that is held whole, before any of the answer went to the client,
-        within retries.attempts and the retry budget."""
-        return req.replay is not None and req.body_done and not req.response_started and \
-            req.method in IDEMPOTENT and req.retried_elsewhere < service.retries and \
-            service.retry_budget_allows()
-
     cdef bint _retry_elsewhere(self, Request req):
         """Send what we hold of `req` to another target than the one that just failed.
         False when there is no other target to try."""
@@ -1861,10 +1838,7 @@ cdef class ClientConnection(Downstream):
             return False
         if req.target_counted:
             target_end(failed.metric_slot, monotonic() - req.upstream_started, True)
-        if not req.retry_counted:
-            req.retry_counted = True
-            service.retries_in_flight += 1
-        req.retried_elsewhere += 1
+        count_retry(req, service)
         req.upstream_started = monotonic()
         self._start_try(req, service, target, conn, reused)
         conn.send_many(req.replay)
@@ -1966,10 +1940,7 @@ cdef class ClientConnection(Downstream):
                 release(<uint64_t*><size_t>entry)
             req.limit_release = None
         if req.service_counted:
-            req.service_counted = False
-            (<Service>route.service).in_flight -= 1
-            if req.retry_counted:
-                (<Service>route.service).retries_in_flight -= 1
+            uncount_request(req, <Service>route.service)
         record_finished(req, route, self.listener.internal, self.listener.tracer, self.client_ip,
                         now)
         if req.view is not None and route.plugins is not None and route.plugins.log_plugins:

@@ -83,6 +83,7 @@ cdef class Service:
     cdef public frozenset retry_statuses  # 5xx answers (and per-try timeouts, as 504) retried
     cdef public double per_try_timeout    # each try's response head within this; 0 = off
     cdef public double budget_ratio       # retries in flight <= max(3, ratio x requests in flight); <0 off
+    # the retry budget's counters, kept by fastgw/_core/retry.pxd (count_request, count_retry)
     cdef public int in_flight             # this worker's requests to the service
     cdef public int retries_in_flight     # ... of which are on a retry
     cdef public int send_proxy_protocol   # Layer 4: PROXY header version written to targets, 0 = none
@@ -91,7 +92,6 @@ cdef class Service:
     cdef public bint unresolved           # a target name resolves to nothing: no target -> 503 DF
 
     cdef void record_result(self, Target target, bint failed)
-    cdef bint retry_budget_allows(self)
     cdef readonly double connect_timeout
     cdef readonly double read_timeout
     cdef readonly double write_timeout

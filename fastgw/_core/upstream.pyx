@@ -23,8 +23,6 @@ from fastgw._core.shm cimport CIRCUIT_CLOSED, CIRCUIT_OPEN, monotonic_ns, target
 
 import asyncio
 
-cdef int MIN_RETRY_CONCURRENCY = 3      # retries always allowed in flight, whatever the budget
-
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
 from fastgw.log import log
@@ -228,13 +226,6 @@ cdef class Service:
         if target_eject(target.metric_slot, now, base, base * 10):
             log(f"ejected {self.name} target {target.address} after {failures} failures in a row",
                 "warning")
-
-    cdef bint retry_budget_allows(self):
-        """Envoy's retry budget: retries in flight stay under budget_ratio of the requests in
-        flight (but 3 are always allowed), so a sick service is not sent twice its traffic."""
-        if self.budget_ratio < 0:
-            return True
-        return self.retries_in_flight < max(MIN_RETRY_CONCURRENCY, self.budget_ratio * self.in_flight)
 
     def keep_target(self, Target target, bint backup=False):
         """Take over a target (and its pooled connections) of the service this one replaces."""
