@@ -16,7 +16,7 @@ from fastgw._core.balancer cimport Balancer
 from fastgw._core.native cimport NativeCheck
 from fastgw._core.ratelimit cimport Decision, Policy, release
 from fastgw._core.ratelimit import ALG_CONCURRENCY
-from fastgw._core.buffer cimport WriteBuffer, ascii_ieq, ascii_lower, monotonic, random64
+from fastgw._core.buffer cimport WriteBuffer, ascii_lower, monotonic, random64
 from fastgw._core.http1 cimport (CONN_CLOSE, CONN_KEEP_ALIVE, CONN_NAMES, CONN_UPGRADE, H_CONNECTION,
                                  H_CONTENT_LENGTH, H_EXPECT, H_FORWARDED, H_HOST, H_PROXY_AUTHORIZATION,
                                  H_TRACEPARENT, H_TRANSFER_ENCODING, H_UPGRADE, H_USER_AGENT,
