@@ -35,14 +35,17 @@ cdef int connection_options(const char* s, Py_ssize_t n) noexcept
 cdef int connection_flags(bytes value)
 cpdef list connection_tokens(bytes value)
 cpdef list drop_named(list headers, list names)
-cdef bint is_hop_by_hop(const char* name, Py_ssize_t n) noexcept
 
 
 cdef inline bint hop_by_hop_field(int known, const char* name, Py_ssize_t n) noexcept:
-    """is_hop_by_hop() of a name whose KnownHeader is already known (scan_fields gives it)."""
+    """RFC 9110 §7.6.1 connection-specific fields (Connection, Keep-Alive, TE, Trailer, Upgrade),
+    plus Proxy-*: never forwarded (RFC 9110 §11.7: credentials and options for this proxy). A
+    proxy must also drop what Connection names: connection_tokens() and drop_named().
+    Content-Length and Transfer-Encoding are handled apart: the proxy re-frames bodies.
+    `known` is the name's KnownHeader (scan_fields gives it)."""
     if known == H_CONNECTION or known == H_KEEP_ALIVE or known == H_TE or known == H_TRAILER or \
             known == H_UPGRADE:
         return True
     if known == H_PROXY_AUTHORIZATION:
-        return True                 # Proxy-*: never forwarded (fastgw/_core/http1.pyx)
+        return True
     return known == H_OTHER and n > 6 and _name_is(name, b"proxy-", 6)

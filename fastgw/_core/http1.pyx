@@ -194,22 +194,6 @@ cpdef list drop_named(list headers, list names):
     return out
 
 
-cdef bint is_hop_by_hop(const char* name, Py_ssize_t n) noexcept:
-    """RFC 9110 §7.6.1 connection-specific fields (Connection, Keep-Alive, TE, Trailer, Upgrade),
-    plus Proxy-*: never forwarded (RFC 9110 §11.7: credentials and options for this proxy). A
-    proxy must also drop what Connection names: connection_tokens() and drop_named().
-    Content-Length and Transfer-Encoding are handled apart: the proxy re-frames bodies.
-    By length first, not through known_header(): protocol.pyx asks it of every field it forwards,
-    and most are none of these (hop_by_hop_field() is the test for a name already looked up)."""
-    if n == 2:
-        return _name_is(name, b"te", 2)
-    if n == 7:
-        return _name_is(name, b"trailer", 7) or _name_is(name, b"upgrade", 7)
-    if n == 10:
-        return _name_is(name, b"connection", 10) or _name_is(name, b"keep-alive", 10)
-    return n > 6 and _name_is(name, b"proxy-", 6)
-
-
 # --- Python-visible: what the Python-level readers and writers of HTTP/1 share ------------------
 
 def header_id(bytes name):
@@ -218,8 +202,10 @@ def header_id(bytes name):
 
 
 def hop_by_hop(bytes name):
-    """is_hop_by_hop() of `name`."""
-    return is_hop_by_hop(PyBytes_AS_STRING(name), PyBytes_GET_SIZE(name))
+    """hop_by_hop_field() of `name` (http1.pxd)."""
+    cdef const char* s = PyBytes_AS_STRING(name)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(name)
+    return hop_by_hop_field(known_header(s, n), s, n)
 
 
 def content_length(bytes value):

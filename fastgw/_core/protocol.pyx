@@ -22,8 +22,9 @@ from fastgw._core.http1 cimport (CONN_CLOSE, CONN_KEEP_ALIVE, CONN_NAMES, CONN_U
                                  H_TRACEPARENT, H_TRANSFER_ENCODING, H_UPGRADE, H_USER_AGENT,
                                  H_X_CONSUMER_NAME, H_X_FASTGW_CLIENT_IP, H_X_FORWARDED_FOR,
                                  H_X_FORWARDED_HOST, H_X_FORWARDED_PROTO, H_X_REAL_IP, H_X_REQUEST_ID,
-                                 HEAD_FIELDS_MAX, FieldSpan, connection_flags, hop_by_hop_field,
-                                 known_header, parse_content_length, scan_fields)
+                                 HEAD_FIELDS_MAX, FieldSpan, connection_flags, connection_tokens,
+                                 drop_named, hop_by_hop_field, known_header, parse_content_length,
+                                 scan_fields)
 from fastgw._core.answers cimport (can_discard, date_header, error_body_with_request_id, echo_body,
                                    status_lines, write_answer, write_cached, write_connection_header,
                                    write_error, write_respond)
@@ -54,7 +55,6 @@ from httptools import (HttpParserError, HttpParserInvalidMethodError, HttpParser
 
 from fastgw._core.proxyproto import ProxyHeaderError, parse_proxy_header, peer_trusted
 from fastgw.api import Headers, Request as PluginRequest, Response as PluginResponse
-from fastgw._core.http1 import connection_tokens, drop_named
 from fastgw.log import log, log_exception
 
 cdef enum:

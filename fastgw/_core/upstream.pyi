@@ -6,7 +6,6 @@ import ssl
 from typing import Any
 
 from fastgw._core.balancer import Balancer
-from fastgw._core.http1 import connection_tokens as connection_tokens, drop_named as drop_named
 from fastgw._core.timer import TimedProtocol
 
 class Downstream(TimedProtocol): ...

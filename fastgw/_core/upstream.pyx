@@ -16,9 +16,9 @@ from fastgw._core.health cimport (circuit_admit, circuit_record, target_availabl
                                   target_end, target_failure, target_success)
 from fastgw._core.http1 cimport (CONN_CLOSE, CONN_KEEP_ALIVE, CONN_NAMES, H_CONNECTION, H_CONTENT_LENGTH,
                                  H_DATE, H_TRANSFER_ENCODING, H_UPGRADE, HEAD_FIELDS_MAX, FieldSpan,
-                                 connection_flags, connection_options, content_length_of, end_of_head,
-                                 hop_by_hop_field, known_header, parse_content_length, plain_text,
-                                 scan_fields, status_line)
+                                 connection_flags, connection_options, connection_tokens, content_length_of,
+                                 drop_named, end_of_head, hop_by_hop_field, known_header,
+                                 parse_content_length, plain_text, scan_fields, status_line)
 from fastgw._core.shm cimport CIRCUIT_CLOSED, CIRCUIT_OPEN, monotonic_ns, target_begin
 
 import asyncio
@@ -26,7 +26,6 @@ import asyncio
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
 from fastgw.log import log
-from fastgw._core.http1 import connection_tokens, drop_named
 
 
 cdef class Downstream:
